@@ -1,0 +1,157 @@
+"""Upstream backends: where they are, which models they serve, whether they are up, their load.
+
+Data-plane traffic goes through one pooled aiohttp session (see shared/reference/dataplane.md);
+health checks, model discovery and engine-metrics scrapes are low-rate control traffic on httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+import httpx
+
+from policies import BackendView
+from proxy.config import BackendConfig, Config
+from proxy.engine_metrics import EngineLoad, parse_engine_load
+
+log = logging.getLogger("joulegate.backends")
+# httpx logs every control request at INFO; health checks would flood the log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+#: Below the 5 s idle timeout of uvicorn and vLLM, so a pooled connection is never reused
+#: just as the server closes it.
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
+class Backend:
+    """One OpenAI-compatible inference server and what the proxy knows of it now."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.url = config.url
+        self.models: set[str] = set(config.models or [])
+        self.healthy = True
+        self.in_flight = 0
+        self.engine_load: EngineLoad | None = None
+        self.last_error: str | None = None
+        self.last_check_s: float | None = None
+        self.upstream_headers: dict[str, str] = {"Content-Type": "application/json"}
+        if config.api_key:
+            self.upstream_headers["Authorization"] = f"Bearer {config.api_key}"
+
+    def view(self) -> BackendView:
+        """The policy's snapshot of this backend."""
+        load = self.engine_load
+        return BackendView(
+            name=self.name,
+            healthy=self.healthy,
+            in_flight=self.in_flight,
+            queued=load.waiting if load else 0,
+            running=load.running if load else None,
+            max_concurrency=self.config.max_concurrency,
+        )
+
+    def mark_down(self, reason: str) -> None:
+        """Passive health: the relay saw it refuse a connection; the health loop brings it back."""
+        if self.healthy:
+            log.warning("backend %s marked down: %s", self.name, reason)
+        self.healthy = False
+        self.last_error = reason
+
+
+class BackendPool:
+    """All backends, the model → backends map, the shared upstream session, the health loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.backends: list[Backend] = [Backend(b) for b in config.backends]
+        self.by_name: dict[str, Backend] = {b.name: b for b in self.backends}
+        self.session: aiohttp.ClientSession | None = None
+        self._control: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._by_model: dict[str, list[Backend]] = {}
+        self._rebuild_model_map()
+
+    async def start(self) -> None:
+        """Open the upstream pool, discover models once, start the health loop."""
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300, enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # Bytes are relayed untouched: never ask the backend to compress them.
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            auto_decompress=False,
+        )
+        self._control = httpx.AsyncClient(timeout=self.config.server.connect_timeout_s)
+        await self.check_all()
+        self._task = asyncio.create_task(self._health_loop(), name="joulegate-health")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.session:
+            await self.session.close()
+        if self._control:
+            await self._control.aclose()
+
+    def for_model(self, model: str) -> list[Backend]:
+        """Backends that serve `model` (healthy or not); empty if nobody does."""
+        return self._by_model.get(model, [])
+
+    def model_ids(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def _rebuild_model_map(self) -> None:
+        by_model: dict[str, list[Backend]] = {}
+        for backend in self.backends:
+            for model in backend.models:
+                by_model.setdefault(model, []).append(backend)
+        self._by_model = by_model
+
+    async def _health_loop(self) -> None:
+        interval_s = self.config.server.health_interval_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not stop health checks for good
+                log.exception("health check round failed")
+
+    async def check_all(self) -> None:
+        """One round: each backend's /models (health and discovery) and engine metrics."""
+        await asyncio.gather(*(self._check(b) for b in self.backends))
+        self._rebuild_model_map()
+
+    async def _check(self, backend: Backend) -> None:
+        assert self._control is not None
+        headers = {k: v for k, v in backend.upstream_headers.items() if k == "Authorization"}
+        try:
+            resp = await self._control.get(f"{backend.url}/models", headers=headers)
+            ok = resp.status_code == 200
+            if ok and backend.config.models is None:
+                data = resp.json().get("data", [])
+                backend.models = {m["id"] for m in data if isinstance(m, dict) and "id" in m}
+            reason = None if ok else f"GET /models answered {resp.status_code}"
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        if ok and not backend.healthy:
+            log.info("backend %s is back", backend.name)
+        elif not ok and backend.healthy:
+            log.warning("backend %s failed its health check: %s", backend.name, reason)
+        backend.healthy = ok
+        backend.last_error = reason
+        backend.last_check_s = time.time()
+        if backend.config.metrics_url:
+            try:
+                page = await self._control.get(backend.config.metrics_url)
+                backend.engine_load = parse_engine_load(page.text) if page.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                backend.engine_load = None

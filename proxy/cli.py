@@ -1,0 +1,128 @@
+"""`joulegate` commands: each a thin call into the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags exit 2 with one line, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="joulegate", description="Energy-aware OpenAI-compatible inference proxy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("-c", "--config", default=os.environ.get("JOULEGATE_CONFIG"),
+                       help="config YAML (default: $JOULEGATE_CONFIG)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=_port, help="listen port (overrides server.port)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="uvicorn worker processes")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser("demo", help="three simulated GPUs, the proxy, a two-tenant workload, a table")
+    demo.add_argument("--port", type=_port, default=8080, help="proxy port")
+    demo.add_argument("--requests", type=_positive_int, default=60, help="requests to send")
+    demo.add_argument("--keep-running", action="store_true", help="leave everything up until Ctrl-C")
+
+    sim = sub.add_parser("sim-backend", help="one simulated OpenAI-compatible GPU inference server")
+    sim.add_argument("--profile", required=True, help="GPU profile, e.g. h100-llama3.1-8b")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=_port, default=8000)
+    sim.add_argument("--model", default=None, help="model name to serve (default: the profile's)")
+    sim.add_argument("--seed", type=int, default=0)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"joulegate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if not args.config:
+        print("joulegate: error: no config: pass -c CONFIG or set $JOULEGATE_CONFIG", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    server = config.server.model_copy(update=overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common = dict(
+        host=server.host, port=server.port, loop="uvloop", http="httptools", access_log=False,
+        log_level=args.log_level, timeout_graceful_shutdown=server.drain_timeout_s or None,
+        lifespan="on",
+    )
+    if args.workers > 1:
+        os.environ["JOULEGATE_CONFIG"] = os.path.abspath(args.config)
+        os.environ["JOULEGATE_SERVER_OVERRIDES"] = json.dumps(overrides)
+        uvicorn.run("proxy.app:app_from_env", factory=True, workers=args.workers, **common)
+        return 0
+    from proxy.app import create_app
+
+    config.server = server
+    uvicorn.run(create_app(config), **common)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(port=args.port, requests=args.requests, keep_running=args.keep_running)
+
+
+def _sim_backend(args: argparse.Namespace) -> int:
+    from proxy.sim.profiles import PROFILES
+    from proxy.sim.server import run
+
+    if args.profile not in PROFILES:
+        print(f"joulegate: error: unknown profile {args.profile!r}; choose from {', '.join(sorted(PROFILES))}",
+              file=sys.stderr)
+        return 2
+    run(profile=args.profile, host=args.host, port=args.port, model=args.model, seed=args.seed)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    names = ", ".join(b.name for b in config.backends)
+    print(f"{args.config}: OK ({len(config.backends)} backends: {names}; policy {config.routing.policy})")
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config}

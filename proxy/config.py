@@ -1,0 +1,231 @@
+"""Typed configuration: YAML with ${ENV} interpolation, validated by pydantic.
+
+Errors name the field and the line it came from, so `joulegate check-config` can point at it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    health_interval_s: float = Field(5.0, gt=0)
+
+
+class PowerConfig(_Strict):
+    source: Literal["nvml", "dcgm", "agent", "sim", "none"] = "none"
+    gpus: list[int | str] = Field(default_factory=list)
+    url: str | None = None
+    interval_s: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _url_where_needed(self) -> PowerConfig:
+        if self.source in ("dcgm", "agent", "sim") and not self.url:
+            raise ValueError(f"power.url is required for source '{self.source}'")
+        return self
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    api_key: str | None = None
+    models: list[str] | None = None
+    max_concurrency: int | None = Field(None, gt=0)
+    metrics_url: str | None = None
+    power: PowerConfig = Field(default_factory=PowerConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
+class SloConfig(_Strict):
+    ttft_ms: float = Field(2000.0, gt=0)
+    tpot_ms: float = Field(200.0, gt=0)
+
+
+class RoutingConfig(_Strict):
+    policy: Literal["round_robin", "least_loaded", "efficiency"] = "efficiency"
+    slo: SloConfig = Field(default_factory=SloConfig)
+
+
+class EnergyConfig(_Strict):
+    idle: Literal["separate", "share"] = "separate"
+    prefill_weight: float = Field(0.1, ge=0)
+
+
+class EnergyBudget(_Strict):
+    joules: float = Field(gt=0)
+    per: Literal["hour", "day", "month"] = "day"
+
+
+class TenantConfig(_Strict):
+    name: str = Field(min_length=1)
+    api_keys_sha256: list[str] = Field(default_factory=list)
+    energy_budget: EnergyBudget | None = None
+
+    @field_validator("api_keys_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if not _HEX64_RE.match(digest.lower()):
+                raise ValueError("each entry must be a hex SHA-256 digest (64 hex characters)")
+        return [d.lower() for d in digests]
+
+
+class MetricsConfig(_Strict):
+    tenant_label: bool = False
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    backends: list[BackendConfig] = Field(min_length=1)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    admin_api_keys_sha256: list[str] = Field(default_factory=list)
+    anonymous_tenant: str | None = None
+    ledger: str | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for kind, names in (
+            ("backend", [b.name for b in self.backends]),
+            ("tenant", [t.name for t in self.tenants]),
+        ):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"duplicate {kind} name '{name}'")
+                seen.add(name)
+        return self
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite://", "redis://", "rediss://", "memory://")):
+            raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory://")
+        return url
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `str()` is one line naming the field and its line."""
+
+
+def interpolate_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ${VAR} and ${VAR:-default}; an unset variable without default is an error."""
+    env = os.environ if env is None else env
+
+    def _sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        line = text.count("\n", 0, match.start()) + 1
+        raise ConfigError(f"line {line}: environment variable ${{{name}}} is not set")
+
+    return _ENV_RE.sub(_sub, text)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key and sequence item."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if hasattr(k, "value")}
+    loader.lines[id(mapping)] = lines  # type: ignore[attr-defined]
+    return mapping
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> list[Any]:
+    seq = loader.construct_sequence(node, deep=True)
+    loader.lines[id(seq)] = {i: item.start_mark.line + 1 for i, item in enumerate(node.value)}  # type: ignore[attr-defined]
+    return seq
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def _line_of(data: Any, loc: tuple[Any, ...], lines: dict[int, dict[Any, int]]) -> int | None:
+    """Deepest known line along a pydantic error location."""
+    line = None
+    node = data
+    for part in loc:
+        known = lines.get(id(node), {})
+        if part in known:
+            line = known[part]
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+    return line
+
+
+def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
+    """Parse YAML text into a Config or raise ConfigError naming field and line."""
+    text = interpolate_env(text, env)
+    loader = _LineLoader(text)
+    loader.lines = {}  # type: ignore[attr-defined]
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: line 1: the config must be a mapping")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(data, loc, loader.lines)  # type: ignore[attr-defined]
+        where = f"line {line}: " if line else ""
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}{field}: {err['msg']}{more}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; the default ledger is a SQLite file beside it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    config = parse_config(text, str(path))
+    if config.ledger is None:
+        config.ledger = f"sqlite:///{path.resolve().parent / 'joulegate-ledger.db'}"
+    return config

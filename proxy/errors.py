@@ -1,0 +1,61 @@
+"""OpenAI-shaped errors: one exception type and its wire format."""
+
+from __future__ import annotations
+
+import orjson
+
+#: HTTP status -> the OpenAI error `type` clients switch on.
+_TYPE_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+
+    def body(self) -> bytes:
+        """The JSON body: {"error": {"message", "type", "param", "code"}}."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> ProxyError:
+    return ProxyError(
+        404, f"The model `{model}` does not exist or no backend serves it.",
+        param="model", code="model_not_found",
+    )

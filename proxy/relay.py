@@ -1,0 +1,377 @@
+"""The hot path, top to bottom: authenticate, read, validate, route, forward, stream, finish.
+
+One `Relay` serves every inference route (chat, completions, embeddings, other `/v1/*` calls
+that name a model). It speaks raw ASGI: no request or response objects on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from policies import Policy, RequestInfo
+from proxy.auth import Authenticator
+from proxy.backends import Backend, BackendPool
+from proxy.config import Config
+from proxy.errors import ProxyError, bad_request, model_not_found
+from proxy.records import RequestRecord
+from proxy.sse import StreamTap
+
+log = logging.getLogger("joulegate.relay")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: (kind, field that must be present, its accepted types) per inference route.
+_REQUIRED: dict[str, tuple[str, tuple[type, ...]]] = {
+    "chat": ("messages", (list,)),
+    "completion": ("prompt", (str, list)),
+    "embedding": ("input", (str, list)),
+}
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_JSON = b"application/json"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class Relay:
+    """Forwards one inference request to a backend chosen by the policy and relays the answer."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: BackendPool,
+        policy: Policy,
+        auth: Authenticator,
+        on_finish: Callable[[RequestRecord], dict[str, Any] | None],
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.policy = policy
+        self.auth = auth
+        # Called once per finished request; returns the energy object for the response, if any.
+        self.on_finish = on_finish
+        self.max_body_bytes = config.server.max_body_bytes
+        self.timeout = aiohttp.ClientTimeout(
+            total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
+        authorization, request_id, declared_length = _scan_headers(scope["headers"])
+        record = RequestRecord(
+            request_id=request_id or os.urandom(12).hex(), tenant="", model="", kind=kind,
+            stream=False, start_s=time.time(),
+        )
+        try:
+            principal = self.auth.authenticate(authorization)
+            record.tenant = principal.tenant
+            body = await _read_body(receive, declared_length, self.max_body_bytes)
+            payload, upstream_body, withhold_usage = self._parse(body, kind, record)
+            await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
+        except ProxyError as exc:
+            record.status = exc.status
+            await send_error(send, exc, record.request_id)
+        except ClientGone:
+            record.status = 499
+
+    # -- request ------------------------------------------------------------------------------
+
+    def _parse(self, body: bytes, kind: str, record: RequestRecord) -> tuple[dict[str, Any], bytes, bool]:
+        """Validate what the proxy relies on.
+
+        Returns the payload, the bytes to send upstream and whether the usage chunk must be
+        withheld from the client (it did not ask for usage; the proxy did on its behalf).
+        """
+        if not body:
+            raise bad_request("The request body is empty; expected a JSON object.")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"The request body is not valid JSON: {exc.args[0]}") from None
+        if not isinstance(payload, dict):
+            raise bad_request("The request body must be a JSON object.")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required and must be a non-empty string.", param="model")
+        stream = payload.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        required = _REQUIRED.get(kind)
+        if required is not None:
+            field, types = required
+            value = payload.get(field)
+            if value is None:
+                raise bad_request(f"'{field}' is required.", param=field)
+            if not isinstance(value, types) or (field == "messages" and not value):
+                shape = "a non-empty array" if field == "messages" else "a string or an array"
+                raise bad_request(f"'{field}' must be {shape}.", param=field)
+        for field in ("max_tokens", "max_completion_tokens", "n"):
+            value = payload.get(field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise bad_request(f"'{field}' must be a non-negative integer.", param=field)
+        record.model = model
+        record.stream = stream
+        withhold_usage = False
+        if stream and kind in ("chat", "completion"):
+            options = payload.get("stream_options")
+            if options is not None and not isinstance(options, dict):
+                raise bad_request("'stream_options' must be an object.", param="stream_options")
+            if not (options or {}).get("include_usage"):
+                # Ask upstream for usage anyway; the usage chunk is withheld from this client.
+                payload["stream_options"] = {**(options or {}), "include_usage": True}
+                body = orjson.dumps(payload)
+                withhold_usage = True
+        return payload, body, withhold_usage
+
+    # -- routing and forwarding ---------------------------------------------------------------
+
+    def _choose(self, record: RequestRecord, payload: dict[str, Any], tried: set[str]) -> Backend:
+        candidates = self.pool.for_model(record.model)
+        if not candidates:
+            raise model_not_found(record.model)
+        views = [b.view() for b in candidates if b.name not in tried]
+        info = RequestInfo(
+            model=record.model,
+            prompt_tokens=0,
+            max_output_tokens=payload.get("max_tokens") or payload.get("max_completion_tokens"),
+            stream=record.stream,
+        )
+        name = self.policy.choose(info, views, time.monotonic())
+        if name is None:
+            if tried:
+                raise ProxyError(502, "No backend for this model could be reached.", code="upstream_unreachable")
+            if any(v.healthy for v in views):
+                raise ProxyError(429, "Every backend for this model is at its concurrency limit.",
+                                 code="rate_limit_exceeded", type="rate_limit_error")
+            raise ProxyError(503, f"No healthy backend serves `{record.model}` right now.", code="no_healthy_backend")
+        return self.pool.by_name[name]
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, payload: dict[str, Any], body: bytes,
+        withhold_usage: bool, record: RequestRecord,
+    ) -> None:
+        assert self.pool.session is not None
+        suffix = scope["path"][3:]  # "/v1/chat/completions" -> "/chat/completions"
+        if scope.get("query_string"):
+            suffix += "?" + scope["query_string"].decode("latin-1")
+        tried: set[str] = set()
+        while True:
+            backend = self._choose(record, payload, tried)
+            tried.add(backend.name)
+            headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
+            backend.in_flight += 1
+            try:
+                resp = await self.pool.session.post(
+                    backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Nothing reached the backend or the client yet: try another one.
+                backend.in_flight -= 1
+                backend.mark_down(f"{type(exc).__name__}: {exc}")
+                continue
+            except TimeoutError:
+                backend.in_flight -= 1
+                raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
+            except aiohttp.ClientError as exc:
+                backend.in_flight -= 1
+                raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
+            break
+        record.backend = backend.name
+        try:
+            is_sse = resp.content_type == "text/event-stream"
+            if record.stream and resp.status == 200 and is_sse:
+                await self._relay_stream(receive, send, resp, payload, withhold_usage, record)
+            else:
+                await self._relay_whole(send, resp, record)
+        finally:
+            resp.release()
+            backend.in_flight -= 1
+
+    async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
+        """A non-streamed answer (or an upstream error): read it all, add energy headers, send."""
+        try:
+            data = await resp.read()
+        except TimeoutError:
+            raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"The backend broke off its answer: {type(exc).__name__}.",
+                             code="upstream_error") from None
+        record.end_s = time.time()
+        record.status = resp.status
+        status = resp.status
+        content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
+        if status == 200:
+            _take_usage(data, record)
+        elif status >= 500 and not _looks_like_error(data):
+            status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
+            content_type = _JSON
+        energy = self.on_finish(record)
+        headers = [(b"content-type", content_type), (b"x-request-id", record.request_id.encode())]
+        if record.backend:
+            headers.append((b"x-energy-backend", record.backend.encode()))
+        if energy is not None and status == 200:
+            headers += [
+                (b"x-energy-joules", repr(energy["joules"]).encode()),
+                (b"x-energy-tokens-per-joule", repr(energy["tokens_per_joule"]).encode()),
+                (b"x-energy-method", energy["method"].encode()),
+            ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _relay_stream(
+        self, receive: Receive, send: Send, resp: aiohttp.ClientResponse, payload: dict[str, Any],
+        withhold_usage: bool, record: RequestRecord,
+    ) -> None:
+        """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event."""
+        tap = StreamTap()
+        headers = _SSE_HEADERS + [
+            (b"x-request-id", record.request_id.encode()),
+            (b"x-energy-backend", (record.backend or "").encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        client_gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
+        error: str | None = None
+        try:
+            try:
+                async for chunk in resp.content.iter_any():
+                    out = tap.feed(chunk)
+                    if record.first_token_s is None and tap.first_token_seen:
+                        record.first_token_s = time.time()
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            if client_gone.is_set():
+                error = "client disconnected"
+            elif not tap.done and error is None:
+                error = "upstream closed the stream early"
+        finally:
+            watcher.cancel()
+        record.end_s = time.time()
+        record.status = 200
+        record.error = error
+        usage = tap.usage
+        if isinstance(usage, dict):
+            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            record.completion_tokens = int(usage.get("completion_tokens") or 0)
+            record.usage_reported = True
+        else:
+            # The stream broke before usage arrived: bill what was relayed.
+            record.completion_tokens = tap.delta_chunks
+            record.prompt_tokens = _estimate_prompt_tokens(payload)
+        energy = self.on_finish(record)
+        if client_gone.is_set():
+            return
+        if error is not None:
+            event = orjson.dumps({"error": {"message": f"The backend stream failed: {error}.",
+                                            "type": "upstream_error", "param": None, "code": "upstream_error"}})
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": False})
+            return
+        closing = tap.finish(energy, client_wants_usage=not withhold_usage)
+        await send({"type": "http.response.body", "body": closing, "more_body": False})
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, int | None]:
+    """Authorization, x-request-id and content-length, in one pass over the raw headers."""
+    authorization = request_id = length = None
+    for name, value in raw:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            # Forwarded upstream and echoed: keep it printable and short.
+            if 0 < len(text) <= 128 and text.isprintable():
+                request_id = text
+        elif name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+    return authorization, request_id, length
+
+
+async def _read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
+    """The whole request body, or 413 as soon as it is known to be too large."""
+    if declared is not None and declared > limit:
+        raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > limit:
+            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        return body
+    parts, size = [body], len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _watch_disconnect(receive: Receive, resp: aiohttp.ClientResponse, gone: asyncio.Event) -> None:
+    """Close the upstream request as soon as the client goes away, freeing the GPU slot."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            resp.close()
+            return
+
+
+def _take_usage(data: bytes, record: RequestRecord) -> None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if isinstance(usage, dict):
+        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        record.completion_tokens = int(usage.get("completion_tokens") or 0)
+        record.usage_reported = True
+
+
+def _looks_like_error(data: bytes) -> bool:
+    return data.startswith(b"{") and b'"error"' in data
+
+
+def _estimate_prompt_tokens(payload: dict[str, Any]) -> int:
+    """About four characters a token: only used when the backend never reported usage."""
+    text = payload.get("messages") or payload.get("prompt") or payload.get("input") or ""
+    return math.ceil(len(orjson.dumps(text)) / 4)
+
+
+async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
+    """Answer with an OpenAI-shaped error."""
+    await send({
+        "type": "http.response.start",
+        "status": exc.status,
+        "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode())],
+    })
+    await send({"type": "http.response.body", "body": exc.body()})
