@@ -1,0 +1,217 @@
+"""`joulegate demo`: three simulated GPUs, the proxy in front, two tenants, one table.
+
+The simulators run as `joulegate sim-backend` child processes (the proxy never imports the
+simulator); the workload goes through the official openai SDK like any client's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+MODEL = "llama-3.1-8b"
+#: (backend name, simulator profile) of the demo fleet: three kinds of GPU.
+FLEET = (("h100", "h100-llama3.1-8b"), ("a100", "a100-llama3.1-8b"), ("l4", "l4-llama3.1-8b"))
+TENANTS = ("research", "product")
+
+DEMO_CONFIG = """\
+# Written by `joulegate demo`: the embedded defaults plus the demo's fleet and tenants.
+server: {{host: 127.0.0.1, port: {port}}}
+backends:
+{backends}
+routing: {{policy: least_loaded}}
+energy: {{idle: separate, prefill_weight: 0.1}}
+tenants:
+{tenants}
+anonymous_tenant: null
+"""
+
+
+@dataclass
+class Served:
+    """One demo request as the client saw it, plus the simulator's ground truth."""
+
+    tenant: str
+    request_id: str
+    backend: str
+    completion_tokens: int
+    joules: float = 0.0
+
+
+@dataclass
+class _Row:
+    requests: int = 0
+    tokens: int = 0
+    joules: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+async def _workload(base_url: str, keys: dict[str, str], requests: int) -> list[Served]:
+    """Two tenants: `research` streams long chats; `product` sends short chats and embeddings."""
+    import openai
+
+    clients = {t: openai.AsyncOpenAI(base_url=base_url, api_key=k, max_retries=0, timeout=120) for t, k in keys.items()}
+    gate = asyncio.Semaphore(12)
+    served: list[Served] = []
+
+    async def one(i: int) -> None:
+        tenant = TENANTS[i % 2]
+        c = clients[tenant]
+        messages = [{"role": "user", "content": f"Request {i}: explain tokens per joule. " * (1 + i % 7)}]
+        async with gate:
+            if tenant == "research":
+                stream = await c.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=messages, max_tokens=64 + 32 * (i % 5), stream=True,
+                    stream_options={"include_usage": True},
+                )
+                tokens = 0
+                async for chunk in stream.parse():
+                    if chunk.usage:
+                        tokens = chunk.usage.completion_tokens
+                served.append(Served(tenant, stream.headers["x-request-id"], stream.headers["x-energy-backend"], tokens))
+            elif i % 6 == 1:
+                raw = await c.embeddings.with_raw_response.create(model=MODEL, input=messages[0]["content"])
+                served.append(Served(tenant, raw.headers["x-request-id"], raw.headers["x-energy-backend"], 0))
+            else:
+                raw = await c.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=messages, max_tokens=16 + 8 * (i % 4))
+                tokens = raw.parse().usage.completion_tokens
+                served.append(Served(tenant, raw.headers["x-request-id"], raw.headers["x-energy-backend"], tokens))
+
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    for c in clients.values():
+        await c.close()
+    return served
+
+
+def _table(title: str, rows: dict[str, _Row], extra_cols: tuple[str, ...] = ()) -> str:
+    head = f"{title:<12} {'requests':>8} {'out tokens':>10} {'joules':>10} {'tokens/J':>9}"
+    head += "".join(f" {c:>12}" for c in extra_cols)
+    lines = [head, "-" * len(head)]
+    for name, row in rows.items():
+        tpj = row.tokens / row.joules if row.joules else 0.0
+        line = f"{name:<12} {row.requests:>8} {row.tokens:>10} {row.joules:>10.1f} {tpj:>9.3f}"
+        line += "".join(f" {row.extra.get(c, 0.0):>12.1f}" for c in extra_cols)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_demo(port: int = 8080, requests: int = 60, keep_running: bool = False) -> int:
+    """Start the fleet and the proxy, drive the workload, print the tables. Exit code."""
+    if not _port_is_free(port):
+        print(f"joulegate demo: port {port} is in use; pass --port", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="joulegate-demo-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sims: dict[str, str] = {}
+        for name, profile in FLEET:
+            sim_port = _free_port()
+            procs.append(_spawn(["sim-backend", "--profile", profile, "--port", str(sim_port), "--model", MODEL],
+                                workdir / f"sim-{name}.log"))
+            sims[name] = f"http://127.0.0.1:{sim_port}"
+        for proc, url in zip(procs, sims.values(), strict=True):
+            _wait_http(f"{url}/v1/models", proc)
+        keys = {t: "sk-demo-" + secrets.token_hex(12) for t in TENANTS}
+        backends = "\n".join(
+            f"  - {{name: {n}, url: '{u}/v1', models: [{MODEL}], metrics_url: '{u}/metrics',"
+            f" power: {{source: sim, url: '{u}', interval_s: 0.1}}}}" for n, u in sims.items()
+        )
+        tenants = "\n".join(
+            f"  - {{name: {t}, api_keys_sha256: ['{hashlib.sha256(k.encode()).hexdigest()}']}}" for t, k in keys.items()
+        )
+        config_path = workdir / "joulegate.yaml"
+        config_path.write_text(DEMO_CONFIG.format(port=port, backends=backends, tenants=tenants))
+        proxy = _spawn(["serve", "-c", str(config_path), "--log-level", "warning"], workdir / "proxy.log")
+        procs.append(proxy)
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/readyz", proxy)
+        print(f"JouleGate demo: proxy on {base}/v1 in front of {', '.join(f'{n} ({p})' for n, p in FLEET)}")
+        print(f"Sending {requests} requests from tenants {' and '.join(TENANTS)} with the openai SDK ...")
+        started_s = time.monotonic()
+        served = asyncio.run(_workload(f"{base}/v1", keys, requests))
+        elapsed_s = time.monotonic() - started_s
+        for item in served:
+            truth = httpx.get(f"{sims[item.backend]}/sim/requests/{item.request_id}", timeout=5).json()
+            item.joules = float(truth.get("joules", 0.0))
+        by_backend = {n: _Row() for n, _ in FLEET}
+        by_tenant = {t: _Row() for t in TENANTS}
+        for item in served:
+            for row in (by_backend[item.backend], by_tenant[item.tenant]):
+                row.requests += 1
+                row.tokens += item.completion_tokens
+                row.joules += item.joules
+        for name, url in sims.items():
+            energy = httpx.get(f"{url}/sim/energy", timeout=5).json()
+            by_backend[name].extra = {"idle J": energy["idle_joules"], "GPU total J": energy["joules"]}
+        print(f"\n{len(served)} requests in {elapsed_s:.1f} s\n")
+        print(_table("backend", by_backend, ("idle J", "GPU total J")))
+        print()
+        print(_table("tenant", by_tenant))
+        print("\nEnergy columns are the simulator's ground truth per request (its own per-step split);")
+        print("the proxy's own attribution (x-energy-joules) is not implemented yet.")
+        if keep_running:
+            print(f"\nStill running. Try:\n  curl {base}/v1/chat/completions -H 'Authorization: Bearer {keys['research']}' "
+                  f"-H 'Content-Type: application/json' -d '{{\"model\": \"{MODEL}\", \"messages\": "
+                  f"[{{\"role\": \"user\", \"content\": \"hi\"}}], \"max_tokens\": 8}}' -i")
+            print(f"  curl {base}/metrics\nLogs in {workdir}. Ctrl-C stops everything.")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        return 0
+    except RuntimeError as exc:
+        print(f"joulegate demo: {exc} (logs in {workdir})", file=sys.stderr)
+        return 1
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

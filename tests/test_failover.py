@@ -1,0 +1,84 @@
+"""Backends that die, and a proxy told to stop: clients get clean errors or complete answers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import (
+    KEYS,
+    MODEL,
+    ProxyProc,
+    SimBackend,
+    backend_yaml,
+    tenants_yaml,
+    wait_until,
+)
+
+MESSAGES = [{"role": "user", "content": "Tell me about watts."}]
+
+
+def _config(backends: dict[str, SimBackend]) -> str:
+    text = "server: {health_interval_s: 30}\nbackends:\n"
+    for name, sim in backends.items():
+        text += backend_yaml(name, sim.url, [MODEL])
+    return text + "routing: {policy: round_robin}\nledger: memory://\n" + tenants_yaml()
+
+
+def _client(proxy: ProxyProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=30)
+
+
+def test_backend_killed_mid_stream_then_failover(tmp_path: Path) -> None:
+    a = SimBackend("l4-llama3.1-8b", tmp_path, seed=1)
+    b = SimBackend("h100-llama3.1-8b", tmp_path, seed=2)
+    # The health interval is long, so the proxy still believes `a` is up after it dies.
+    proxy = ProxyProc(_config({"a": a, "b": b}), tmp_path)
+    try:
+        c = _client(proxy)
+        # Round robin: the first request goes to `a` (60 ms a token: a long stream).
+        stream = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=400, stream=True)
+        assert stream.headers["x-energy-backend"] == "a"
+        chunks = iter(stream.parse())
+        next(chunks)
+        a.kill()
+        with pytest.raises(openai.APIError):
+            for _ in chunks:
+                pass
+        # `a` now refuses connections: every request lands on `b`, none fails.
+        for _ in range(4):
+            raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+            assert raw.parse().usage.completion_tokens == 3
+            assert raw.headers["x-energy-backend"] == "b"
+        assert "Traceback" not in proxy.log()
+    finally:
+        proxy.stop()
+        a.stop()
+        b.stop()
+
+
+def test_sigterm_drains_in_flight_streams(tmp_path: Path) -> None:
+    sim = SimBackend("l4-llama3.1-8b", tmp_path, seed=3)
+    proxy = ProxyProc(_config({"only": sim}), tmp_path)
+    try:
+        c = _client(proxy)
+        stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, stream=True)
+        chunks = iter(stream)
+        first = next(chunks)
+        assert first.choices
+        stopper = threading.Thread(target=proxy.popen.terminate)
+        stopper.start()
+        rest = [ch for ch in chunks if ch.choices and ch.choices[0].delta.content]
+        stopper.join()
+        # All 30 tokens arrive although SIGTERM came after the first chunk.
+        got_first = 1 if first.choices[0].delta.content else 0
+        assert len(rest) + got_first == 30
+        wait_until(lambda: proxy.popen.poll() is not None, 20, "the proxy to exit after draining")
+        assert proxy.popen.returncode == 0
+    finally:
+        proxy.stop()
+        sim.stop()
