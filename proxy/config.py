@@ -123,6 +123,11 @@ class Config(_Strict):
                 seen.add(name)
         return self
 
+    @field_validator("admin_api_keys_sha256")
+    @classmethod
+    def _admin_digests(cls, digests: list[str]) -> list[str]:
+        return TenantConfig._hex_digests(digests)
+
     @field_validator("ledger")
     @classmethod
     def _ledger_url(cls, url: str | None) -> str | None:
@@ -187,11 +192,41 @@ def _line_of(data: Any, loc: tuple[Any, ...], lines: dict[int, dict[Any, int]]) 
     return line
 
 
+_PLACEHOLDER_RE = re.compile(r"__jgenv(\d+)__")
+
+
+def _construct_str(loader: _LineLoader, node: yaml.ScalarNode) -> Any:
+    value = loader.construct_scalar(node)
+    if "__jgenv" not in value:
+        return value
+    env, refs = loader.env, loader.refs  # type: ignore[attr-defined]
+
+    def _sub(m: re.Match[str]) -> str:
+        name, default = refs[int(m.group(1))]
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{loader.source}: line {node.start_mark.line + 1}: environment variable ${{{name}}} is not set")  # type: ignore[attr-defined]
+
+    return _PLACEHOLDER_RE.sub(_sub, value)
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
+
+
 def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
     """Parse YAML text into a Config or raise ConfigError naming field and line."""
-    text = interpolate_env(text, env)
+    refs: list[tuple[str, str | None]] = []
+
+    def _mark(m: re.Match[str]) -> str:
+        refs.append((m.group(1), m.group(2)))
+        return f"__jgenv{len(refs) - 1}__"
+
+    text = _ENV_RE.sub(_mark, text)
     loader = _LineLoader(text)
     loader.lines = {}  # type: ignore[attr-defined]
+    loader.env, loader.refs, loader.source = (os.environ if env is None else env), refs, source  # type: ignore[attr-defined]
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
@@ -204,6 +239,20 @@ def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: line 1: the config must be a mapping")
+    for kind in ("backends", "tenants"):
+        items = data.get(kind)
+        if not isinstance(items, list):
+            continue
+        first: dict[str, int] = {}
+        for i, item in enumerate(items):
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str):
+                continue
+            if name in first:
+                line = _line_of(data, (kind, i, "name"), loader.lines)  # type: ignore[attr-defined]
+                raise ConfigError(f"{source}: line {line}: {kind}.{i}.name: duplicate {kind[:-1]} name "
+                                  f"'{name}' (also {kind}.{first[name]}.name)")
+            first[name] = i
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

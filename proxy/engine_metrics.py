@@ -34,8 +34,10 @@ def parse_engine_load(text: str) -> EngineLoad | None:
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            name = _DEPRECATED_CACHE.get(sample.name, sample.name)
-            sums[name] = sums.get(name, 0.0) + sample.value
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    for old, new in _DEPRECATED_CACHE.items():
+        if old in sums:
+            sums.setdefault(new, sums[old])
     for running, waiting, cache in _ENGINE_NAMES:
         if running in sums or waiting in sums:
             return EngineLoad(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import orjson
 
 _DONE = b"data: [DONE]"
+_EMPTY_MARKERS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
 _CONTENT_MARKERS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
 
 
@@ -23,7 +24,7 @@ class StreamTap:
 
     def __init__(self) -> None:
         self._tail = b""
-        self._sep = b"\n\n"
+        self._sep: bytes | None = None
         self.delta_chunks = 0
         self.usage: dict | None = None
         self.usage_event: dict | None = None
@@ -34,8 +35,15 @@ class StreamTap:
         """Account for `chunk` and return what can be forwarded now (maybe b"")."""
         if self._tail:
             chunk = self._tail + chunk
-        elif b"\r\n" in chunk[:512] and self._sep == b"\n\n" and b"\r\n\r\n" in chunk:
-            self._sep = b"\r\n\r\n"
+        if self._sep is None:
+            lf, crlf = chunk.find(b"\n\n"), chunk.find(b"\r\n\r\n")
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                self._sep = b"\r\n\r\n"
+            elif lf >= 0:
+                self._sep = b"\n\n"
+            else:
+                self._tail = chunk
+                return b""
         end = chunk.rfind(self._sep)
         if end < 0:
             self._tail = chunk
@@ -46,11 +54,11 @@ class StreamTap:
         for marker in _CONTENT_MARKERS:
             tokens += complete.count(marker)
         # An empty string delta is no token.
-        tokens -= complete.count(b'"content":""') + complete.count(b'"text":""')
+        tokens -= sum(complete.count(m) for m in _EMPTY_MARKERS)
         if tokens > 0:
             self.delta_chunks += tokens
             self.first_token_seen = True
-        if b'"usage"' not in complete and _DONE not in complete:
+        if b'"usage"' not in complete and b"[DONE]" not in complete:
             return complete
         return self._hold_back(complete)
 
@@ -60,7 +68,7 @@ class StreamTap:
         for event in complete.split(self._sep):
             if not event:
                 continue
-            if event.startswith(_DONE):
+            if event.startswith(b"data:") and event[5:].strip() == b"[DONE]":
                 self.done = True
                 continue
             if b'"usage"' in event and event.startswith(b"data:"):
@@ -79,7 +87,7 @@ class StreamTap:
 
     def finish(self, energy: dict | None, client_wants_usage: bool) -> bytes:
         """The closing bytes: the usage chunk (with energy) or an `: energy` comment, then [DONE]."""
-        sep = self._sep
+        sep = self._sep or b"\n\n"
         out = b""
         if self.usage_event is not None and client_wants_usage:
             if energy is not None:

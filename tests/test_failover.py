@@ -78,7 +78,7 @@ def test_sigterm_drains_in_flight_streams(tmp_path: Path) -> None:
         got_first = 1 if first.choices[0].delta.content else 0
         assert len(rest) + got_first == 30
         wait_until(lambda: proxy.popen.poll() is not None, 20, "the proxy to exit after draining")
-        assert proxy.popen.returncode == 0
+        assert proxy.popen.returncode in (0, -15)  # uvicorn re-raises SIGTERM after draining
     finally:
         proxy.stop()
         sim.stop()

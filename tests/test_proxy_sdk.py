@@ -80,7 +80,8 @@ def proxy(sims: dict[str, SimBackend], session_tmp: Path) -> Iterator[ProxyProc]
     assert "Traceback" not in log, log[-3000:]
     for key in (*KEYS.values(), ADMIN_KEY):
         assert key not in log
-    assert code == 0, log[-2000:]
+    # uvicorn drains, then re-raises SIGTERM so the exit status says how it stopped.
+    assert code in (0, -15), log[-2000:]
 
 
 def client(proxy: ProxyProc, tenant: str = "acme") -> openai.OpenAI:
@@ -149,7 +150,8 @@ def test_raw_stream_is_sse_ending_in_done(proxy: ProxyProc) -> None:
         body = resp.read()
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert body.endswith(b"data: [DONE]\n\n")
-    assert body.count(b"data: {") == 5 + 1  # five tokens and a role chunk at most; no usage chunk
+    assert body.count(b'"content":"') == 5
+    assert b'"usage":{' not in body, "the client did not ask for usage"
 
 
 def test_completions_streamed_and_not(proxy: ProxyProc) -> None:
