@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", default=None, help="model name to serve (default: the profile's)")
     sim.add_argument("--seed", type=int, default=0)
 
+    agent = sub.add_parser("agent", help="NVML power agent for a GPU host (/v1/power, /v1/power/stream, /metrics)")
+    agent.add_argument("--host", default="0.0.0.0", help="listen address")
+    agent.add_argument("--port", type=_port, default=9464)
+    agent.add_argument("--gpus", default=None, help="GPU indices or UUIDs, comma-separated (default: all)")
+    agent.add_argument("--interval-s", type=float, default=0.05, help="sampling interval in seconds")
+
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config")
     return parser
@@ -118,6 +124,16 @@ def _sim_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from proxy.agent import parse_gpus, run
+
+    if args.interval_s <= 0:
+        print("joulegate: error: --interval-s must be positive", file=sys.stderr)
+        return 2
+    run(host=args.host, port=args.port, gpus=parse_gpus(args.gpus), interval_s=args.interval_s)
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = ", ".join(b.name for b in config.backends)
@@ -125,4 +141,5 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config}
+_COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config,
+             "agent": _agent}

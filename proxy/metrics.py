@@ -36,6 +36,24 @@ class Metrics:
             "joulegate_backend_in_flight", "Requests this proxy has open on the backend.", ["backend"], registry=r,
         )
 
+        self.energy_j = Counter(
+            "joulegate_energy_joules", "Measured joules attributed to requests, by backend and model.",
+            ["backend", "model"], registry=r,
+        )
+        self.backend_power_w = Gauge("joulegate_backend_power_watts", "Latest power reading.", ["backend"], registry=r)
+        self.backend_idle_w = Gauge(
+            "joulegate_backend_idle_watts", "Average power while nothing was in flight.", ["backend"], registry=r,
+        )
+        self.backend_tokens_per_joule = Gauge(
+            "joulegate_backend_tokens_per_joule", "Completion tokens per joule over recent requests.",
+            ["backend"], registry=r,
+        )
+
+    def observe_energy(self, record: RequestRecord) -> None:
+        """Count a request's final (measured) joules."""
+        if record.joules is not None:
+            self.energy_j.labels(record.backend or "none", record.model).inc(record.joules)
+
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""
         backend = record.backend or "none"

@@ -23,3 +23,18 @@ class RequestRecord:
     first_token_s: float | None = None
     end_s: float | None = None
     error: str | None = None
+    joules: float | None = None  # attributed energy; None where the backend has no power source
+    energy_method: str | None = None  # measured | estimated
+
+    @property
+    def billed_tokens(self) -> int:
+        """The tokens tokens-per-joule counts: prompt tokens for embeddings, else completion."""
+        return self.prompt_tokens if self.kind == "embedding" else self.completion_tokens
+
+    def energy(self) -> dict[str, float | str] | None:
+        """The contract's energy object for this request, if it has one."""
+        if self.joules is None or self.energy_method is None:
+            return None
+        tpj = self.billed_tokens / self.joules if self.joules > 0 else 0.0
+        return {"joules": self.joules, "tokens_per_joule": tpj, "backend": self.backend or "",
+                "method": self.energy_method}

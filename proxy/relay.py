@@ -22,6 +22,7 @@ from policies import Policy, RequestInfo
 from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool
 from proxy.config import Config
+from proxy.energy.meter import EnergyMeter
 from proxy.errors import ProxyError, bad_request, model_not_found
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
@@ -55,13 +56,15 @@ class Relay:
         pool: BackendPool,
         policy: Policy,
         auth: Authenticator,
-        on_finish: Callable[[RequestRecord], dict[str, Any] | None],
+        meter: EnergyMeter,
+        on_finish: Callable[[RequestRecord], None],
     ) -> None:
         self.config = config
         self.pool = pool
         self.policy = policy
         self.auth = auth
-        # Called once per finished request; returns the energy object for the response, if any.
+        self.meter = meter
+        # Called once per finished request, after its energy is known.
         self.on_finish = on_finish
         self.max_body_bytes = config.server.max_body_bytes
         self.timeout = aiohttp.ClientTimeout(
@@ -174,20 +177,22 @@ class Relay:
             tried.add(backend.name)
             headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
             backend.in_flight += 1
+            sent_s = time.time()
+            self.meter.open(backend.name, record.request_id, sent_s, record.stream, 0)
             try:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
                 # Nothing reached the backend or the client yet: try another one.
-                backend.in_flight -= 1
+                self._abandon(backend, record)
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
                 continue
             except TimeoutError:
-                backend.in_flight -= 1
+                self._abandon(backend, record)
                 raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
             except aiohttp.ClientError as exc:
-                backend.in_flight -= 1
+                self._abandon(backend, record)
                 raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
             break
         record.backend = backend.name
@@ -200,6 +205,23 @@ class Relay:
         finally:
             resp.release()
             backend.in_flight -= 1
+
+    def _abandon(self, backend: Backend, record: RequestRecord) -> None:
+        """The request never got an answer from this backend: it spent no tokens there."""
+        backend.in_flight -= 1
+        self.meter.abort(backend.name, record.request_id, time.time())
+
+    def _close_energy(self, record: RequestRecord) -> None:
+        """Attribute the request's energy with the samples available now."""
+        if record.backend is None or record.end_s is None:
+            return
+        result = self.meter.close_request(
+            record.backend, record.request_id, record.end_s, record.prompt_tokens,
+            record.completion_tokens, record.kind == "embedding",
+        )
+        if result is not None:
+            record.joules = result.joules
+            record.energy_method = result.method
 
     async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
         """A non-streamed answer (or an upstream error): read it all, add energy headers, send."""
@@ -219,7 +241,9 @@ class Relay:
         elif status >= 500 and not _looks_like_error(data):
             status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
             content_type = _JSON
-        energy = self.on_finish(record)
+        self._close_energy(record)
+        self.on_finish(record)
+        energy = record.energy()
         headers = [(b"content-type", content_type), (b"x-request-id", record.request_id.encode())]
         if record.backend:
             headers.append((b"x-energy-backend", record.backend.encode()))
@@ -246,12 +270,17 @@ class Relay:
         client_gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
         error: str | None = None
+        backend, meter, counted = record.backend or "", self.meter, 0
         try:
             try:
                 async for chunk in resp.content.iter_any():
                     out = tap.feed(chunk)
-                    if record.first_token_s is None and tap.first_token_seen:
-                        record.first_token_s = time.time()
+                    if tap.delta_chunks != counted:
+                        now_s = time.time()
+                        if record.first_token_s is None:
+                            record.first_token_s = now_s
+                        meter.tokens(backend, record.request_id, now_s, tap.delta_chunks - counted)
+                        counted = tap.delta_chunks
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -274,7 +303,9 @@ class Relay:
             # The stream broke before usage arrived: bill what was relayed.
             record.completion_tokens = tap.delta_chunks
             record.prompt_tokens = _estimate_prompt_tokens(payload)
-        energy = self.on_finish(record)
+        self._close_energy(record)
+        self.on_finish(record)
+        energy = record.energy()
         if client_gone.is_set():
             return
         if error is not None:

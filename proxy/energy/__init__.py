@@ -1,0 +1,1 @@
+"""Energy: power sources, timelines, attribution, the live meter."""

@@ -1,0 +1,640 @@
+"""Per-request energy attribution for one backend, incremental and conserving.
+
+The method (shared/reference/gpu-energy.md, "Attribution"): cut the backend's energy timeline at
+every sample, request start, first token and request end; split each slice's joules among the
+requests in flight by weight; slices with nothing in flight are idle energy.
+
+How it is computed. Inside one sample interval [a, b] power P is constant. Each request gets a
+piecewise-constant weight density (weight per second):
+  - streamed, prefill:  prefill_weight * prompt / (first - start)   on [start, first]
+  - streamed, decode:   tokens that arrived in (a, b] / decode time  on [first, end] within [a, b]
+  - non-streamed:       (prefill_weight * prompt + completion) / (end - start) on [start, end]
+A request's joules in [a, b] are the integral of P * rho_r / W (W = sum of densities), which one
+sweep over the interval's boundaries computes with a running integral of P / W, in
+O(k log k) for k requests overlapping the interval. Where requests are in flight but W is zero
+(between token arrivals) they split that energy equally. Each interval's shares are then scaled
+to its busy joules exactly, so `attributed + idle (+ carried) == measured` holds to rounding.
+
+An interval stays pending until its end sample has arrived and every request overlapping it has
+known weights (a non-streamed request's tokens are known only at its end; a streamed request's
+prefill density needs its first token time and its prompt size). Intervals are finalized oldest
+first. Pending work older than `max_pending_s` is forced through with provisional weights, so
+memory stays bounded whatever the callers do.
+
+Idle energy (nothing in flight): `separate` books it as idle. `share` carries it forward and adds
+it to the next moment something is in flight, split there by weight; an idle stretch longer than
+`share_max_s` is booked as idle instead, so one request never pays for a night of idle.
+
+Pure: no I/O, no clock reads; times are seconds on one clock, passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Literal
+
+from proxy.energy.timeline import EnergyTimeline
+
+__all__ = ["Attributor", "Estimate", "Final", "ScheduledRequest", "attribute_schedule"]
+
+IdleMode = Literal["separate", "share"]
+Method = Literal["measured", "estimated"]
+
+_INF = math.inf
+# Provisional decode rate (tokens/s per request) before this backend has shown one; only ever
+# used for guesses (estimates, forced intervals), never for a finalized measured value.
+_DEFAULT_RATE_TOK_PER_S = 10.0
+_RATE_SMOOTHING = 0.1  # EWMA weight of one interval's decode rate
+# Spans shorter than this (s) carry no density: weight / span would overflow to infinity.
+_MIN_SPAN_S = 1e-9
+_ZERO = (0.0, 0.0)
+
+
+@dataclass(slots=True, frozen=True)
+class Estimate:
+    """A request's joules as known when it closes; `measured` only if nothing was guessed."""
+
+    joules: float
+    method: Method
+
+
+@dataclass(slots=True, frozen=True)
+class Final:
+    """A request's settled attribution: joules and what it was computed from (times in s)."""
+
+    request_id: str
+    joules: float
+    prompt_tokens: int
+    completion_tokens: int
+    start_s: float
+    first_token_s: float | None
+    end_s: float
+    # `estimated` only where weights had to be guessed (forced) or samples never covered it.
+    method: Method = "measured"
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request's attribution state while any of its energy is unsettled."""
+
+    request_id: str
+    stream: bool
+    start_s: float
+    prompt_tokens: int
+    first_token_s: float | None = None
+    end_s: float | None = None  # None while open
+    completion_tokens: int = 0
+    prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
+    flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open
+    arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # unsettled (t_s, count)
+    pending_tokens: int = 0  # sum of counts in `arrivals`
+    joules: float = 0.0  # settled share so far
+    guessed: bool = False  # a forced interval used provisional weights for it
+
+
+class Attributor:
+    """Per-request attribution for one backend, fed as requests and samples come.
+
+    The live relay calls `open`, `tokens` and `close`; the power source feeds `timeline` and then
+    calls `advance`. A request id must be unique among unsettled requests (use the proxy's own
+    id), and every opened request must be closed, errors and disconnects included.
+
+    Books (joules), readable any time: `finalized_joules_attributed` (settled onto requests),
+    `finalized_joules_idle`, `carried_joules` (share mode's idle waiting for the next busy
+    moment), over the settled span [`first_finalized_s`, `finalized_until_s`]; invariant:
+    attributed + idle + carried == `finalized_joules_measured`, to float rounding.
+    """
+
+    __slots__ = (
+        "timeline", "prefill_weight", "idle", "max_pending_s", "share_max_s",
+        "first_finalized_s", "finalized_until_s", "finalized_joules_attributed",
+        "finalized_joules_idle", "carried_joules", "_first_e_j", "_until_e_j", "_carry_since_s",
+        "_requests", "_unknown", "_ready", "_horizon_s", "_last_start_s", "_rate_tok_per_s",
+        "_pending_w", "_open_n", "_unknown_prefills_n", "_prefill_w_avg",
+    )
+
+    def __init__(
+        self,
+        timeline: EnergyTimeline | None = None,
+        *,
+        prefill_weight: float = 0.1,
+        idle: IdleMode = "separate",
+        max_pending_s: float = 900.0,
+        share_max_s: float = 60.0,
+    ) -> None:
+        if idle not in ("separate", "share"):
+            raise ValueError(f"idle must be 'separate' or 'share', not {idle!r}")
+        if prefill_weight < 0 or not max_pending_s > 0 or not share_max_s > 0:
+            raise ValueError("prefill_weight must be >= 0, max_pending_s and share_max_s > 0")
+        self.timeline = timeline if timeline is not None else EnergyTimeline(max_pending_s + 60.0)
+        self.prefill_weight = prefill_weight
+        self.idle: IdleMode = idle
+        self.max_pending_s = max_pending_s
+        self.share_max_s = share_max_s
+        self.first_finalized_s: float | None = None  # the first sample seen
+        self.finalized_until_s: float | None = None  # everything before it is settled
+        self.finalized_joules_attributed = 0.0
+        self.finalized_joules_idle = 0.0
+        self.carried_joules = 0.0
+        # The timeline's cumulative joules at those two times: kept here, so pruning old
+        # samples never changes the books.
+        self._first_e_j = self._until_e_j = 0.0
+        self._carry_since_s = 0.0  # share mode: where the carried idle stretch began
+        # Unsettled requests, open or closed, in start order (settling stops at the first one
+        # that starts after the interval), and those of them whose weights are not known yet.
+        self._requests: dict[str, _Request] = {}
+        self._unknown: dict[str, _Request] = {}
+        self._ready: list[Final] = []  # settled, not yet handed out by `advance`
+        self._horizon_s = -_INF  # latest time seen: events before it count as reported
+        self._last_start_s = -_INF
+        self._rate_tok_per_s = 0.0  # recent decode tokens/s per decoding request; 0: none seen
+        self._pending_w = 0.0  # known weight not yet settled: feeds O(1) estimates
+        self._open_n = 0
+        # Of `_unknown`, streams past their first token: only their (settled) prefill is unknown.
+        self._unknown_prefills_n = 0
+        self._prefill_w_avg = 0.0  # recent prefill weight per streamed request (EWMA)
+
+    # -- the relay's calls ---------------------------------------------------------------------
+
+    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0) -> None:
+        """A request was sent upstream at `start_s`. `prompt_tokens`: a best guess, 0 if none.
+
+        For a streamed request the guess fixes its prefill weight at its first token; with 0 the
+        prefill weight (and every interval it overlaps) waits for `close`'s exact count.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already being attributed")
+        # Starts never go backwards (one clock), which keeps `_requests` in start order.
+        start_s = max(start_s, self._last_start_s)
+        self._last_start_s = start_s
+        r = _Request(request_id, stream, start_s, max(prompt_tokens, 0))
+        self._requests[request_id] = r
+        self._unknown[request_id] = r
+        self._open_n += 1
+        if start_s > self._horizon_s:
+            self._horizon_s = start_s
+
+    def tokens(self, request_id: str, t_s: float, count: int) -> None:
+        """`count` generated tokens of a streamed request arrived at `t_s` (first call: TTFT)."""
+        r = self._requests.get(request_id)
+        if r is None or r.end_s is not None or not r.stream:
+            return
+        if t_s < r.start_s:
+            t_s = r.start_s
+        if t_s > self._horizon_s:
+            self._horizon_s = t_s
+        if r.first_token_s is None:
+            r.first_token_s = t_s
+            if self.prefill_weight == 0 or r.prompt_tokens > 0:
+                self._fix_prefill(r)
+            else:
+                self._unknown_prefills_n += 1
+        if count > 0:
+            r.arrivals.append((t_s, count))
+            r.pending_tokens += count
+            self._pending_w += count
+
+    def close(
+        self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
+    ) -> Estimate:
+        """The request ended at `end_s` with these exact token counts: its joules right now.
+
+        `measured` if samples already cover `end_s` and every request overlapping it had known
+        weights (then it is also its final value); otherwise `estimated`, with power extrapolated
+        past the last sample and provisional weights for requests still unknown. The final value
+        comes later from `advance`.
+        """
+        r = self._close(request_id, end_s, prompt_tokens, completion_tokens)
+        self._settle_ready()
+        if request_id in self._requests:
+            return Estimate(r.joules + self._estimate_rest(r), "estimated")
+        for final in reversed(self._ready):  # settled just now: its final value
+            if final.request_id == request_id:
+                return Estimate(final.joules, final.method)
+        raise AssertionError("a settled request is always in the ready list")
+
+    def advance(self, now_s: float | None = None) -> list[Final]:
+        """Settle what can be settled (call after each sample); returns the newly final requests.
+
+        `now_s`: the caller's clock now, if known; it lets requests whose samples never come
+        (a dead power source) be given up on after `max_pending_s`.
+        """
+        if now_s is not None and now_s > self._horizon_s:
+            self._horizon_s = now_s
+        self._settle_ready()
+        ready, self._ready = self._ready, []
+        return ready
+
+    @property
+    def finalized_joules_measured(self) -> float:
+        """Joules the timeline measured over [first_finalized_s, finalized_until_s]."""
+        return self._until_e_j - self._first_e_j
+
+    @property
+    def open_requests(self) -> int:
+        """How many requests are in flight (opened, not closed)."""
+        return self._open_n
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _close(
+        self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
+    ) -> _Request:
+        r = self._requests[request_id]
+        if r.end_s is not None:
+            raise ValueError(f"request {request_id!r} is already closed")
+        if r.stream and r.first_token_s is not None and r.prefill_density is None:
+            self._unknown_prefills_n -= 1  # it leaves `_unknown` below
+        end_s = max(end_s, r.start_s, r.arrivals[-1][0] if r.arrivals else r.start_s)
+        if end_s > self._horizon_s:
+            self._horizon_s = end_s
+        r.end_s = end_s
+        self._open_n -= 1
+        r.prompt_tokens = max(prompt_tokens, 0)
+        r.completion_tokens = max(completion_tokens, 0)
+        if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
+            if r.completion_tokens > 0:
+                # Everything came at once at the end: no decode time to place the tokens in,
+                # so weigh it like a non-streamed request (tokens spread over its lifetime).
+                r.stream = False
+                r.arrivals.clear()
+                self._pending_w -= r.pending_tokens
+                r.pending_tokens = 0
+            elif r.first_token_s is None:
+                r.first_token_s = end_s  # no tokens at all: prefill (or waiting) throughout
+        if r.stream:
+            if r.prefill_density is None:
+                self._fix_prefill(r)
+        else:
+            weight = self.prefill_weight * r.prompt_tokens + r.completion_tokens
+            r.flat_density = _density(weight, end_s - r.start_s)
+            self._note_pending(r.flat_density, r.start_s, end_s)
+            self._unknown.pop(request_id, None)
+        return r
+
+    def _fix_prefill(self, r: _Request) -> None:
+        """Fix a streamed request's prefill density (needs its first token time)."""
+        first_s = r.first_token_s
+        assert first_s is not None
+        weight = self.prefill_weight * r.prompt_tokens
+        self._prefill_w_avg += _RATE_SMOOTHING * (weight - self._prefill_w_avg)
+        r.prefill_density = _density(weight, first_s - r.start_s)
+        self._note_pending(r.prefill_density, r.start_s, first_s)
+        self._unknown.pop(r.request_id, None)
+
+    def _note_pending(self, density: float, from_s: float, to_s: float) -> None:
+        """Count a newly known density's weight in the unsettled part of [from_s, to_s]."""
+        if self.finalized_until_s is not None:
+            from_s = max(from_s, self.finalized_until_s)
+        if to_s > from_s:
+            self._pending_w += density * (to_s - from_s)
+
+    def _provisional_density(self, r: _Request) -> float:
+        """A guess at the weight/s of a request whose weights are unknown (estimates, forcing)."""
+        rate = self._rate_tok_per_s or _DEFAULT_RATE_TOK_PER_S
+        if r.stream and r.first_token_s is not None and r.prompt_tokens == 0:
+            return rate  # a prefill of unknown size: weigh it like a decoding request
+        until_s = r.first_token_s if r.first_token_s is not None else self._horizon_s
+        prefill_w = self.prefill_weight * r.prompt_tokens / max(until_s - r.start_s, 1.0)
+        return prefill_w if r.stream else prefill_w + rate
+
+    def _blocked(self, a_s: float, b_s: float) -> bool:
+        """Whether some request with unknown weights overlaps the interval [a_s, b_s]."""
+        for r in self._unknown.values():
+            if r.start_s < b_s:
+                until_s = r.first_token_s if r.stream and r.first_token_s is not None else _INF
+                if until_s > a_s:
+                    return True
+        return False
+
+    def _settle_ready(self) -> None:
+        """Settle every interval that can be settled, oldest first."""
+        tl = self.timeline
+        last_s = tl.last_sample_s
+        if last_s is not None and last_s > self._horizon_s:
+            self._horizon_s = last_s
+        force_before_s = self._horizon_s - self.max_pending_s
+        if self.finalized_until_s is None:
+            first_s = tl.first_sample_s
+            if first_s is None:
+                self._give_up(force_before_s)
+                return
+            self.finalized_until_s = self.first_finalized_s = self._carry_since_s = first_s
+            self._until_e_j = self._first_e_j = tl.energy_j(first_s)
+        while (nxt := tl.sample_after(self.finalized_until_s)) is not None:
+            a_s, (b_s, b_e_j) = self.finalized_until_s, nxt
+            # Work pending too long goes through with provisional weights.
+            if a_s >= force_before_s and self._blocked(a_s, b_s):
+                break
+            self._settle_interval(a_s, b_s, b_e_j - self._until_e_j)
+            self.finalized_until_s, self._until_e_j = b_s, b_e_j
+        if self.finalized_until_s < force_before_s:
+            self._give_up(force_before_s)
+
+    def _give_up(self, before_s: float) -> None:
+        """Samples stopped: closed requests that ended before `before_s` leave as estimates."""
+        gone = []
+        for r in self._requests.values():
+            if r.start_s >= before_s:
+                break  # start order: no later one ended before `before_s`
+            if r.end_s is not None and r.end_s < before_s:
+                gone.append(r)
+        for r in gone:
+            joules = r.joules + self._estimate_rest(r)
+            del self._requests[r.request_id]
+            self._pending_w -= r.pending_tokens  # (its other unsettled weight lingers a while)
+            self._ready.append(_final(r, joules, "estimated"))
+
+    def _settle_interval(self, a_s: float, b_s: float, energy_j: float) -> None:
+        """Split the `energy_j` joules of sample interval [a_s, b_s] among its requests."""
+        power_w = energy_j / (b_s - a_s)
+        reqs: list[_Request] = []  # the requests in flight during the interval
+        done: list[_Request] = []  # those that end by b_s
+        # Segments of constant density: owner (index into `reqs`), density (weight/s; 0 marks
+        # the owner's in-flight range), running integral at its start and end (None: at b_s).
+        owner: list[int] = []
+        rho: list[float] = []
+        g_from: list[tuple[float, float]] = []
+        g_to: list[tuple[float, float] | None] = []
+        events: list[tuple[float, int]] = []  # (t_s, i) segment i starts; (t_s, ~i) it ends
+        # Sweep state at a_s: total density W (Neumaier pair), weighted and in-flight counts.
+        w = w_c = 0.0
+        nw = nf = 0
+        tokens_n, decode_s, settled_w = 0, 0.0, 0.0
+
+        def segment(k: int, lo_s: float, hi_s: float, density: float) -> None:
+            nonlocal w, w_c, nw, nf
+            i = len(rho)
+            owner.append(k)
+            rho.append(density)
+            g_from.append(_ZERO)
+            g_to.append(None)
+            if lo_s > a_s:
+                events.append((lo_s, i))
+            elif density > 0:
+                w, w_c = _neumaier(w, w_c, density)
+                nw += 1
+            else:
+                nf += 1
+            if hi_s < b_s:
+                events.append((hi_s, ~i))
+
+        for r in self._requests.values():
+            s_s = r.start_s
+            if s_s >= b_s:
+                break  # start order: the rest start later too
+            e_s = r.end_s if r.end_s is not None else _INF
+            if e_s <= a_s:
+                done.append(r)  # ended before the interval (a late close, or before samples)
+                continue
+            k = len(reqs)
+            reqs.append(r)
+            lo_s, hi_s = max(s_s, a_s), min(e_s, b_s)
+            segment(k, lo_s, hi_s, 0.0)
+            first_s = r.first_token_s if r.first_token_s is not None else _INF
+            if not r.stream or s_s < first_s and first_s > a_s:
+                end_s = hi_s if not r.stream else min(first_s, b_s)
+                density = r.flat_density if not r.stream else r.prefill_density
+                if density is None:  # only in a forced interval
+                    r.guessed = True
+                    density = self._provisional_density(r)
+                else:
+                    settled_w += density * (end_s - lo_s)
+                if density > 0 and end_s > lo_s:
+                    segment(k, lo_s, end_s, density)
+            dlo_s = max(first_s, a_s)
+            if r.stream and hi_s - dlo_s >= _MIN_SPAN_S:  # else tokens wait for a next window
+                count = 0
+                arrivals = r.arrivals
+                while arrivals and arrivals[0][0] <= b_s:
+                    count += arrivals.popleft()[1]
+                if count:
+                    r.pending_tokens -= count
+                    tokens_n += count
+                    settled_w += count
+                    decode_s += hi_s - dlo_s
+                    segment(k, dlo_s, hi_s, count / (hi_s - dlo_s))
+
+        self._pending_w = max(self._pending_w - settled_w, 0.0)
+        if decode_s > 0:
+            rate, old = tokens_n / decode_s, self._rate_tok_per_s
+            self._rate_tok_per_s = rate if old == 0 else old + _RATE_SMOOTHING * (rate - old)
+
+        # Sweep: G = integral of P/W where weighted, H = integral of P/n where in flight but
+        # weightless. W, G and H are compensated sums: a huge short density (a quick prefill)
+        # leaving must not wipe out the small ones left, nor a large running integral swallow a
+        # tiny slice's increment.
+        events.sort(key=itemgetter(0))
+        share = self.idle == "share"
+        carry_in_j = carry_j = self.carried_joules
+        idle_j = 0.0
+        g = g_c = h = h_c = 0.0
+        busy = False
+        t_prev = a_s
+        for t_s, i in [*events, (b_s, None)]:
+            if t_s > t_prev:
+                part_j = power_w * (t_s - t_prev)
+                if nf == 0:
+                    if not share:
+                        idle_j += part_j
+                    elif carry_j == 0:
+                        carry_j, self._carry_since_s = part_j, t_prev
+                    else:
+                        carry_j += part_j
+                else:
+                    busy = True
+                    part_j, carry_j = part_j + carry_j, 0.0
+                    if nw > 0 and w + w_c > 0:
+                        g, g_c = _neumaier(g, g_c, part_j / (w + w_c))
+                    else:
+                        h, h_c = _neumaier(h, h_c, part_j / nf)
+                t_prev = t_s
+            if i is None:
+                break
+            j = i if i >= 0 else ~i
+            density = rho[j]
+            if i >= 0:
+                g_from[i] = (g, g_c) if density > 0 else (h, h_c)
+            else:
+                g_to[j] = (g, g_c) if density > 0 else (h, h_c)
+            if density == 0:
+                nf += 1 if i >= 0 else -1
+            elif i >= 0:
+                w, w_c = _neumaier(w, w_c, density)
+                nw += 1
+            else:
+                nw -= 1
+                w, w_c = (0.0, 0.0) if nw == 0 else _neumaier(w, w_c, -density)
+
+        # Exact books for this interval: what is neither idle nor carried on is attributed, so
+        # the rounding of the sub-slice sums never leaks out of the invariant.
+        busy_j = 0.0
+        if not busy:
+            if share:
+                carry_j = carry_in_j + energy_j
+            else:
+                idle_j = energy_j
+        else:
+            busy_j = energy_j + carry_in_j - idle_j - carry_j
+            if busy_j < 0:  # rounding in a nearly idle interval
+                if share:
+                    carry_j += busy_j
+                else:
+                    idle_j += busy_j
+                busy_j = 0.0
+        if share and carry_j > 0 and b_s - self._carry_since_s > self.share_max_s:
+            idle_j, carry_j = idle_j + carry_j, 0.0  # a long idle stretch is idle even in share
+        self.carried_joules = carry_j
+        self.finalized_joules_idle += idle_j
+
+        if busy_j > 0:
+            raw = [0.0] * len(reqs)
+            g_end, h_end = (g, g_c), (h, h_c)
+            for i, density in enumerate(rho):
+                end = g_to[i] or (g_end if density > 0 else h_end)
+                raw[owner[i]] += (density or 1.0) * _span(g_from[i], end)
+            raw_sum = math.fsum(raw)
+            if raw_sum > 0:
+                shares = [x * (busy_j / raw_sum) for x in raw]
+            else:  # every share underflowed: split evenly rather than lose energy
+                shares = [busy_j / len(reqs)] * len(reqs)
+            for r, share_j in zip(reqs, shares, strict=True):
+                r.joules += share_j
+            self.finalized_joules_attributed += math.fsum(shares)
+        done.extend(r for r in reqs if r.end_s is not None and r.end_s <= b_s)
+        for r in done:
+            del self._requests[r.request_id]
+            self._ready.append(_final(r, r.joules, "estimated" if r.guessed else "measured"))
+        if not self._requests:
+            self._pending_w = 0.0  # exactly, so rounding cannot pile up
+
+    def _estimate_rest(self, r: _Request) -> float:
+        """Guess `r`'s joules after `finalized_until_s`: its share of the weight there, in O(1).
+
+        The backend's known unsettled weight (plus the recent average prefill weight for
+        streams whose prompt size is not known yet) is taken as spread evenly over the
+        unsettled window, and each request still in prefill, or non-streamed and open, as
+        decoding at the recent rate.
+        """
+        assert r.end_s is not None
+        end_s, fin_s = r.end_s, self.finalized_until_s
+        lo_s = r.start_s if fin_s is None else max(fin_s, r.start_s)
+        if end_s <= lo_s or self.timeline.last_sample_s is None:
+            return 0.0
+        energy_j = self.timeline.joules_between(lo_s, end_s)
+        span_s = end_s - lo_s
+        mine = float(r.pending_tokens)
+        if r.flat_density is not None:
+            mine += r.flat_density * span_s
+        elif r.prefill_density is not None and r.first_token_s is not None:
+            mine += r.prefill_density * max(0.0, r.first_token_s - lo_s)
+        window_s = self._horizon_s - fin_s if fin_s is not None else 0.0
+        fraction = span_s / window_s if window_s > span_s else 1.0
+        guessed_n = len(self._unknown) - self._unknown_prefills_n
+        rate = self._rate_tok_per_s or _DEFAULT_RATE_TOK_PER_S
+        known_w = self._pending_w + self._unknown_prefills_n * self._prefill_w_avg
+        total = known_w * fraction + guessed_n * rate * span_s
+        if max(total, mine) > 0:
+            return energy_j * mine / max(total, mine)
+        return energy_j / (self._open_n + 1)  # nobody has weight: an equal split
+
+
+def _density(weight: float, span_s: float) -> float:
+    """Weight per second spread over `span_s` seconds (0 for a vanishing span)."""
+    return weight / span_s if span_s >= _MIN_SPAN_S and weight > 0 else 0.0
+
+
+def _span(start: tuple[float, float], end: tuple[float, float]) -> float:
+    """Difference of two compensated running sums."""
+    return (end[0] - start[0]) + (end[1] - start[1])
+
+
+def _neumaier(total: float, comp: float, x: float) -> tuple[float, float]:
+    """Compensated addition: (total, compensation) after adding `x`."""
+    t = total + x
+    if abs(total) >= abs(x):
+        comp += (total - t) + x
+    else:
+        comp += (x - t) + total
+    return t, comp
+
+
+def _final(r: _Request, joules: float, method: Method) -> Final:
+    assert r.end_s is not None
+    return Final(r.request_id, joules, r.prompt_tokens, r.completion_tokens, r.start_s,
+                 r.first_token_s, r.end_s, method)
+
+
+# -- offline use -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ScheduledRequest:
+    """A finished request for offline attribution (times in seconds)."""
+
+    request_id: str
+    start_s: float
+    end_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    stream: bool = True
+    # Streamed only: (arrival time s, tokens) of each chunk.
+    token_arrivals: Sequence[tuple[float, int]] = ()
+
+
+def attribute_schedule(
+    samples: Iterable[tuple[float, float]],
+    requests: Iterable[ScheduledRequest],
+    prefill_weight: float = 0.1,
+    idle: IdleMode = "separate",
+    *,
+    sample_kind: Literal["energy_j", "power_w"] = "energy_j",
+    share_max_s: float = 60.0,
+) -> tuple[dict[str, float], float]:
+    """Attribute a whole schedule offline: (joules per request id, idle joules).
+
+    `samples`: (time s, cumulative counter joules) readings, or (time s, watts) with
+    `sample_kind="power_w"`. Replays the events in time order through the live `Attributor`.
+    Idle joules include share mode's carry left after the last request. Raises ValueError if
+    the samples do not reach some request's end.
+    """
+    attributor = Attributor(EnergyTimeline(max_age_s=_INF), prefill_weight=prefill_weight,
+                            idle=idle, max_pending_s=_INF, share_max_s=share_max_s)
+    timeline = attributor.timeline
+    add = timeline.add_energy_sample if sample_kind == "energy_j" else timeline.add_power_sample
+    # (t_s, order, request or (request id, tokens) or sample value); at one instant requests
+    # move before samples are read, as they would live.
+    events: list[tuple[float, int, Any]] = []
+    for req in requests:
+        events.append((req.start_s, 0, req))
+        if req.stream:
+            events.extend((t_s, 1, (req.request_id, n)) for t_s, n in req.token_arrivals)
+        events.append((req.end_s, 2, req))
+    events.extend((t_s, 3, value) for t_s, value in samples)
+    events.sort(key=itemgetter(0, 1))
+    joules: dict[str, float] = {}
+    for t_s, order, item in events:
+        if order == 0:
+            attributor.open(item.request_id, t_s, item.stream, item.prompt_tokens)
+            if not item.stream:
+                # Its end is known already: its weights too, so nothing waits for it.
+                attributor._close(item.request_id, item.end_s, item.prompt_tokens,
+                                  item.completion_tokens)
+        elif order == 1:
+            attributor.tokens(item[0], t_s, item[1])
+        elif order == 2:
+            if item.stream:
+                attributor._close(item.request_id, t_s, item.prompt_tokens,
+                                  item.completion_tokens)
+        else:
+            add(t_s, item)
+            joules.update((f.request_id, f.joules) for f in attributor.advance())
+    joules.update((f.request_id, f.joules) for f in attributor.advance())
+    if attributor._requests:
+        missing = ", ".join(sorted(attributor._requests)[:5])
+        raise ValueError(f"samples end before these requests do: {missing}")
+    return joules, attributor.finalized_joules_idle + attributor.carried_joules

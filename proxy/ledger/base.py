@@ -1,0 +1,490 @@
+"""The ledger's interface, its record types, and the in-memory batching every store shares.
+
+Units: joules on the way in and out (float); micro-joules, tokens and request counts in storage
+(integers, so sums are exact and independent of order); times are wall-clock seconds since the
+epoch. A record is billed to the UTC hour in which it *ended* (`end_s`).
+
+How a record travels: `record()` puts it in an in-memory buffer (O(1), no I/O). A background task
+calls `flush()` every `flush_interval_s`; a flush writes the buffer to the store in chunks of
+`chunk_size`, each chunk idempotent by request id, so a chunk that failed after it was applied
+(a lost reply, a crash) can be written again without counting twice. A failed flush puts the
+unwritten records back; past `max_buffer` records they are spilled to a local SQLite journal,
+which later flushes replay into the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from proxy.ledger.usage import (
+    UJ_PER_J,
+    Bucket,
+    UsageRow,
+    group_buckets,
+    hour_floor_s,
+    joules_to_uj,
+    validate_group_by,
+)
+
+if TYPE_CHECKING:
+    from proxy.ledger.sqlite import Journal
+
+log = logging.getLogger("joulegate.ledger")
+
+DAY_S = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    """One finished request as billed."""
+
+    request_id: str
+    tenant: str
+    model: str
+    backend: str
+    prompt_tokens: int
+    completion_tokens: int
+    joules: float  # final attributed joules (0.0 when the backend has no power source)
+    method: str  # "measured" | "estimated" | "none"
+    start_s: float  # wall clock, seconds since the epoch
+    end_s: float
+    status: int = 200
+
+    @property
+    def hour_s(self) -> int:
+        """The UTC hour (epoch seconds of its start) this record is billed to."""
+        return hour_floor_s(self.end_s)
+
+    def to_row(self) -> list[Any]:
+        """A compact JSON-able form, used by the journal and the Redis store."""
+        return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
+                self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
+                self.status]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
+        return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
+                   float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]))
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStats:
+    """A snapshot of the ledger's health, for metrics and /readyz."""
+
+    buffered: int  # records in memory not yet durable (buffer + the flush in progress)
+    journaled: int  # records spilled to the local journal, waiting for the store
+    flush_lag_s: float  # how long the oldest record not yet in the store has waited; 0 if none
+    last_flush_s: float | None  # wall clock of the last successful flush
+    last_flush_duration_s: float
+    flush_failures: int  # failed flush attempts since start
+    records_written: int  # records newly made durable in the store
+    duplicates: int  # records dropped because their request id was already recorded
+    record_errors: int  # records record() could not take (logged)
+    last_error: str | None
+
+
+class Ledger(ABC):
+    """Where finished requests are billed. See the module docstring for units."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Open the store and start the background flusher."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop the flusher and flush; what cannot reach the store goes to the journal."""
+
+    @abstractmethod
+    def record(self, rec: LedgerRecord) -> None:
+        """Bill a finished request. O(1), in memory; never blocks, never raises.
+        Call it on the event loop's thread (it may wake the flusher)."""
+
+    @abstractmethod
+    async def flush(self) -> int:
+        """Push buffered (and journaled) records; returns how many were newly made durable."""
+
+    @abstractmethod
+    async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
+                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
+        """Sums per group; `tenant` None means all tenants.
+
+        Answered from the hourly aggregates, so the range is whole hours: an hour counts when it
+        overlaps [since_s, until_s) -- since_s is rounded down and until_s up to the hour.
+        """
+
+    @abstractmethod
+    async def get_request(self, request_id: str) -> LedgerRecord | None:
+        """One request, from memory or the store (while within retention)."""
+
+    @abstractmethod
+    async def tenant_joules(self, tenant: str, since_s: float) -> float:
+        """Joules billed to `tenant` in the hours from the one containing `since_s` on,
+        including records not yet flushed (for budgets)."""
+
+    @property
+    @abstractmethod
+    def stats(self) -> LedgerStats:
+        """Buffer size, flush lag and failures."""
+
+
+class BufferedLedger(Ledger):
+    """Batching, flushing, journaling and budget bookkeeping; stores implement the `_` hooks.
+
+    Every hook that does blocking I/O runs on `self._io`, one dedicated thread, so each SQLite
+    connection is used by exactly one thread and the event loop never waits on disk.
+    """
+
+    def __init__(self, *, flush_interval_s: float = 1.0, max_buffer: int = 100_000,
+                 retention_s: float = 30 * DAY_S, chunk_size: int = 1000,
+                 prune_interval_s: float = 60.0, store_cache_s: float = 0.5,
+                 journal_path: str | None = None) -> None:
+        self.flush_interval_s = flush_interval_s
+        self.max_buffer = max_buffer
+        self.retention_s = retention_s
+        self.chunk_size = max(1, chunk_size)
+        self.prune_interval_s = prune_interval_s
+        self.store_cache_s = store_cache_s  # how stale the store's part of tenant_joules may be
+        self._journal_path = journal_path
+        self._journal: Journal | None = None
+        self._journaled = 0
+        self._journal_pending: dict[tuple[str, int], int] = {}
+        self._journal_since: float | None = None
+        # Insertion-ordered by request id: O(1) dedupe of a replay while it is still in memory.
+        self._buffer: dict[str, LedgerRecord] = {}
+        self._buffer_since: float | None = None  # monotonic time the oldest buffered record came
+        self._inflight: dict[str, LedgerRecord] = {}
+        self._inflight_since: float | None = None
+        # Micro-joules recorded but not yet in the store, per (tenant, hour_s): budgets see them.
+        self._pending: dict[tuple[str, int], int] = {}
+        self._store_cache: dict[tuple[str, int], tuple[float, int]] = {}
+        self._store_gen = 0  # bumped by every flush that wrote; a read from before is not cached
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger")
+        self._flush_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopping = False
+        self._failing = False
+        self._last_prune = -math.inf
+        self._last_flush_s: float | None = None
+        self._last_flush_duration_s = 0.0
+        self._flush_failures = 0
+        self._records_written = 0
+        self._duplicates = 0
+        self._record_errors = 0
+        self._last_error: str | None = None
+
+    # ---- hooks a store implements -------------------------------------------------------------
+    async def _open(self) -> None:
+        """Connect to the store."""
+
+    async def _close_store(self) -> None:
+        """Release the store's connections."""
+
+    @abstractmethod
+    async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
+        """Write records idempotently by request id, aggregates only for new ids; returns
+        how many were new. Raises if the store cannot be written."""
+
+    @abstractmethod
+    async def _buckets(self, tenant: str | None, since_hour_s: int | None,
+                       until_s: float | None) -> list[Bucket]:
+        """Aggregate cells with since_hour_s <= hour_s < until_s."""
+
+    async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
+                       group_by: tuple[str, ...]) -> list[UsageRow]:
+        return group_buckets(await self._buckets(tenant, since_hour_s, until_s), group_by)
+
+    @abstractmethod
+    async def _stored_request(self, request_id: str) -> LedgerRecord | None: ...
+
+    @abstractmethod
+    async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int: ...
+
+    async def _prune(self, cutoff_s: float) -> int:
+        """Delete per-request rows written before cutoff_s (wall clock); aggregates stay."""
+        return 0
+
+    def _make_journal(self, path: str) -> Journal:
+        from proxy.ledger.sqlite import Journal  # sqlite.py imports this module
+
+        return Journal(path)
+
+    async def _run_io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self._open()
+        if self._journal_path is not None:
+            journal = self._make_journal(self._journal_path)
+            # A journal left by an earlier run is replayed by the first successful flush.
+            if await self._run_io(journal.exists):
+                self._journal = journal
+                await self._refresh_journal_pending()
+                if self._journaled:
+                    log.warning("ledger journal %s holds %d records; replaying them",
+                                self._journal_path, self._journaled)
+        self._task = asyncio.create_task(self._flush_loop(), name="joulegate-ledger-flush")
+
+    async def close(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task  # the loop finishes its flush rather than being cancelled mid-write
+        await self.flush()
+        if self._buffer and self._journal_path is not None:
+            await self._spill()
+        if self._buffer:
+            log.error("ledger closing with %d records not durable", len(self._buffer))
+        await self._close_store()
+        if self._journal is not None:
+            await self._run_io(self._journal.close)
+        self._io.shutdown(wait=True)
+
+    async def _flush_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self.flush()
+            except Exception:  # flush() handles store errors; this is a bug guard
+                log.exception("ledger flush loop error")
+
+    # ---- hot path -----------------------------------------------------------------------------
+    def record(self, rec: LedgerRecord) -> None:
+        try:
+            rid = rec.request_id
+            if rid in self._buffer or rid in self._inflight:
+                self._duplicates += 1
+                return
+            if not (isinstance(rec.joules, float | int) and math.isfinite(rec.joules)
+                    and rec.joules >= 0):
+                log.warning("ledger: request %s has joules=%r; billed as 0", rid, rec.joules)
+                rec = replace(rec, joules=0.0)
+            key = (rec.tenant, hour_floor_s(rec.end_s))
+            uj = joules_to_uj(rec.joules)
+            if not self._buffer:
+                self._buffer_since = time.monotonic()
+            self._buffer[rid] = rec
+            self._pending[key] = self._pending.get(key, 0) + uj
+            if len(self._buffer) >= self.max_buffer and not self._failing:
+                self._wake.set()  # flush (or spill) now rather than at the next tick
+        except Exception:
+            self._record_errors += 1
+            log.exception("ledger: could not record a request")
+
+    def _settle(self, records: Iterable[LedgerRecord]) -> None:
+        """These records are in the store now: stop counting them as pending."""
+        pending = self._pending
+        for rec in records:
+            key = (rec.tenant, hour_floor_s(rec.end_s))
+            left = pending.get(key, 0) - joules_to_uj(rec.joules)
+            if left:
+                pending[key] = left
+            else:
+                pending.pop(key, None)
+
+    # ---- flushing -----------------------------------------------------------------------------
+    async def flush(self) -> int:
+        async with self._flush_lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> int:
+        started = time.monotonic()
+        written = 0
+        if self._buffer:
+            self._inflight, self._buffer = self._buffer, {}
+            self._inflight_since, self._buffer_since = self._buffer_since, None
+            records = list(self._inflight.values())
+            try:
+                for i in range(0, len(records), self.chunk_size):
+                    chunk = records[i:i + self.chunk_size]
+                    new = await self._write_chunk(chunk)
+                    written += new
+                    self._duplicates += len(chunk) - new
+                    self._settle(chunk)
+                    for rec in chunk:
+                        del self._inflight[rec.request_id]
+            except BaseException as exc:
+                self._restore_inflight()
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the records are back in the buffer
+                self._note_failure(exc)
+                if len(self._buffer) >= self.max_buffer and self._journal_path is not None:
+                    await self._spill()
+                self._account(written)
+                return written
+            self._inflight_since = None
+        if self._journaled:
+            try:
+                written += await self._replay_journal()
+            except Exception as exc:
+                self._note_failure(exc)
+                self._account(written)
+                return written
+        if time.monotonic() - self._last_prune >= self.prune_interval_s:
+            self._last_prune = time.monotonic()
+            try:
+                await self._prune(time.time() - self.retention_s)
+            except Exception:
+                log.exception("ledger: pruning old request rows failed")
+        if self._failing:
+            log.info("ledger store reachable again")
+        self._failing = False
+        self._last_flush_s = time.time()
+        self._last_flush_duration_s = time.monotonic() - started
+        self._account(written)
+        return written
+
+    def _account(self, written: int) -> None:
+        if written:
+            self._records_written += written
+            self._store_gen += 1
+            self._store_cache.clear()  # the store's share moved; pending shrank to match
+
+    def _restore_inflight(self) -> None:
+        """Put the records of a failed flush back in front of those recorded since."""
+        restored = self._inflight
+        restored.update(self._buffer)
+        self._buffer, self._inflight = restored, {}
+        if self._inflight_since is not None:
+            self._buffer_since = self._inflight_since
+        self._inflight_since = None
+
+    def _note_failure(self, exc: Exception) -> None:
+        self._flush_failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if not self._failing:
+            log.warning("ledger flush failed (%s); %d records kept for retry",
+                        self._last_error, len(self._buffer))
+        self._failing = True
+
+    async def _spill(self) -> None:
+        """Move the buffer to the journal so memory stays bounded while the store is down."""
+        records = list(self._buffer.values())
+        if not records:
+            return
+        if self._journal is None:
+            assert self._journal_path is not None
+            self._journal = self._make_journal(self._journal_path)
+        self._buffer, since = {}, self._buffer_since
+        self._buffer_since = None
+        try:
+            await self._run_io(self._journal.append, records)
+        except Exception:
+            log.exception("ledger: cannot spill to journal %s; keeping records in memory",
+                          self._journal_path)
+            self._buffer = {**{r.request_id: r for r in records}, **self._buffer}
+            self._buffer_since = since
+            return
+        self._settle(records)  # their pending share now comes from the journal
+        if self._journal_since is None:
+            self._journal_since = since if since is not None else time.monotonic()
+        await self._refresh_journal_pending()
+        log.warning("ledger: spilled %d records to %s (%d journaled)", len(records),
+                    self._journal_path, self._journaled)
+
+    async def _replay_journal(self) -> int:
+        """Write the journal into the store, chunk by chunk; deleting a chunk after it is
+        written means a crash in between replays it again, which idempotency absorbs."""
+        assert self._journal is not None
+        written = 0
+        try:
+            while True:
+                seq, records = await self._run_io(self._journal.read, self.chunk_size)
+                if not records:
+                    break
+                written += await self._write_chunk(records)
+                await self._run_io(self._journal.delete_through, seq)
+        finally:
+            await self._refresh_journal_pending()
+        if not self._journaled:
+            self._journal_since = None
+            log.info("ledger journal %s replayed", self._journal_path)
+        return written
+
+    async def _refresh_journal_pending(self) -> None:
+        assert self._journal is not None
+        self._journaled, self._journal_pending = await self._run_io(self._journal.pending)
+        if self._journaled and self._journal_since is None:
+            self._journal_since = time.monotonic()
+
+    # ---- reads --------------------------------------------------------------------------------
+    async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
+                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
+        keys = validate_group_by(group_by)
+        # Flushing first makes usage include everything this process has recorded; the flush
+        # is idempotent and cheap, and a store that cannot be written cannot be read either.
+        await self.flush()
+        since_hour = None if since_s is None else hour_floor_s(since_s)
+        return await self._grouped(tenant, since_hour, until_s, keys)
+
+    async def get_request(self, request_id: str) -> LedgerRecord | None:
+        rec = self._buffer.get(request_id) or self._inflight.get(request_id)
+        if rec is not None:
+            return rec
+        if self._journaled and self._journal is not None:  # local, so it answers in an outage
+            found = await self._run_io(self._journal.get, request_id)
+            if found is not None:
+                return found
+        return await self._stored_request(request_id)
+
+    async def tenant_joules(self, tenant: str, since_s: float) -> float:
+        since_hour = hour_floor_s(since_s)
+        # Pending first: a flush finishing during the store read can then only make us count a
+        # batch twice (refusing a request early), never miss it (letting a tenant overspend).
+        pending = sum(uj for (t, h), uj in self._pending.items() if t == tenant and h >= since_hour)
+        pending += sum(uj for (t, h), uj in self._journal_pending.items()
+                       if t == tenant and h >= since_hour)
+        key = (tenant, since_hour)
+        cached = self._store_cache.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.store_cache_s:
+            stored = cached[1]
+        else:
+            gen = self._store_gen
+            try:
+                stored = await self._stored_tenant_uj(tenant, since_hour)
+            except Exception as exc:
+                # The store is down: budgets keep working on the last figure we had.
+                log.debug("ledger: tenant_joules from store failed: %s", exc)
+                stored = cached[1] if cached is not None else 0
+            else:
+                if len(self._store_cache) > 10_000:
+                    self._store_cache.clear()
+                if gen == self._store_gen:
+                    self._store_cache[key] = (now, stored)
+        return (stored + pending) / UJ_PER_J
+
+    @property
+    def stats(self) -> LedgerStats:
+        now = time.monotonic()
+        since = [t for t in (self._buffer_since, self._inflight_since, self._journal_since)
+                 if t is not None]
+        return LedgerStats(
+            buffered=len(self._buffer) + len(self._inflight), journaled=self._journaled,
+            flush_lag_s=(now - min(since)) if since else 0.0, last_flush_s=self._last_flush_s,
+            last_flush_duration_s=self._last_flush_duration_s,
+            flush_failures=self._flush_failures, records_written=self._records_written,
+            duplicates=self._duplicates, record_errors=self._record_errors,
+            last_error=self._last_error,
+        )

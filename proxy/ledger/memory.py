@@ -1,0 +1,64 @@
+"""`memory://`: the ledger kept in process, with the same batching and semantics as the durable
+stores (used by tests, the bench, and `joulegate demo`). Nothing survives the process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.usage import Bucket, joules_to_uj
+
+
+class MemoryLedger(BufferedLedger):
+    """Per-request records by id (idempotency: a known id is skipped) and integer aggregates."""
+
+    def __init__(self, **opts: Any) -> None:
+        super().__init__(**opts)
+        # request id -> (record, wall-clock second it was written): retention counts from the write
+        self._requests: dict[str, tuple[LedgerRecord, float]] = {}
+        # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj]
+        self._cells: dict[tuple[str, str, str, int], list[int]] = {}
+        self._tenant_hour_uj: dict[tuple[str, int], int] = {}
+
+    async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
+        new = 0
+        now = time.time()
+        for rec in records:
+            if rec.request_id in self._requests:
+                continue
+            self._requests[rec.request_id] = (rec, now)
+            new += 1
+            hour = rec.hour_s
+            uj = joules_to_uj(rec.joules)
+            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0])
+            cell[0] += 1
+            cell[1] += rec.prompt_tokens
+            cell[2] += rec.completion_tokens
+            cell[3] += uj
+            key = (rec.tenant, hour)
+            self._tenant_hour_uj[key] = self._tenant_hour_uj.get(key, 0) + uj
+        return new
+
+    async def _buckets(self, tenant: str | None, since_hour_s: int | None,
+                       until_s: float | None) -> list[Bucket]:
+        return [
+            Bucket(t, m, b, h, *cell) for (t, m, b, h), cell in self._cells.items()
+            if (tenant is None or t == tenant) and (since_hour_s is None or h >= since_hour_s)
+            and (until_s is None or h < until_s)
+        ]
+
+    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
+        found = self._requests.get(request_id)
+        return None if found is None else found[0]
+
+    async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
+        return sum(uj for (t, h), uj in self._tenant_hour_uj.items()
+                   if t == tenant and h >= since_hour_s)
+
+    async def _prune(self, cutoff_s: float) -> int:
+        old = [rid for rid, (_, written_s) in self._requests.items() if written_s < cutoff_s]
+        for rid in old:
+            del self._requests[rid]
+        return len(old)

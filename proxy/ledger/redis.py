@@ -1,0 +1,160 @@
+"""`redis://host:port/db` (or `rediss://`): one ledger shared by many proxy replicas.
+
+Keys, under `key_prefix` (default `joulegate:`):
+- `req:<request id>`: the record (JSON array), expiring `retention_s` after it was written.
+- `agg:<hour_s>`: a hash per UTC hour; field `<m>:<json [tenant, model, backend]>` with m one of
+  r (requests), p (prompt tokens), c (completion tokens), j (micro-joules).
+- `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
+- `tj:<tenant>`: a hash hour_s -> micro-joules, so a budget check is one HGETALL.
+
+Idempotency: each chunk is one Lua script. For every record it does `SET req:<id> ... NX EX`
+and adds the record to the aggregates only if that SET created the key; it then applies the
+summed increments with HINCRBY. The script runs atomically, so a chunk whose reply was lost (or
+that a crash interrupted before the reply) can be sent again and adds nothing twice. The request
+key doubles as the dedupe marker, so a replay is recognised for `retention_s` after the first
+copy was written. The script builds key names itself, which standalone Redis (and Sentinel)
+allow and Redis Cluster does not.
+
+While Redis is down, records stay buffered and spill past `max_buffer` to a local SQLite journal
+(`journal_path`; default: a file in the temp dir named after the URL and prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.usage import Bucket, joules_to_uj
+
+WRITE_SCRIPT = """
+local p = ARGV[1]
+local new = 0
+local cells = {}   -- hour -> field -> delta
+local spend = {}   -- tenant -> hour -> micro-joules
+local i = 2
+while i <= #ARGV do
+  if redis.call('SET', p .. 'req:' .. ARGV[i], ARGV[i + 2], 'NX', 'PX', ARGV[i + 1]) then
+    new = new + 1
+    local hour, group, tenant = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local uj = tonumber(ARGV[i + 8])
+    local h = cells[hour]
+    if not h then h = {}; cells[hour] = h end
+    h['r:' .. group] = (h['r:' .. group] or 0) + 1
+    h['p:' .. group] = (h['p:' .. group] or 0) + tonumber(ARGV[i + 6])
+    h['c:' .. group] = (h['c:' .. group] or 0) + tonumber(ARGV[i + 7])
+    h['j:' .. group] = (h['j:' .. group] or 0) + uj
+    local t = spend[tenant]
+    if not t then t = {}; spend[tenant] = t end
+    t[hour] = (t[hour] or 0) + uj
+  end
+  i = i + 9
+end
+for hour, fields in pairs(cells) do
+  redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
+  for field, delta in pairs(fields) do
+    redis.call('HINCRBY', p .. 'agg:' .. hour, field, string.format('%.0f', delta))
+  end
+end
+for tenant, hours in pairs(spend) do
+  for hour, delta in pairs(hours) do
+    redis.call('HINCRBY', p .. 'tj:' .. tenant, hour, string.format('%.0f', delta))
+  end
+end
+return new
+"""
+# Lua numbers are doubles: exact up to 2**53 micro-joules (~9 GJ) per chunk, far above any chunk.
+
+
+def default_journal_path(url: str, key_prefix: str) -> str:
+    """A per-(Redis, prefix) journal file in the temp dir; the password never reaches the name."""
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}|{key_prefix}"
+    digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"joulegate-ledger-journal-{digest}.sqlite")
+
+
+class RedisLedger(BufferedLedger):
+    """The ledger in Redis; see the module docstring for keys and idempotency."""
+
+    def __init__(self, url: str, *, key_prefix: str = "joulegate:", socket_timeout_s: float = 2.0,
+                 journal_path: str | None = None, **opts: Any) -> None:
+        super().__init__(journal_path=journal_path or default_journal_path(url, key_prefix), **opts)
+        self.url = url
+        self.key_prefix = key_prefix
+        self._prefix_b = key_prefix.encode()
+        self._socket_timeout_s = socket_timeout_s
+        self._redis: Redis | None = None
+        self._script: Any = None
+
+    async def _open(self) -> None:
+        # One quick retry covers a pooled connection that died with a Redis restart; longer
+        # outages are the ledger's business (buffer, journal), not the client's backoff.
+        self._redis = Redis.from_url(
+            self.url, socket_timeout=self._socket_timeout_s,
+            socket_connect_timeout=self._socket_timeout_s, retry=Retry(NoBackoff(), 1),
+        )
+        self._script = self._redis.register_script(WRITE_SCRIPT)
+
+    async def _close_store(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("ledger not started")
+        return self._redis
+
+    async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
+        # Retention counts from the write, not from end_s, so a late replay of an old record
+        # still finds its dedupe marker.
+        ttl_ms = max(1, round(self.retention_s * 1000))
+        args: list[Any] = [self.key_prefix]
+        for rec in records:
+            group = orjson.dumps([rec.tenant, rec.model, rec.backend])
+            args += (rec.request_id, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
+                     rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules))
+        self._client()  # raises if not started
+        return int(await self._script(keys=[], args=args))
+
+    async def _buckets(self, tenant: str | None, since_hour_s: int | None,
+                       until_s: float | None) -> list[Bucket]:
+        r = self._client()
+        lo = "-inf" if since_hour_s is None else since_hour_s
+        hi = "+inf" if until_s is None else f"({until_s!r}"
+        hours = [int(h) for h in await r.zrangebyscore(self._prefix_b + b"hours", lo, hi)]
+        if not hours:
+            return []
+        pipe = r.pipeline(transaction=False)
+        for hour in hours:
+            pipe.hgetall(self._prefix_b + b"agg:" + str(hour).encode())
+        cells: dict[tuple[str, str, str, int], list[int]] = {}
+        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3}
+        for hour, fields in zip(hours, await pipe.execute(), strict=True):
+            for field, value in fields.items():
+                metric, _, group = field.partition(b":")
+                t, m, b = orjson.loads(group)
+                if tenant is not None and t != tenant:
+                    continue
+                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0])
+                cell[index[metric]] += int(value)
+        return [Bucket(*key, *sums) for key, sums in cells.items()]
+
+    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
+        raw = await self._client().get(self._prefix_b + b"req:" + request_id.encode())
+        return None if raw is None else LedgerRecord.from_row(orjson.loads(raw))
+
+    async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
+        spend = await self._client().hgetall(self._prefix_b + b"tj:" + tenant.encode())
+        return sum(int(uj) for hour, uj in spend.items() if int(hour) >= since_hour_s)
+
+    # Per-request keys expire by TTL, so there is nothing to prune.

@@ -1,0 +1,293 @@
+"""`sqlite:///path`: the embedded default ledger, and the spill journal every store can use.
+
+WAL mode, so readers (`joulegate usage`, other workers) never block the writer. All access goes
+through the ledger's single I/O thread, which owns the connection (one connection per thread),
+so the event loop never waits on the disk.
+
+Idempotency: `requests.request_id` is the primary key. A chunk is one transaction that does
+`INSERT OR IGNORE` per record and adds to the aggregates only the records whose insert changed
+a row (`rowcount == 1`); a retried chunk therefore adds nothing twice, and a chunk that fails
+half-way rolls back whole. Request rows are pruned `retention_s` after they were written (not
+after the request ended), so the dedupe window is never shorter than the retention. Several processes may share one file: the primary key and SQLite's
+write lock (`busy_timeout_s`) keep their writes exact.
+
+`synchronous=NORMAL`: a committed flush survives the process being killed; a power cut may lose
+the last flushes (use `synchronous="FULL"` to trade write speed for that).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, hour_iso, joules_to_uj
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    joules REAL NOT NULL, joules_uj INTEGER NOT NULL, method TEXT NOT NULL,
+    start_s REAL NOT NULL, end_s REAL NOT NULL, status INTEGER NOT NULL,
+    written_s REAL NOT NULL  -- wall clock of the flush; retention counts from here
+);
+CREATE INDEX IF NOT EXISTS requests_written_s ON requests (written_s);
+CREATE TABLE IF NOT EXISTS aggregates (
+    tenant TEXT NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL, hour_s INTEGER NOT NULL,
+    requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, joules_uj INTEGER NOT NULL,
+    PRIMARY KEY (tenant, model, backend, hour_s)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS aggregates_tenant_hour ON aggregates (tenant, hour_s);
+"""
+
+INSERT_REQUEST = (
+    "INSERT OR IGNORE INTO requests (request_id, tenant, model, backend, prompt_tokens,"
+    " completion_tokens, joules, joules_uj, method, start_s, end_s, status, written_s)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPSERT_CELL = (
+    "INSERT INTO aggregates (tenant, model, backend, hour_s, requests, prompt_tokens,"
+    " completion_tokens, joules_uj) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (tenant, model, backend, hour_s) DO UPDATE SET"
+    " requests = requests + excluded.requests,"
+    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " joules_uj = joules_uj + excluded.joules_uj"
+)
+REQUEST_COLUMNS = ("request_id, tenant, model, backend, prompt_tokens, completion_tokens, joules,"
+                   " method, start_s, end_s, status")
+PRUNE_BATCH = 5000  # rows per delete transaction, so a prune never holds the write lock long
+
+
+def connect(path: str, *, busy_timeout_s: float = 5.0, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A WAL-mode connection in autocommit mode (transactions are explicit)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn
+
+
+class SqliteLedger(BufferedLedger):
+    """The ledger in one SQLite file. Its journal (only created if the file cannot be written
+    for long enough to fill `max_buffer`) defaults to `<path>.journal`."""
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 5.0, synchronous: str = "NORMAL",
+                 journal_path: str | None = None, **opts: Any) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        super().__init__(journal_path=journal_path or f"{path}.journal", **opts)
+        self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._synchronous = synchronous.upper()
+        self._conn: sqlite3.Connection | None = None
+
+    # Everything named `_..._sync` runs on the I/O thread.
+    def _open_sync(self) -> None:
+        conn = connect(self.path, busy_timeout_s=self._busy_timeout_s, synchronous=self._synchronous)
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._open_sync()  # a first open that failed (disk, permissions) is retried here
+        assert self._conn is not None
+        return self._conn
+
+    async def _open(self) -> None:
+        await self._run_io(self._open_sync)
+
+    async def _close_store(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run_io(close)
+
+    def _write_sync(self, records: Sequence[LedgerRecord]) -> int:
+        conn = self._db()
+        cells: dict[tuple[str, str, str, int], list[int]] = {}
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for rec in records:
+                uj = joules_to_uj(rec.joules)
+                cur = conn.execute(INSERT_REQUEST, (
+                    rec.request_id, rec.tenant, rec.model, rec.backend, rec.prompt_tokens,
+                    rec.completion_tokens, rec.joules, uj, rec.method, rec.start_s, rec.end_s,
+                    rec.status, now))
+                if cur.rowcount != 1:
+                    continue  # seen before: the aggregates already hold it
+                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0, 0, 0, 0])
+                cell[0] += 1
+                cell[1] += rec.prompt_tokens
+                cell[2] += rec.completion_tokens
+                cell[3] += uj
+            conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return sum(cell[0] for cell in cells.values())
+
+    async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
+        return await self._run_io(self._write_sync, records)
+
+    def _grouped_sync(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
+                      group_by: tuple[str, ...]) -> list[UsageRow]:
+        cols = [("hour_s" if key == "hour" else key) for key in group_by]
+        where, args = _where(tenant, since_hour_s, until_s)
+        sql = (f"SELECT {', '.join([*cols, ''])}SUM(requests), SUM(prompt_tokens),"
+               f" SUM(completion_tokens), SUM(joules_uj) FROM aggregates{where}")
+        if cols:
+            sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
+        rows: list[UsageRow] = []
+        for row in self._db().execute(sql, args):
+            n = len(cols)
+            if row[n] is None:
+                continue  # no cells at all: no rows, as the other stores answer
+            keys: dict[str, Any] = dict(zip(group_by, row[:n], strict=True))
+            if "hour" in keys:
+                keys["hour"] = hour_iso(keys["hour"])
+            rows.append(UsageRow(requests=row[n], prompt_tokens=row[n + 1],
+                                 completion_tokens=row[n + 2], joules_uj=row[n + 3],
+                                 joules=row[n + 3] / UJ_PER_J, **keys))
+        return rows
+
+    async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
+                       group_by: tuple[str, ...]) -> list[UsageRow]:
+        # GROUP BY in SQL: a month of cells can be large, and the sums stay integers.
+        return await self._run_io(self._grouped_sync, tenant, since_hour_s, until_s, group_by)
+
+    def _buckets_sync(self, tenant: str | None, since_hour_s: int | None,
+                      until_s: float | None) -> list[Bucket]:
+        where, args = _where(tenant, since_hour_s, until_s)
+        return [Bucket(*row) for row in self._db().execute(
+            "SELECT tenant, model, backend, hour_s, requests, prompt_tokens, completion_tokens,"
+            f" joules_uj FROM aggregates{where}", args)]
+
+    async def _buckets(self, tenant: str | None, since_hour_s: int | None,
+                       until_s: float | None) -> list[Bucket]:
+        return await self._run_io(self._buckets_sync, tenant, since_hour_s, until_s)
+
+    def _request_sync(self, request_id: str) -> LedgerRecord | None:
+        row = self._db().execute(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+        return None if row is None else LedgerRecord.from_row(row)
+
+    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
+        return await self._run_io(self._request_sync, request_id)
+
+    def _tenant_uj_sync(self, tenant: str, since_hour_s: int) -> int:
+        row = self._db().execute(
+            "SELECT COALESCE(SUM(joules_uj), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?",
+            (tenant, since_hour_s)).fetchone()
+        return int(row[0])
+
+    async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
+        return await self._run_io(self._tenant_uj_sync, tenant, since_hour_s)
+
+    def _prune_sync(self, cutoff_s: float) -> int:
+        conn = self._db()
+        deleted = 0
+        while True:
+            cur = conn.execute(
+                "DELETE FROM requests WHERE rowid IN"
+                " (SELECT rowid FROM requests WHERE written_s < ? LIMIT ?)", (cutoff_s, PRUNE_BATCH))
+            deleted += cur.rowcount
+            if cur.rowcount < PRUNE_BATCH:
+                return deleted
+
+    async def _prune(self, cutoff_s: float) -> int:
+        return await self._run_io(self._prune_sync, cutoff_s)
+
+
+def _where(tenant: str | None, since_hour_s: int | None,
+           until_s: float | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if tenant is not None:
+        clauses.append("tenant = ?")
+        args.append(tenant)
+    if since_hour_s is not None:
+        clauses.append("hour_s >= ?")
+        args.append(since_hour_s)
+    if until_s is not None:
+        clauses.append("hour_s < ?")
+        args.append(until_s)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+class Journal:
+    """Records waiting for the store, in a local SQLite file, in arrival order.
+
+    Plain appends (no dedupe): a record spilled twice is replayed twice, and the store's
+    idempotency counts it once. Opened lazily, on the ledger's I/O thread only. The file is
+    kept when empty, because several worker processes may share it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = connect(self.path)
+            conn.executescript(
+                "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " request_id TEXT NOT NULL, tenant TEXT NOT NULL, hour_s INTEGER NOT NULL,"
+                " joules_uj INTEGER NOT NULL, rec BLOB NOT NULL);"
+                "CREATE INDEX IF NOT EXISTS journal_request_id ON journal (request_id);")
+            self._conn = conn
+        return self._conn
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def append(self, records: Sequence[LedgerRecord]) -> None:
+        conn = self._db()
+        with conn:  # one transaction
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO journal (request_id, tenant, hour_s, joules_uj, rec) VALUES (?, ?, ?, ?, ?)",
+                [(r.request_id, r.tenant, r.hour_s, joules_to_uj(r.joules), orjson.dumps(r.to_row()))
+                 for r in records])
+
+    def read(self, limit: int) -> tuple[int, list[LedgerRecord]]:
+        """The oldest `limit` records and the seq of the last one."""
+        rows = self._db().execute("SELECT seq, rec FROM journal ORDER BY seq LIMIT ?",
+                                  (limit,)).fetchall()
+        if not rows:
+            return 0, []
+        return rows[-1][0], [LedgerRecord.from_row(orjson.loads(rec)) for _, rec in rows]
+
+    def delete_through(self, seq: int) -> None:
+        self._db().execute("DELETE FROM journal WHERE seq <= ?", (seq,))
+
+    def pending(self) -> tuple[int, dict[tuple[str, int], int]]:
+        """How many records wait, and their micro-joules per (tenant, hour_s)."""
+        conn = self._db()
+        count = conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
+        per = {(t, h): uj for t, h, uj in conn.execute(
+            "SELECT tenant, hour_s, SUM(joules_uj) FROM journal GROUP BY tenant, hour_s")}
+        return count, per
+
+    def get(self, request_id: str) -> LedgerRecord | None:
+        row = self._db().execute("SELECT rec FROM journal WHERE request_id = ? LIMIT 1",
+                                 (request_id,)).fetchone()
+        return None if row is None else LedgerRecord.from_row(orjson.loads(row[0]))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

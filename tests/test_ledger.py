@@ -1,0 +1,563 @@
+"""The energy ledger against real stores: memory, a SQLite file, and a real Redis.
+
+Redis: $REDIS_URL, else 127.0.0.1:6379, else a redis-server started here; each test gets its own
+key prefix and deletes its keys. Under CI=true a missing Redis fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import itertools
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from proxy.ledger import GROUP_KEYS, Ledger, LedgerRecord, hour_floor_s, hour_iso, open_ledger
+from proxy.ledger.usage import (
+    format_table,
+    joules_to_uj,
+    parse_group_by,
+    parse_time_s,
+    rows_to_csv,
+    usage_payload,
+)
+from tests.conftest import free_port
+
+STORES = ["memory", "sqlite", "redis"]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]], timeout_s: float = 20.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro_fn(), timeout_s))  # type: ignore[arg-type]
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` (sync or async) until true; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _pings(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+class RedisServer:
+    """A redis-server of our own on a fixed port, so it can be killed and started again."""
+
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.persist = persist
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        # Persisting with appendfsync always: what was acknowledged survives SIGKILL.
+        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persist
+                      else ["--appendonly", "no"])
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.workdir), *durability],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _pings(self.url):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def _missing_redis(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"Redis needed under CI=true: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if _pings(url):
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        _missing_redis(f"no Redis at {url} and no redis-server to start")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+def _delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    finally:
+        client.close()
+
+
+class Store:
+    """Opens ledgers of one kind; every ledger it opens shares one file or key prefix."""
+
+    def __init__(self, kind: str, tmp_path: Path, redis_url: str | None) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.db_path = tmp_path / "ledger.db"
+        self.redis_url = redis_url
+        self.prefix = f"jg-test-{uuid.uuid4().hex}:"
+
+    def open(self, **opts: Any) -> Ledger:
+        opts.setdefault("flush_interval_s", 3600.0)  # tests flush explicitly unless they say
+        if self.kind == "memory":
+            return open_ledger("memory://", **opts)
+        if self.kind == "sqlite":
+            return open_ledger(f"sqlite://{self.db_path}", **opts)
+        assert self.redis_url is not None
+        opts.setdefault("journal_path", str(self.tmp_path / "journal.sqlite"))
+        return open_ledger(self.redis_url, key_prefix=self.prefix, **opts)
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    made = Store(request.param, tmp_path, url)
+    yield made
+    if url is not None:
+        _delete_prefix(url, made.prefix)
+
+
+T0 = datetime(2026, 3, 14, 9, 0, tzinfo=UTC).timestamp()  # an hour start; tests are date-free
+
+
+def make_records(n: int, *, seed: int = 1, hours: int = 3, base_s: float = T0,
+                 prefix: str = "req") -> list[LedgerRecord]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        end = base_s + rng.randrange(hours) * 3600 + rng.uniform(0, 3599)
+        out.append(LedgerRecord(
+            request_id=f"{prefix}-{i}", tenant=rng.choice(["acme", "globex", "initech"]),
+            model=rng.choice(["llama-3.1-8b", "qwen-7b"]), backend=rng.choice(["h100-a", "l4-b"]),
+            prompt_tokens=rng.randrange(1, 4000), completion_tokens=rng.randrange(0, 1000),
+            joules=rng.uniform(0.0, 900.0), method=rng.choice(["measured", "estimated"]),
+            start_s=end - rng.uniform(0.05, 30), end_s=end))
+    return out
+
+
+def expected(records: list[LedgerRecord], group_by: tuple[str, ...],
+             tenant: str | None = None) -> dict[tuple[Any, ...], tuple[int, int, int, int]]:
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    for r in records:
+        if tenant is not None and r.tenant != tenant:
+            continue
+        values = {"tenant": r.tenant, "model": r.model, "backend": r.backend,
+                  "hour": hour_iso(hour_floor_s(r.end_s))}
+        acc = sums.setdefault(tuple(values[k] for k in group_by), [0, 0, 0, 0])
+        acc[0] += 1
+        acc[1] += r.prompt_tokens
+        acc[2] += r.completion_tokens
+        acc[3] += joules_to_uj(r.joules)
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in sums.items()}
+
+
+async def actual(ledger: Ledger, group_by: tuple[str, ...], **query: Any) -> dict[tuple[Any, ...], tuple[int, int, int, int]]:
+    rows = await ledger.usage(group_by=group_by, **{"tenant": None, **query})
+    out = {}
+    for row in rows:
+        assert row.joules == row.joules_uj / 1e6
+        out[tuple(getattr(row, k) for k in group_by)] = (
+            row.requests, row.prompt_tokens, row.completion_tokens, row.joules_uj)
+    return out
+
+
+ALL_GROUPINGS = [g for n in range(5) for g in itertools.combinations(GROUP_KEYS, n)]
+
+
+def test_totals_exact_for_every_grouping(store: Store) -> None:
+    records = make_records(1000)
+
+    async def body() -> None:
+        # A fast background flusher interleaves with the concurrent records.
+        ledger = store.open(flush_interval_s=0.005, chunk_size=64)
+        await ledger.start()
+
+        async def bill(rec: LedgerRecord) -> None:
+            await asyncio.sleep(random.random() / 100)
+            ledger.record(rec)
+
+        await asyncio.gather(*(bill(r) for r in records))
+        try:
+            for group_by in ALL_GROUPINGS:
+                assert await actual(ledger, group_by) == expected(records, group_by), group_by
+                # CSV parses back to the same integers (joules exact to the micro-joule).
+                rows = await ledger.usage(tenant=None, since_s=None, until_s=None, group_by=group_by)
+                parsed = {tuple(line[k] for k in group_by): (
+                    int(line["requests"]), int(line["prompt_tokens"]),
+                    int(line["completion_tokens"]), int(Decimal(line["joules"]) * 1_000_000))
+                    for line in csv.DictReader(io.StringIO(rows_to_csv(rows, group_by)))}
+                assert parsed == expected(records, group_by)
+            payload = usage_payload(await ledger.usage(group_by=("model",)), ("model",))
+            assert set(payload["data"][0]) == {"model", "requests", "prompt_tokens",
+                                               "completion_tokens", "joules"}
+            assert payload["total"]["requests"] == 1000
+            assert payload["total"]["joules"] == sum(joules_to_uj(r.joules) for r in records) / 1e6
+            # One tenant, and a range that overlaps only the middle hour.
+            assert await actual(ledger, ("model",), tenant="acme") == expected(records, ("model",), "acme")
+            middle = [r for r in records if hour_floor_s(r.end_s) == T0 + 3600]
+            got = await actual(ledger, ("backend",), since_s=T0 + 3600 + 1800, until_s=T0 + 7200)
+            assert got == expected(middle, ("backend",))
+            assert ledger.stats.records_written == 1000
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_same_request_twice_counts_once(store: Store) -> None:
+    records = make_records(200, seed=2)
+
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            for r in records + records[:50]:  # a replay while the first copy is still buffered
+                ledger.record(r)
+            assert ledger.stats.duplicates == 50
+            assert await ledger.flush() == 200
+            for r in records:  # a replay after the first copy reached the store
+                ledger.record(r)
+            assert await ledger.flush() == 0
+            assert await actual(ledger, ("tenant", "hour")) == expected(records, ("tenant", "hour"))
+            assert ledger.stats.records_written == 200
+        finally:
+            await ledger.close()
+        if store.kind != "memory":  # another process (a reopened ledger) replaying them
+            again = store.open()
+            await again.start()
+            for r in records:
+                again.record(r)
+            assert await again.flush() == 0
+            assert await actual(again, ()) == expected(records, ())
+            await again.close()
+
+    run(body)
+
+
+def test_flush_retried_after_failing_half_way(store: Store) -> None:
+    records = make_records(50, seed=3)
+
+    async def body() -> None:
+        ledger = store.open(chunk_size=10)
+        await ledger.start()
+        real_write = ledger._write_chunk  # type: ignore[attr-defined]
+        calls = 0
+
+        async def reply_lost(chunk: Any) -> int:
+            # The third chunk reaches the store but its answer never comes back.
+            nonlocal calls
+            calls += 1
+            new = await real_write(chunk)
+            if calls == 3:
+                raise ConnectionError("connection reset after write")
+            return new
+
+        ledger._write_chunk = reply_lost  # type: ignore[attr-defined]
+        try:
+            for r in records:
+                ledger.record(r)
+            assert await ledger.flush() == 20  # no exception; the first two chunks are durable
+            stats = ledger.stats
+            assert stats.flush_failures == 1 and stats.buffered == 30
+            assert "connection reset" in (stats.last_error or "")
+            assert await ledger.flush() == 20  # chunk three was already in: counted once
+            assert ledger.stats.buffered == 0 and ledger.stats.duplicates == 10
+            assert await actual(ledger, ("model", "backend")) == expected(records, ("model", "backend"))
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"], indirect=True)
+def test_close_flushes_and_reopen_reads_it(store: Store) -> None:
+    records = make_records(300, seed=4)
+
+    async def body() -> None:
+        ledger = store.open()  # no interval flush: only close() can make these durable
+        await ledger.start()
+        for r in records:
+            ledger.record(r)
+        assert ledger.stats.buffered == 300
+        await ledger.close()
+        reopened = store.open()
+        await reopened.start()
+        try:
+            for group_by in (("tenant", "model", "backend", "hour"), ()):
+                assert await actual(reopened, group_by) == expected(records, group_by)
+            got = await reopened.get_request(records[7].request_id)  # from the store, not memory
+            assert got == records[7]
+            assert await reopened.get_request("no-such-request") is None
+        finally:
+            await reopened.close()
+
+    run(body)
+    if store.kind == "sqlite":
+        with sqlite3.connect(store.db_path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_interval_flush_in_background_and_writes_off_the_loop(store: Store) -> None:
+    records = make_records(100, seed=5)
+
+    async def body() -> None:
+        ledger = store.open(flush_interval_s=0.02)
+        await ledger.start()
+        writers: set[str] = set()
+        if store.kind == "sqlite":
+            real_sync = ledger._write_sync  # type: ignore[attr-defined]
+
+            def spy(chunk: Any) -> int:
+                writers.add(threading.current_thread().name)
+                return real_sync(chunk)
+
+            ledger._write_sync = spy  # type: ignore[attr-defined]
+        try:
+            for r in records:
+                ledger.record(r)
+            assert ledger.stats.buffered == 100  # record() itself never writes
+            await until(lambda: ledger.stats.records_written == 100, what="interval flush")
+            assert ledger.stats.buffered == 0 and ledger.stats.flush_lag_s == 0.0
+            assert ledger.stats.last_flush_s is not None
+            if store.kind == "sqlite":
+                assert writers and all(n.startswith("joulegate-ledger") for n in writers)
+                assert threading.current_thread().name not in writers
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_tenant_joules_by_period(store: Store) -> None:
+    month = datetime(2026, 3, 1, tzinfo=UTC).timestamp()
+    day = datetime(2026, 3, 14, tzinfo=UTC).timestamp()
+    hour = datetime(2026, 3, 14, 9, tzinfo=UTC).timestamp()
+    spans = {"last month": month - 100, "this month": month + 3 * 86400, "today": day + 3600,
+             "this hour": hour + 10, "this hour, later": hour + 3000}
+    records = [LedgerRecord(f"tj-{name}", "acme", "m", "b", 1, 1, 1.25 * (i + 1), "measured",
+                            end - 1, end) for i, (name, end) in enumerate(spans.items())]
+    other = LedgerRecord("tj-other", "globex", "m", "b", 1, 1, 1000.0, "measured", hour, hour + 5)
+
+    async def body() -> None:
+        ledger = store.open(store_cache_s=0.0, retention_s=10 * 365 * 86400)
+        await ledger.start()
+        try:
+            for r in [*records, other]:
+                ledger.record(r)
+
+            async def check() -> None:
+                assert await ledger.tenant_joules("acme", month) == 1.25 * (2 + 3 + 4 + 5)
+                assert await ledger.tenant_joules("acme", day) == 1.25 * (3 + 4 + 5)
+                assert await ledger.tenant_joules("acme", hour) == 1.25 * (4 + 5)
+                # since_s inside an hour counts the whole hour (aggregates are hourly)
+                assert await ledger.tenant_joules("acme", hour + 1800) == 1.25 * (4 + 5)
+                assert await ledger.tenant_joules("acme", month - 86400) == 1.25 * 15
+                assert await ledger.tenant_joules("nobody", month) == 0.0
+
+            await check()  # all still buffered: budgets see them at once
+            await ledger.flush()
+            await check()  # all in the store
+            ledger.record(LedgerRecord("tj-new", "acme", "m", "b", 1, 1, 2.5, "measured", hour, hour + 1))
+            assert await ledger.tenant_joules("acme", hour) == 1.25 * 9 + 2.5  # store + buffer
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_retention_prunes_request_rows_not_aggregates(store: Store) -> None:
+    old = LedgerRecord("old-1", "acme", "m", "b", 5, 7, 3.0, "measured", T0, T0 + 1)
+    fresh = LedgerRecord("fresh-1", "acme", "m", "b", 5, 7, 4.0, "measured", T0, T0 + 2)
+
+    async def body() -> None:
+        # Retention counts from the write; SQLite and memory prune on flush, Redis by key expiry.
+        ledger = store.open(retention_s=1.0, prune_interval_s=0.0)
+        await ledger.start()
+        try:
+            ledger.record(old)
+            await ledger.flush()
+            assert await ledger.get_request("old-1") == old
+
+            async def pruned() -> bool:
+                await ledger.flush()
+                return await ledger.get_request("old-1") is None
+
+            await until(pruned, timeout_s=5, what="old request row pruned")
+            ledger.record(fresh)
+            await ledger.flush()
+            assert await ledger.get_request("fresh-1") == fresh
+            assert await actual(ledger, ()) == {(): (2, 10, 14, 7_000_000)}
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_redis_outage_buffers_spills_and_replays(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        _missing_redis("redis-server is not installed")
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    journal = tmp_path / "spill" / "journal.sqlite"
+    before = make_records(30, seed=6, prefix="before")
+    during = make_records(120, seed=7, prefix="during")
+    later = make_records(10, seed=8, prefix="later")
+    everything = before + during + later
+    opts = {"key_prefix": "jg-outage:", "max_buffer": 50, "chunk_size": 20,
+            "journal_path": str(journal), "flush_interval_s": 3600.0, "socket_timeout_s": 0.5}
+
+    async def body() -> None:
+        ledger = open_ledger(server.url, **opts)
+        await ledger.start()
+        for r in before:
+            ledger.record(r)
+        assert await ledger.flush() == 30
+        spent_before = await ledger.tenant_joules("acme", T0)
+
+        server.kill()
+        for r in during + before[:10]:  # a replay of already-durable ones rides along
+            ledger.record(r)
+        assert await ledger.flush() == 0  # fails without raising ...
+        stats = ledger.stats
+        assert stats.flush_failures == 1 and stats.last_error
+        assert stats.buffered == 0 and stats.journaled == 130  # ... and spilled past max_buffer
+        for r in later:
+            ledger.record(r)
+        assert ledger.stats.buffered == 10
+        # Budgets keep working, and still see what waits in memory and in the journal.
+        acme_new = sum(joules_to_uj(r.joules) for r in during + later + before[:10]
+                       if r.tenant == "acme")
+        assert await ledger.tenant_joules("acme", T0) == (round(spent_before * 1e6) + acme_new) / 1e6
+        assert await ledger.get_request(during[5].request_id) == during[5]  # from the journal
+
+        await ledger.close()  # still down: the last 10 go to the journal too, nothing is lost
+        ledger = open_ledger(server.url, **opts)
+        await ledger.start()
+        assert ledger.stats.journaled == 140
+
+        server.start()  # same port, same append-only file
+        await ledger.flush()
+        assert ledger.stats.journaled == 0 and ledger.stats.buffered == 0
+        for group_by in (("tenant", "model", "backend", "hour"), ("tenant",)):
+            assert await actual(ledger, group_by) == expected(everything, group_by)
+        await ledger.close()
+
+    try:
+        run(body, timeout_s=25)
+        with sqlite3.connect(journal) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 0
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_redis_replicas_see_each_others_spend(store: Store) -> None:
+    async def body() -> None:
+        a, b = store.open(store_cache_s=0.0), store.open(store_cache_s=0.0)
+        await a.start()
+        await b.start()
+        try:
+            a.record(LedgerRecord("rep-1", "acme", "m", "b", 1, 1, 10.0, "measured", T0, T0 + 1))
+            b.record(LedgerRecord("rep-2", "acme", "m", "b", 1, 1, 5.0, "measured", T0, T0 + 2))
+            await a.flush()
+            assert await b.tenant_joules("acme", T0) == 15.0  # a's in the store, b's buffered
+            b.record(LedgerRecord("rep-1", "acme", "m", "b", 1, 1, 10.0, "measured", T0, T0 + 1))
+            await b.flush()
+            assert await a.tenant_joules("acme", T0) == 15.0  # b's replay of rep-1 counted once
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)
+
+
+def test_record_never_raises() -> None:
+    async def body() -> None:
+        ledger = open_ledger("memory://")
+        await ledger.start()
+        ledger.record(None)  # type: ignore[arg-type]
+        ledger.record(LedgerRecord("nan", "acme", "m", "b", 1, 2, float("nan"), "none", T0, T0 + 1))
+        assert ledger.stats.record_errors == 1
+        await ledger.flush()
+        assert await actual(ledger, ()) == {(): (1, 1, 2, 0)}
+        await ledger.close()
+
+    run(body)
+
+
+def test_urls_and_helpers(tmp_path: Path) -> None:
+    ledger = open_ledger("sqlite://rel/ledger.db", base_dir=str(tmp_path))
+    assert ledger.path == str(tmp_path / "rel" / "ledger.db")  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="unsupported ledger URL"):
+        open_ledger("postgres://x")
+    assert parse_group_by("hour, model,model") == ("model", "hour")
+    with pytest.raises(ValueError, match="unknown group_by key 'region'"):
+        parse_group_by("model,region")
+    assert parse_time_s("2026-03-14T09:00:00Z") == T0 == parse_time_s(str(T0))
+    assert parse_time_s("2026-03-14T10:00:00+01:00") == T0
+    assert parse_time_s(None) is None
+    with pytest.raises(ValueError):
+        parse_time_s("yesterday")
+    rows = run(lambda: _usage_of(make_records(20, seed=9)))
+    table = format_table(rows, ("tenant",))
+    assert table.splitlines()[0].split() == ["tenant", "requests", "prompt_tokens",
+                                             "completion_tokens", "joules"]
+    assert "TOTAL" in table and " 20 " in table.splitlines()[-1]
+
+
+async def _usage_of(records: list[LedgerRecord]) -> Any:
+    ledger = open_ledger("memory://")
+    await ledger.start()
+    for r in records:
+        ledger.record(r)
+    rows = await ledger.usage(group_by=("tenant",))
+    await ledger.close()
+    return rows
