@@ -5,19 +5,21 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
 from policies import make_policy
-from proxy.auth import Authenticator
+from proxy.accounting import Accounting
+from proxy.auth import Authenticator, Principal
 from proxy.backends import BackendPool
 from proxy.config import Config, load_config
-from proxy.energy.attribution import Final
 from proxy.energy.meter import EnergyMeter
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, bad_request
+from proxy.ledger import LedgerRecord, open_ledger
+from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from proxy.relay import Receive, Relay, Scope, Send, send_error
@@ -30,7 +32,6 @@ _INFERENCE: dict[str, str] = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
-_RECENT_LIMIT = 10_000
 
 
 class JouleGate:
@@ -42,26 +43,9 @@ class JouleGate:
         self.auth = Authenticator(config)
         self.policy = make_policy(config.routing.policy)
         self.metrics = Metrics()
-        # Recently finished requests by id, bounded; the ledger keeps them for good.
-        self.recent: OrderedDict[str, RequestRecord] = OrderedDict()
-        self.meter = EnergyMeter(config, self._measured)
-        self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self._finished)
-
-    def _finished(self, record: RequestRecord) -> None:
-        """Book-keeping for one finished request (its energy may still be an estimate)."""
-        self.metrics.observe(record)
-        self.recent[record.request_id] = record
-        if len(self.recent) > _RECENT_LIMIT:
-            self.recent.popitem(last=False)
-
-    def _measured(self, backend: str, final: Final) -> None:
-        """A request's final attribution: samples past its end have arrived."""
-        record = self.recent.get(final.request_id)
-        if record is None or record.backend != backend:
-            return
-        record.joules = final.joules
-        record.energy_method = "measured"
-        self.metrics.observe_energy(record)
+        self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
+        self.meter = EnergyMeter(config, self.accounting.measured)
+        self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -121,22 +105,46 @@ class JouleGate:
     async def _energy_api(self, scope: Scope, send: Send, path: str) -> None:
         try:
             principal = self.auth.authenticate(dict(scope["headers"]).get(b"authorization"))
+            if path.startswith("/v1/energy/requests/"):
+                request_id = path[len("/v1/energy/requests/"):]
+                record = await self.accounting.lookup(request_id)
+                # Another tenant's request is answered exactly like a missing one: ids reveal nothing.
+                if record is None or not (principal.is_admin or record.tenant == principal.tenant):
+                    raise ProxyError(404, f"No request `{request_id}` for this API key.",
+                                     param="request_id", code="request_not_found")
+                await _send_json(send, 200, request_view(record))
+            elif path == "/v1/energy/usage":
+                await self._usage(scope, send, principal)
+            elif path == "/v1/energy/backends":
+                await _send_json(send, 200, {"object": "list", "data": self._backend_views()})
+            else:
+                raise ProxyError(404, f"No route for GET {path}.", code="not_found")
         except ProxyError as exc:
             await send_error(send, exc, "")
-            return
-        if path.startswith("/v1/energy/requests/"):
-            request_id = path[len("/v1/energy/requests/"):]
-            record = self.recent.get(request_id)
-            # Another tenant's request is answered exactly like a missing one: ids reveal nothing.
-            if record is None or not (principal.is_admin or record.tenant == principal.tenant):
-                await send_error(send, ProxyError(404, f"No request `{request_id}` for this API key.",
-                                                  param="request_id", code="request_not_found"), "")
-                return
-            await _send_json(send, 200, request_view(record))
-        elif path == "/v1/energy/backends":
-            await _send_json(send, 200, {"object": "list", "data": self._backend_views()})
+
+    async def _usage(self, scope: Scope, send: Send, principal: Principal) -> None:
+        """`GET /v1/energy/usage`: the caller's tenant; an admin sees all or `?tenant=`."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        arg = {k: v[-1] for k, v in query.items()}
+        try:
+            group_by = parse_group_by(arg.get("group_by"))
+            since_s, until_s = parse_time_s(arg.get("since")), parse_time_s(arg.get("until"))
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        tenant = principal.tenant
+        if principal.is_admin:
+            tenant = arg.get("tenant")
+        elif arg.get("tenant") not in (None, principal.tenant):
+            raise ProxyError(403, "Only an admin key can read another tenant's usage.", code="forbidden")
+        try:
+            rows = await self.accounting.ledger.usage(tenant=tenant, since_s=since_s, until_s=until_s,
+                                                      group_by=group_by)
+        except Exception as exc:  # any store failure (redis-py's errors are not OSErrors)
+            raise ProxyError(503, f"The ledger is unavailable: {type(exc).__name__}.", code="ledger_unavailable") from None
+        if arg.get("format") == "csv":
+            await _send(send, 200, rows_to_csv(rows, group_by).encode(), b"text/csv; charset=utf-8")
         else:
-            await send_error(send, ProxyError(404, f"No route for GET {path}.", code="not_found"), "")
+            await _send_json(send, 200, usage_payload(rows, group_by))
 
     def _backend_views(self) -> list[dict[str, Any]]:
         views = []
@@ -184,6 +192,7 @@ class JouleGate:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    await self.accounting.start()
                     await self.pool.start()
                     await self.meter.start()
                 except Exception as exc:
@@ -196,6 +205,7 @@ class JouleGate:
             elif message["type"] == "lifespan.shutdown":
                 await self.meter.close()
                 await self.pool.close()
+                await self.accounting.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -213,10 +223,17 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def request_view(record: RequestRecord) -> dict[str, Any]:
+def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
     """`GET /v1/energy/requests/{id}`: the energy object plus who, what and when."""
-    energy = record.energy() or {"joules": None, "tokens_per_joule": None, "backend": record.backend,
-                                 "method": None}
+    if isinstance(record, LedgerRecord):
+        tokens = record.completion_tokens or record.prompt_tokens
+        energy: dict[str, Any] = {
+            "joules": record.joules, "tokens_per_joule": tokens / record.joules if record.joules > 0 else 0.0,
+            "backend": record.backend, "method": record.method,
+        }
+    else:
+        energy = record.energy() or {"joules": None, "tokens_per_joule": None, "backend": record.backend,
+                                     "method": None}
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--gpus", default=None, help="GPU indices or UUIDs, comma-separated (default: all)")
     agent.add_argument("--interval-s", type=float, default=0.05, help="sampling interval in seconds")
 
+    usage = sub.add_parser("usage", help="read the energy ledger")
+    usage.add_argument("-c", "--config", default=os.environ.get("JOULEGATE_CONFIG"),
+                       help="config YAML whose `ledger:` to read (default: $JOULEGATE_CONFIG)")
+    usage.add_argument("--tenant", help="one tenant (default: all)")
+    usage.add_argument("--since", help="ISO 8601 time or epoch seconds (rounded down to the hour)")
+    usage.add_argument("--until", help="ISO 8601 time or epoch seconds (rounded up to the hour)")
+    usage.add_argument("--group-by", default="tenant,model", help="any of tenant,model,backend,hour")
+    usage.add_argument("--format", default="table", choices=["table", "json", "csv"])
+
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config")
     return parser
@@ -134,6 +143,53 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy.ledger import open_ledger
+    from proxy.ledger.usage import (
+        format_table,
+        parse_group_by,
+        parse_time_s,
+        rows_to_csv,
+        usage_payload,
+    )
+
+    if not args.config:
+        print("joulegate: error: no config: pass -c CONFIG or set $JOULEGATE_CONFIG", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    try:
+        group_by = parse_group_by(args.group_by)
+        since_s, until_s = parse_time_s(args.since), parse_time_s(args.until)
+    except ValueError as exc:
+        print(f"joulegate: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def query() -> list:
+        # A reader only: a short flush interval and nothing recorded, so close() writes nothing.
+        ledger = open_ledger(config.ledger or "memory://")
+        await ledger.start()
+        try:
+            return await ledger.usage(tenant=args.tenant, since_s=since_s, until_s=until_s, group_by=group_by)
+        finally:
+            await ledger.close()
+
+    try:
+        rows = asyncio.run(query())
+    except Exception as exc:  # a store that cannot be reached: one line, no traceback
+        print(f"joulegate: error: cannot read the ledger {config.ledger}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(usage_payload(rows, group_by), indent=2))
+    elif args.format == "csv":
+        print(rows_to_csv(rows, group_by), end="")
+    else:
+        print(format_table(rows, group_by))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = ", ".join(b.name for b in config.backends)
@@ -142,4 +198,4 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config,
-             "agent": _agent}
+             "agent": _agent, "usage": _usage}

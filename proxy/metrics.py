@@ -49,6 +49,16 @@ class Metrics:
             ["backend"], registry=r,
         )
 
+        self.ledger_buffered = Gauge(
+            "joulegate_ledger_buffered_records", "Ledger records not yet durable (memory and journal).", registry=r,
+        )
+        self.ledger_flush_lag_s = Gauge(
+            "joulegate_ledger_flush_lag_seconds", "Age of the oldest record not yet flushed.", registry=r,
+        )
+        self.awaiting_final = Gauge(
+            "joulegate_energy_awaiting_final", "Answered requests waiting for their measured energy.", registry=r,
+        )
+
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's final (measured) joules."""
         if record.joules is not None:

@@ -25,6 +25,7 @@ class RequestRecord:
     error: str | None = None
     joules: float | None = None  # attributed energy; None where the backend has no power source
     energy_method: str | None = None  # measured | estimated
+    budget_left_j: float | None = None  # the tenant's budget left when the request started
 
     @property
     def billed_tokens(self) -> int:

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from policies import Policy, RequestInfo
+from proxy.accounting import Accounting
 from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool
 from proxy.config import Config
@@ -57,15 +58,14 @@ class Relay:
         policy: Policy,
         auth: Authenticator,
         meter: EnergyMeter,
-        on_finish: Callable[[RequestRecord], None],
+        accounting: Accounting,
     ) -> None:
         self.config = config
         self.pool = pool
         self.policy = policy
         self.auth = auth
         self.meter = meter
-        # Called once per finished request, after its energy is known.
-        self.on_finish = on_finish
+        self.accounting = accounting
         self.max_body_bytes = config.server.max_body_bytes
         self.timeout = aiohttp.ClientTimeout(
             total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
@@ -81,6 +81,8 @@ class Relay:
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
             body = await _read_body(receive, declared_length, self.max_body_bytes)
+            # Over budget: refused before any GPU sees it.
+            record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
@@ -242,9 +244,12 @@ class Relay:
             status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
             content_type = _JSON
         self._close_energy(record)
-        self.on_finish(record)
+        self.accounting.finished(record)
         energy = record.energy()
         headers = [(b"content-type", content_type), (b"x-request-id", record.request_id.encode())]
+        if record.budget_left_j is not None:
+            left_j = record.budget_left_j - (record.joules or 0.0)
+            headers.append((b"x-energy-budget-remaining-joules", repr(max(left_j, 0.0)).encode()))
         if record.backend:
             headers.append((b"x-energy-backend", record.backend.encode()))
         if energy is not None and status == 200:
@@ -266,6 +271,8 @@ class Relay:
             (b"x-request-id", record.request_id.encode()),
             (b"x-energy-backend", (record.backend or "").encode()),
         ]
+        if record.budget_left_j is not None:
+            headers.append((b"x-energy-budget-remaining-joules", repr(record.budget_left_j).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         client_gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
@@ -304,7 +311,7 @@ class Relay:
             record.completion_tokens = tap.delta_chunks
             record.prompt_tokens = _estimate_prompt_tokens(payload)
         self._close_energy(record)
-        self.on_finish(record)
+        self.accounting.finished(record)
         energy = record.energy()
         if client_gone.is_set():
             return

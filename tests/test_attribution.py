@@ -470,7 +470,7 @@ def test_the_sweep_matches_the_slice_by_slice_method(case: tuple) -> None:
     # Shares below a billionth of the whole interval's energy are rounding, not attribution.
     scale_j = measured_j(samples, kind)
     for request_id, joules_j in expected.items():
-        assert joules[request_id] == pytest.approx(joules_j, rel=1e-6, abs=1e-9 * scale_j)
+        assert joules[request_id] == pytest.approx(joules_j, rel=1e-6, abs=1e-9 * scale_j + 1e-12)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,6 +21,9 @@ prefill density needs its first token time and its prompt size). Intervals are f
 first. Pending work older than `max_pending_s` is forced through with provisional weights, so
 memory stays bounded whatever the callers do.
 
+Events reported late (a start or token whose time is already settled) count in the next open
+interval; energy before the first sample is unknown and billed to no one.
+
 Idle energy (nothing in flight): `separate` books it as idle. `share` carries it forward and adds
 it to the next moment something is in flight, split there by weight; an idle stretch longer than
 `share_max_s` is booked as idle instead, so one request never pays for a night of idle.
@@ -388,8 +391,9 @@ class Attributor:
             if s_s >= b_s:
                 break  # start order: the rest start later too
             e_s = r.end_s if r.end_s is not None else _INF
-            if e_s <= a_s:
-                done.append(r)  # ended before the interval (a late close, or before samples)
+            if e_s <= a_s:  # ended before the interval: a late close, or before any sample
+                r.guessed = r.guessed or e_s <= (self.first_finalized_s or a_s)
+                done.append(r)
                 continue
             k = len(reqs)
             reqs.append(r)
