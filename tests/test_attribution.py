@@ -279,6 +279,24 @@ def test_late_events_land_in_the_next_open_interval() -> None:
     assert_books_balance(attributor)
 
 
+def test_an_id_reused_while_its_namesake_settles_is_a_new_request() -> None:
+    attributor = Attributor(prefill_weight=0.0)
+    attributor.timeline.add_energy_sample(0.0, 0.0)
+    attributor.open("x", 0.0, stream=True)
+    attributor.tokens("x", 0.1, 0)
+    attributor.close("x", 0.4, 0, 0)  # failed: the client retries with the same id
+    attributor.open("x", 0.5, stream=True)
+    attributor.tokens("x", 0.6, 0)
+    attributor.tokens("x", 0.8, 5)
+    attributor.close("x", 1.0, 0, 5)
+    attributor.timeline.add_energy_sample(1.0, 100.0)
+    first, second = attributor.advance(1.0)
+    assert (first.end_s, first.joules) == (0.4, pytest.approx(40.0))
+    assert (second.end_s, second.joules) == (1.0, pytest.approx(50.0))
+    assert attributor._requests == {} and attributor._alias == {}
+    assert_books_balance(attributor)
+
+
 def test_misuse_is_loud_and_strays_are_ignored() -> None:
     attributor = Attributor()
     attributor.open("a", 0.0, stream=True)

@@ -97,6 +97,8 @@ class _Request:
     pending_tokens: int = 0  # sum of counts in `arrivals`
     joules: float = 0.0  # settled share so far
     guessed: bool = False  # a forced interval used provisional weights for it
+    key: str = ""  # its key in `Attributor._requests` (the id, unless a namesake is settling)
+    final: Final | None = None  # once settled
 
 
 class Attributor:
@@ -117,7 +119,7 @@ class Attributor:
         "first_finalized_s", "finalized_until_s", "finalized_joules_attributed",
         "finalized_joules_idle", "carried_joules", "_first_e_j", "_until_e_j", "_carry_since_s",
         "_requests", "_unknown", "_ready", "_horizon_s", "_last_start_s", "_rate_tok_per_s",
-        "_pending_w", "_open_n", "_unknown_prefills_n", "_prefill_w_avg",
+        "_pending_w", "_open_n", "_unknown_prefills_n", "_prefill_w_avg", "_alias", "_dup_n",
     )
 
     def __init__(
@@ -160,6 +162,10 @@ class Attributor:
         # Of `_unknown`, streams past their first token: only their (settled) prefill is unknown.
         self._unknown_prefills_n = 0
         self._prefill_w_avg = 0.0  # recent prefill weight per streamed request (EWMA)
+        # A request id reused while its closed namesake still settles (a client's retry with
+        # its own x-request-id) gets another key; the id maps to it here.
+        self._alias: dict[str, str] = {}
+        self._dup_n = 0
 
     # -- the relay's calls ---------------------------------------------------------------------
 
@@ -169,14 +175,18 @@ class Attributor:
         For a streamed request the guess fixes its prefill weight at its first token; with 0 the
         prefill weight (and every interval it overlaps) waits for `close`'s exact count.
         """
-        if request_id in self._requests:
-            raise ValueError(f"request {request_id!r} is already being attributed")
+        if self._find_open(request_id) is not None:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        key = request_id
+        if key in self._requests:
+            self._dup_n += 1
+            key = self._alias[request_id] = f"{request_id}\x00{self._dup_n}"
         # Starts never go backwards (one clock), which keeps `_requests` in start order.
         start_s = max(start_s, self._last_start_s)
         self._last_start_s = start_s
-        r = _Request(request_id, stream, start_s, max(prompt_tokens, 0))
-        self._requests[request_id] = r
-        self._unknown[request_id] = r
+        r = _Request(request_id, stream, start_s, max(prompt_tokens, 0), key=key)
+        self._requests[key] = r
+        self._unknown[key] = r
         self._open_n += 1
         if start_s > self._horizon_s:
             self._horizon_s = start_s
@@ -184,7 +194,11 @@ class Attributor:
     def tokens(self, request_id: str, t_s: float, count: int) -> None:
         """`count` generated tokens of a streamed request arrived at `t_s` (first call: TTFT)."""
         r = self._requests.get(request_id)
-        if r is None or r.end_s is not None or not r.stream:
+        if r is None or r.end_s is not None:
+            r = self._find_open(request_id)
+            if r is None:
+                return
+        if not r.stream:
             return
         if t_s < r.start_s:
             t_s = r.start_s
@@ -213,12 +227,9 @@ class Attributor:
         """
         r = self._close(request_id, end_s, prompt_tokens, completion_tokens)
         self._settle_ready()
-        if request_id in self._requests:
-            return Estimate(r.joules + self._estimate_rest(r), "estimated")
-        for final in reversed(self._ready):  # settled just now: its final value
-            if final.request_id == request_id:
-                return Estimate(final.joules, final.method)
-        raise AssertionError("a settled request is always in the ready list")
+        if r.final is not None:  # settled just now: its final value
+            return Estimate(r.final.joules, r.final.method)
+        return Estimate(r.joules + self._estimate_rest(r), "estimated")
 
     def advance(self, now_s: float | None = None) -> list[Final]:
         """Settle what can be settled (call after each sample); returns the newly final requests.
@@ -247,9 +258,9 @@ class Attributor:
     def _close(
         self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
     ) -> _Request:
-        r = self._requests[request_id]
-        if r.end_s is not None:
-            raise ValueError(f"request {request_id!r} is already closed")
+        r = self._find_open(request_id)
+        if r is None:
+            raise KeyError(f"no request {request_id!r} in flight")
         if r.stream and r.first_token_s is not None and r.prefill_density is None:
             self._unknown_prefills_n -= 1  # it leaves `_unknown` below
         end_s = max(end_s, r.start_s, r.arrivals[-1][0] if r.arrivals else r.start_s)
@@ -276,8 +287,26 @@ class Attributor:
             weight = self.prefill_weight * r.prompt_tokens + r.completion_tokens
             r.flat_density = _density(weight, end_s - r.start_s)
             self._note_pending(r.flat_density, r.start_s, end_s)
-            self._unknown.pop(request_id, None)
+            self._unknown.pop(r.key, None)
         return r
+
+    def _find_open(self, request_id: str) -> _Request | None:
+        """The request in flight under this id, if any."""
+        r = self._requests.get(request_id)
+        if r is not None and r.end_s is None:
+            return r
+        key = self._alias.get(request_id)
+        r = self._requests.get(key) if key is not None else None
+        return r if r is not None and r.end_s is None else None
+
+    def _settled(self, r: _Request, joules: float, method: Method) -> None:
+        """`r` is done: forget it and hand out its final value."""
+        del self._requests[r.key]
+        if self._alias.get(r.request_id) == r.key:
+            del self._alias[r.request_id]
+        r.final = Final(r.request_id, joules, r.prompt_tokens, r.completion_tokens, r.start_s,
+                        r.first_token_s, r.end_s if r.end_s is not None else r.start_s, method)
+        self._ready.append(r.final)
 
     def _fix_prefill(self, r: _Request) -> None:
         """Fix a streamed request's prefill density (needs its first token time)."""
@@ -287,7 +316,7 @@ class Attributor:
         self._prefill_w_avg += _RATE_SMOOTHING * (weight - self._prefill_w_avg)
         r.prefill_density = _density(weight, first_s - r.start_s)
         self._note_pending(r.prefill_density, r.start_s, first_s)
-        self._unknown.pop(r.request_id, None)
+        self._unknown.pop(r.key, None)
 
     def _note_pending(self, density: float, from_s: float, to_s: float) -> None:
         """Count a newly known density's weight in the unsettled part of [from_s, to_s]."""
@@ -347,10 +376,8 @@ class Attributor:
             if r.end_s is not None and r.end_s < before_s:
                 gone.append(r)
         for r in gone:
-            joules = r.joules + self._estimate_rest(r)
-            del self._requests[r.request_id]
             self._pending_w -= r.pending_tokens  # (its other unsettled weight lingers a while)
-            self._ready.append(_final(r, joules, "estimated"))
+            self._settled(r, r.joules + self._estimate_rest(r), "estimated")
 
     def _settle_interval(self, a_s: float, b_s: float, energy_j: float) -> None:
         """Split the `energy_j` joules of sample interval [a_s, b_s] among its requests."""
@@ -511,8 +538,7 @@ class Attributor:
             self.finalized_joules_attributed += math.fsum(shares)
         done.extend(r for r in reqs if r.end_s is not None and r.end_s <= b_s)
         for r in done:
-            del self._requests[r.request_id]
-            self._ready.append(_final(r, r.joules, "estimated" if r.guessed else "measured"))
+            self._settled(r, r.joules, "estimated" if r.guessed else "measured")
         if not self._requests:
             self._pending_w = 0.0  # exactly, so rounding cannot pile up
 
@@ -565,12 +591,6 @@ def _neumaier(total: float, comp: float, x: float) -> tuple[float, float]:
     else:
         comp += (x - t) + total
     return t, comp
-
-
-def _final(r: _Request, joules: float, method: Method) -> Final:
-    assert r.end_s is not None
-    return Final(r.request_id, joules, r.prompt_tokens, r.completion_tokens, r.start_s,
-                 r.first_token_s, r.end_s, method)
 
 
 # -- offline use -------------------------------------------------------------------------------

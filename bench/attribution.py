@@ -1,0 +1,914 @@
+"""Attribution accuracy benchmark: the proxy's per-request joules vs the simulator's ground truth.
+
+Per configuration (power source x sampling interval) it starts, each in its own process on
+loopback: three simulated GPUs of different profiles serving the same model
+(`joulegate sim-backend`: h100, a100, l4) and one proxy (`routing: least_loaded`, three tenants,
+every backend on the chosen power source). It drives one seeded, bursty, mixed workload through
+the proxy with the official `openai` AsyncOpenAI client (chat and legacy completions, streamed
+with and without usage, non-streamed, embeddings; short and long prompts and outputs; up to
+`--concurrency` in flight), waits until every request's `GET /v1/energy/requests/{id}` is
+`measured`, and compares each with `GET /sim/requests/{id}` of the simulator that served it.
+
+Prints one table (fleet total error, conservation, per-tenant totals error, per-request median
+and p90 absolute error, method share at response time), PASS/FAIL per target, a breakdown of
+the error by request kind and backend, the worst requests of any configuration that missed a
+target, and writes bench/results/attribution-<timestamp>.json.
+
+Conservation needs the proxy's idle joules, which it does not publish. The proxy therefore runs
+as `python -m bench.attribution --serve-proxy CONFIG --port P`: `joulegate serve`'s app
+(`proxy.app.create_app`) under the same uvicorn settings, plus one read-only route
+(`GET /_bench/books`) that returns each backend attributor's books. `--plain-serve` runs the
+stock `python -m proxy serve` instead; conservation then falls back to the external check
+(sum of attributed + the simulators' idle joules vs the simulators' joules).
+
+Run: ``python -m bench.attribution [--quick] [--requests N] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from bench.overhead import (
+    HOST,
+    RESULTS_DIR,
+    Server,
+    free_port,
+    http_request,
+    signals_as_interrupt,
+    wait_until,
+)
+
+MODEL = "llama-3.1-8b"
+BACKENDS = (("h100", "h100-llama3.1-8b"), ("a100", "a100-llama3.1-8b"), ("l4", "l4-llama3.1-8b"))
+TENANT_KEYS = {
+    "acme": "sk-bench-acme-0001",
+    "globex": "sk-bench-globex-0002",
+    "initech": "sk-bench-initech-0003",
+}
+ADMIN_KEY = "sk-bench-admin-0009"
+BOOKS_PATH = "/_bench/books"
+
+# Targets (issue 3, "Figures to reach and report").
+TARGET_CONSERVATION_PCT = 0.1
+TARGET_100MS_TENANT_PCT = 2.0
+TARGET_100MS_MEDIAN_PCT = 10.0
+TARGET_100MS_P90_PCT = 25.0
+TARGET_1S_TENANT_PCT = 5.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration: a power source and its sampling interval."""
+
+    source: str  # sim (the agent API stream) | dcgm (scrape of /metrics)
+    interval_s: float
+
+    @property
+    def name(self) -> str:
+        iv = f"{round(self.interval_s * 1000)}ms" if self.interval_s < 1 else f"{self.interval_s:g}s"
+        return f"{self.source}@{iv}"
+
+
+DEFAULT_SETUPS = (Setup("sim", 0.05), Setup("sim", 0.1), Setup("sim", 1.0),
+                  Setup("dcgm", 1.0), Setup("dcgm", 0.1))
+QUICK_SETUPS = (Setup("sim", 0.1), Setup("dcgm", 1.0))
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One request of the seeded workload; `at_s` is its arrival after the workload starts."""
+
+    index: int
+    at_s: float
+    tenant: str
+    kind: str  # chat | completion | embedding
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int  # what the simulator will count (ceil(chars / 4) + 3 per chat message)
+    max_tokens: int  # 0 for embeddings
+    inputs: int = 1  # embeddings: how many input strings
+
+
+# Per tenant: share of the traffic, chance of embeddings / legacy completions, chance that a
+# generation is streamed, median prompt and output tokens.
+TENANT_MIX = {
+    "acme": dict(share=0.40, p_embed=0.00, p_legacy=0.10, p_stream=0.80, prompt=120, output=40),
+    "globex": dict(share=0.35, p_embed=0.25, p_legacy=0.05, p_stream=0.30, prompt=600, output=110),
+    "initech": dict(share=0.25, p_embed=0.10, p_legacy=0.40, p_stream=0.55, prompt=250, output=70),
+}
+
+
+def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_plan(n: int, seed: int) -> list[Planned]:
+    """The workload for `seed`: bursts (mean 12 requests, ~50 ms apart) separated by idle gaps
+    (mostly 0.6-1.8 s, one in four 2.5-4 s); prompts 20..2000 tokens and outputs 8..512
+    tokens, log-normal per tenant."""
+    rng = random.Random(seed)
+    tenants = list(TENANT_MIX)
+    weights = [TENANT_MIX[t]["share"] for t in tenants]
+    plan: list[Planned] = []
+    t_s = 0.0
+    while len(plan) < n:
+        burst = min(n - len(plan), 1 + int(rng.expovariate(1 / 11)))
+        for _ in range(burst):
+            t_s += rng.expovariate(1 / 0.05)
+            tenant = rng.choices(tenants, weights)[0]
+            mix = TENANT_MIX[tenant]
+            prompt = _lognormal_int(rng, mix["prompt"], 1.0, 20, 2000)
+            if rng.random() < mix["p_embed"]:
+                plan.append(Planned(len(plan), t_s, tenant, "embedding", False, False, prompt, 0,
+                                    inputs=rng.randint(1, 4)))
+                continue
+            kind = "completion" if rng.random() < mix["p_legacy"] else "chat"
+            stream = rng.random() < mix["p_stream"]
+            include_usage = stream and rng.random() < 0.7
+            output = _lognormal_int(rng, mix["output"], 0.9, 8, 512)
+            plan.append(Planned(len(plan), t_s, tenant, kind, stream, include_usage, prompt, output))
+        t_s += rng.uniform(0.6, 1.8) if rng.random() < 0.75 else rng.uniform(2.5, 4.0)
+    return plan
+
+
+_FILLER = "".join(f"joule{i % 97} watt{i % 89} " for i in range(2000))
+
+
+def _text(chars: int, salt: int) -> str:
+    """Exactly `chars` characters of filler (varied a little per request)."""
+    start = (salt * 131) % 1000
+    return (_FILLER[start:] + _FILLER)[:chars]
+
+
+def _embedding_inputs(p: Planned) -> list[str]:
+    """`p.inputs` strings whose ceil(len / 4) sum to p.prompt_tokens."""
+    k = max(1, min(p.inputs, p.prompt_tokens))
+    sizes = [p.prompt_tokens // k + (1 if i < p.prompt_tokens % k else 0) for i in range(k)]
+    return [_text(4 * s, p.index + i) for i, s in enumerate(sizes)]
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+@dataclass
+class Outcome:
+    """What the bench saw of one request, then what the proxy and the simulator say about it."""
+
+    index: int
+    request_id: str
+    tenant: str
+    kind: str
+    stream: bool
+    include_usage: bool
+    plan_prompt_tokens: int
+    max_tokens: int
+    sent_s: float = 0.0  # bench wall clock
+    first_s: float | None = None
+    done_s: float = 0.0
+    error: str | None = None
+    backend: str | None = None
+    resp_joules: float | None = None  # at response time (header / usage energy), if visible
+    resp_method: str | None = None
+    final_joules: float | None = None
+    final_method: str | None = None
+    final_tenant: str | None = None
+    proxy_start_s: float | None = None
+    proxy_end_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    truth_joules: float | None = None
+    truth_prompt_tokens: int | None = None
+    truth_completion_tokens: int | None = None
+    truth_arrival_s: float | None = None
+    truth_first_s: float | None = None
+    truth_end_s: float | None = None
+    # Context, filled in by `annotate`.
+    backend_concurrency: float | None = None  # mean requests on the engine during it (itself incl.)
+    idle_before_s: float | None = None  # the engine was idle this long before it arrived (0: busy)
+    idle_after_s: float | None = None  # ... and after it ended
+    err_pct: float | None = None  # (final - truth) / truth, %
+
+
+def _energy_of_usage(usage: Any) -> dict[str, Any] | None:
+    extra = getattr(usage, "model_extra", None) or {}
+    energy = extra.get("energy")
+    return energy if isinstance(energy, dict) else None
+
+
+async def send_one(client: openai.AsyncOpenAI, p: Planned, o: Outcome) -> None:
+    """Send one planned request with the openai SDK and fill in what the response says."""
+    headers = {"x-request-id": o.request_id}
+    if p.kind == "embedding":
+        raw = await client.embeddings.with_raw_response.create(
+            model=MODEL, input=_embedding_inputs(p), extra_headers=headers)
+        raw.parse()
+        _from_headers(raw.headers, o)
+        return
+    if p.kind == "chat":
+        api = client.chat.completions.with_raw_response
+        body: dict[str, Any] = {"messages": [
+            {"role": "user", "content": _text(4 * (p.prompt_tokens - 3), p.index)}]}
+    else:
+        api = client.completions.with_raw_response  # type: ignore[assignment]
+        body = {"prompt": _text(4 * p.prompt_tokens, p.index)}
+    if not p.stream:
+        raw = await api.create(model=MODEL, max_tokens=p.max_tokens, extra_headers=headers, **body)
+        raw.parse()
+        _from_headers(raw.headers, o)
+        return
+    if p.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    raw = await api.create(model=MODEL, max_tokens=p.max_tokens, stream=True, extra_headers=headers,
+                           **body)
+    o.backend = raw.headers.get("x-energy-backend")
+    async for chunk in raw.parse():
+        if o.first_s is None and chunk.choices:
+            o.first_s = time.time()
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            energy = _energy_of_usage(usage)
+            if energy is not None:
+                o.resp_joules = float(energy["joules"])
+                o.resp_method = str(energy["method"])
+
+
+def _from_headers(headers: httpx.Headers, o: Outcome) -> None:
+    o.backend = headers.get("x-energy-backend")
+    if "x-energy-joules" in headers:
+        o.resp_joules = float(headers["x-energy-joules"])
+        o.resp_method = headers.get("x-energy-method")
+
+
+async def drive(plan: list[Planned], proxy_url: str, concurrency: int, tag: str) -> list[Outcome]:
+    """Replay the plan in real time against the proxy; at most `concurrency` in flight."""
+    clients = {t: openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=k, max_retries=0,
+                                     timeout=300.0)
+               for t, k in TENANT_KEYS.items()}
+    sem = asyncio.Semaphore(concurrency)
+    t0 = time.monotonic() + 0.1
+
+    async def one(p: Planned) -> Outcome:
+        o = Outcome(p.index, f"ab-{tag}-{p.index:04d}", p.tenant, p.kind, p.stream,
+                    p.include_usage, p.prompt_tokens, p.max_tokens)
+        await asyncio.sleep(max(0.0, t0 + p.at_s - time.monotonic()))
+        async with sem:
+            o.sent_s = time.time()
+            try:
+                await send_one(clients[p.tenant], p, o)
+            except openai.OpenAIError as exc:
+                o.error = f"{type(exc).__name__}: {exc}"[:300]
+            o.done_s = time.time()
+        return o
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in plan)))
+    finally:
+        for c in clients.values():
+            await c.close()
+
+
+# ----------------------------------------------------------------------------- after the run
+
+
+async def wait_measured(proxy_url: str, outcomes: list[Outcome], timeout_s: float) -> float:
+    """Poll `/v1/energy/requests/{id}` until every request is `measured` (or the timeout);
+    fills final_*; returns the seconds it took."""
+    started = time.monotonic()
+    pending = [o for o in outcomes if o.error is None]
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    sem = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=proxy_url, headers=headers, timeout=10.0) as client:
+
+        async def poll(o: Outcome) -> bool:
+            async with sem:
+                r = await client.get(f"/v1/energy/requests/{o.request_id}")
+            if r.status_code != 200:
+                return False
+            d = r.json()
+            o.final_joules, o.final_method = d.get("joules"), d.get("method")
+            o.final_tenant, o.backend = d.get("tenant"), d.get("backend") or o.backend
+            o.prompt_tokens, o.completion_tokens = d.get("prompt_tokens"), d.get("completion_tokens")
+            o.proxy_start_s, o.proxy_end_s = _epoch(d.get("start")), _epoch(d.get("end"))
+            return o.final_method == "measured"
+
+        while pending and time.monotonic() - started < timeout_s:
+            done = await asyncio.gather(*(poll(o) for o in pending))
+            pending = [o for o, ok in zip(pending, done, strict=True) if not ok]
+            if pending:
+                await asyncio.sleep(0.25)
+    return time.monotonic() - started
+
+
+def _epoch(iso: str | None) -> float | None:
+    return None if iso is None else datetime.fromisoformat(iso).timestamp()
+
+
+async def fetch_truth(sims: dict[str, Server], outcomes: list[Outcome]) -> None:
+    sem = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+
+        async def one(o: Outcome) -> None:
+            sim = sims.get(o.backend or "")
+            if sim is None:
+                return
+            async with sem:
+                r = await client.get(f"http://{HOST}:{sim.port}/sim/requests/{o.request_id}")
+            if r.status_code == 200:
+                d = r.json()
+                o.truth_joules = d["joules"]
+                o.truth_prompt_tokens, o.truth_completion_tokens = d["prompt_tokens"], d["completion_tokens"]
+                o.truth_arrival_s, o.truth_first_s, o.truth_end_s = d["arrival_s"], d["first_token_s"], d["end_s"]
+
+        await asyncio.gather(*(one(o) for o in outcomes if o.error is None))
+
+
+def annotate(outcomes: list[Outcome]) -> None:
+    """Per request: error, mean engine concurrency during it, idle time around it."""
+    by_backend: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if o.truth_arrival_s is not None and o.truth_end_s is not None:
+            by_backend[o.backend or ""].append(o)
+        if o.final_joules is not None and o.truth_joules:
+            o.err_pct = 100.0 * (o.final_joules - o.truth_joules) / o.truth_joules
+    for group in by_backend.values():
+        spans = sorted((o.truth_arrival_s, o.truth_end_s) for o in group)  # type: ignore[misc]
+        for o in group:
+            a, b = o.truth_arrival_s, o.truth_end_s
+            assert a is not None and b is not None
+            overlap = sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans)
+            o.backend_concurrency = overlap / (b - a) if b > a else 1.0
+            busy_before = [e for s, e in spans if s < a]
+            o.idle_before_s = 0.0 if any(e > a for e in busy_before) else (
+                a - max(busy_before) if busy_before else None)
+            later = [s for s, e in spans if e > b or s > b]
+            o.idle_after_s = 0.0 if any(s <= b for s in later) else (
+                min(later) - b if later else None)
+
+
+def _pct(a: float, b: float) -> float | None:
+    return 100.0 * (a - b) / b if b else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(setup: Setup, outcomes: list[Outcome], energy: dict[str, Any]) -> dict[str, Any]:
+    """The table row (and its parts) for one configuration."""
+    ok = [o for o in outcomes if o.err_pct is not None]
+    measured = [o for o in ok if o.final_method == "measured"]
+    s_proxy = math.fsum(o.final_joules for o in ok)  # type: ignore[misc]
+    s_truth = math.fsum(o.truth_joules for o in ok)  # type: ignore[misc]
+    tenants: dict[str, dict[str, float]] = {}
+    for t in TENANT_KEYS:
+        mine = [o for o in ok if o.tenant == t]
+        p_j = math.fsum(o.final_joules for o in mine)  # type: ignore[misc]
+        t_j = math.fsum(o.truth_joules for o in mine)  # type: ignore[misc]
+        tenants[t] = {"requests": len(mine), "proxy_j": p_j, "truth_j": t_j, "err_pct": _pct(p_j, t_j)}
+    abs_err = [abs(o.err_pct) for o in ok]  # type: ignore[arg-type]
+    resp_abs = [abs(100.0 * (o.resp_joules - o.truth_joules) / o.truth_joules)
+                for o in ok if o.resp_joules is not None and o.truth_joules]
+    methods = {"measured": 0, "estimated": 0, "not visible": 0}
+    for o in outcomes:
+        if o.error is None:
+            methods[o.resp_method if o.resp_method in methods else "not visible"] += 1
+    visible = methods["measured"] + methods["estimated"]
+    tenant_errs = [abs(v["err_pct"]) for v in tenants.values() if v["err_pct"] is not None]
+    return {
+        "config": setup.name,
+        "source": setup.source,
+        "interval_s": setup.interval_s,
+        "requests": len(outcomes),
+        "compared": len(ok),
+        "errors": sum(1 for o in outcomes if o.error is not None),
+        "not_measured": len(ok) - len(measured),
+        "token_mismatches": sum(1 for o in ok if (o.prompt_tokens, o.completion_tokens)
+                                != (o.truth_prompt_tokens, o.truth_completion_tokens)),
+        "tenant_mismatches": sum(1 for o in ok if o.final_tenant != o.tenant),
+        "fleet_proxy_j": s_proxy,
+        "fleet_truth_j": s_truth,
+        "fleet_err_pct": _pct(s_proxy, s_truth),
+        "tenants": tenants,
+        "tenant_max_abs_err_pct": max(tenant_errs) if tenant_errs else None,
+        "median_abs_err_pct": _quantile(abs_err, 0.5),
+        "p90_abs_err_pct": _quantile(abs_err, 0.9),
+        "response_time_median_abs_err_pct": _quantile(resp_abs, 0.5),
+        "method_at_response": methods,
+        "measured_at_response_share": methods["measured"] / visible if visible else None,
+        **energy,
+    }
+
+
+def energy_books(books: dict[str, Any] | None, sims_before: dict[str, dict[str, float]],
+                 sims_after: dict[str, dict[str, float]], idle_w: dict[str, float],
+                 outcomes: list[Outcome]) -> dict[str, Any]:
+    """Conservation, two ways.
+
+    conservation_pct (needs the proxy's books): |sum of the requests' final joules (the API) +
+    the proxy's idle (+ share-mode carry) - the simulator's counter over the proxy's settled
+    window| / that counter delta. The window's ends lie in idle time before the first and after
+    the last request, so the counter there is extrapolated at the profile's idle power from a
+    /sim/energy reading taken in the same idle stretch.
+
+    conservation_ext_pct (the brief's fallback, no proxy books): |sum attributed (the API) + the
+    simulators' idle joules - the simulators' joules| / the simulators' joules, whole lifetime.
+    The simulators' idle is "nothing running on the engine", not the proxy's "nothing in flight".
+    """
+    per_backend_api: dict[str, float] = defaultdict(float)
+    for o in outcomes:
+        if o.final_joules is not None and o.backend:
+            per_backend_api[o.backend] += o.final_joules
+    sum_api = math.fsum(per_backend_api.values())
+    sim_j = math.fsum(v["joules"] for v in sims_after.values())
+    sim_idle = math.fsum(v["idle_joules"] for v in sims_after.values())
+    out: dict[str, Any] = {
+        "conservation_ext_pct": _pct(sum_api + sim_idle, sim_j),
+        "sims": {n: {"before": sims_before.get(n), "after": sims_after.get(n)} for n in sims_after},
+        "conservation_pct": None,
+        "books": books,
+    }
+    if not books:
+        return out
+    window_j, proxy_j, internal = [], [], []
+    detail = {}
+    for name, b in books.items():
+        first_s, until_s = b.get("first_finalized_s"), b.get("finalized_until_s")
+        before, after = sims_before.get(name), sims_after.get(name)
+        if first_s is None or until_s is None or before is None or after is None:
+            return out
+        # The counter at the window's ends: idle on both sides (checked by the caller's order:
+        # `before` is read after the first sample and before the first request, `after` once all
+        # are measured, after the last request ended).
+        e_first = before["joules"] - idle_w[name] * (before["t"] - first_s)
+        e_until = after["joules"] - idle_w[name] * (after["t"] - until_s)
+        sim_window = e_until - e_first
+        attributed, idle = b["finalized_joules_attributed"], b["finalized_joules_idle"]
+        carried = b.get("carried_joules") or 0.0
+        window_j.append(sim_window)
+        proxy_j.append(per_backend_api[name] + idle + carried)
+        internal.append(abs(attributed + idle + carried - b["finalized_joules_measured"]))
+        detail[name] = {
+            "sim_window_j": sim_window, "proxy_measured_j": b["finalized_joules_measured"],
+            "proxy_attributed_j": attributed, "api_attributed_j": per_backend_api[name],
+            "proxy_idle_j": idle, "proxy_carried_j": carried,
+            "timeline_vs_counter_pct": _pct(b["finalized_joules_measured"], sim_window),
+            "window_s": until_s - first_s,
+        }
+    total_window = math.fsum(window_j)
+    out["conservation_pct"] = _pct(math.fsum(proxy_j), total_window)
+    out["books_internal_abs_j"] = math.fsum(internal)
+    out["books_detail"] = detail
+    return out
+
+
+def breakdown(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """Signed total error and median |error| per request class and per backend."""
+    ok = [o for o in outcomes if o.err_pct is not None]
+
+    def cls(o: Outcome) -> str:
+        if o.kind == "embedding":
+            return "embedding"
+        return "stream" if o.stream else "non-stream"
+
+    rows = []
+    for label, key in (("class", cls), ("backend", lambda o: o.backend or "?")):
+        groups: dict[str, list[Outcome]] = defaultdict(list)
+        for o in ok:
+            groups[key(o)].append(o)
+        for g in sorted(groups):
+            os_ = groups[g]
+            p_j = math.fsum(o.final_joules for o in os_)  # type: ignore[misc]
+            t_j = math.fsum(o.truth_joules for o in os_)  # type: ignore[misc]
+            rows.append({"by": label, "group": g, "n": len(os_), "total_err_pct": _pct(p_j, t_j),
+                         "median_abs_err_pct": _quantile([abs(o.err_pct) for o in os_], 0.5),  # type: ignore[arg-type]
+                         "share_of_truth_pct": 100.0 * t_j / max(1e-9, math.fsum(
+                             o.truth_joules for o in ok))})  # type: ignore[misc]
+    return rows
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def proxy_config(setup: Setup, sims: dict[str, Server], prefill_weight: float | None) -> str:
+    lines = ["server: {host: 127.0.0.1}", "backends:"]
+    for name, sim in sims.items():
+        base = f"http://{HOST}:{sim.port}"
+        url = base + "/metrics" if setup.source == "dcgm" else base
+        lines.append(f"  - {{name: {name}, url: '{base}/v1', models: [{MODEL}], power: "
+                     f"{{source: {setup.source}, url: '{url}', interval_s: {setup.interval_s}}}}}")
+    lines.append("routing: {policy: least_loaded}")
+    energy = "energy: {idle: separate"
+    if prefill_weight is not None:
+        energy += f", prefill_weight: {prefill_weight}"
+    lines.append(energy + "}")
+    lines.append("ledger: memory://")
+    lines.append("tenants:")
+    for t, k in TENANT_KEYS.items():
+        lines.append(f"  - {{name: {t}, api_keys_sha256: ['{sha256(k)}']}}")
+    lines.append(f"admin_api_keys_sha256: ['{sha256(ADMIN_KEY)}']")
+    return "\n".join(lines) + "\n"
+
+
+def _get_json(port: int, path: str, key: str | None = None, timeout_s: float = 5.0) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(f"http://{HOST}:{port}{path}", headers=headers, timeout=timeout_s)
+    r.raise_for_status()
+    return r.json()
+
+
+def _ok(port: int, path: str) -> bool:
+    status, _, _ = http_request(port, "GET", path, timeout_s=1.0)
+    return status == 200
+
+
+class Run:
+    """The processes of one configuration; `stop()` ends them all."""
+
+    def __init__(self, setup: Setup, args: argparse.Namespace, log_dir: Path) -> None:
+        self.setup = setup
+        self.args = args
+        self.log_dir = log_dir
+        self.sims: dict[str, Server] = {}
+        self.proxy: Server | None = None
+
+    def start(self) -> None:
+        tag = self.setup.name.replace("@", "-")
+        for k, (name, profile) in enumerate(BACKENDS):
+            port = free_port()
+            argv = [sys.executable, "-m", "proxy", "sim-backend", "--profile", profile,
+                    "--port", str(port), "--model", MODEL, "--seed", str(self.args.seed + k)]
+            sim = Server(f"{tag}-sim-{name}", argv, port, self.log_dir)
+            self.sims[name] = sim
+            sim.start()
+        for sim in self.sims.values():
+            wait_until(sim, lambda s=sim: _ok(s.port, "/v1/models"), 30.0)
+        cfg = self.log_dir / f"{tag}-joulegate.yaml"
+        cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight))
+        port = free_port()
+        if self.args.plain_serve:
+            argv = [sys.executable, "-m", "proxy", "serve", "-c", str(cfg), "--port", str(port)]
+        else:
+            argv = [sys.executable, "-m", "bench.attribution", "--serve-proxy", str(cfg),
+                    "--port", str(port)]
+        self.proxy = Server(f"{tag}-proxy", argv, port, self.log_dir)
+        self.proxy.start()
+        wait_until(self.proxy, lambda: _ok(port, "/readyz"), 30.0)
+        # Power from every backend, and at least two samples' worth of it, before any request.
+        first: dict[str, float] = {}
+
+        def powered() -> bool:
+            data = _get_json(port, "/v1/energy/backends", ADMIN_KEY)["data"]
+            now = time.monotonic()
+            for b in data:
+                if b.get("power_w") is not None and b.get("power_source_healthy"):
+                    first.setdefault(b["name"], now)
+            return len(first) == len(self.sims) and all(
+                now - t >= 2.5 * self.setup.interval_s for t in first.values())
+
+        wait_until(self.proxy, powered, 30.0)
+
+    def books(self) -> dict[str, Any] | None:
+        if self.proxy is None or self.args.plain_serve:
+            return None
+        try:
+            return _get_json(self.proxy.port, BOOKS_PATH)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def sim_energy(self) -> dict[str, dict[str, float]]:
+        return {n: _get_json(s.port, "/sim/energy") for n, s in self.sims.items()}
+
+    def stop(self) -> None:
+        servers = ([self.proxy] if self.proxy else []) + list(self.sims.values())
+        for s in servers:
+            s.stop()
+
+
+def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_dir: Path
+              ) -> tuple[dict[str, Any], list[Outcome]]:
+    from proxy.sim.profiles import get_profile
+
+    run = Run(setup, args, log_dir)
+    t_start = time.monotonic()
+    try:
+        run.start()
+        assert run.proxy is not None
+        startup_s = time.monotonic() - t_start
+        sims_before = run.sim_energy()
+        tag = f"{args.seed}-{setup.name.replace('@', '-').replace('.', '_')}"
+        t_work = time.monotonic()
+        outcomes = asyncio.run(drive(plan, f"http://{HOST}:{run.proxy.port}", args.concurrency, tag))
+        workload_s = time.monotonic() - t_work
+        settle_s = asyncio.run(wait_measured(f"http://{HOST}:{run.proxy.port}", outcomes,
+                                             args.measure_timeout_s + 10 * setup.interval_s))
+        asyncio.run(fetch_truth(run.sims, outcomes))
+        books = run.books()
+        sims_after = run.sim_energy()
+        proxy_log_errors = sum(1 for line in run.proxy.log_tail(10_000).splitlines()
+                               if "Traceback" in line or " ERROR " in line)
+    finally:
+        run.stop()
+    annotate(outcomes)
+    idle_w = {name: get_profile(profile).idle_w for name, profile in BACKENDS}
+    energy = energy_books(books, sims_before, sims_after, idle_w, outcomes)
+    summary = summarize(setup, outcomes, energy)
+    summary.update(startup_s=startup_s, workload_s=workload_s, settle_s=settle_s,
+                   total_s=time.monotonic() - t_start, proxy_log_errors=proxy_log_errors,
+                   breakdown=breakdown(outcomes))
+    return summary, outcomes
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(v: float | None, nd: int = 2, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
+
+
+def targets_for(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def target(cfg: str, name: str, value: float | None, limit: float) -> None:
+        verdict = "N/A" if value is None else ("PASS" if value <= limit else "FAIL")
+        out.append({"config": cfg, "target": name, "value": value, "limit": limit, "verdict": verdict})
+
+    for s in summaries:
+        cfg = s["config"]
+        cons = s["conservation_pct"]
+        label = "conservation |attributed + idle - measured| / measured %"
+        if cons is None:
+            cons = s["conservation_ext_pct"]
+            label = "conservation (external: attributed + sims' idle vs sims' joules) %"
+        target(cfg, label, None if cons is None else abs(cons), TARGET_CONSERVATION_PCT)
+        if abs(s["interval_s"] - 0.1) < 1e-9:
+            target(cfg, "per-tenant totals max |error| %", s["tenant_max_abs_err_pct"],
+                   TARGET_100MS_TENANT_PCT)
+            target(cfg, "per-request median |error| %", s["median_abs_err_pct"], TARGET_100MS_MEDIAN_PCT)
+            target(cfg, "per-request p90 |error| %", s["p90_abs_err_pct"], TARGET_100MS_P90_PCT)
+        if abs(s["interval_s"] - 1.0) < 1e-9:
+            target(cfg, "per-tenant totals max |error| %", s["tenant_max_abs_err_pct"],
+                   TARGET_1S_TENANT_PCT)
+    return out
+
+
+def print_table(summaries: list[dict[str, Any]]) -> None:
+    cols = ["config", "reqs", "fleet err%", "cons%", "cons-ext%", "tenant max%", "req med%",
+            "req p90%", "resp med%", "measured@resp", "est@resp", "n/v@resp"]
+    rows = []
+    for s in summaries:
+        m = s["method_at_response"]
+        share = s["measured_at_response_share"]
+        rows.append([
+            s["config"], f"{s['compared']}/{s['requests']}", _f(s["fleet_err_pct"], 2, True),
+            _f(s["conservation_pct"], 4, True), _f(s["conservation_ext_pct"], 2, True),
+            _f(s["tenant_max_abs_err_pct"]), _f(s["median_abs_err_pct"], 1),
+            _f(s["p90_abs_err_pct"], 1), _f(s["response_time_median_abs_err_pct"], 1),
+            "-" if share is None else f"{100 * share:.0f}% ({m['measured']})",
+            str(m["estimated"]), str(m["not visible"]),
+        ])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def print_breakdown(s: dict[str, Any]) -> None:
+    parts = [f"{r['group']} n={r['n']} tot {_f(r['total_err_pct'], 1, True)}% "
+             f"med {_f(r['median_abs_err_pct'], 1)}%" for r in s["breakdown"]]
+    print(f"  {s['config']}: " + "; ".join(parts))
+
+
+def print_worst(s: dict[str, Any], outcomes: list[Outcome], n: int) -> None:
+    ok = sorted((o for o in outcomes if o.err_pct is not None), key=lambda o: -abs(o.err_pct or 0))
+    print(f"\nworst {n} requests of {s['config']} (err% = (proxy - truth) / truth; conc = mean "
+          "requests on that engine during it; idle = engine idle s before/after it)")
+    print("   err%  tenant   kind        stream  be    prompt  compl  dur_s  ttft_s  conc  "
+          "idle_b  idle_a  truth_J  proxy_J")
+    for o in ok[:n]:
+        dur = (o.truth_end_s or 0) - (o.truth_arrival_s or 0)
+        ttft = (o.truth_first_s - o.truth_arrival_s) if o.truth_first_s and o.truth_arrival_s else None
+        stream = ("yes+u" if o.include_usage else "yes") if o.stream else "no"
+        print(f"{o.err_pct:+7.1f}  {o.tenant:<7}  {o.kind:<10}  {stream:<6}  {o.backend or '?':<4}  "
+              f"{o.truth_prompt_tokens or 0:>6}  {o.truth_completion_tokens or 0:>5}  {dur:5.2f}  "
+              f"{_f(ttft, 3):>6}  {_f(o.backend_concurrency, 1):>4}  {_f(o.idle_before_s, 2):>6}  "
+              f"{_f(o.idle_after_s, 2):>6}  {o.truth_joules or 0:7.2f}  {o.final_joules or 0:7.2f}")
+
+
+# ----------------------------------------------------------------------------- proxy wrapper
+
+
+def serve_proxy(config_path: str, port: int) -> int:
+    """`joulegate serve -c CONFIG --port P` (one worker), plus GET /_bench/books."""
+    import logging
+
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.config import load_config
+
+    config = load_config(config_path)
+    config.server = config.server.model_copy(update={"port": port})
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    keys = ("finalized_joules_attributed", "finalized_joules_idle", "carried_joules",
+            "finalized_joules_measured", "first_finalized_s", "finalized_until_s", "open_requests")
+
+    def books() -> dict[str, Any]:
+        out = {}
+        for name, meter in getattr(getattr(app, "meter", None), "meters", {}).items():
+            a = getattr(meter, "attributor", None)
+            out[name] = {k: getattr(a, k, None) for k in keys}
+        return out
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == BOOKS_PATH:
+            body = json.dumps(books()).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    uvicorn.run(wrapped, host=config.server.host, port=port, loop="uvloop", http="httptools",
+                access_log=False, log_level="info", lifespan="on",
+                timeout_graceful_shutdown=config.server.drain_timeout_s or None)
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.attribution",
+        description="Per-request energy attribution vs simulator ground truth.",
+    )
+    ap.add_argument("--quick", action="store_true",
+                    help="120 requests, only sim@100ms and dcgm@1s")
+    ap.add_argument("--requests", type=int, default=None, help="requests per configuration "
+                    "(default 200; 120 with --quick)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=16, help="max requests in flight")
+    ap.add_argument("--only", default=None,
+                    help="comma list of configs to run, e.g. sim@100ms,dcgm@1s")
+    ap.add_argument("--prefill-weight", type=float, default=None,
+                    help="energy.prefill_weight for the proxy (default: the proxy's own default)")
+    ap.add_argument("--plain-serve", action="store_true",
+                    help="run the stock `joulegate serve` (no books: external conservation only)")
+    ap.add_argument("--measure-timeout-s", type=float, default=30.0,
+                    help="how long to wait for every request to turn measured")
+    ap.add_argument("--worst", type=int, default=10, help="worst requests listed for a missed target")
+    ap.add_argument("--out", type=Path, default=None, help="JSON output path")
+    ap.add_argument("--serve-proxy", metavar="CONFIG", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_proxy:
+        return args
+    setups = QUICK_SETUPS if args.quick else DEFAULT_SETUPS
+    if args.only:
+        by_name = {s.name: s for s in DEFAULT_SETUPS}
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        bad = [n for n in names if n not in by_name]
+        if bad or not names:
+            ap.error(f"--only: unknown config(s) {bad}; choose from {','.join(by_name)}")
+        setups = tuple(by_name[n] for n in names)
+    args.setups = setups
+    if args.requests is None:
+        args.requests = 120 if args.quick else 200
+    if args.requests < 1 or args.concurrency < 1:
+        ap.error("--requests and --concurrency must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_proxy:
+        return serve_proxy(args.serve_proxy, args.port)
+    plan = make_plan(args.requests, args.seed)
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="jg-attr-"))
+    kinds = defaultdict(int)
+    for p in plan:
+        kinds[p.kind if p.kind == "embedding" else ("stream" if p.stream else "non-stream")] += 1
+    print(f"{len(plan)} requests per config (seed {args.seed}; {dict(kinds)}; arrivals over "
+          f"{plan[-1].at_s:.1f} s in bursts; concurrency <= {args.concurrency}); configs: "
+          f"{', '.join(s.name for s in args.setups)}; logs in {tmp}", flush=True)
+    summaries: list[dict[str, Any]] = []
+    all_outcomes: dict[str, list[Outcome]] = {}
+    problems: list[str] = []
+    with signals_as_interrupt():
+        try:
+            for setup in args.setups:
+                try:
+                    summary, outcomes = run_setup(setup, args, plan, tmp)
+                except (OSError, RuntimeError, httpx.HTTPError) as exc:
+                    problems.append(f"{setup.name}: {type(exc).__name__}: {exc}")
+                    print(f"{setup.name}: FAILED: {exc}", file=sys.stderr, flush=True)
+                    continue
+                summaries.append(summary)
+                all_outcomes[setup.name] = outcomes
+                print(f"{setup.name}: {summary['compared']} compared, fleet "
+                      f"{_f(summary['fleet_err_pct'], 2, True)}%, median "
+                      f"{_f(summary['median_abs_err_pct'], 1)}%, run {summary['total_s']:.0f} s "
+                      f"(workload {summary['workload_s']:.0f} s, settle {summary['settle_s']:.1f} s)",
+                      flush=True)
+                for what in ("errors", "not_measured", "token_mismatches", "tenant_mismatches",
+                             "proxy_log_errors"):
+                    if summary[what]:
+                        problems.append(f"{setup.name}: {summary[what]} {what.replace('_', ' ')}")
+        except KeyboardInterrupt:
+            print("\ninterrupted; processes stopped", file=sys.stderr)
+            return 130
+
+    print()
+    print_table(summaries)
+    targets = targets_for(summaries)
+    print()
+    for t in targets:
+        print(f"{t['verdict']:<4}  {t['config']:<10} {t['target']}: {_f(t['value'], 3)} "
+              f"(limit {t['limit']:g})")
+    print("\nerror by request class and backend (tot = signed error of the group's total, "
+          "med = median |error|):")
+    for s in summaries:
+        print_breakdown(s)
+    failed = {t["config"] for t in targets if t["verdict"] == "FAIL"}
+    for s in summaries:
+        if s["config"] in failed:
+            print_worst(s, all_outcomes[s["config"]], args.worst)
+    print("\nconservation: cons% = (sum of final joules from the API + the proxy's idle joules "
+          "- the simulators' counters over the proxy's settled window) / that; cons-ext% = "
+          "(sum attributed + the simulators' own idle - the simulators' joules) / the latter.")
+    for p in problems:
+        print(f"problem: {p}")
+
+    result = {
+        "started_unix_s": started,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                 "python": platform.python_version(), "platform": platform.platform(),
+                 "openai": openai.__version__},
+        "settings": {"requests": args.requests, "seed": args.seed, "concurrency": args.concurrency,
+                     "configs": [s.name for s in args.setups], "prefill_weight": args.prefill_weight,
+                     "plain_serve": args.plain_serve, "backends": dict(BACKENDS),
+                     "tenant_mix": TENANT_MIX},
+        "plan": [asdict(p) for p in plan],
+        "configs": summaries,
+        "targets": targets,
+        "requests": {name: [asdict(o) for o in outs] for name, outs in all_outcomes.items()},
+        "problems": problems,
+    }
+    out = args.out
+    if out is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out = RESULTS_DIR / f"attribution-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json"
+    out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    print(f"\nwrote {out}")
+    if problems:
+        print(f"logs kept in {tmp}")
+        return 1
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
