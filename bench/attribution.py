@@ -35,12 +35,11 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -126,8 +125,8 @@ def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi:
 
 
 def make_plan(n: int, seed: int) -> list[Planned]:
-    """The workload for `seed`: bursts (mean 12 requests, ~50 ms apart) separated by idle gaps
-    (mostly 0.6-1.8 s, one in four 2.5-4 s); prompts 20..2000 tokens and outputs 8..512
+    """The workload for `seed`: bursts (mean 14 requests, ~50 ms apart) separated by idle gaps
+    (mostly 0.4-1.2 s, one in five 2-3.5 s); prompts 20..2000 tokens and outputs 8..512
     tokens, log-normal per tenant."""
     rng = random.Random(seed)
     tenants = list(TENANT_MIX)
@@ -135,7 +134,7 @@ def make_plan(n: int, seed: int) -> list[Planned]:
     plan: list[Planned] = []
     t_s = 0.0
     while len(plan) < n:
-        burst = min(n - len(plan), 1 + int(rng.expovariate(1 / 11)))
+        burst = min(n - len(plan), 1 + int(rng.expovariate(1 / 13)))
         for _ in range(burst):
             t_s += rng.expovariate(1 / 0.05)
             tenant = rng.choices(tenants, weights)[0]
@@ -150,7 +149,7 @@ def make_plan(n: int, seed: int) -> list[Planned]:
             include_usage = stream and rng.random() < 0.7
             output = _lognormal_int(rng, mix["output"], 0.9, 8, 512)
             plan.append(Planned(len(plan), t_s, tenant, kind, stream, include_usage, prompt, output))
-        t_s += rng.uniform(0.6, 1.8) if rng.random() < 0.75 else rng.uniform(2.5, 4.0)
+        t_s += rng.uniform(0.4, 1.2) if rng.random() < 0.8 else rng.uniform(2.0, 3.5)
     return plan
 
 

@@ -180,7 +180,8 @@ class Relay:
             headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
             backend.in_flight += 1
             sent_s = time.time()
-            self.meter.open(backend.name, record.request_id, sent_s, record.stream, 0)
+            # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
+            self.meter.open(backend.name, record.request_id, sent_s, record.stream, len(body) // 4)
             try:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
