@@ -82,3 +82,28 @@ def test_sigterm_drains_in_flight_streams(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_client_disconnect_frees_the_gpu_and_timeouts_answer_504(tmp_path: Path) -> None:
+    sim = SimBackend("l4-llama3.1-8b", tmp_path, seed=4)
+    config = _config({"only": sim}).replace("server: {health_interval_s: 30}",
+                                            "server: {health_interval_s: 30, request_timeout_s: 1.0}")
+    proxy = ProxyProc(config, tmp_path)
+    try:
+        c = _client(proxy)
+        raw = c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=300, stream=True, extra_headers={"x-request-id": "gone-1"})
+        chunks = iter(raw.parse())
+        next(chunks)
+        raw.http_response.close()  # the client walks away mid-stream
+        # The proxy closes its upstream request, so the simulated GPU stops generating for it.
+        wait_until(lambda: sim.truth("gone-1").get("end_s") is not None, 10, "the backend to drop the request")
+        assert sim.truth("gone-1")["completion_tokens"] < 300
+        # A non-streamed answer that takes longer than request_timeout_s: 504, OpenAI-shaped.
+        with pytest.raises(openai.InternalServerError) as info:
+            c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=300)
+        assert info.value.status_code == 504
+        assert info.value.code == "upstream_timeout"
+    finally:
+        proxy.stop()
+        sim.stop()
