@@ -42,7 +42,7 @@ class JouleGate:
         self.pool = BackendPool(config)
         self.auth = Authenticator(config)
         self.policy = make_policy(config.routing.policy)
-        self.metrics = Metrics()
+        self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
         self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
         self.meter = EnergyMeter(config, self.accounting.measured)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from proxy.config import ConfigError, load_config
@@ -104,6 +105,9 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     if args.workers > 1:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Workers share their metrics through files here (prometheus-client multiprocess mode).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="joulegate-metrics-")
         os.environ["JOULEGATE_CONFIG"] = os.path.abspath(args.config)
         os.environ["JOULEGATE_SERVER_OVERRIDES"] = json.dumps(overrides)
         uvicorn.run("proxy.app:app_from_env", factory=True, workers=args.workers, **common)

@@ -1,8 +1,22 @@
-"""Prometheus metrics, on prometheus-client's registry: names, labels, units."""
+"""Prometheus metrics, on prometheus-client's registry: names, labels, units.
+
+With several uvicorn workers, `joulegate serve` sets PROMETHEUS_MULTIPROC_DIR before the
+workers start; every worker then writes its samples there and any worker's /metrics answers
+for all of them (gauges say how workers combine: summed or the latest maximum).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from proxy.records import RequestRecord
 
@@ -12,16 +26,20 @@ _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 class Metrics:
     """The proxy's own metrics. Tenant is never a label here (unbounded cardinality)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # Tenant as a label only when asked: tenants are unbounded, Prometheus series are not.
+        self.tenant_label = tenant_label
+        t = ["tenant"] if tenant_label else []
         r = self.registry
         self.requests = Counter(
             "joulegate_requests", "Requests relayed, by backend, model and HTTP status.",
-            ["backend", "model", "status"], registry=r,
+            ["backend", "model", "status", *t], registry=r,
         )
         self.tokens = Counter(
             "joulegate_tokens", "Tokens served, by backend, model and kind (prompt|completion).",
-            ["backend", "model", "kind"], registry=r,
+            ["backend", "model", "kind", *t], registry=r,
         )
         self.duration_s = Histogram(
             "joulegate_request_duration_seconds", "Wall time from request start to last byte.",
@@ -31,52 +49,58 @@ class Metrics:
             "joulegate_time_to_first_token_seconds", "Streamed requests: start to first token.",
             ["backend", "model"], buckets=_LATENCY_BUCKETS_S, registry=r,
         )
-        self.backend_up = Gauge("joulegate_backend_up", "1 when the backend is healthy.", ["backend"], registry=r)
+        self.backend_up = Gauge("joulegate_backend_up", "1 when the backend is healthy.", ["backend"], multiprocess_mode="livemax", registry=r)
         self.backend_in_flight = Gauge(
-            "joulegate_backend_in_flight", "Requests this proxy has open on the backend.", ["backend"], registry=r,
+            "joulegate_backend_in_flight", "Requests this proxy has open on the backend.", ["backend"], multiprocess_mode="livesum", registry=r,
         )
 
         self.energy_j = Counter(
-            "joulegate_energy_joules", "Measured joules attributed to requests, by backend and model.",
-            ["backend", "model"], registry=r,
+            "joulegate_energy_joules", "Joules attributed to requests (as booked), by backend and model.",
+            ["backend", "model", *t], registry=r,
         )
-        self.backend_power_w = Gauge("joulegate_backend_power_watts", "Latest power reading.", ["backend"], registry=r)
+        self.backend_power_w = Gauge("joulegate_backend_power_watts", "Latest power reading.", ["backend"], multiprocess_mode="livemax", registry=r)
         self.backend_idle_w = Gauge(
-            "joulegate_backend_idle_watts", "Average power while nothing was in flight.", ["backend"], registry=r,
+            "joulegate_backend_idle_watts", "Average power while nothing was in flight.", ["backend"], multiprocess_mode="livemax", registry=r,
         )
         self.backend_tokens_per_joule = Gauge(
             "joulegate_backend_tokens_per_joule", "Completion tokens per joule over recent requests.",
-            ["backend"], registry=r,
+            ["backend"], multiprocess_mode="livemax", registry=r,
         )
 
         self.ledger_buffered = Gauge(
-            "joulegate_ledger_buffered_records", "Ledger records not yet durable (memory and journal).", registry=r,
+            "joulegate_ledger_buffered_records", "Ledger records not yet durable (memory and journal).", multiprocess_mode="livesum", registry=r,
         )
         self.ledger_flush_lag_s = Gauge(
-            "joulegate_ledger_flush_lag_seconds", "Age of the oldest record not yet flushed.", registry=r,
+            "joulegate_ledger_flush_lag_seconds", "Age of the oldest record not yet flushed.", multiprocess_mode="livemax", registry=r,
         )
         self.awaiting_final = Gauge(
-            "joulegate_energy_awaiting_final", "Answered requests waiting for their measured energy.", registry=r,
+            "joulegate_energy_awaiting_final", "Answered requests waiting for their measured energy.", multiprocess_mode="livesum", registry=r,
         )
 
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's final (measured) joules."""
         if record.joules is not None:
-            self.energy_j.labels(record.backend or "none", record.model).inc(record.joules)
+            t = (record.tenant,) if self.tenant_label else ()
+            self.energy_j.labels(record.backend or "none", record.model, *t).inc(record.joules)
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""
         backend = record.backend or "none"
-        self.requests.labels(backend, record.model, str(record.status)).inc()
+        t = (record.tenant,) if self.tenant_label else ()
+        self.requests.labels(backend, record.model, str(record.status), *t).inc()
         if record.prompt_tokens:
-            self.tokens.labels(backend, record.model, "prompt").inc(record.prompt_tokens)
+            self.tokens.labels(backend, record.model, "prompt", *t).inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(backend, record.model, "completion").inc(record.completion_tokens)
+            self.tokens.labels(backend, record.model, "completion", *t).inc(record.completion_tokens)
         if record.end_s is not None:
             self.duration_s.labels(backend, record.model).observe(record.end_s - record.start_s)
         if record.first_token_s is not None:
             self.ttft_s.labels(backend, record.model).observe(record.first_token_s - record.start_s)
 
     def render(self) -> bytes:
-        """Prometheus text exposition."""
+        """Prometheus text exposition (all workers' samples when several run)."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -98,12 +98,13 @@ class SimBackend(Proc):
 
 
 class ProxyProc(Proc):
-    def __init__(self, config_text: str, tmp: Path, wait_ready: bool = True) -> None:
+    def __init__(self, config_text: str, tmp: Path, wait_ready: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp / f"joulegate-{self.port}.yaml"
         self.config_path.write_text(config_text)
-        super().__init__(["serve", "-c", str(self.config_path), "--port", str(self.port)],
+        super().__init__(["serve", "-c", str(self.config_path), "--port", str(self.port), *extra_args],
                          tmp / f"proxy-{self.port}.log", "proxy")
         check = "/readyz" if wait_ready else "/healthz"
         wait_until(lambda: self.popen.poll() is not None or _answers(self.url + check), 30, "proxy to be ready")
