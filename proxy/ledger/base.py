@@ -37,6 +37,9 @@ from proxy.ledger.usage import (
 if TYPE_CHECKING:
     from proxy.ledger.sqlite import Journal
 
+#: The first budget read of a tenant and period waits at most this long for the store (s).
+_FIRST_READ_TIMEOUT_S = 0.25
+
 log = logging.getLogger("joulegate.ledger")
 
 DAY_S = 86_400
@@ -164,8 +167,14 @@ class BufferedLedger(Ledger):
         self._inflight_since: float | None = None
         # Micro-joules recorded but not yet in the store, per (tenant, hour_s): budgets see them.
         self._pending: dict[tuple[str, int], int] = {}
-        self._store_cache: dict[tuple[str, int], tuple[float, int]] = {}
-        self._store_gen = 0  # bumped by every flush that wrote; a read from before is not cached
+        # (tenant, since_hour) -> (monotonic read time, store generation the read began at, µJ).
+        self._store_cache: dict[tuple[str, int], tuple[float, int, int]] = {}
+        self._store_gen = 0  # bumped by every flush that wrote
+        # µJ that left `_pending` for the store, by the generation that made them durable: a
+        # cached store figure read before that generation does not include them yet.
+        self._settled: dict[int, dict[tuple[str, int], int]] = {}
+        self._refreshing: set[tuple[str, int]] = set()
+        self._refresh_tasks: set[asyncio.Task[None]] = set()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger")
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -292,16 +301,24 @@ class BufferedLedger(Ledger):
             self._record_errors += 1
             log.exception("ledger: could not record a request")
 
-    def _settle(self, records: Iterable[LedgerRecord]) -> None:
-        """These records are in the store now: stop counting them as pending."""
+    def _settle(self, records: Iterable[LedgerRecord], *, stored: bool = True) -> None:
+        """These records are in the store (or the journal) now: stop counting them as pending."""
         pending = self._pending
         for rec in records:
             key = (rec.tenant, hour_floor_s(rec.end_s))
-            left = pending.get(key, 0) - joules_to_uj(rec.joules)
+            uj = joules_to_uj(rec.joules)
+            if stored:
+                self._note_stored(key, uj)
+            left = pending.get(key, 0) - uj
             if left:
                 pending[key] = left
             else:
                 pending.pop(key, None)
+
+    def _note_stored(self, key: tuple[str, int], uj: int) -> None:
+        """Remember µJ made durable by the flush now running, until cached figures include it."""
+        settled = self._settled.setdefault(self._store_gen + 1, {})
+        settled[key] = settled.get(key, 0) + uj
 
     # ---- flushing -----------------------------------------------------------------------------
     async def flush(self) -> int:
@@ -359,7 +376,6 @@ class BufferedLedger(Ledger):
         if written:
             self._records_written += written
             self._store_gen += 1
-            self._store_cache.clear()  # the store's share moved; pending shrank to match
 
     def _restore_inflight(self) -> None:
         """Put the records of a failed flush back in front of those recorded since."""
@@ -396,7 +412,7 @@ class BufferedLedger(Ledger):
             self._buffer = {**{r.request_id: r for r in records}, **self._buffer}
             self._buffer_since = since
             return
-        self._settle(records)  # their pending share now comes from the journal
+        self._settle(records, stored=False)  # their pending share now comes from the journal
         if self._journal_since is None:
             self._journal_since = since if since is not None else time.monotonic()
         await self._refresh_journal_pending()
@@ -414,6 +430,8 @@ class BufferedLedger(Ledger):
                 if not records:
                     break
                 written += await self._write_chunk(records)
+                for rec in records:  # from the journal's share to the store's
+                    self._note_stored((rec.tenant, hour_floor_s(rec.end_s)), joules_to_uj(rec.joules))
                 await self._run_io(self._journal.delete_through, seq)
         finally:
             await self._refresh_journal_pending()
@@ -457,23 +475,54 @@ class BufferedLedger(Ledger):
                        if t == tenant and h >= since_hour)
         key = (tenant, since_hour)
         cached = self._store_cache.get(key)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self.store_cache_s:
-            stored = cached[1]
-        else:
-            gen = self._store_gen
-            try:
-                stored = await self._stored_tenant_uj(tenant, since_hour)
-            except Exception as exc:
-                # The store is down: budgets keep working on the last figure we had.
-                log.debug("ledger: tenant_joules from store failed: %s", exc)
-                stored = cached[1] if cached is not None else 0
-            else:
-                if len(self._store_cache) > 10_000:
-                    self._store_cache.clear()
-                if gen == self._store_gen:
-                    self._store_cache[key] = (now, stored)
+        if cached is None:
+            # First ask for this tenant and period: wait for the store, but only briefly.
+            await self._refresh_store_figure(key, timeout_s=_FIRST_READ_TIMEOUT_S)
+            cached = self._store_cache.get(key)
+        elif time.monotonic() - cached[0] >= self.store_cache_s and key not in self._refreshing:
+            # Stale: answer from the cache now and refresh it off the request path, so a slow
+            # or hung store never delays a request.
+            task = asyncio.get_running_loop().create_task(self._refresh_store_figure(key, None))
+            self._refresh_tasks.add(task)
+            task.add_done_callback(self._refresh_tasks.discard)
+        if cached is None:
+            return pending / UJ_PER_J
+        read_at_s, gen, stored = cached
+        # What flushes made durable after that read began is in neither `pending` nor `stored`.
+        for settled_gen, settled in self._settled.items():
+            if settled_gen > gen:
+                stored += sum(uj for (t, h), uj in settled.items() if t == tenant and h >= since_hour)
         return (stored + pending) / UJ_PER_J
+
+    async def _refresh_store_figure(self, key: tuple[str, int], timeout_s: float | None) -> None:
+        """Read a tenant's stored µJ since an hour into the cache; one read per key at a time."""
+        if key in self._refreshing:
+            return
+        self._refreshing.add(key)
+        gen = self._store_gen
+        previous = self._store_cache.get(key)
+        try:
+            read = self._stored_tenant_uj(*key)
+            stored = await (asyncio.wait_for(read, timeout_s) if timeout_s else read)
+        except Exception as exc:
+            # The store is down or slow: keep the last figure, and probe again only after
+            # store_cache_s (re-stamped), not on every request.
+            log.debug("ledger: tenant_joules from store failed: %s", exc)
+            if previous is not None:
+                self._store_cache[key] = (time.monotonic(), previous[1], previous[2])
+            return
+        finally:
+            self._refreshing.discard(key)
+        if len(self._store_cache) > 10_000:
+            self._store_cache.clear()
+        self._store_cache[key] = (time.monotonic(), gen, stored)
+        self._prune_settled()
+
+    def _prune_settled(self) -> None:
+        """Forget settled amounts that every cached figure already includes."""
+        oldest = min((g for _, g, _ in self._store_cache.values()), default=self._store_gen)
+        for settled_gen in [g for g in self._settled if g <= oldest]:
+            del self._settled[settled_gen]
 
     @property
     def stats(self) -> LedgerStats:
