@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -209,6 +210,8 @@ class Outcome:
     idle_before_s: float | None = None  # the engine was idle this long before it arrived (0: busy)
     idle_after_s: float | None = None  # ... and after it ended
     err_pct: float | None = None  # (final - truth) / truth, %
+    prefill_share: float | None = None  # of the true joules, the prompt's prefill
+    near_idle_edge: bool | None = None  # in flight within one interval of an idle/busy edge
 
 
 def _energy_of_usage(usage: Any) -> dict[str, Any] | None:
@@ -263,8 +266,14 @@ def _from_headers(headers: httpx.Headers, o: Outcome) -> None:
 
 async def drive(plan: list[Planned], proxy_url: str, concurrency: int, tag: str) -> list[Outcome]:
     """Replay the plan in real time against the proxy; at most `concurrency` in flight."""
+    # No retries (a retry would reuse the x-request-id), so no race either: the SDK's httpx pool
+    # keeps idle connections 5 s, exactly uvicorn's keep-alive timeout, and a request sent on a
+    # connection at that instant fails with "Server disconnected without sending a response"
+    # (about 1 in 50 requests sent 4.97-5.03 s after the previous one, here). Expire them first.
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0)
     clients = {t: openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=k, max_retries=0,
-                                     timeout=300.0)
+                                     timeout=300.0,
+                                     http_client=openai.DefaultAsyncHttpxClient(limits=limits))
                for t, k in TENANT_KEYS.items()}
     sem = asyncio.Semaphore(concurrency)
     t0 = time.monotonic() + 0.1
@@ -344,16 +353,33 @@ async def fetch_truth(sims: dict[str, Server], outcomes: list[Outcome]) -> None:
         await asyncio.gather(*(one(o) for o in outcomes if o.error is None))
 
 
-def annotate(outcomes: list[Outcome]) -> None:
-    """Per request: error, mean engine concurrency during it, idle time around it."""
+def annotate(outcomes: list[Outcome], interval_s: float, prefill_j_per_token: dict[str, float]
+             ) -> None:
+    """Per request: error, share of its true joules that is prefill, mean engine concurrency
+    during it, idle time around it, and whether it is in flight within one sampling interval
+    of an engine idle/busy transition."""
     by_backend: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
         if o.truth_arrival_s is not None and o.truth_end_s is not None:
             by_backend[o.backend or ""].append(o)
         if o.final_joules is not None and o.truth_joules:
             o.err_pct = 100.0 * (o.final_joules - o.truth_joules) / o.truth_joules
+            pj = prefill_j_per_token.get(o.backend or "")
+            if pj is not None and o.truth_prompt_tokens is not None:
+                o.prefill_share = min(1.0, pj * o.truth_prompt_tokens / o.truth_joules)
     for group in by_backend.values():
         spans = sorted((o.truth_arrival_s, o.truth_end_s) for o in group)  # type: ignore[misc]
+        # Busy periods of the engine: the union of its requests' spans; their ends are the
+        # idle/busy transitions.
+        edges: list[float] = []
+        cur_s, cur_e = spans[0]
+        for s_, e_ in spans[1:]:
+            if s_ > cur_e:
+                edges += [cur_s, cur_e]
+                cur_s, cur_e = s_, e_
+            else:
+                cur_e = max(cur_e, e_)
+        edges += [cur_s, cur_e]
         for o in group:
             a, b = o.truth_arrival_s, o.truth_end_s
             assert a is not None and b is not None
@@ -365,6 +391,28 @@ def annotate(outcomes: list[Outcome]) -> None:
             later = [s for s, e in spans if e > b or s > b]
             o.idle_after_s = 0.0 if any(s <= b for s in later) else (
                 min(later) - b if later else None)
+            o.near_idle_edge = any(a < t + interval_s and b > t - interval_s for t in edges)
+
+
+def calibration(outcomes: list[Outcome], prefill_j_per_token: dict[str, float]
+                ) -> dict[str, dict[str, float | None]]:
+    """Per backend, from the ground truth: decode joules per decode token during this run and
+    the prefill weight that would make one prompt token cost what it really cost (the proxy's
+    `energy.prefill_weight` is one number for every backend)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, pj in prefill_j_per_token.items():
+        dec_j = dec_n = 0.0
+        for o in outcomes:
+            if (o.backend == name and o.kind != "embedding" and o.truth_joules
+                    and o.truth_prompt_tokens and o.truth_completion_tokens):
+                # The first token comes out of the prefill step, which the simulator bills as
+                # prefill; each later token is one decode step's share.
+                dec_j += o.truth_joules - pj * o.truth_prompt_tokens
+                dec_n += o.truth_completion_tokens - 1
+        per_tok = dec_j / dec_n if dec_n else None
+        out[name] = {"prefill_j_per_token": pj, "decode_j_per_token": per_tok,
+                     "implied_prefill_weight": pj / per_tok if per_tok else None}
+    return out
 
 
 def _pct(a: float, b: float) -> float | None:
@@ -457,34 +505,49 @@ def energy_books(books: dict[str, Any] | None, sims_before: dict[str, dict[str, 
     }
     if not books:
         return out
-    window_j, proxy_j, internal = [], [], []
+    window_j, proxy_j, internal, idle_excess, busy_j = [], [], [], [], []
+    window_ok = True
     detail = {}
     for name, b in books.items():
         first_s, until_s = b.get("first_finalized_s"), b.get("finalized_until_s")
         before, after = sims_before.get(name), sims_after.get(name)
         if first_s is None or until_s is None or before is None or after is None:
             return out
-        # The counter at the window's ends: idle on both sides (checked by the caller's order:
-        # `before` is read after the first sample and before the first request, `after` once all
-        # are measured, after the last request ended).
+        # The counter at the window's ends, extrapolated at idle power: valid only if the window
+        # starts before `before` was read (before any request) and ends after the last request
+        # on this engine ended and before `after` was read.
+        last_end = max((o.truth_end_s for o in outcomes if o.backend == name and o.truth_end_s),
+                       default=first_s)
+        if not (first_s <= before["t"] and last_end <= until_s <= after["t"]):
+            window_ok = False
         e_first = before["joules"] - idle_w[name] * (before["t"] - first_s)
         e_until = after["joules"] - idle_w[name] * (after["t"] - until_s)
         sim_window = e_until - e_first
         attributed, idle = b["finalized_joules_attributed"], b["finalized_joules_idle"]
         carried = b.get("carried_joules") or 0.0
+        sim_idle = ((after["idle_joules"] - idle_w[name] * (after["t"] - until_s))
+                    - (before["idle_joules"] - idle_w[name] * (before["t"] - first_s)))
         window_j.append(sim_window)
         proxy_j.append(per_backend_api[name] + idle + carried)
+        idle_excess.append(idle + carried - sim_idle)
+        busy_j.append(sim_window - sim_idle)
         internal.append(abs(attributed + idle + carried - b["finalized_joules_measured"]))
         detail[name] = {
             "sim_window_j": sim_window, "proxy_measured_j": b["finalized_joules_measured"],
             "proxy_attributed_j": attributed, "api_attributed_j": per_backend_api[name],
             "proxy_idle_j": idle, "proxy_carried_j": carried,
             "timeline_vs_counter_pct": _pct(b["finalized_joules_measured"], sim_window),
+            "sim_idle_window_j": sim_idle, "idle_excess_j": idle + carried - sim_idle,
             "window_s": until_s - first_s,
         }
     total_window = math.fsum(window_j)
     out["conservation_pct"] = _pct(math.fsum(proxy_j), total_window)
+    out["conservation_window_ok"] = window_ok
     out["books_internal_abs_j"] = math.fsum(internal)
+    # Busy joules the proxy booked as idle (> 0) or idle joules it billed (< 0), as a share of
+    # the joules the engines spent on requests in the window.
+    out["idle_excess_j"] = math.fsum(idle_excess)
+    out["idle_excess_pct_of_busy"] = 100.0 * math.fsum(idle_excess) / math.fsum(busy_j)
     out["books_detail"] = detail
     return out
 
@@ -498,8 +561,16 @@ def breakdown(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             return "embedding"
         return "stream" if o.stream else "non-stream"
 
+    def prefill(o: Outcome) -> str:
+        share = o.prefill_share or 0.0
+        return "prefill<10%" if share < 0.1 else ("prefill10-40%" if share < 0.4 else "prefill>=40%")
+
+    def edge(o: Outcome) -> str:
+        return "near-idle-edge" if o.near_idle_edge else "inside-busy"
+
     rows = []
-    for label, key in (("class", cls), ("backend", lambda o: o.backend or "?")):
+    for label, key in (("class", cls), ("backend", lambda o: o.backend or "?"),
+                       ("prefill", prefill), ("edge", edge)):
         groups: dict[str, list[Outcome]] = defaultdict(list)
         for o in ok:
             groups[key(o)].append(o)
@@ -640,13 +711,15 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
                                if "Traceback" in line or " ERROR " in line)
     finally:
         run.stop()
-    annotate(outcomes)
-    idle_w = {name: get_profile(profile).idle_w for name, profile in BACKENDS}
+    profiles = {name: get_profile(profile) for name, profile in BACKENDS}
+    prefill_j = {name: p.prefill_j_per_token() for name, p in profiles.items()}
+    annotate(outcomes, setup.interval_s, prefill_j)
+    idle_w = {name: p.idle_w for name, p in profiles.items()}
     energy = energy_books(books, sims_before, sims_after, idle_w, outcomes)
     summary = summarize(setup, outcomes, energy)
     summary.update(startup_s=startup_s, workload_s=workload_s, settle_s=settle_s,
                    total_s=time.monotonic() - t_start, proxy_log_errors=proxy_log_errors,
-                   breakdown=breakdown(outcomes))
+                   breakdown=breakdown(outcomes), calibration=calibration(outcomes, prefill_j))
     return summary, outcomes
 
 
@@ -707,9 +780,18 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
 
 
 def print_breakdown(s: dict[str, Any]) -> None:
-    parts = [f"{r['group']} n={r['n']} tot {_f(r['total_err_pct'], 1, True)}% "
-             f"med {_f(r['median_abs_err_pct'], 1)}%" for r in s["breakdown"]]
-    print(f"  {s['config']}: " + "; ".join(parts))
+    print(f"  {s['config']}:")
+    for by in ("class", "backend", "prefill", "edge"):
+        parts = [f"{r['group']} n={r['n']} tot {_f(r['total_err_pct'], 1, True)}% "
+                 f"med {_f(r['median_abs_err_pct'], 1)}%" for r in s["breakdown"] if r["by"] == by]
+        print("    " + "; ".join(parts))
+    if s.get("idle_excess_j") is not None:
+        print(f"    proxy idle - engine idle over the window: {s['idle_excess_j']:+.1f} J "
+              f"({s['idle_excess_pct_of_busy']:+.2f}% of the engines' busy joules)")
+    cal = s.get("calibration") or {}
+    print("    implied prefill_weight from the truth: " + ", ".join(
+        f"{n} {_f(c['implied_prefill_weight'], 3)} ({_f(c['prefill_j_per_token'], 3)} J/prompt tok"
+        f" vs {_f(c['decode_j_per_token'], 3)} J/decode tok)" for n, c in cal.items()))
 
 
 def print_worst(s: dict[str, Any], outcomes: list[Outcome], n: int) -> None:
@@ -717,7 +799,7 @@ def print_worst(s: dict[str, Any], outcomes: list[Outcome], n: int) -> None:
     print(f"\nworst {n} requests of {s['config']} (err% = (proxy - truth) / truth; conc = mean "
           "requests on that engine during it; idle = engine idle s before/after it)")
     print("   err%  tenant   kind        stream  be    prompt  compl  dur_s  ttft_s  conc  "
-          "idle_b  idle_a  truth_J  proxy_J")
+          "idle_b  idle_a  edge  pf%  truth_J  proxy_J")
     for o in ok[:n]:
         dur = (o.truth_end_s or 0) - (o.truth_arrival_s or 0)
         ttft = (o.truth_first_s - o.truth_arrival_s) if o.truth_first_s and o.truth_arrival_s else None
@@ -725,7 +807,8 @@ def print_worst(s: dict[str, Any], outcomes: list[Outcome], n: int) -> None:
         print(f"{o.err_pct:+7.1f}  {o.tenant:<7}  {o.kind:<10}  {stream:<6}  {o.backend or '?':<4}  "
               f"{o.truth_prompt_tokens or 0:>6}  {o.truth_completion_tokens or 0:>5}  {dur:5.2f}  "
               f"{_f(ttft, 3):>6}  {_f(o.backend_concurrency, 1):>4}  {_f(o.idle_before_s, 2):>6}  "
-              f"{_f(o.idle_after_s, 2):>6}  {o.truth_joules or 0:7.2f}  {o.final_joules or 0:7.2f}")
+              f"{_f(o.idle_after_s, 2):>6}  {'yes' if o.near_idle_edge else 'no':>4}  "
+              f"{100 * (o.prefill_share or 0):3.0f}  {o.truth_joules or 0:7.2f}  {o.final_joules or 0:7.2f}")
 
 
 # ----------------------------------------------------------------------------- proxy wrapper
@@ -820,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_proxy(args.serve_proxy, args.port)
     plan = make_plan(args.requests, args.seed)
     started = time.time()
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="jg-attr-"))
     kinds = defaultdict(int)
     for p in plan:
@@ -827,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(plan)} requests per config (seed {args.seed}; {dict(kinds)}; arrivals over "
           f"{plan[-1].at_s:.1f} s in bursts; concurrency <= {args.concurrency}); configs: "
           f"{', '.join(s.name for s in args.setups)}; logs in {tmp}", flush=True)
+    if load_before > 1.0:
+        print(f"warning: 1-min load average {load_before:.2f} before start: other work on this "
+              "box delays token delivery and skews per-request figures", flush=True)
     summaries: list[dict[str, Any]] = []
     all_outcomes: dict[str, list[Outcome]] = {}
     problems: list[str] = []
@@ -850,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
                              "proxy_log_errors"):
                     if summary[what]:
                         problems.append(f"{setup.name}: {summary[what]} {what.replace('_', ' ')}")
+                if summary.get("conservation_window_ok") is False:
+                    problems.append(f"{setup.name}: the proxy's settled window does not lie "
+                                    "between the idle readings; cons% is not trustworthy")
         except KeyboardInterrupt:
             print("\ninterrupted; processes stopped", file=sys.stderr)
             return 130
@@ -879,7 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_unix_s": started,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                  "python": platform.python_version(), "platform": platform.platform(),
-                 "openai": openai.__version__},
+                 "openai": openai.__version__, "loadavg_1m_before": load_before,
+                 "loadavg_1m_after": os.getloadavg()[0], "git": _git_state()},
         "settings": {"requests": args.requests, "seed": args.seed, "concurrency": args.concurrency,
                      "configs": [s.name for s in args.setups], "prefill_weight": args.prefill_weight,
                      "plain_serve": args.plain_serve, "backends": dict(BACKENDS),
@@ -901,6 +992,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit the proxy code came from, and whether proxy/ or policies/ had local edits."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "proxy", "policies"], cwd=repo,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "proxy_dirty": None}
+    return {"commit": rev or None, "proxy_dirty": bool(dirty) if rev else None}
 
 
 def _json_default(v: Any) -> Any:
