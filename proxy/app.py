@@ -17,6 +17,7 @@ from proxy.auth import Authenticator, Principal
 from proxy.backends import BackendPool
 from proxy.config import Config, load_config
 from proxy.energy.meter import EnergyMeter
+from proxy.energy.shares import make_exchange
 from proxy.errors import ProxyError, bad_request
 from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
@@ -45,6 +46,8 @@ class JouleGate:
         self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
         self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
         self.meter = EnergyMeter(config, self.accounting.measured)
+        # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
+        self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,6 +164,7 @@ class JouleGate:
                 "power_w": meter.last_power_w if meter else None,
                 "idle_w": meter.idle_w() if meter else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,
+                "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
             })
         return views
 
@@ -195,6 +199,8 @@ class JouleGate:
                     await self.accounting.start()
                     await self.pool.start()
                     await self.meter.start()
+                    if self.exchange is not None:
+                        await self.exchange.start()
                 except Exception as exc:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -203,6 +209,8 @@ class JouleGate:
                 log.info("joulegate ready: %d backends, policy %s", len(self.pool.backends), self.policy.name)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.exchange is not None:
+                    await self.exchange.close()
                 await self.meter.close()
                 await self.pool.close()
                 await self.accounting.close()

@@ -99,6 +99,28 @@ class MetricsConfig(_Strict):
     tenant_label: bool = False
 
 
+class ClusterConfig(_Strict):
+    """Replicas sharing backends exchange their weights (proxy/energy/shares.py)."""
+
+    enabled: bool = True
+    # Default: the ledger's URL when it is redis:// or rediss://; without any Redis, engine
+    # metrics (backends' metrics_url) stand in; without those either, no exchange at all.
+    redis_url: str | None = None
+    key_prefix: str = Field("joulegate:", min_length=1)  # streams <prefix>w:<backend>
+    heartbeat_s: float = Field(0.1, gt=0, le=5)  # publish + read, one round trip per beat
+    peer_timeout_s: float = Field(1.0, gt=0)  # a replica silent this long counts as gone
+    # Longest a sample interval waits for the other replicas' weights before it is split
+    # with their last known ones (they wait for their non-streamed requests to finish).
+    max_wait_s: float = Field(30.0, ge=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://")):
+            raise ValueError("must be redis://HOST:PORT/DB or rediss://...")
+        return url
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     backends: list[BackendConfig] = Field(min_length=1)
@@ -109,6 +131,7 @@ class Config(_Strict):
     anonymous_tenant: str | None = None
     ledger: str | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

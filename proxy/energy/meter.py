@@ -73,14 +73,20 @@ class BackendMeter:
         else:
             return
         self.last_power_w = sample.power_w if sample.power_w is not None else self.timeline.power_w_at(sample.t_s)
-        idle_interval = not self.busy and self.attributor.open_requests == 0
+        # Idle: nothing in flight here, and none of the other replicas' requests either.
+        idle_interval = (not self.busy and self.attributor.open_requests == 0
+                         and self.attributor.foreign_count == 0)
         if idle_interval and self._last_sample_s is not None:
             interval_w = self.timeline.joules_between(self._last_sample_s, sample.t_s) / max(
                 sample.t_s - self._last_sample_s, 1e-9)
             self._idle_w = interval_w if self._idle_w is None else 0.9 * self._idle_w + 0.1 * interval_w
         self.busy = self.attributor.open_requests > 0
         self._last_sample_s = sample.t_s
-        for final in self.attributor.advance(time.time()):
+        self.settle(time.time())
+
+    def settle(self, now_s: float | None = None) -> None:
+        """Settle what the samples and the other replicas' weights allow; hand out finals."""
+        for final in self.attributor.advance(now_s):
             self._recent.append((final.completion_tokens, final.joules))
             self._on_final(self.name, final)
 
