@@ -32,7 +32,7 @@ server: {{host: 127.0.0.1, port: {port}}}
 backends:
 {backends}
 routing: {{policy: least_loaded}}
-energy: {{idle: separate, prefill_weight: 0.1}}
+energy: {{idle: separate, prefill_weight: 0.05}}
 tenants:
 {tenants}
 anonymous_tenant: null

@@ -482,8 +482,9 @@ def slice_by_slice(samples: list[tuple[float, float]], requests: list[ScheduledR
 @given(schedules())
 def test_the_sweep_matches_the_slice_by_slice_method(case: tuple) -> None:
     samples, requests, _idle, prefill_weight, kind = case
+    # The brute force assumes uniform power within a sample interval: compare like with like.
     joules, _ = attribute_schedule(samples, requests, prefill_weight, "separate",
-                                   sample_kind=kind)
+                                   sample_kind=kind, learn_idle_power=False)
     expected = slice_by_slice(samples, requests, prefill_weight, kind)
     # Shares below a billionth of the whole interval's energy are rounding, not attribution.
     scale_j = measured_j(samples, kind)
@@ -526,3 +527,21 @@ def test_live_calls_keep_the_books_balanced_at_every_step(case: tuple,
     if all(f.method == "measured" for f in finals.values()):
         assert math.fsum(f.joules for f in finals.values()) == pytest.approx(
             attributor.finalized_joules_attributed, rel=REL, abs=1e-6)
+
+
+def test_partly_idle_interval_books_its_idle_part_at_the_learned_idle_power() -> None:
+    """1 s samples, 100 W idle: a request busy for the second half of an interval at 500 W."""
+    a = Attributor(prefill_weight=0.0)
+    tl = a.timeline
+    tl.add_energy_sample(0.0, 0.0)
+    tl.add_energy_sample(1.0, 100.0)  # wholly idle: learns 100 W
+    a.advance(1.0)
+    assert a.idle_w == pytest.approx(100.0)
+    a.open("r", 1.5, stream=False, prompt_tokens=0)
+    a.close("r", 2.0, 0, 10)
+    tl.add_energy_sample(2.0, 100.0 + 50.0 + 250.0)  # 0.5 s idle at 100 W, 0.5 s busy at 500 W
+    tl.add_energy_sample(3.0, 500.0)
+    finals = {f.request_id: f.joules for f in a.advance(3.0)}
+    # Uniform power would have given the request half of 300 J; it drew 250 J.
+    assert finals["r"] == pytest.approx(250.0)
+    assert a.finalized_joules_attributed + a.finalized_joules_idle == pytest.approx(500.0)

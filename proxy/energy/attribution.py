@@ -68,6 +68,7 @@ _RATE_SMOOTHING = 0.1  # EWMA weight of one interval's decode rate
 # Spans shorter than this (s) carry no density: weight / span would overflow to infinity.
 _MIN_SPAN_S = 1e-9
 _ZERO = (0.0, 0.0)
+_IDLE_SMOOTHING = 0.2  # EWMA weight of one wholly idle interval's power
 # Compact the foreign step function's lists once this many dropped entries sit at their head.
 _COMPACT_AT = 1024
 # Local weight points kept for `take_local` when nobody drains them (a stalled exchange).
@@ -175,7 +176,7 @@ class Attributor:
         "finalized_joules_foreign", "foreign_until_s", "foreign_max_wait_s", "weighed_until_s",
         "publish_local", "_weighed_e_j", "_weighed", "_f_t", "_f_w", "_f_n", "_f_head",
         "_local_out", "_local_from_s", "foreign_estimate_density", "_w_per_req",
-        "_w_per_flight",
+        "_w_per_flight", "idle_w", "learn_idle_power",
     )
 
     def __init__(
@@ -187,6 +188,7 @@ class Attributor:
         max_pending_s: float = 900.0,
         share_max_s: float = 60.0,
         foreign_max_wait_s: float = 30.0,
+        learn_idle_power: bool = True,
     ) -> None:
         if idle not in ("separate", "share"):
             raise ValueError(f"idle must be 'separate' or 'share', not {idle!r}")
@@ -197,6 +199,8 @@ class Attributor:
         self.timeline = timeline if timeline is not None else EnergyTimeline(max_pending_s + 60.0)
         self.prefill_weight = prefill_weight
         self.idle: IdleMode = idle
+        # Book the idle part of partly idle intervals at the learned idle power (see _split).
+        self.learn_idle_power = learn_idle_power
         self.max_pending_s = max_pending_s
         self.share_max_s = share_max_s
         self.first_finalized_s: float | None = None  # the first sample seen
@@ -204,6 +208,8 @@ class Attributor:
         self.finalized_joules_attributed = 0.0
         self.finalized_joules_idle = 0.0
         self.carried_joules = 0.0
+        #: Learned power while nothing is in flight (W), from wholly idle intervals; None until seen.
+        self.idle_w: float | None = None
         self.finalized_joules_foreign = 0.0
         # Other replicas' weights: known before `foreign_until_s` (infinite: none are expected,
         # a lone proxy); an interval ending later waits for them, `foreign_max_wait_s` at most.
@@ -703,6 +709,13 @@ class Attributor:
             h = 0
         self._f_head = h
 
+    def _learn_idle_power(self, energy_j: float, span_s: float) -> None:
+        """Moving average of the power of wholly idle intervals (W)."""
+        if span_s <= 0:
+            return
+        power_w = energy_j / span_s
+        self.idle_w = power_w if self.idle_w is None else self.idle_w + _IDLE_SMOOTHING * (power_w - self.idle_w)
+
     def _split(self, iv: _Weighed) -> None:
         """Phase two: split the interval's joules among its requests, others' and idle."""
         a_s, b_s, energy_j = iv.a_s, iv.b_s, iv.energy_j
@@ -722,7 +735,7 @@ class Attributor:
         # a large running integral never swallows a tiny slice's increment.
         share = self.idle == "share"
         carry_in_j = carry_j = self.carried_joules
-        idle_j = 0.0
+        idle_j = idle_s = 0.0
         g = g_c = h = h_c = f = f_c = 0.0
         busy = False
         t_prev = a_s
@@ -741,6 +754,7 @@ class Attributor:
                 if nf == 0 and fn == 0 and fw == 0:
                     if not share:
                         idle_j += part_j
+                        idle_s += t_s - t_prev
                     elif carry_j == 0:
                         carry_j, self._carry_since_s = part_j, t_prev
                     else:
@@ -788,7 +802,13 @@ class Attributor:
                 carry_j = carry_in_j + energy_j
             else:
                 idle_j = energy_j
+                self._learn_idle_power(energy_j, b_s - a_s)
         else:
+            if idle_s > 0 and self.idle_w is not None and self.learn_idle_power:
+                # The interval was partly idle. Its power was not uniform: the GPU drew about its
+                # idle power while nothing ran and more while it worked. Book the idle part at the
+                # learned idle power (never more than the uniform split gave it), the rest is busy.
+                idle_j = min(idle_j, self.idle_w * idle_s)
             busy_j = energy_j + carry_in_j - idle_j - carry_j
             if busy_j < 0:  # rounding in a nearly idle interval
                 if share:
@@ -916,6 +936,7 @@ def attribute_schedule(
     *,
     sample_kind: Literal["energy_j", "power_w"] = "energy_j",
     share_max_s: float = 60.0,
+    learn_idle_power: bool = True,
 ) -> tuple[dict[str, float], float]:
     """Attribute a whole schedule offline: (joules per request id, idle joules).
 
@@ -925,7 +946,8 @@ def attribute_schedule(
     the samples do not reach some request's end.
     """
     attributor = Attributor(EnergyTimeline(max_age_s=_INF), prefill_weight=prefill_weight,
-                            idle=idle, max_pending_s=_INF, share_max_s=share_max_s)
+                            idle=idle, max_pending_s=_INF, share_max_s=share_max_s,
+                            learn_idle_power=learn_idle_power)
     timeline = attributor.timeline
     add = timeline.add_energy_sample if sample_kind == "energy_j" else timeline.add_power_sample
     # (t_s, order, request or (request id, tokens) or sample value); at one instant requests
