@@ -114,6 +114,7 @@ class Accounting:
             raise ProxyError(
                 429, f"Tenant '{tenant}' has used its energy budget of {budget.joules:g} J per {budget.per}.",
                 code="insufficient_quota", type="insufficient_quota",
+                headers=[(b"x-energy-budget-remaining-joules", b"0.0")],
             )
         return remaining_j
 

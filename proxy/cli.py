@@ -102,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     common = dict(
         host=server.host, port=server.port, loop="uvloop", http="httptools", access_log=False,
         log_level=args.log_level, timeout_graceful_shutdown=server.drain_timeout_s or None,
+        timeout_keep_alive=server.keepalive_timeout_s,
         lifespan="on",
     )
     if args.workers > 1:

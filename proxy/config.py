@@ -29,6 +29,9 @@ class ServerConfig(_Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     health_interval_s: float = Field(5.0, gt=0)
+    # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
+    # server never closes a connection a client is just reusing.
+    keepalive_timeout_s: float = Field(75.0, gt=0)
 
 
 class PowerConfig(_Strict):
@@ -88,6 +91,13 @@ class TenantConfig(_Strict):
     name: str = Field(min_length=1)
     api_keys_sha256: list[str] = Field(default_factory=list)
     energy_budget: EnergyBudget | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name == "admin":
+            raise ValueError("'admin' is reserved: requests made with admin keys are billed to it")
+        return name
 
     @field_validator("api_keys_sha256")
     @classmethod

@@ -33,8 +33,10 @@ class ProxyError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or []
         self.status = status
         self.message = message
         self.code = code

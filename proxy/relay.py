@@ -411,6 +411,6 @@ async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
     await send({
         "type": "http.response.start",
         "status": exc.status,
-        "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode())],
+        "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode()), *exc.headers],
     })
     await send({"type": "http.response.body", "body": exc.body()})

@@ -133,7 +133,7 @@ def test_defaults_for_a_minimal_config() -> None:
     assert config.server.request_timeout_s == 600
     assert config.routing.policy == "efficiency"
     assert config.routing.slo.ttft_ms == 2000 and config.routing.slo.tpot_ms == 200
-    assert config.energy.idle == "separate" and config.energy.prefill_weight == pytest.approx(0.1)
+    assert config.energy.idle == "separate" and config.energy.prefill_weight == pytest.approx(0.05)
     assert config.tenants == [] and config.admin_api_keys_sha256 == []
     assert config.anonymous_tenant is None
     assert config.backends[0].power.source == "none"
@@ -483,3 +483,9 @@ def test_serve_without_a_config_exits_2(
     monkeypatch.delenv("JOULEGATE_CONFIG", raising=False)
     code, _, err = _main_in_process(["serve"], capsys)
     assert "config" in _one_line(code, err).lower()
+
+
+def test_tenant_named_admin_is_reserved() -> None:
+    text = MINIMAL + "tenants:\n  - {name: admin}\n"
+    with pytest.raises(ConfigError, match="reserved"):
+        parse_config(text, env={})
