@@ -42,10 +42,16 @@ class JouleGate:
         self.config = config
         self.pool = BackendPool(config)
         self.auth = Authenticator(config)
-        self.policy = make_policy(config.routing.policy)
+        self.policy = make_policy(
+            config.routing.policy, models={b.name: b.efficiency for b in self.pool.backends},
+            slo_ttft_s=config.routing.slo.ttft_ms / 1e3, slo_tpot_s=config.routing.slo.tpot_ms / 1e3,
+        )
         self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
         self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
         self.meter = EnergyMeter(config, self.accounting.measured)
+        for backend in self.pool.backends:  # each power sample also teaches the backend's model
+            if backend.name in self.meter.meters:
+                self.meter.meters[backend.name].efficiency = backend.efficiency
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)

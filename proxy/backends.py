@@ -15,6 +15,7 @@ import aiohttp
 import httpx
 
 from policies import BackendView
+from policies.model import EfficiencyModel
 from proxy.config import BackendConfig, Config
 from proxy.engine_metrics import EngineLoad, parse_engine_load
 
@@ -37,6 +38,9 @@ class Backend:
         self.models: set[str] = set(config.models or [])
         self.healthy = True
         self.in_flight = 0
+        # Learned power, token rate and latency vs load: fed by the relay and the power
+        # meter (time.time() seconds), read by the efficiency policy.
+        self.efficiency = EfficiencyModel()
         self.engine_load: EngineLoad | None = None
         self.last_error: str | None = None
         self.last_check_s: float | None = None

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config")
+
+    from proxy.sim.fleet import add_simulate_parser
+    from proxy.sim.traces import add_trace_parser
+
+    add_simulate_parser(sub)
+    add_trace_parser(sub)
     return parser
 
 
@@ -195,6 +201,18 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from proxy.sim.fleet import run_simulate
+
+    return run_simulate(args)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from proxy.sim.traces import run_trace
+
+    return run_trace(args)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = ", ".join(b.name for b in config.backends)
@@ -203,4 +221,5 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config,
-             "agent": _agent, "usage": _usage}
+             "agent": _agent, "usage": _usage,
+             "simulate": _simulate, "trace": _trace}

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from policies import Policy, RequestInfo
+from policies.model import Ticket
 from proxy.accounting import Accounting
 from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool
@@ -155,7 +156,7 @@ class Relay:
             max_output_tokens=payload.get("max_tokens") or payload.get("max_completion_tokens"),
             stream=record.stream,
         )
-        name = self.policy.choose(info, views, time.monotonic())
+        name = self.policy.choose(info, views, time.time())
         if name is None:
             if tried:
                 raise ProxyError(502, "No backend for this model could be reached.", code="upstream_unreachable")
@@ -180,6 +181,7 @@ class Relay:
             headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
             backend.in_flight += 1
             sent_s = time.time()
+            ticket = backend.efficiency.sent(sent_s, record.stream)
             # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
             self.meter.open(backend.name, record.request_id, sent_s, record.stream, len(body) // 4)
             try:
@@ -188,30 +190,35 @@ class Relay:
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
                 # Nothing reached the backend or the client yet: try another one.
-                self._abandon(backend, record)
+                self._abandon(backend, record, ticket)
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
                 continue
             except TimeoutError:
-                self._abandon(backend, record)
+                self._abandon(backend, record, ticket)
                 raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
             except aiohttp.ClientError as exc:
-                self._abandon(backend, record)
+                self._abandon(backend, record, ticket)
                 raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
             break
         record.backend = backend.name
         try:
             is_sse = resp.content_type == "text/event-stream"
             if record.stream and resp.status == 200 and is_sse:
-                await self._relay_stream(receive, send, resp, payload, withhold_usage, record)
+                await self._relay_stream(receive, send, resp, payload, withhold_usage, record, ticket)
             else:
                 await self._relay_whole(send, resp, record)
         finally:
             resp.release()
             backend.in_flight -= 1
+            model = backend.efficiency
+            if not (record.stream and record.first_token_s is not None):
+                model.tokens(record.completion_tokens)  # not streamed: all at the end
+            model.finished(time.time(), ticket, record.first_token_s, record.completion_tokens)
 
-    def _abandon(self, backend: Backend, record: RequestRecord) -> None:
+    def _abandon(self, backend: Backend, record: RequestRecord, ticket: Ticket) -> None:
         """The request never got an answer from this backend: it spent no tokens there."""
         backend.in_flight -= 1
+        backend.efficiency.finished(time.time(), ticket, None, 0)
         self.meter.abort(backend.name, record.request_id, time.time())
 
     def _close_energy(self, record: RequestRecord) -> None:
@@ -264,7 +271,7 @@ class Relay:
 
     async def _relay_stream(
         self, receive: Receive, send: Send, resp: aiohttp.ClientResponse, payload: dict[str, Any],
-        withhold_usage: bool, record: RequestRecord,
+        withhold_usage: bool, record: RequestRecord, ticket: Ticket,
     ) -> None:
         """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event."""
         tap = StreamTap()
@@ -279,6 +286,7 @@ class Relay:
         watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
         error: str | None = None
         backend, meter, counted = record.backend or "", self.meter, 0
+        model = self.pool.by_name[backend].efficiency
         try:
             try:
                 async for chunk in resp.content.iter_any():
@@ -287,7 +295,9 @@ class Relay:
                         now_s = time.time()
                         if record.first_token_s is None:
                             record.first_token_s = now_s
+                            model.first_token(now_s, ticket)
                         meter.tokens(backend, record.request_id, now_s, tap.delta_chunks - counted)
+                        model.tokens(tap.delta_chunks - counted)
                         counted = tap.delta_chunks
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from policies.model import EfficiencyModel
 from proxy.config import Config, PowerConfig
 from proxy.energy.attribution import Attributor, Final
 from proxy.energy.sources import PowerSample, PowerSource, make_source
@@ -60,10 +61,8 @@ class BackendMeter:
         self.source: PowerSource | None = make_source(power, self._on_sample)
         self.last_power_w: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_FINALS)
-        self._idle_w: float | None = None
-        # True when a request was in flight at any time since the previous sample.
-        self.busy = False
         self._last_sample_s: float | None = None
+        self.efficiency: EfficiencyModel | None = None  # set by the app: learns from samples
 
     def _on_sample(self, sample: PowerSample) -> None:
         if sample.energy_j is not None:
@@ -73,14 +72,10 @@ class BackendMeter:
         else:
             return
         self.last_power_w = sample.power_w if sample.power_w is not None else self.timeline.power_w_at(sample.t_s)
-        # Idle: nothing in flight here, and none of the other replicas' requests either.
-        idle_interval = (not self.busy and self.attributor.open_requests == 0
-                         and self.attributor.foreign_count == 0)
-        if idle_interval and self._last_sample_s is not None:
-            interval_w = self.timeline.joules_between(self._last_sample_s, sample.t_s) / max(
-                sample.t_s - self._last_sample_s, 1e-9)
-            self._idle_w = interval_w if self._idle_w is None else 0.9 * self._idle_w + 0.1 * interval_w
-        self.busy = self.attributor.open_requests > 0
+        if self.efficiency is not None and self._last_sample_s is not None and sample.t_s > self._last_sample_s:
+            interval_w = self.timeline.joules_between(self._last_sample_s, sample.t_s) / (
+                sample.t_s - self._last_sample_s)
+            self.efficiency.power_sample(sample.t_s, interval_w)
         self._last_sample_s = sample.t_s
         self.settle(time.time())
 
@@ -98,7 +93,7 @@ class BackendMeter:
 
     def idle_w(self) -> float | None:
         """Power while nothing was in flight (moving average over idle sample intervals), W."""
-        return self._idle_w
+        return self.attributor.idle_w
 
 
 class EnergyMeter:
@@ -124,7 +119,6 @@ class EnergyMeter:
     def open(self, backend: str, request_id: str, start_s: float, stream: bool, prompt_tokens: int) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
-            meter.busy = True
             meter.attributor.open(request_id, start_s, stream, prompt_tokens)
 
     def tokens(self, backend: str, request_id: str, t_s: float, count: int) -> None:

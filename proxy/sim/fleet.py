@@ -1,0 +1,559 @@
+"""`joulegate simulate`: a discrete-event, virtual-time fleet of simulated GPUs behind a policy.
+
+Each backend is the same `Engine` and GPU profile that `joulegate sim-backend` runs in real
+time; here the clock is virtual, so a trace of thousands of requests runs in seconds. The
+routing is the proxy's own `policies/` code, and the efficiency model is the same
+`policies.model.EfficiencyModel`, fed only what a proxy measures: every `sample_interval_s`
+(100 ms) of virtual time each backend's power (from its energy counter) with the mean number
+of requests in flight and the output tokens in the interval; per request its TTFT (at its
+first token) and TPOT (at its end), keyed by the requests in flight when it was sent.
+
+Events at one instant run in this order: step ends (tokens appear), power samples, arrivals.
+A request's TTFT is first token - arrival; its TPOT is (end - first token) / (tokens - 1).
+Energy: every GPU of the fleet draws idle power whenever it has no step running, from 0 to
+the end of the run (the last request's end). Conservation is checked on every run: the
+engines' per-request ground truth plus their idle energy equals their counters; with
+`attribute=True` the proxy's live `Attributor` also splits each backend's sampled counter
+over its requests, and its books must balance the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from policies.base import BackendView, Policy, RequestInfo
+from policies.efficiency import Efficiency
+from policies.least_loaded import LeastLoaded
+from policies.model import EfficiencyModel, Ticket
+from policies.round_robin import RoundRobin
+from proxy.energy.attribution import ScheduledRequest, attribute_schedule
+from proxy.sim.engine import Engine, Request, Step
+from proxy.sim.plot import svg_bars
+from proxy.sim.profiles import GpuProfile, get_profile, profile_names
+from proxy.sim.traces import TraceError, TraceRequest, read_trace
+
+__all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_NAMES",
+           "load_fleet", "parse_fleet", "simulate", "make_sim_policy", "fleet_capacity_rps",
+           "backend_capacity_rps", "add_simulate_parser", "run_simulate", "main_simulate"]
+
+POLICY_NAMES = ("round_robin", "least_loaded", "efficiency")
+
+
+class FleetError(ValueError):
+    """A FLEET.yaml that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBackend:
+    """One simulated GPU: its name, profile and optional concurrency cap (as in the config)."""
+
+    name: str
+    profile: GpuProfile
+    max_concurrency: int | None = None
+
+
+def parse_fleet(data: Any, source: str = "fleet") -> list[FleetBackend]:
+    """`{backends: [{name, profile, count?, max_concurrency?}, ...]}` -> backends; `count: k`
+    expands `name` to `name-0` .. `name-(k-1)`."""
+    if not isinstance(data, dict) or not isinstance(data.get("backends"), list) or not data["backends"]:
+        raise FleetError(f"{source}: expected `backends:` with a non-empty list")
+    out: list[FleetBackend] = []
+    for i, item in enumerate(data["backends"]):
+        where = f"{source}: backends[{i}]"
+        if not isinstance(item, dict):
+            raise FleetError(f"{where}: expected a mapping with `profile`")
+        unknown = set(item) - {"name", "profile", "count", "max_concurrency"}
+        if unknown:
+            raise FleetError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        try:
+            profile = get_profile(str(item.get("profile")))
+        except ValueError:
+            raise FleetError(f"{where}: profile must be one of {', '.join(profile_names())}") from None
+        name = str(item.get("name") or profile.name)
+        count, cap = item.get("count", 1), item.get("max_concurrency")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise FleetError(f"{where}: count must be an integer >= 1")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise FleetError(f"{where}: max_concurrency must be an integer >= 1")
+        names = [name] if "count" not in item else [f"{name}-{j}" for j in range(count)]
+        out.extend(FleetBackend(n, profile, cap) for n in names)
+    seen: set[str] = set()
+    for b in out:
+        if b.name in seen:
+            raise FleetError(f"{source}: backend name {b.name!r} appears twice")
+        seen.add(b.name)
+    return out
+
+
+def load_fleet(path: str) -> list[FleetBackend]:
+    """Read FLEET.yaml; FleetError with one line for anything wrong."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise FleetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise FleetError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_fleet(data, path)
+
+
+def make_sim_policy(name: str, models: Mapping[str, EfficiencyModel], slo_ttft_s: float,
+                    slo_tpot_s: float) -> Policy:
+    """A fresh policy by its config name, the way the proxy builds it."""
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "least_loaded":
+        return LeastLoaded()
+    if name == "efficiency":
+        return Efficiency(models, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+
+
+# -- capacity ----------------------------------------------------------------------------------
+
+
+def backend_capacity_rps(profile: GpuProfile, mean_prompt_tokens: float,
+                         mean_output_tokens: float, slo_tpot_s: float) -> float:
+    """Most requests/s one GPU sustains for this length mix with TPOT within the SLO.
+
+    At decode batch b the GPU emits r = b / step(b) tokens/s while decoding, and each request
+    also needs `prompt * prefill_s_per_token` s of prefill, so it completes
+    x = r / (output + prefill_s * r) requests/s; prefill stalls stretch TPOT to
+    step(b) / (1 - x * prefill_s). The best b up to max_batch that keeps TPOT within the SLO.
+    """
+    prefill_s = mean_prompt_tokens * profile.prefill_s_per_token
+    best = 0.0
+    for batch in range(1, profile.max_batch + 1):
+        step_s = profile.step_time_s(batch)
+        rate = batch / step_s
+        x = rate / (mean_output_tokens + prefill_s * rate)
+        busy_prefill = x * prefill_s
+        if busy_prefill < 1 and step_s / (1 - busy_prefill) <= slo_tpot_s:
+            best = max(best, x)
+    return best
+
+
+def fleet_capacity_rps(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
+                       slo_tpot_s: float = 0.2) -> float:
+    """Sum of the backends' `backend_capacity_rps` for the trace's mean prompt and output."""
+    n = max(len(trace), 1)
+    prompt = sum(r.prompt_tokens for r in trace) / n
+    output = sum(r.output_tokens for r in trace) / n
+    return sum(backend_capacity_rps(b.profile, prompt, output, slo_tpot_s) for b in fleet)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BackendResult:
+    """One backend over a run: busy share of the run, requests served, joules (idle included)."""
+
+    name: str
+    profile: str
+    utilisation: float
+    requests: int
+    joules: float
+    idle_joules: float
+    output_tokens: int
+    slo_met: int = 0  # of `requests`, those meeting both TTFT and TPOT
+
+
+@dataclass(slots=True)
+class SimResult:
+    """One policy over one trace; energies in J, latencies in ms."""
+
+    policy: str
+    requests: int
+    rejected: int
+    output_tokens: int
+    joules: float
+    idle_joules: float
+    slo_attainment: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p99_ms: float
+    makespan_s: float
+    offered_rps: float
+    backends: dict[str, BackendResult] = field(default_factory=dict)
+    # |sum of the engines' per-request joules - (counters - idle)|: energy conservation.
+    conservation_error_j: float = 0.0
+    attribution: dict[str, float] | None = None  # the live Attributor's books, if asked
+
+    @property
+    def output_tokens_per_joule(self) -> float:
+        return self.output_tokens / self.joules if self.joules > 0 else 0.0
+
+    @property
+    def joules_per_request(self) -> float:
+        served = self.requests - self.rejected
+        return self.joules / served if served > 0 else 0.0
+
+    @property
+    def idle_energy_share(self) -> float:
+        return self.idle_joules / self.joules if self.joules > 0 else 0.0
+
+    def contract_json(self) -> dict[str, Any]:
+        """This policy's entry under `policies` in the contract's `--json` schema."""
+        return {
+            "output_tokens_per_joule": self.output_tokens_per_joule,
+            "joules_per_request": self.joules_per_request,
+            "idle_energy_share": self.idle_energy_share,
+            "slo_attainment": self.slo_attainment,
+            "ttft_p50_ms": self.ttft_p50_ms,
+            "ttft_p99_ms": self.ttft_p99_ms,
+            "tpot_p99_ms": self.tpot_p99_ms,
+            "requests": self.requests,
+            "backends": {b.name: {"utilisation": b.utilisation, "requests": b.requests,
+                                  "joules": b.joules} for b in self.backends.values()},
+        }
+
+    def details_json(self) -> dict[str, Any]:
+        """What the contract's schema does not hold (the `details` key of `--json`)."""
+        out: dict[str, Any] = {
+            "rejected": self.rejected, "output_tokens": self.output_tokens, "joules": self.joules,
+            "idle_joules": self.idle_joules, "makespan_s": self.makespan_s,
+            "offered_rps": self.offered_rps, "conservation_error_j": self.conservation_error_j,
+            "backends": {b.name: {"profile": b.profile, "idle_joules": b.idle_joules,
+                                  "output_tokens": b.output_tokens,
+                                  "slo_attainment": b.slo_met / b.requests if b.requests else 1.0}
+                         for b in self.backends.values()},
+        }
+        if self.attribution is not None:
+            out["attribution"] = self.attribution
+        return out
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+# -- the simulation ----------------------------------------------------------------------------
+
+
+def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], policy: str, *,
+             slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.2, sample_interval_s: float = 0.1,
+             attribute: bool = False,
+             models: dict[str, EfficiencyModel] | None = None) -> SimResult:
+    """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
+
+    `models`: the learned models to use and feed, by backend name (fresh ones by default;
+    pass a dict to look at them afterwards or to start from what an earlier run learned).
+
+    `attribute`: also run the proxy's Attributor over each backend's 100 ms counter samples
+    and token arrivals, and report its books (slower: keeps every token's time).
+    """
+    n_b, n_req = len(fleet), len(trace)
+    names = [b.name for b in fleet]
+    index = {name: i for i, name in enumerate(names)}
+    caps = [b.max_concurrency for b in fleet]
+    engines = [Engine(b.profile, start_s=0.0, max_finished=64) for b in fleet]
+    if models is None:
+        models = {}
+    for b in fleet:
+        models.setdefault(b.name, EfficiencyModel())
+    model_list = [models[name] for name in names]
+    chooser = make_sim_policy(policy, models, slo_ttft_s, slo_tpot_s)
+    model_name = fleet[0].profile.model_name if fleet else ""
+
+    in_flight = [0] * n_b
+    busy_s = [0.0] * n_b
+    served = [0] * n_b
+    tokens_by_backend = [0] * n_b
+    last_e_j = [0.0] * n_b
+    steps: list[Step | None] = [None] * n_b
+    heap: list[tuple[float, int]] = []
+    tickets: list[Ticket] = [(0, 0, 0.0)] * n_req
+    first_s = [math.nan] * n_req
+    end_s = [math.nan] * n_req
+    truth_j = 0.0
+    rejected = 0
+    samples: list[list[tuple[float, float]]] = [[(0.0, 0.0)] for _ in fleet] if attribute else []
+    arrivals: dict[int, list[tuple[float, int]]] = {}
+    truth_by_req: dict[int, float] = {}
+    idle_at_end_j = [0.0] * n_b
+    owner = [-1] * n_req
+
+    tick_n, next_tick_s = 1, sample_interval_s
+    ai = 0
+    inf = math.inf
+    t_s = 0.0
+    while True:
+        t_arr = trace[ai].arrival_s if ai < n_req else inf
+        t_step = heap[0][0] if heap else inf
+        if t_arr == inf and t_step == inf:
+            break
+        if t_step <= next_tick_s and t_step <= t_arr:
+            t_s, b = heapq.heappop(heap)
+            step = steps[b]
+            assert step is not None
+            steps[b] = None
+            eng = engines[b]
+            events = eng.finish_step(step)
+            busy_s[b] += step.end_s - step.start_s
+            model = model_list[b]
+            model.tokens(len(events))
+            tokens_by_backend[b] += len(events)
+            for rec in step.prefill:  # their first token is out now
+                i = int(rec.request_id)
+                first_s[i] = t_s
+                model.first_token(t_s, tickets[i])
+            if attribute:
+                for e in events:
+                    arrivals[int(e.request_id)].append((t_s, e.tokens))
+            for e in events:
+                if not e.finished:
+                    continue
+                i = int(e.request_id)
+                end_s[i] = t_s
+                rec = eng.record(e.request_id)
+                assert rec is not None
+                truth_j += rec.joules
+                if attribute:
+                    truth_by_req[i] = rec.joules
+                in_flight[b] -= 1
+                model.finished(t_s, tickets[i], first_s[i], trace[i].output_tokens)
+            nxt = eng.plan_step(t_s)
+            if nxt is not None:
+                steps[b] = nxt
+                heapq.heappush(heap, (nxt.end_s, b))
+        elif next_tick_s <= t_arr:
+            t_s = next_tick_s
+            for b in range(n_b):
+                e_j = engines[b].energy_j(t_s)
+                power_w = (e_j - last_e_j[b]) / sample_interval_s
+                last_e_j[b] = e_j
+                if attribute:
+                    samples[b].append((t_s, e_j))
+                model_list[b].power_sample(t_s, power_w)
+            tick_n += 1
+            next_tick_s = tick_n * sample_interval_s  # no drift over a long run
+        else:
+            t_s = t_arr
+            req = trace[ai]
+            i = ai
+            ai += 1
+            if ai == n_req:  # the last arrival: the offered span ends; idle so far counts
+                idle_at_end_j = [eng.idle_energy_j(t_s) for eng in engines]
+            views = [BackendView(names[b], True, in_flight[b], max_concurrency=caps[b])
+                     for b in range(n_b)]
+            choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
+            if choice is None:
+                rejected += 1
+                continue
+            b = index[choice]
+            eng = engines[b]
+            eng.add(Request(str(i), req.prompt_tokens, req.output_tokens), t_s)
+            in_flight[b] += 1
+            served[b] += 1
+            owner[i] = b
+            tickets[i] = model_list[b].sent(t_s)
+            if attribute:
+                arrivals[i] = []
+            if steps[b] is None:
+                step = eng.plan_step(t_s)
+                steps[b] = step
+                if step is not None:
+                    heapq.heappush(heap, (step.end_s, b))
+
+    end_run_s = max(t_s, trace[-1].arrival_s if trace else 0.0)
+    return _summarise(
+        policy, fleet, trace, engines, end_run_s, busy_s, served, tokens_by_backend, first_s,
+        end_s, owner, rejected, truth_j, idle_at_end_j, slo_ttft_s, slo_tpot_s,
+        _attribution(fleet, trace, engines, samples, arrivals, owner, truth_by_req, end_s,
+                     end_run_s)
+        if attribute else None,
+    )
+
+
+def _summarise(policy: str, fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
+               engines: list[Engine], end_run_s: float, busy_s: list[float], served: list[int],
+               tokens_by_backend: list[int], first_s: list[float], end_s: list[float],
+               owner: list[int], rejected: int, truth_j: float, idle_at_end_j: list[float], slo_ttft_s: float,
+               slo_tpot_s: float,
+               attribution: dict[str, float] | None) -> SimResult:
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    met = 0
+    met_by_backend = [0] * len(fleet)
+    tokens = 0
+    for i, req in enumerate(trace):
+        if math.isnan(end_s[i]):
+            continue  # rejected
+        ttft = first_s[i] - req.arrival_s
+        tpot = (end_s[i] - first_s[i]) / (req.output_tokens - 1) if req.output_tokens > 1 else 0.0
+        ttfts.append(ttft)
+        tpots.append(tpot)
+        tokens += req.output_tokens
+        # A hair of slack: float rounding must not turn an exact 2.000 s into a miss.
+        if ttft <= slo_ttft_s + 1e-9 and tpot <= slo_tpot_s + 1e-9:
+            met += 1
+            met_by_backend[owner[i]] += 1
+    ttfts.sort()
+    tpots.sort()
+    backends: dict[str, BackendResult] = {}
+    # The fleet's energy: every step of every request, plus idle power over the span the
+    # workload is offered, [0, last arrival]. Idle time after it (GPUs waiting while a slow
+    # one finishes the last requests) is left out: a service that keeps running fills it with
+    # the next requests, and counting it would charge the whole fleet's idle power for the
+    # longest tail, which says more about the trace's length than about the policy.
+    duration_s = trace[-1].arrival_s if trace else 0.0
+    total_j = idle_j = truth_total_j = 0.0
+    for b, fb in enumerate(fleet):
+        eng = engines[b]
+        e_j, idle_end_j = eng.energy_j(end_run_s), eng.idle_energy_j(end_run_s)
+        idle_window_j = idle_at_end_j[b]
+        truth_total_j += e_j - idle_end_j
+        joules = e_j - (idle_end_j - idle_window_j)
+        total_j += joules
+        idle_j += idle_window_j
+        backends[fb.name] = BackendResult(
+            fb.name, fb.profile.name, busy_s[b] / end_run_s if end_run_s > 0 else 0.0,
+            served[b], joules, idle_window_j, tokens_by_backend[b], met_by_backend[b])
+    return SimResult(
+        policy=policy, requests=len(trace), rejected=rejected, output_tokens=tokens,
+        joules=total_j, idle_joules=idle_j, slo_attainment=met / len(trace) if trace else 1.0,
+        ttft_p50_ms=1e3 * _percentile(ttfts, 0.50), ttft_p99_ms=1e3 * _percentile(ttfts, 0.99),
+        tpot_p99_ms=1e3 * _percentile(tpots, 0.99), makespan_s=end_run_s,
+        offered_rps=len(trace) / duration_s if duration_s > 0 else 0.0, backends=backends,
+        conservation_error_j=abs(truth_j - truth_total_j), attribution=attribution,
+    )
+
+
+def _attribution(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
+                 engines: list[Engine], samples: list[list[tuple[float, float]]],
+                 arrivals: dict[int, list[tuple[float, int]]], owner: list[int],
+                 truth_by_req: dict[int, float], end_s: list[float],
+                 end_run_s: float) -> dict[str, float]:
+    """Run the live Attributor over each backend's samples: its books against the counters,
+    and its per-request joules against the engines' ground truth."""
+    attributed_j = idle_j = measured_j = abs_err_j = 0.0
+    for b in range(len(fleet)):
+        points = samples[b]
+        if points[-1][0] < end_run_s:
+            points.append((end_run_s, engines[b].energy_j(end_run_s)))
+        reqs = [ScheduledRequest(str(i), trace[i].arrival_s, end_s[i], trace[i].prompt_tokens,
+                                 trace[i].output_tokens, True, arrivals[i])
+                for i in range(len(trace)) if owner[i] == b]
+        joules, idle = attribute_schedule(points, reqs)
+        attributed_j += sum(joules.values())
+        idle_j += idle
+        measured_j += points[-1][1] - points[0][1]
+        abs_err_j += sum(abs(joules[r.request_id] - truth_by_req[int(r.request_id)]) for r in reqs)
+    truth_j = sum(truth_by_req.values())
+    return {"attributed_joules": attributed_j, "idle_joules": idle_j,
+            "measured_joules": measured_j,
+            "books_error_j": abs(attributed_j + idle_j - measured_j),
+            # Share of the attributed joules that landed on the wrong request (vs truth).
+            "misattributed_share": abs_err_j / (2 * truth_j) if truth_j > 0 else 0.0}
+
+
+# -- `joulegate simulate` ----------------------------------------------------------------------
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `simulate ...` to a subparsers object (proxy/cli.py calls this)."""
+    p = sub.add_parser("simulate", help="virtual-time fleet simulation; one table row per policy")
+    p.add_argument("--fleet", required=True, help="FLEET.yaml: backends: [{name, profile, count}]")
+    p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--policy", default=",".join(POLICY_NAMES),
+                   help="comma-separated policies (default: all three)")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    p.add_argument("--plot", dest="plot_out", help="write an SVG of tokens/J per policy here")
+    p.add_argument("--check-attribution", action="store_true",
+                   help="also run the proxy's attribution over the sampled counters (slower)")
+    return p
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run a parsed `simulate` command: 0, or 2 with one line for bad input."""
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICY_NAMES]
+    if not policies or bad:
+        print(f"joulegate: error: unknown policy {bad[0] if bad else '(none)'!r}; choose from "
+              f"{', '.join(POLICY_NAMES)}", file=sys.stderr)
+        return 2
+    if not args.slo_ttft_ms > 0 or not args.slo_tpot_ms > 0:
+        print("joulegate: error: --slo-ttft-ms and --slo-tpot-ms must be positive", file=sys.stderr)
+        return 2
+    try:
+        fleet = load_fleet(args.fleet)
+        trace = read_trace(args.trace)
+    except (FleetError, TraceError) as exc:
+        print(f"joulegate: error: {exc}", file=sys.stderr)
+        return 2
+    slo_ttft_s, slo_tpot_s = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
+    results = [simulate(fleet, trace, p, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
+                        attribute=args.check_attribution) for p in policies]
+    capacity_rps = fleet_capacity_rps(fleet, trace, slo_tpot_s)
+    print(format_results(results, capacity_rps, args.slo_ttft_ms, args.slo_tpot_ms))
+    try:
+        if args.json_out:
+            payload = {"policies": {r.policy: r.contract_json() for r in results},
+                       "details": {r.policy: r.details_json() for r in results},
+                       "capacity_rps": capacity_rps,
+                       "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}}
+            with open(args.json_out, "w") as f:
+                json.dump(payload, f, indent=2)
+        if args.plot_out:
+            load = results[0].offered_rps
+            title = (f"output tokens/J at {load:.1f} req/s offered "
+                     f"({100 * load / capacity_rps:.0f}% of fleet capacity)" if capacity_rps else "")
+            with open(args.plot_out, "w") as f:
+                f.write(svg_bars({r.policy: r.output_tokens_per_joule for r in results},
+                                 title=title, y_label="output tokens / J"))
+    except OSError as exc:
+        print(f"joulegate: error: cannot write: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def format_results(results: Sequence[SimResult], capacity_rps: float, slo_ttft_ms: float,
+                   slo_tpot_ms: float) -> str:
+    """The table `simulate` prints: one row per policy, then per-backend utilisation."""
+    if not results:
+        return ""
+    r0 = results[0]
+    load = f"{r0.offered_rps:.2f} req/s offered"
+    if capacity_rps > 0:
+        load += f" = {100 * r0.offered_rps / capacity_rps:.0f}% of capacity {capacity_rps:.1f} req/s"
+    lines = [f"{r0.requests} requests, {load}; SLO: TTFT <= {slo_ttft_ms:g} ms and "
+             f"TPOT <= {slo_tpot_ms:g} ms per request",
+             f"{'policy':<14}{'tok/J':>8}{'J/req':>9}{'idle%':>7}{'SLO%':>8}{'TTFT p50':>10}"
+             f"{'TTFT p99':>10}{'TPOT p99':>10}{'end s':>8}"]
+    for r in results:
+        lines.append(f"{r.policy:<14}{r.output_tokens_per_joule:>8.3f}{r.joules_per_request:>9.1f}"
+                     f"{100 * r.idle_energy_share:>7.1f}{100 * r.slo_attainment:>8.2f}"
+                     f"{r.ttft_p50_ms:>8.0f}ms{r.ttft_p99_ms:>8.0f}ms{r.tpot_p99_ms:>8.0f}ms"
+                     f"{r.makespan_s:>8.0f}")
+    lines.append("utilisation (busy share of the run), per backend:")
+    for r in results:
+        cells = "  ".join(f"{b.name} {100 * b.utilisation:.0f}%" for b in r.backends.values())
+        lines.append(f"  {r.policy:<14}{cells}")
+    return "\n".join(lines)
+
+
+def main_simulate(argv: Sequence[str] | None = None) -> int:
+    """`python -m proxy.sim.fleet --fleet ... --trace ...`: `simulate` without the CLI."""
+    parser = argparse.ArgumentParser(prog="joulegate")
+    add_simulate_parser(parser.add_subparsers(dest="command", required=True))
+    return run_simulate(parser.parse_args(["simulate", *(argv if argv is not None else sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+    sys.exit(main_simulate())
