@@ -449,16 +449,19 @@ def joulegate_argv(cmd: str | None, config: Path, port: int) -> list[str]:
     return [*base, "serve", "-c", str(config), "--port", str(port)]
 
 
-def write_config(tmp: Path, port: int, mock_port: int) -> Path:
+def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://",
+                 power_url: str | None = None) -> Path:
+    """The proxy's config; `power_url`: a simulator whose power API feeds the energy path."""
+    power = f"{{source: sim, url: '{power_url}', interval_s: 0.1}}" if power_url else "{source: none}"
     config = tmp / "joulegate-bench.yaml"
     config.write_text(
         f"server: {{host: {HOST}, port: {port}}}\n"
         "backends:\n"
         f'  - {{name: mock, url: "http://{HOST}:{mock_port}/v1", models: [{MODEL}], '
-        "power: {source: none}}\n"
+        f"power: {power}}}\n"
         "routing: {policy: round_robin}\n"
         "anonymous_tenant: bench\n"
-        "ledger: memory://\n"
+        f"ledger: '{ledger}'\n"
     )
     return config
 
@@ -527,6 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "the table shows medians")  # fmt: skip
     ap.add_argument("--startup-timeout-s", type=float, default=30.0)
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target FAILs")
+    ap.add_argument("--ledger", default="memory://",
+                    help="joulegate's ledger URL, e.g. redis://127.0.0.1:6379/0 (default memory://)")
+    ap.add_argument("--energy", action="store_true",
+                    help="feed joulegate's energy meter from a simulator's power API (energy headers on)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = ap.parse_args(argv)
     args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -553,6 +560,8 @@ class Bench:
         self.checks: dict[str, object] = {}
         self.problems: list[str] = []
         self.mock: Server | None = None
+        self.power: Server | None = None  # a simulator used only for its power API (--energy)
+        self.power_url: str | None = None
         self.startup_s: dict[str, list[float]] = {}  # start to ready, per start
 
     def problem(self, msg: str) -> None:
@@ -568,6 +577,19 @@ class Bench:
         wait_until(self.mock, tcp_ready(port), self.args.startup_timeout_s)
         return self.mock
 
+    def start_power(self) -> Server:
+        """--energy: a `joulegate sim-backend` whose power stream drives the proxy's meter, so
+        every request is opened, closed and attributed as with a real power source."""
+        port = free_port()
+        argv = [sys.executable, "-m", "proxy", "sim-backend", "--profile", "h100-llama3.1-8b",
+                "--port", str(port)]
+        self.power = Server("power", argv, port, self.tmp)
+        self.power_url = f"http://{HOST}:{port}"
+        self.servers.append(self.power)
+        self.power.start()
+        wait_until(self.power, tcp_ready(port), self.args.startup_timeout_s)
+        return self.power
+
     def start_proxy(self, path: str) -> Server:
         """Start the reference relay or joulegate in front of the mock; raise if not ready."""
         assert self.mock is not None
@@ -578,7 +600,8 @@ class Bench:
                     "--upstream", upstream]  # fmt: skip
             ready = tcp_ready(port)
         else:
-            config = write_config(self.tmp, port, self.mock.port)
+            config = write_config(self.tmp, port, self.mock.port, self.args.ledger,
+                                  self.power_url)
             argv = joulegate_argv(self.args.joulegate_cmd, config, port)
             ready = models_ready(port, "/healthz")
         server = Server(path, argv, port, self.tmp)
@@ -689,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     with signals_as_interrupt():
         try:
             mock = bench.start_mock()
+            if args.energy:
+                bench.start_power()
             print(f"mock backend on :{mock.port}; {args.rounds} round(s), {args.duration_s} s "
                   f"per point (+{args.warmup_s} s warm-up), wrk -t1; load average "
                   f"{load_before[0]:.2f}; server logs in {tmp}", flush=True)  # fmt: skip
