@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-overhead bench-deps clean
+.PHONY: demo test lint bench-overhead bench-attribution bench-routing bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench-deps: $(STAMP)
 
 bench-overhead: bench-deps
 	$(BIN)/python -m bench.overhead
+
+bench-attribution: $(STAMP)
+	$(BIN)/python -m bench.attribution
+
+bench-routing: $(STAMP)
+	$(BIN)/python -m bench.routing
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
