@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,3 +141,24 @@ def sims(session_tmp: Path) -> Iterator[dict[str, SimBackend]]:
     finally:
         for sim in started.values():
             sim.stop()
+
+
+def sdk_client(proxy: ProxyProc, tenant: str = "acme") -> openai.OpenAI:
+    """The openai SDK against `proxy` as `tenant`: no retries, 30 s timeout."""
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS[tenant], max_retries=0, timeout=30)
+
+
+def async_sdk_client(proxy: ProxyProc, tenant: str = "acme") -> openai.AsyncOpenAI:
+    """`sdk_client`, async."""
+    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEYS[tenant], max_retries=0,
+                              timeout=30)
+
+
+def stream_chat_raw(proxy: ProxyProc, payload: dict, key: str = KEYS["acme"],
+                    ) -> tuple[httpx.Response, bytes]:
+    """POST `payload` to the proxy's /v1/chat/completions with plain httpx (no SDK parsing) and
+    read the whole body, e.g. the SSE stream as sent."""
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}, json=payload) as resp:
+        body = resp.read()
+    return resp, body

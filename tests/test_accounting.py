@@ -6,7 +6,7 @@ while the response carries the value known when it answered; so ledger totals ar
 the finals read back from `/v1/energy/requests/{id}`, in integer micro-joules as the ledger keeps
 them, and ledger request counts with the requests the clients saw answered.
 
-Redis: $REDIS_URL, else 127.0.0.1:6379, else a redis-server started here (as tests/test_ledger.py
+Redis: $REDIS_URL, else 127.0.0.1:6379, else a redis-server started here (tests/redis_support.py
 finds it); the proxy's config cannot carry a key prefix, so the shared Redis test claims an empty
 database number of its own and flushes it afterwards. Under CI=true a missing Redis fails.
 """
@@ -18,10 +18,8 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -56,9 +54,8 @@ from tests.conftest import (
     tenants_yaml,
     wait_until,
 )
-from tests.test_ledger import RedisServer
+from tests.redis_support import RedisServer, missing_redis, need_redis_server, usable_redis
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 UJ = 1_000_000
 MESSAGES = [{"role": "user", "content": "How many joules does this answer cost?"}]
 TENANTS = ("acme", "globex")
@@ -227,67 +224,43 @@ class MetricsSampler:
 # -- Redis --------------------------------------------------------------------------------------
 
 
-def _pings(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-def _no_redis(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"Redis needed under CI=true: {why}")
-    pytest.skip(why)
-
-
 def _with_db(url: str, db: int) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
-@pytest.fixture(scope="module")
-def redis_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis database of our own: an empty db number claimed on the shared Redis (flushed
-    afterwards), else a redis-server started here."""
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    server = None
-    if not _pings(url):
-        if shutil.which("redis-server") is None:
-            _no_redis(f"no Redis at {url} and no redis-server to start")
-        server = RedisServer(tmp_path_factory.mktemp("redis-shared"))
-        server.start()
-        url = server.url
-    claimed = None
+def _claim_empty_db(url: str) -> str | None:
+    """The URL of an empty database number on the Redis at `url`, marked as ours; None if none."""
     token = uuid.uuid4().hex
     for db in random.sample(range(1, 16), 15):
         candidate = _with_db(url, db)
         client = redis.Redis.from_url(candidate)
         try:
             if client.dbsize() == 0 and client.set(CLAIM_KEY, token, nx=True, ex=600):
-                claimed = candidate
-                break
+                return candidate
         except redis.ResponseError:  # fewer databases configured
-            break
+            return None
         finally:
             client.close()
-    if claimed is None:
-        if server is not None:
-            server.kill()
-        _no_redis(f"no empty database on {url} to claim")
-    try:
-        yield claimed
-    finally:
-        client = redis.Redis.from_url(claimed)
+    return None
+
+
+@pytest.fixture(scope="module")
+def redis_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis database of our own: an empty db number claimed on the shared Redis (flushed
+    afterwards), else a redis-server started here."""
+    with usable_redis(tmp_path_factory, "redis-shared") as url:
+        claimed = _claim_empty_db(url)
+        if claimed is None:
+            missing_redis(f"no empty database on {url} to claim")
         try:
-            client.flushdb()
+            yield claimed
         finally:
-            client.close()
-        if server is not None:
-            server.kill()
+            client = redis.Redis.from_url(claimed)
+            try:
+                client.flushdb()
+            finally:
+                client.close()
 
 
 def redis_requests(url: str) -> dict[str, list[Any]]:
@@ -466,8 +439,7 @@ def globex_with_budget() -> str:
 
 def test_redis_outage_under_load_loses_nothing(
         sims: dict[str, SimBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if shutil.which("redis-server") is None:
-        _no_redis("no redis-server to start and stop")
+    need_redis_server("no redis-server to start and stop")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     server = RedisServer(tmp_path, persist=True)  # AOF, fsync always: what was written survives
     server.start()
@@ -547,8 +519,7 @@ def test_frozen_redis_neither_stalls_requests_nor_double_counts(
     """Redis that takes connections and answers nothing (SIGSTOP: hung, or cut off by the
     network) for 3 s: requests keep their latency, also those of a tenant with a budget, and
     flushes that timed out (and may be applied once Redis wakes) count once."""
-    if shutil.which("redis-server") is None:
-        _no_redis("no redis-server to start and stop")
+    need_redis_server("no redis-server to start and stop")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     server = RedisServer(tmp_path)
     server.start()

@@ -19,6 +19,7 @@ from tests.conftest import (
     ProxyProc,
     SimBackend,
     backend_yaml,
+    stream_chat_raw,
     tenants_yaml,
     wait_until,
 )
@@ -74,13 +75,9 @@ def test_headers_on_non_streamed_responses(energy_proxy: ProxyProc, sims: dict[s
 
 
 def test_streamed_energy_in_the_usage_chunk(energy_proxy: ProxyProc) -> None:
-    with httpx.stream(
-        "POST", energy_proxy.url + "/v1/chat/completions", timeout=30,
-        headers={"Authorization": f"Bearer {KEYS['acme']}"},
-        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True,
-              "stream_options": {"include_usage": True}},
-    ) as resp:
-        body = resp.read()
+    _, body = stream_chat_raw(
+        energy_proxy, {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True,
+                       "stream_options": {"include_usage": True}})
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
     usage = orjson.loads(events[-1][6:])["usage"]
     assert usage["completion_tokens"] == 12
@@ -91,12 +88,8 @@ def test_streamed_energy_in_the_usage_chunk(energy_proxy: ProxyProc) -> None:
 
 
 def test_streamed_energy_as_a_comment_when_usage_was_not_asked(energy_proxy: ProxyProc) -> None:
-    with httpx.stream(
-        "POST", energy_proxy.url + "/v1/chat/completions", timeout=30,
-        headers={"Authorization": f"Bearer {KEYS['acme']}"},
-        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True},
-    ) as resp:
-        body = resp.read()
+    _, body = stream_chat_raw(
+        energy_proxy, {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True})
     assert body.endswith(b"data: [DONE]\n\n")
     comment = [e for e in body.split(b"\n\n") if e.startswith(b": energy ")]
     assert len(comment) == 1

@@ -9,11 +9,11 @@ import openai
 import pytest
 
 from tests.conftest import (
-    KEYS,
     MODEL,
     ProxyProc,
     SimBackend,
     backend_yaml,
+    sdk_client,
     tenants_yaml,
     wait_until,
 )
@@ -28,17 +28,13 @@ def _config(backends: dict[str, SimBackend]) -> str:
     return text + "routing: {policy: round_robin}\nledger: memory://\n" + tenants_yaml()
 
 
-def _client(proxy: ProxyProc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=30)
-
-
 def test_backend_killed_mid_stream_then_failover(tmp_path: Path) -> None:
     a = SimBackend("l4-llama3.1-8b", tmp_path, seed=1)
     b = SimBackend("h100-llama3.1-8b", tmp_path, seed=2)
     # The health interval is long, so the proxy still believes `a` is up after it dies.
     proxy = ProxyProc(_config({"a": a, "b": b}), tmp_path)
     try:
-        c = _client(proxy)
+        c = sdk_client(proxy)
         # Round robin: the first request goes to `a` (60 ms a token: a long stream).
         stream = c.chat.completions.with_raw_response.create(
             model=MODEL, messages=MESSAGES, max_tokens=400, stream=True)
@@ -65,7 +61,7 @@ def test_sigterm_drains_in_flight_streams(tmp_path: Path) -> None:
     sim = SimBackend("l4-llama3.1-8b", tmp_path, seed=3)
     proxy = ProxyProc(_config({"only": sim}), tmp_path)
     try:
-        c = _client(proxy)
+        c = sdk_client(proxy)
         stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, stream=True)
         chunks = iter(stream)
         first = next(chunks)
@@ -90,7 +86,7 @@ def test_client_disconnect_frees_the_gpu_and_timeouts_answer_504(tmp_path: Path)
                                             "server: {health_interval_s: 30, request_timeout_s: 1.0}")
     proxy = ProxyProc(config, tmp_path)
     try:
-        c = _client(proxy)
+        c = sdk_client(proxy)
         raw = c.chat.completions.with_raw_response.create(
             model=MODEL, messages=MESSAGES, max_tokens=300, stream=True, extra_headers={"x-request-id": "gone-1"})
         chunks = iter(raw.parse())

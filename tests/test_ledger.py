@@ -10,11 +10,8 @@ import asyncio
 import csv
 import io
 import itertools
-import os
 import random
-import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -36,10 +33,9 @@ from proxy.ledger.usage import (
     rows_to_csv,
     usage_payload,
 )
-from tests.conftest import free_port
+from tests.redis_support import RedisServer, need_redis_server, usable_redis
 
 STORES = ["memory", "sqlite", "redis"]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout_s: float = 20.0) -> Any:
@@ -59,70 +55,10 @@ async def until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def _pings(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-class RedisServer:
-    """A redis-server of our own on a fixed port, so it can be killed and started again."""
-
-    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.persist = persist
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        # Persisting with appendfsync always: what was acknowledged survives SIGKILL.
-        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persist
-                      else ["--appendonly", "no"])
-        self.popen = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.workdir), *durability],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _pings(self.url):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
-def _missing_redis(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"Redis needed under CI=true: {why}")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    if _pings(url):
+    with usable_redis(tmp_path_factory) as url:
         yield url
-        return
-    if shutil.which("redis-server") is None:
-        _missing_redis(f"no Redis at {url} and no redis-server to start")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.kill()
 
 
 def _delete_prefix(url: str, prefix: str) -> None:
@@ -442,8 +378,7 @@ def test_retention_prunes_request_rows_not_aggregates(store: Store) -> None:
 
 
 def test_redis_outage_buffers_spills_and_replays(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        _missing_redis("redis-server is not installed")
+    need_redis_server("redis-server is not installed")
     server = RedisServer(tmp_path, persist=True)
     server.start()
     journal = tmp_path / "spill" / "journal.sqlite"

@@ -18,8 +18,11 @@ from tests.conftest import (
     MODEL,
     ProxyProc,
     SimBackend,
+    async_sdk_client,
     backend_yaml,
     free_port,
+    sdk_client,
+    stream_chat_raw,
     tenants_yaml,
     wait_until,
 )
@@ -84,25 +87,17 @@ def proxy(sims: dict[str, SimBackend], session_tmp: Path) -> Iterator[ProxyProc]
     assert code in (0, -15), log[-2000:]
 
 
-def client(proxy: ProxyProc, tenant: str = "acme") -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS[tenant], max_retries=0, timeout=30)
-
-
-def aclient(proxy: ProxyProc, tenant: str = "acme") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEYS[tenant], max_retries=0, timeout=30)
-
-
 MESSAGES = [{"role": "user", "content": "How many joules does a token cost?"}]
 
 
 def test_models_list_is_the_union_of_backends(proxy: ProxyProc) -> None:
-    ids = {m.id for m in client(proxy).models.list()}
+    ids = {m.id for m in sdk_client(proxy).models.list()}
     assert {MODEL, SLOW_MODEL, BROKEN_MODEL, DEAD_MODEL} <= ids
-    assert client(proxy).models.retrieve(MODEL).id == MODEL
+    assert sdk_client(proxy).models.retrieve(MODEL).id == MODEL
 
 
 def test_chat_non_streamed(proxy: ProxyProc, sims: dict[str, SimBackend]) -> None:
-    raw = client(proxy).chat.completions.with_raw_response.create(
+    raw = sdk_client(proxy).chat.completions.with_raw_response.create(
         model=MODEL, messages=MESSAGES, max_tokens=12, extra_headers={"x-request-id": "test-chat-1"},
     )
     completion = raw.parse()
@@ -118,12 +113,12 @@ def test_chat_non_streamed(proxy: ProxyProc, sims: dict[str, SimBackend]) -> Non
 
 
 def test_request_id_is_generated_when_absent(proxy: ProxyProc) -> None:
-    raw = client(proxy).chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    raw = sdk_client(proxy).chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert len(raw.headers["x-request-id"]) >= 16
 
 
 def test_chat_streamed_without_usage_withholds_the_usage_chunk(proxy: ProxyProc) -> None:
-    stream = client(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True)
+    stream = sdk_client(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True)
     chunks = list(stream)
     text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(text_chunks) == 20
@@ -132,7 +127,7 @@ def test_chat_streamed_without_usage_withholds_the_usage_chunk(proxy: ProxyProc)
 
 
 def test_chat_streamed_with_usage(proxy: ProxyProc) -> None:
-    stream = client(proxy).chat.completions.create(
+    stream = sdk_client(proxy).chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=16, stream=True, stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -142,12 +137,8 @@ def test_chat_streamed_with_usage(proxy: ProxyProc) -> None:
 
 
 def test_raw_stream_is_sse_ending_in_done(proxy: ProxyProc) -> None:
-    with httpx.stream(
-        "POST", proxy.url + "/v1/chat/completions", timeout=30,
-        headers={"Authorization": f"Bearer {KEYS['acme']}"},
-        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "stream": True},
-    ) as resp:
-        body = resp.read()
+    resp, body = stream_chat_raw(
+        proxy, {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "stream": True})
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert body.endswith(b"data: [DONE]\n\n")
     assert body.count(b'"content":"') == 5
@@ -155,7 +146,7 @@ def test_raw_stream_is_sse_ending_in_done(proxy: ProxyProc) -> None:
 
 
 def test_completions_streamed_and_not(proxy: ProxyProc) -> None:
-    c = client(proxy)
+    c = sdk_client(proxy)
     done = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=7)
     assert done.usage.completion_tokens == 7
     chunks = list(c.completions.create(model=MODEL, prompt="Once", max_tokens=9, stream=True,
@@ -164,7 +155,7 @@ def test_completions_streamed_and_not(proxy: ProxyProc) -> None:
 
 
 def test_embeddings(proxy: ProxyProc) -> None:
-    result = client(proxy).embeddings.create(model=MODEL, input=["one joule", "two joules"])
+    result = sdk_client(proxy).embeddings.create(model=MODEL, input=["one joule", "two joules"])
     assert len(result.data) == 2
     assert len(result.data[0].embedding) > 0
     assert result.usage.prompt_tokens > 0
@@ -172,7 +163,7 @@ def test_embeddings(proxy: ProxyProc) -> None:
 
 def test_async_concurrent_requests_spread_over_backends(proxy: ProxyProc, sims: dict[str, SimBackend]) -> None:
     async def run() -> list[str]:
-        c = aclient(proxy, "globex")
+        c = async_sdk_client(proxy, "globex")
 
         async def one(i: int) -> str:
             raw = await c.chat.completions.with_raw_response.create(
@@ -203,10 +194,10 @@ def test_async_concurrent_requests_spread_over_backends(proxy: ProxyProc, sims: 
 
 def test_400_wrong_types(proxy: ProxyProc) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client(proxy).chat.completions.create(model=MODEL, messages="not a list")  # type: ignore[arg-type]
+        sdk_client(proxy).chat.completions.create(model=MODEL, messages="not a list")  # type: ignore[arg-type]
     assert info.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError):
-        client(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream="yes")  # type: ignore[arg-type]
+        sdk_client(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe", b'{"model": 5, "messages": []}'])
@@ -228,19 +219,19 @@ def test_401_missing_and_bad_key(proxy: ProxyProc) -> None:
 
 def test_404_unknown_model(proxy: ProxyProc) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        client(proxy).chat.completions.create(model="no-such-model", messages=MESSAGES)
+        sdk_client(proxy).chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert info.value.code == "model_not_found"
 
 
 def test_413_oversized_body(proxy: ProxyProc) -> None:
     huge = [{"role": "user", "content": "x" * 70_000}]
     with pytest.raises(openai.APIStatusError) as info:
-        client(proxy).chat.completions.create(model=MODEL, messages=huge)
+        sdk_client(proxy).chat.completions.create(model=MODEL, messages=huge)
     assert info.value.status_code == 413
 
 
 def test_429_when_every_backend_is_at_its_limit(proxy: ProxyProc) -> None:
-    c = client(proxy)
+    c = sdk_client(proxy)
     # Hold the slow backend's only slot with a long stream, then ask again.
     stream = c.chat.completions.create(model=SLOW_MODEL, messages=MESSAGES, max_tokens=200, stream=True)
     try:
@@ -263,14 +254,14 @@ def _slow_accepts(c: openai.OpenAI) -> bool:
 
 def test_502_backend_answers_garbage(proxy: ProxyProc) -> None:
     with pytest.raises(openai.InternalServerError) as info:
-        client(proxy).chat.completions.create(model=BROKEN_MODEL, messages=MESSAGES)
+        sdk_client(proxy).chat.completions.create(model=BROKEN_MODEL, messages=MESSAGES)
     assert info.value.status_code == 502
     assert "secrets" not in str(info.value.body)
 
 
 def test_503_no_healthy_backend(proxy: ProxyProc) -> None:
     with pytest.raises(openai.InternalServerError) as info:
-        client(proxy).chat.completions.create(model=DEAD_MODEL, messages=MESSAGES)
+        sdk_client(proxy).chat.completions.create(model=DEAD_MODEL, messages=MESSAGES)
     assert info.value.status_code == 503
 
 

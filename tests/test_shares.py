@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -48,10 +46,10 @@ from tests.conftest import (
     sha256,
     wait_until,
 )
+from tests.redis_support import RedisServer, need_redis_server, usable_redis
 from tests.test_attribution import assert_books_balance, schedules, streamed
 
 REL = 1e-9
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def books_balance(attributor: Attributor) -> None:
@@ -354,35 +352,10 @@ def test_a_revived_peer_and_a_skip() -> None:
 # -- the exchange against a real Redis -----------------------------------------------------------
 
 
-def _pings(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    if _pings(url):
+    with usable_redis(tmp_path_factory) as url:
         yield url
-        return
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail(f"Redis needed under CI=true: no Redis at {url} and no redis-server")
-        pytest.skip(f"no Redis at {url} and no redis-server to start")
-    from tests.test_ledger import RedisServer
-
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.kill()
 
 
 def _meter(name: str, finals: list[Final]) -> BackendMeter:
@@ -495,12 +468,7 @@ def test_redis_unreachable_falls_back_to_engine_metrics(caplog: pytest.LogCaptur
 def test_a_redis_restart_falls_back_and_recovers(tmp_path: Path) -> None:
     """Redis dies mid-run: both replicas keep settling (the others counting for nothing, no
     engine metrics here); Redis comes back on the same port: they find each other again."""
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server needed under CI=true")
-        pytest.skip("no redis-server to stop and start")
-    from tests.test_ledger import RedisServer
-
+    need_redis_server("no redis-server to stop and start")
     server = RedisServer(tmp_path)
     server.start()
 
