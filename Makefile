@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-overhead bench-attribution bench-routing bench-deps clean
+.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench-overhead: bench-deps
 
 bench-attribution: $(STAMP)
 	$(BIN)/python -m bench.attribution
+
+bench-ledger: bench-deps
+	$(BIN)/python -m bench.ledger
 
 bench-routing: $(STAMP)
 	$(BIN)/python -m bench.routing
