@@ -31,8 +31,13 @@ UPSTREAM_KEEPALIVE_S = 4.0
 class Backend:
     """One OpenAI-compatible inference server and what the proxy knows of it now."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, circuit_failures: int = 5,
+                 circuit_cooldown_s: float = 10.0) -> None:
         self.config = config
+        self.circuit_failures = circuit_failures
+        self.circuit_cooldown_s = circuit_cooldown_s
+        self.consecutive_failures = 0
+        self.circuit_open_until_s = 0.0  # monotonic seconds; in the past: closed or half-open
         self.name = config.name
         self.url = config.url
         self.models: set[str] = set(config.models or [])
@@ -53,12 +58,31 @@ class Backend:
         load = self.engine_load
         return BackendView(
             name=self.name,
-            healthy=self.healthy,
+            healthy=self.healthy and not self.circuit_open(),
             in_flight=self.in_flight,
             queued=load.waiting if load else 0,
             running=load.running if load else None,
             max_concurrency=self.config.max_concurrency,
         )
+
+    def circuit_open(self) -> bool:
+        """True while the breaker refuses traffic (until its cooldown ends)."""
+        return self.circuit_open_until_s > 0 and time.monotonic() < self.circuit_open_until_s
+
+    def record_failure(self, reason: str) -> None:
+        """A connect failure or a 5xx: past the threshold (or while half-open) open the circuit."""
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.circuit_failures:
+            if not self.circuit_open():
+                log.warning("backend %s: circuit open for %.0f s after %d failures (%s)", self.name,
+                            self.circuit_cooldown_s, self.consecutive_failures, reason)
+            self.circuit_open_until_s = time.monotonic() + self.circuit_cooldown_s
+
+    def record_success(self) -> None:
+        if self.circuit_open_until_s:
+            log.info("backend %s: circuit closed", self.name)
+        self.consecutive_failures = 0
+        self.circuit_open_until_s = 0.0
 
     def mark_down(self, reason: str) -> None:
         """Passive health: the relay saw it refuse a connection; the health loop brings it back."""
@@ -73,7 +97,10 @@ class BackendPool:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.backends: list[Backend] = [Backend(b) for b in config.backends]
+        server = config.server
+        self.backends: list[Backend] = [
+            Backend(b, server.circuit_failures, server.circuit_cooldown_s) for b in config.backends
+        ]
         self.by_name: dict[str, Backend] = {b.name: b for b in self.backends}
         self.session: aiohttp.ClientSession | None = None
         self._control: httpx.AsyncClient | None = None

@@ -28,6 +28,12 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # Requests open at once across all backends; past it new ones get 503 `overloaded`.
+    max_in_flight: int | None = Field(None, gt=0)
+    # Circuit breaker per backend: open after this many consecutive connect failures or 5xx
+    # answers; after the cooldown, requests flow again and the next failure re-opens it.
+    circuit_failures: int = Field(5, gt=0)
+    circuit_cooldown_s: float = Field(10.0, gt=0)
     health_interval_s: float = Field(5.0, gt=0)
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.

@@ -68,6 +68,8 @@ class Relay:
         self.meter = meter
         self.accounting = accounting
         self.max_body_bytes = config.server.max_body_bytes
+        self.max_in_flight = config.server.max_in_flight
+        self.in_flight = 0  # inference requests open in this process
         self.timeout = aiohttp.ClientTimeout(
             total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
         )
@@ -78,7 +80,11 @@ class Relay:
             request_id=request_id or os.urandom(12).hex(), tenant="", model="", kind=kind,
             stream=False, start_s=time.time(),
         )
+        self.in_flight += 1
         try:
+            if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
+                raise ProxyError(503, "The proxy is at its limit of requests in flight; retry shortly.",
+                                 code="overloaded")
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
             body = await _read_body(receive, declared_length, self.max_body_bytes)
@@ -91,6 +97,8 @@ class Relay:
             await send_error(send, exc, record.request_id)
         except ClientGone:
             record.status = 499
+        finally:
+            self.in_flight -= 1
 
     # -- request ------------------------------------------------------------------------------
 
@@ -192,6 +200,7 @@ class Relay:
                 # Nothing reached the backend or the client yet: try another one.
                 self._abandon(backend, record, ticket)
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
+                backend.record_failure(type(exc).__name__)
                 continue
             except TimeoutError:
                 self._abandon(backend, record, ticket)
@@ -201,6 +210,10 @@ class Relay:
                 raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
             break
         record.backend = backend.name
+        if resp.status >= 500:
+            backend.record_failure(f"HTTP {resp.status}")
+        else:
+            backend.record_success()
         try:
             is_sse = resp.content_type == "text/event-stream"
             if record.stream and resp.status == 200 and is_sse:

@@ -103,3 +103,36 @@ def test_client_disconnect_frees_the_gpu_and_timeouts_answer_504(tmp_path: Path)
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_503(tmp_path: Path) -> None:
+    from tests.test_proxy_sdk import BROKEN_MODEL, BrokenBackend
+
+    sim = SimBackend("l4-llama3.1-8b", tmp_path, seed=5)
+    broken = BrokenBackend()
+    config = _config({"only": sim}).replace(
+        "server: {health_interval_s: 30}",
+        "server: {health_interval_s: 30, circuit_failures: 3, circuit_cooldown_s: 60, max_in_flight: 1}")
+    config = config.replace("routing:", f"  - {{name: broken, url: '{broken.url}/v1'}}\nrouting:", 1)
+    proxy = ProxyProc(config, tmp_path)
+    try:
+        c = sdk_client(proxy)
+        statuses = []
+        for _ in range(5):
+            with pytest.raises(openai.InternalServerError) as info:
+                c.chat.completions.create(model=BROKEN_MODEL, messages=MESSAGES)
+            statuses.append(info.value.status_code)
+        # Three answered 5xx open the circuit: the rest never reach the broken backend.
+        assert statuses == [502, 502, 502, 503, 503]
+        # One request in flight is the proxy's limit: a second one is refused cleanly.
+        stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100, stream=True)
+        try:
+            next(iter(stream))
+            with pytest.raises(openai.InternalServerError) as info:
+                c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+            assert info.value.status_code == 503 and info.value.code == "overloaded"
+        finally:
+            stream.close()
+    finally:
+        proxy.stop()
+        sim.stop()
