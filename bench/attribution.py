@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -814,8 +815,10 @@ def print_worst(s: dict[str, Any], outcomes: list[Outcome], n: int) -> None:
 # ----------------------------------------------------------------------------- proxy wrapper
 
 
-def serve_proxy(config_path: str, port: int) -> int:
-    """`joulegate serve -c CONFIG --port P` (one worker), plus GET /_bench/books."""
+def serve_with_route(config_path: str, port: int, path: str,
+                     payload: Callable[[Any, Any], Any]) -> int:
+    """`joulegate serve -c CONFIG --port P` (one worker, the same uvicorn settings) plus one
+    read-only JSON route at `path`, answered by `payload(app, config)`."""
     import logging
 
     import uvicorn
@@ -827,29 +830,40 @@ def serve_proxy(config_path: str, port: int) -> int:
     config.server = config.server.model_copy(update={"port": port})
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    keys = ("finalized_joules_attributed", "finalized_joules_idle", "carried_joules",
-            "finalized_joules_measured", "first_finalized_s", "finalized_until_s", "open_requests")
-
-    def books() -> dict[str, Any]:
-        out = {}
-        for name, meter in getattr(getattr(app, "meter", None), "meters", {}).items():
-            a = getattr(meter, "attributor", None)
-            out[name] = {k: getattr(a, k, None) for k in keys}
-        return out
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == BOOKS_PATH:
-            body = json.dumps(books()).encode()
+        if scope["type"] == "http" and scope["path"] == path:
+            body = json.dumps(payload(app, config)).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
         await app(scope, receive, send)
 
-    uvicorn.run(wrapped, host=config.server.host, port=port, loop="uvloop", http="httptools",
+    server = config.server
+    uvicorn.run(wrapped, host=server.host, port=port, loop="uvloop", http="httptools",
                 access_log=False, log_level="info", lifespan="on",
-                timeout_graceful_shutdown=config.server.drain_timeout_s or None)
+                timeout_graceful_shutdown=server.drain_timeout_s or None,
+                timeout_keep_alive=server.keepalive_timeout_s)
     return 0
+
+
+_BOOK_KEYS = ("finalized_joules_attributed", "finalized_joules_idle", "carried_joules",
+              "finalized_joules_measured", "first_finalized_s", "finalized_until_s", "open_requests")
+
+
+def _books(app: Any, _config: Any) -> dict[str, Any]:
+    """Each backend's attribution books, for true conservation checks."""
+    out = {}
+    for name, meter in getattr(getattr(app, "meter", None), "meters", {}).items():
+        a = getattr(meter, "attributor", None)
+        out[name] = {k: getattr(a, k, None) for k in _BOOK_KEYS}
+    return out
+
+
+def serve_proxy(config_path: str, port: int) -> int:
+    """`joulegate serve` plus GET /_bench/books."""
+    return serve_with_route(config_path, port, BOOKS_PATH, _books)
 
 
 # ----------------------------------------------------------------------------- main

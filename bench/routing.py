@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.attribution import _quantile
 from bench.overhead import HOST, Server, free_port, signals_as_interrupt, wait_until
 from policies.base import BackendView, RequestInfo
 from policies.efficiency import Efficiency
@@ -245,36 +246,14 @@ def model_state(app: Any, ttft_s: float, tpot_s: float) -> dict[str, Any]:
 
 
 def serve_proxy(config_path: str, port: int) -> int:
-    """`joulegate serve -c CONFIG --port P` (one worker, the same uvicorn settings) plus one
-    read-only route, GET /_bench/models: each backend's learned efficiency model."""
-    import logging
+    """`joulegate serve` plus one read-only route, GET /_bench/models: each backend's learned
+    efficiency model."""
+    from bench.attribution import serve_with_route
 
-    import uvicorn
+    def models(app: Any, config: Any) -> Any:
+        return model_state(app, config.routing.slo.ttft_ms / 1e3, config.routing.slo.tpot_ms / 1e3)
 
-    from proxy.app import create_app
-    from proxy.config import load_config
-
-    config = load_config(config_path)
-    config.server = config.server.model_copy(update={"port": port})
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
-    slo = (config.routing.slo.ttft_ms / 1e3, config.routing.slo.tpot_ms / 1e3)
-
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == MODELS_PATH:
-            body = json.dumps(model_state(app, *slo)).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await app(scope, receive, send)
-
-    server = config.server
-    uvicorn.run(wrapped, host=server.host, port=port, loop="uvloop", http="httptools",
-                access_log=False, log_level="info", lifespan="on",
-                timeout_graceful_shutdown=server.drain_timeout_s or None,
-                timeout_keep_alive=server.keepalive_timeout_s)
-    return 0
+    return serve_with_route(config_path, port, MODELS_PATH, models)
 
 
 def live_config(policy: str, sims: dict[str, Any]) -> str:
@@ -504,16 +483,6 @@ class LivePolicyRun:
     def stop(self) -> None:
         for s in ([self.proxy] if self.proxy else []) + list(self.sims.values()):
             s.stop()
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def live_policy(policy: str, args: argparse.Namespace, warmup: list[TraceRequest],
