@@ -251,6 +251,18 @@ class EfficiencyModel:
             self.observe_interval(decoding, power_w, tokens_per_s, t_s, in_flight=in_flight)
         self._last_power_s = t_s
 
+    def modelled_power_w(self, t_s: float) -> float:
+        """The mean power (W) the model predicts since the last sample, for a stretch with no
+        readings (the power source is down); ends the load interval at `t_s` and learns nothing,
+        not even from the first real interval after it, which starts inside the stretch."""
+        reading = self.tracker.close(t_s)
+        self._last_power_s = None
+        if reading is None or reading[0] <= 0:
+            return self.idle_w
+        in_flight, decoding, _ = reading
+        # Requests in prefill draw power too: count the batch as at least one decoding.
+        return self.power_w(max(decoding, min(in_flight, 1.0)))
+
     # -- observations ---------------------------------------------------------------------------
 
     def observe_interval(self, decoding: float, power_w: float, tokens_per_s: float,

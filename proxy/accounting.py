@@ -92,14 +92,14 @@ class Accounting:
             self._book(record)
 
     def measured(self, backend: str, final: Final) -> None:
-        """A request's final attribution arrived: book it with the measured joules."""
+        """A request's final attribution arrived: book it with its joules and method."""
         record = self._awaiting.get(final.request_id)
         if record is None or record.backend != backend:
             return  # an abandoned attempt on another backend, or already booked
         del self._awaiting[final.request_id]
         self._release(record)
         record.joules = final.joules
-        record.energy_method = "measured"
+        record.energy_method = final.method
         self._book(record)
 
     async def remaining_budget_j(self, tenant: str) -> float | None:

@@ -100,6 +100,8 @@ class JouleGate:
                 name = view["name"]
                 self.metrics.backend_up.labels(name).set(1 if view["healthy"] else 0)
                 self.metrics.backend_in_flight.labels(name).set(view["in_flight"])
+                if view["power_source_up"] is not None:
+                    self.metrics.power_source_up.labels(name).set(1 if view["power_source_up"] else 0)
                 for gauge, key in ((self.metrics.backend_power_w, "power_w"), (self.metrics.backend_idle_w, "idle_w"),
                                    (self.metrics.backend_tokens_per_joule, "tokens_per_joule")):
                     if view[key] is not None:
@@ -167,6 +169,10 @@ class JouleGate:
                 "models": sorted(backend.models),
                 "power_source": backend.config.power.source,
                 "power_source_healthy": source.healthy if source else None,
+                # False while readings are missing and the energy is modelled (`estimated`).
+                "power_source_up": meter.source_up if meter else None,
+                "power_source_down_since": _iso(meter.down_since_s) if meter and not meter.source_up else None,
+                "energy_modelled_j": meter.modelled_j if meter else None,
                 "power_w": meter.last_power_w if meter else None,
                 "idle_w": meter.idle_w() if meter else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,

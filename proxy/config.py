@@ -45,6 +45,14 @@ class PowerConfig(_Strict):
     gpus: list[int | str] = Field(default_factory=list)
     url: str | None = None
     interval_s: float = Field(0.1, gt=0)
+    # Silence this long (s) marks the source down: energy is then modelled (method `estimated`).
+    # None: 10 sample intervals, at least 2 s.
+    stale_after_s: float | None = Field(None, gt=0)
+
+    @property
+    def stale_s(self) -> float:
+        """Seconds without a reading after which the source counts as down."""
+        return self.stale_after_s if self.stale_after_s is not None else max(10 * self.interval_s, 2.0)
 
     @model_validator(mode="after")
     def _url_where_needed(self) -> PowerConfig:

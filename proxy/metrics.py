@@ -58,6 +58,15 @@ class Metrics:
             "joulegate_energy_joules", "Joules attributed to requests (as booked), by backend and model.",
             ["backend", "model", *t], registry=r,
         )
+        self.energy_estimated = Counter(
+            "joulegate_energy_estimated_requests",
+            "Requests booked with estimated energy (no power readings covered them), by backend.",
+            ["backend"], registry=r,
+        )
+        self.power_source_up = Gauge(
+            "joulegate_power_source_up", "1 while the backend's power source answers; 0 while its energy is modelled.",
+            ["backend"], multiprocess_mode="livemin", registry=r,
+        )
         self.backend_power_w = Gauge("joulegate_backend_power_watts", "Latest power reading.", ["backend"], multiprocess_mode="livemax", registry=r)
         self.backend_idle_w = Gauge(
             "joulegate_backend_idle_watts", "Average power while nothing was in flight.", ["backend"], multiprocess_mode="livemax", registry=r,
@@ -78,10 +87,12 @@ class Metrics:
         )
 
     def observe_energy(self, record: RequestRecord) -> None:
-        """Count a request's final (measured) joules."""
+        """Count a request's booked joules (and whether they were estimated)."""
         if record.joules is not None:
             t = (record.tenant,) if self.tenant_label else ()
             self.energy_j.labels(record.backend or "none", record.model, *t).inc(record.joules)
+            if record.energy_method == "estimated":
+                self.energy_estimated.labels(record.backend or "none").inc()
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""

@@ -347,6 +347,31 @@ def test_requests_whose_samples_never_come_are_given_up_on() -> None:
     assert attributor._requests == {}
 
 
+def test_requests_in_a_modelled_span_settle_estimated_and_the_books_balance() -> None:
+    timeline = EnergyTimeline()
+    attributor = Attributor(timeline, prefill_weight=0.0)
+    for t_s, e_j in watts(100.0, 2.0):
+        timeline.add_energy_sample(t_s, e_j)
+    attributor.open("before", 0.0, stream=False)
+    attributor.close("before", 1.5, 0, 10)
+    attributor.open("during", 2.5, stream=False)
+    attributor.close("during", 3.5, 0, 10)
+    attributor.open("after", 5.5, stream=False)
+    attributor.close("after", 6.5, 0, 10)
+    timeline.add_modelled_power(4.0, 80.0)  # the source went silent after 2 s
+    attributor.mark_modelled(2.0, 4.0)
+    timeline.add_energy_sample(5.0, 123.0)  # back: re-bases; the step to it is modelled too
+    attributor.mark_modelled(4.0, 5.0)
+    timeline.add_energy_sample(7.0, 323.0)
+    finals = {f.request_id: f for f in attributor.advance()}
+    assert finals["before"].method == "measured"
+    assert finals["during"].method == "estimated"
+    assert finals["during"].joules == pytest.approx(80.0)
+    assert finals["after"].method == "measured"
+    assert finals["after"].joules == pytest.approx(100.0)
+    assert_books_balance(attributor)
+
+
 def test_per_request_state_stays_bounded_over_a_long_run() -> None:
     attributor = Attributor(EnergyTimeline(max_age_s=30.0), max_pending_s=20.0)
     timeline = attributor.timeline

@@ -110,6 +110,35 @@ def test_sampling_gap_is_one_long_interval_at_constant_power() -> None:
     assert timeline.joules_between(0.5, 6.5) == pytest.approx(150.0 + 500.0 + 150.0)
 
 
+def test_a_modelled_bridge_stands_in_for_a_silent_counter_which_then_rebases() -> None:
+    timeline = counter((0.0, 5_000.0), (1.0, 5_300.0))  # 300 W
+    timeline.add_modelled_power(4.0, 200.0)  # silent from 1 s: modelled at 200 W
+    timeline.add_modelled_power(6.0, 250.0)
+    # Back at 7 s: the counter gained 3,000 J since 1 s, which the bridge already covers.
+    timeline.add_energy_sample(7.0, 8_300.0)
+    timeline.add_energy_sample(8.0, 8_700.0)  # 400 W, measured again
+    assert timeline.joules_between(1.0, 4.0) == pytest.approx(600.0)
+    assert timeline.joules_between(4.0, 6.0) == pytest.approx(500.0)
+    assert timeline.joules_between(6.0, 7.0) == pytest.approx(250.0)  # the rebase step: bridge power
+    assert timeline.joules_between(7.0, 8.0) == pytest.approx(400.0)
+
+
+def test_a_bridge_can_start_an_empty_timeline_and_power_readings_follow_it() -> None:
+    timeline = EnergyTimeline()
+    timeline.add_modelled_power(0.0, 100.0)
+    timeline.add_modelled_power(2.0, 100.0)
+    timeline.add_power_sample(3.0, 300.0)  # trapezoid from the bridge's 100 W
+    assert timeline.kind == "power"
+    assert timeline.joules_between(0.0, 3.0) == pytest.approx(200.0 + 200.0)
+    late = EnergyTimeline()
+    late.add_modelled_power(0.0, 50.0)
+    late.add_modelled_power(1.0, 50.0)
+    late.add_energy_sample(2.0, 123_456.0)  # first counter reading ever: only a base
+    late.add_energy_sample(3.0, 123_556.0)
+    assert late.kind == "energy"
+    assert late.joules_between(0.0, 3.0) == pytest.approx(50.0 + 50.0 + 100.0)
+
+
 def test_memory_is_bounded_by_max_age() -> None:
     timeline = EnergyTimeline(max_age_s=10.0)
     for i in range(50_000):

@@ -148,6 +148,7 @@ class _Weighed:
     n_after: list[int]
     counts: list[tuple[_Request, int]]  # decode tokens each request settles here
     settled_w: float  # known weight this interval settles (leaves `_pending_w` when split)
+    modelled: bool = False  # its joules are a model's guess: nothing is learned from it
 
 
 class Attributor:
@@ -176,7 +177,7 @@ class Attributor:
         "finalized_joules_foreign", "foreign_until_s", "foreign_max_wait_s", "weighed_until_s",
         "publish_local", "_weighed_e_j", "_weighed", "_f_t", "_f_w", "_f_n", "_f_head",
         "_local_out", "_local_from_s", "foreign_estimate_density", "_w_per_req",
-        "_w_per_flight", "idle_w", "learn_idle_power",
+        "_w_per_flight", "idle_w", "learn_idle_power", "_modelled",
     )
 
     def __init__(
@@ -258,6 +259,8 @@ class Attributor:
         # its own x-request-id) gets another key; the id maps to it here.
         self._alias: dict[str, str] = {}
         self._dup_n = 0
+        # Spans (a_s, b_s) whose joules a model guessed (the power source was down), oldest first.
+        self._modelled: deque[tuple[float, float]] = deque()
 
     # -- the relay's calls ---------------------------------------------------------------------
 
@@ -346,6 +349,12 @@ class Attributor:
     def open_requests(self) -> int:
         """How many requests are in flight (opened, not closed)."""
         return self._open_n
+
+    def mark_modelled(self, a_s: float, b_s: float) -> None:
+        """The timeline's joules over [a_s, b_s] (s) are a model's guess, not readings: every
+        request in flight there settles `estimated`. Mark spans in time order."""
+        if b_s > a_s:
+            self._modelled.append((a_s, b_s))
 
     # -- other replicas ------------------------------------------------------------------------
 
@@ -667,8 +676,12 @@ class Attributor:
             self._w_per_flight = rate if old == 0 else old + _RATE_SMOOTHING * (rate - old)
         if self.publish_local:
             self._publish_steps(a_s, w0, n0, times, w_after, n_after)
+        modelled = bool(self._modelled) and self._overlaps_modelled(a_s, b_s)
+        if modelled:
+            for r in reqs:
+                r.guessed = True
         return _Weighed(a_s, b_s, b_e_j, energy_j, reqs, done, owner, rho, events, w0, n0,
-                        times, ends, w_after, n_after, counts, settled_w)
+                        times, ends, w_after, n_after, counts, settled_w, modelled)
 
     def _publish_steps(self, a_s: float, w0: float, n0: int, times: list[float],
                        w_after: list[float], n_after: list[int]) -> None:
@@ -685,6 +698,14 @@ class Attributor:
             last = out[-1]
             if last[1] != w or last[2] != n:
                 out.append((t_s, w, n))
+
+    def _overlaps_modelled(self, a_s: float, b_s: float) -> bool:
+        """Whether [a_s, b_s] overlaps a modelled span (spans wholly before a_s are dropped:
+        intervals are weighed in time order)."""
+        spans = self._modelled
+        while spans and spans[0][1] <= a_s:
+            spans.popleft()
+        return any(lo < b_s for lo, _ in spans)
 
     def _foreign_in(self, a_s: float, b_s: float
                     ) -> tuple[float, int, list[tuple[float, float, int]]]:
@@ -802,7 +823,8 @@ class Attributor:
                 carry_j = carry_in_j + energy_j
             else:
                 idle_j = energy_j
-                self._learn_idle_power(energy_j, b_s - a_s)
+                if not iv.modelled:
+                    self._learn_idle_power(energy_j, b_s - a_s)
         else:
             if idle_s > 0 and self.idle_w is not None and self.learn_idle_power:
                 # The interval was partly idle. Its power was not uniform: the GPU drew about its

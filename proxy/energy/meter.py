@@ -25,6 +25,8 @@ log = logging.getLogger("joulegate.energy")
 
 #: How many recent finals feed a backend's "recent tokens per joule".
 _RECENT_FINALS = 512
+#: How often (s) the meters check for silent power sources and extend their modelled bridge.
+_WATCH_S = 0.25
 
 
 @dataclass(slots=True)
@@ -63,14 +65,31 @@ class BackendMeter:
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_FINALS)
         self._last_sample_s: float | None = None
         self.efficiency: EfficiencyModel | None = None  # set by the app: learns from samples
+        # Source liveness: silent for `stale_s`, it counts as down and the energy since its last
+        # reading is modelled (bridged on the timeline, settled `estimated`) until it is back.
+        self.stale_s = power.stale_s
+        self.source_up = True
+        self.down_since_s: float | None = None  # last reading before the outage (wall clock s)
+        self.modelled_j = 0.0  # joules the model has bridged since start
+        self._heard_s = time.time()  # when a reading last arrived (or the meter was made)
+        self._bridged = False  # the timeline ends in a bridge: the next reading's step is modelled
 
     def _on_sample(self, sample: PowerSample) -> None:
+        prev_s = self.timeline.last_sample_s
         if sample.energy_j is not None:
             self.timeline.add_energy_sample(sample.t_s, sample.energy_j)
         elif sample.power_w is not None:
             self.timeline.add_power_sample(sample.t_s, sample.power_w)
         else:
             return
+        self._heard_s = time.time()
+        if not self.source_up:
+            self.source_up = True
+            log.warning("power source of %s is back after %.1f s; energy is measured again",
+                        self.name, self._heard_s - (self.down_since_s or self._heard_s))
+        if self._bridged and prev_s is not None and self.timeline.last_sample_s != prev_s:
+            self._bridged = False
+            self.attributor.mark_modelled(prev_s, self.timeline.last_sample_s or prev_s)
         self.last_power_w = sample.power_w if sample.power_w is not None else self.timeline.power_w_at(sample.t_s)
         if self.efficiency is not None and self._last_sample_s is not None and sample.t_s > self._last_sample_s:
             interval_w = self.timeline.joules_between(self._last_sample_s, sample.t_s) / (
@@ -78,6 +97,34 @@ class BackendMeter:
             self.efficiency.power_sample(sample.t_s, interval_w)
         self._last_sample_s = sample.t_s
         self.settle(time.time())
+
+    def check(self, now_s: float) -> None:
+        """Bridge a silent source's gap up to `now_s` with modelled power (W, from the learned
+        efficiency model) so requests keep settling, as `estimated`; never waits on the source."""
+        if self.source is None or now_s - self._heard_s <= self.stale_s:
+            return
+        if self.source_up:
+            self.source_up = False
+            self.down_since_s = self._heard_s
+            self.last_power_w = None
+            log.warning("power source of %s silent for %.1f s (%s); modelling its energy",
+                        self.name, now_s - self._heard_s, self.source.last_error or "no error")
+        if self.efficiency is not None:
+            power_w = self.efficiency.modelled_power_w(now_s)
+        else:
+            power_w = self.attributor.idle_w or 0.0
+        tl = self.timeline
+        if tl.last_sample_s is None:  # never heard from: bridge from when it should have spoken
+            tl.add_modelled_power(self._heard_s, power_w)
+        from_s = tl.last_sample_s
+        assert from_s is not None
+        if now_s <= from_s:
+            return
+        tl.add_modelled_power(now_s, power_w)
+        self.attributor.mark_modelled(from_s, now_s)
+        self.modelled_j += power_w * (now_s - from_s)
+        self._bridged = True
+        self.settle(now_s)
 
     def settle(self, now_s: float | None = None) -> None:
         """Settle what the samples and the other replicas' weights allow; hand out finals."""
@@ -104,13 +151,32 @@ class EnergyMeter:
         for backend in config.backends:
             if backend.power.source != "none":
                 self.meters[backend.name] = BackendMeter(backend.name, backend.power, config, on_final)
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        now_s = time.time()
         for meter in self.meters.values():
             if meter.source is not None:
+                meter._heard_s = now_s
                 await meter.source.start()
+        if self.meters:
+            self._watch = asyncio.create_task(self._watch_sources(), name="power-watch")
+
+    async def _watch_sources(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            now_s = time.time()
+            for meter in self.meters.values():
+                try:
+                    meter.check(now_s)
+                except Exception:  # a bug here must not stop the watch for the other backends
+                    log.exception("power watch failed for %s", meter.name)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for meter in self.meters.values():
             if meter.source is not None:
                 with contextlib.suppress(Exception):

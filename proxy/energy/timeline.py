@@ -5,7 +5,9 @@ of a cumulative energy counter (joules; NVML/DCGM counters, converted from mJ by
 instantaneous power readings (watts, integrated with the trapezoid rule). Between two samples the
 curve is linear, i.e. power is constant inside each sample interval. A gap in sampling (a source
 that went silent for a while) is simply a long interval: the energy the counter gained across it
-is spread at constant power over the whole gap.
+is spread at constant power over the whole gap. A caller that knows the source is down can
+bridge the gap with modelled power instead (`add_modelled_power`); readings then carry on from
+the bridge.
 
 Pure: no I/O, no clock reads. Times are seconds on the caller's one clock (float).
 Memory is bounded: samples older than `max_age_s` behind the newest one are dropped.
@@ -44,6 +46,7 @@ class EnergyTimeline:
         "_raw_j",
         "_deferred_j",
         "_power_w",
+        "_rebase",
     )
 
     def __init__(self, max_age_s: float = 900.0) -> None:
@@ -61,6 +64,9 @@ class EnergyTimeline:
         # a sample already handed out (attribution may have finalized it) must never change.
         self._deferred_j = 0.0
         self._power_w = 0.0  # last power reading (power kind), used for extrapolation
+        # After a modelled bridge: the next counter reading only re-bases the counter, because
+        # its gain since the last real reading overlaps joules the bridge already booked.
+        self._rebase = False
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -87,9 +93,15 @@ class EnergyTimeline:
         if t_s < last_s:
             return
         if t_s - last_s < _MIN_STEP_S:
-            if energy_j > self._raw_j:
+            if energy_j > self._raw_j and not self._rebase:
                 self._deferred_j += energy_j - self._raw_j
                 self._raw_j = energy_j
+            return
+        if self._rebase:
+            # The step from the bridge's end to this reading runs at the bridge's power.
+            self._rebase = False
+            self._raw_j, self._deferred_j = energy_j, 0.0
+            self._append(t_s, self._e_j[-1] + self._power_w * (t_s - last_s))
             return
         delta_j = energy_j - self._raw_j if energy_j >= self._raw_j else energy_j
         self._raw_j = energy_j
@@ -122,6 +134,25 @@ class EnergyTimeline:
             return
         self._append(t_s, self._e_j[-1] + 0.5 * (self._power_w + power_w) * (t_s - last_s))
         self._power_w = power_w
+        self._rebase = False
+
+    def add_modelled_power(self, t_s: float, power_w: float) -> None:
+        """Bridge a stretch with no readings: constant `power_w` (watts, a model's guess) from the
+        newest sample to `t_s` (seconds). Either kind of timeline takes it, and readings carry
+        on from it: the next counter reading re-bases instead of adding its gap's joules twice.
+        """
+        if not (math.isfinite(t_s) and math.isfinite(power_w)):
+            return
+        power_w = max(power_w, 0.0)
+        if self._t_s:
+            last_s = self._t_s[-1]
+            if t_s - last_s < _MIN_STEP_S:
+                return
+            self._append(t_s, self._e_j[-1] + power_w * (t_s - last_s))
+        else:
+            self._append(t_s, 0.0)
+        self._power_w = power_w
+        self._rebase = True
 
     def _append(self, t_s: float, e_j: float) -> None:
         self._t_s.append(t_s)
