@@ -223,6 +223,7 @@ class JouleGate:
             elif message["type"] == "lifespan.shutdown":
                 if self.exchange is not None:
                     await self.exchange.close()
+                await self.relay.watchdog.close()
                 await self.meter.close()
                 await self.pool.close()
                 await self.accounting.close()

@@ -35,6 +35,8 @@ class ServerConfig(_Strict):
     circuit_failures: int = Field(5, gt=0)
     circuit_cooldown_s: float = Field(10.0, gt=0)
     health_interval_s: float = Field(5.0, gt=0)
+    # A streaming client that takes no byte for this long is cut off (its GPU slot freed).
+    client_write_timeout_s: float = Field(30.0, gt=0)
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)

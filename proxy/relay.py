@@ -28,6 +28,7 @@ from proxy.energy.meter import EnergyMeter
 from proxy.errors import ProxyError, bad_request, model_not_found
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
+from proxy.watchdog import SendWatchdog
 
 log = logging.getLogger("joulegate.relay")
 
@@ -73,6 +74,7 @@ class Relay:
         self.timeout = aiohttp.ClientTimeout(
             total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
         )
+        self.watchdog = SendWatchdog(config.server.client_write_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
         authorization, request_id, declared_length = _scan_headers(scope["headers"])
@@ -202,11 +204,19 @@ class Relay:
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
                 backend.record_failure(type(exc).__name__)
                 continue
+            except aiohttp.ClientResponseError:
+                # It did not speak HTTP (garbage status line or headers): no byte reached the
+                # client, so another backend may answer. The upstream's bytes are never echoed.
+                self._abandon(backend, record, ticket)
+                backend.record_failure("invalid HTTP response")
+                continue
             except TimeoutError:
                 self._abandon(backend, record, ticket)
+                backend.record_failure("timeout")
                 raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
             except aiohttp.ClientError as exc:
                 self._abandon(backend, record, ticket)
+                backend.record_failure(type(exc).__name__)
                 raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
             break
         record.backend = backend.name
@@ -259,8 +269,14 @@ class Relay:
         record.status = resp.status
         status = resp.status
         content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
-        if status == 200:
-            _take_usage(data, record)
+        if status == 200 and record.kind != "other":
+            if not _take_usage(data, record):
+                # A success the client could not parse: say what went wrong instead.
+                self.pool.by_name[record.backend or ""].record_failure("invalid JSON body")
+                status, data = 502, ProxyError(
+                    502, "The backend answered with a body that is not valid JSON.", code="upstream_error").body()
+                content_type = _JSON
+                record.status = status
         elif status >= 500 and not _looks_like_error(data):
             status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
             content_type = _JSON
@@ -297,6 +313,7 @@ class Relay:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         client_gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
+        guard = self.watchdog.guard()
         error: str | None = None
         backend, meter, counted = record.backend or "", self.meter, 0
         model = self.pool.by_name[backend].efficiency
@@ -313,22 +330,35 @@ class Relay:
                         model.tokens(tap.delta_chunks - counted)
                         counted = tap.delta_chunks
                     if out:
+                        guard.sending = True
                         await send({"type": "http.response.body", "body": out, "more_body": True})
+                        guard.sending = False
+                        guard.sends += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            except asyncio.CancelledError:
+                if not guard.expired:
+                    raise
+                # The watchdog cut a client that stopped reading: free the GPU, bill what was sent.
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                resp.close()
+                client_gone.set()
+                log.warning("request %s: client took no byte for %.0f s; stream cut", record.request_id,
+                            self.watchdog.write_timeout_s)
             if client_gone.is_set():
-                error = "client disconnected"
+                error = "client stopped reading" if guard.expired else "client disconnected"
             elif not tap.done and error is None:
                 error = "upstream closed the stream early"
         finally:
+            self.watchdog.release(guard)
             watcher.cancel()
         record.end_s = time.time()
         record.status = 200
         record.error = error
         usage = tap.usage
         if isinstance(usage, dict):
-            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            record.completion_tokens = int(usage.get("completion_tokens") or 0)
+            record.prompt_tokens = _count(usage.get("prompt_tokens"))
+            record.completion_tokens = _count(usage.get("completion_tokens"))
             record.usage_reported = True
         else:
             # The stream broke before usage arrived: bill what was relayed.
@@ -407,16 +437,25 @@ async def _watch_disconnect(receive: Receive, resp: aiohttp.ClientResponse, gone
             return
 
 
-def _take_usage(data: bytes, record: RequestRecord) -> None:
+def _take_usage(data: bytes, record: RequestRecord) -> bool:
+    """Read the token counts from a JSON answer; False when it is not a JSON object."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return
-    usage = obj.get("usage") if isinstance(obj, dict) else None
+        return False
+    if not isinstance(obj, dict):
+        return False
+    usage = obj.get("usage")
     if isinstance(usage, dict):
-        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        record.completion_tokens = int(usage.get("completion_tokens") or 0)
+        record.prompt_tokens = _count(usage.get("prompt_tokens"))
+        record.completion_tokens = _count(usage.get("completion_tokens"))
         record.usage_reported = True
+    return True
+
+
+def _count(value: object) -> int:
+    """A token count from upstream JSON: a non-negative int, else 0 (never trust its type)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _looks_like_error(data: bytes) -> bool:

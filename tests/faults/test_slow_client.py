@@ -1,0 +1,131 @@
+"""A client that stops reading a stream is cut off: its GPU slot is freed and memory stays put."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import (
+    ADMIN_KEY,
+    KEYS,
+    MODEL,
+    ProxyProc,
+    backend_yaml,
+    free_port,
+    tenants_yaml,
+    wait_until,
+)
+
+EVENT_BYTES = 16 * 1024
+EVENTS = 2000  # 32 MiB if it were all read: far more than any socket buffer
+
+
+class FloodBackend:
+    """An OpenAI-style server that streams as fast as it is read, in a thread of its own."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sent_events = 0
+        self.ended: str | None = None  # "complete" or the error that ended the handler
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        self._thread = threading.Thread(target=self._loop.run_forever, name="flood", daemon=True)
+        self._thread.start()
+
+    async def _models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        delta = {"choices": [{"index": 0, "delta": {"content": "x" * EVENT_BYTES}}]}
+        event = b"data: " + orjson.dumps(delta) + b"\n\n"
+        try:
+            for _ in range(EVENTS):
+                await resp.write(event)
+                self.sent_events += 1
+            await resp.write(b"data: [DONE]\n\n")
+            self.ended = "complete"
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            self.ended = type(exc).__name__
+            raise
+        return resp
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def flood_proxy(tmp_path: Path) -> Iterator[tuple[FloodBackend, ProxyProc]]:
+    backend = FloodBackend()
+    config = ("server: {client_write_timeout_s: 1.0}\nbackends:\n" + backend_yaml("flood", backend.url, [MODEL])
+              + "ledger: memory://\n" + tenants_yaml())
+    proxy = ProxyProc(config, tmp_path)
+    try:
+        yield backend, proxy
+    finally:
+        proxy.stop()
+        backend.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_stops_reading_is_cut_and_billed(
+    flood_proxy: tuple[FloodBackend, ProxyProc], fault_report: object,
+) -> None:
+    backend, proxy = flood_proxy
+    rss_before_kib = _rss_kib(proxy.popen.pid)
+    body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "flood"}]})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEYS['acme']}\r\nx-request-id: stalled-1\r\n".encode()
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        # ... and never reads again. The proxy must give up on it and hang up on the backend.
+        wait_until(lambda: backend.ended is not None, 20, "the proxy to cut the stalled stream")
+        assert backend.ended != "complete"
+        assert backend.sent_events < EVENTS
+        # Meanwhile other clients are served.
+        other = httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {KEYS['globex']}"}, timeout=10)
+        assert other.status_code == 200
+        views = httpx.get(proxy.url + "/v1/energy/backends", timeout=10,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+        assert views[0]["in_flight"] == 0
+        growth_mib = (_rss_kib(proxy.popen.pid) - rss_before_kib) / 1024
+        # The stream would be 32 MiB; only socket buffers' worth may ever sit in the proxy.
+        assert growth_mib < 12, f"RSS grew {growth_mib:.1f} MiB"
+    wait_until(lambda: "stream cut" in proxy.log(), 10, "the cut to be logged")
+    usage = httpx.get(proxy.url + "/v1/energy/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    wait_until(lambda: httpx.get(proxy.url + "/v1/energy/usage", timeout=10,
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["total"]["requests"] == 1,
+               20, "the cut request to be billed")
+    assert usage.status_code == 200
+    print(f"\nslow client: backend sent {backend.sent_events}/{EVENTS} events before the cut, "
+          f"proxy RSS grew {growth_mib:.1f} MiB")
+    fault_report.add(  # type: ignore[attr-defined]
+        "client stops reading a stream", sent=1, succeeded=0, failed_clean=1, hung=0, answered=1, ledger=1,
+        note=f"cut after {backend.sent_events}/{EVENTS} events, RSS +{growth_mib:.1f} MiB",
+    )
