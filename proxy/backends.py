@@ -66,14 +66,17 @@ class Backend:
         )
 
     def circuit_open(self) -> bool:
-        """True while the breaker refuses traffic (until its cooldown ends)."""
-        return self.circuit_open_until_s > 0 and time.monotonic() < self.circuit_open_until_s
+        """True while the breaker refuses traffic: during its cooldown, and after it (half-open)
+        while a request is out there as the probe; the probe's outcome closes or re-opens it."""
+        if self.circuit_open_until_s <= 0:
+            return False
+        return time.monotonic() < self.circuit_open_until_s or self.in_flight > 0
 
     def record_failure(self, reason: str) -> None:
         """A connect failure or a 5xx: past the threshold (or while half-open) open the circuit."""
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.circuit_failures:
-            if not self.circuit_open():
+            if self.circuit_open_until_s <= 0:
                 log.warning("backend %s: circuit open for %.0f s after %d failures (%s)", self.name,
                             self.circuit_cooldown_s, self.consecutive_failures, reason)
             self.circuit_open_until_s = time.monotonic() + self.circuit_cooldown_s

@@ -30,8 +30,9 @@ class ServerConfig(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0)
     # Requests open at once across all backends; past it new ones get 503 `overloaded`.
     max_in_flight: int | None = Field(None, gt=0)
-    # Circuit breaker per backend: open after this many consecutive connect failures or 5xx
-    # answers; after the cooldown, requests flow again and the next failure re-opens it.
+    # Circuit breaker per backend: open after this many consecutive failures (connect errors,
+    # timeouts, garbage, 5xx); after the cooldown one probe request goes through (half-open)
+    # and its outcome closes the circuit or re-opens it.
     circuit_failures: int = Field(5, gt=0)
     circuit_cooldown_s: float = Field(10.0, gt=0)
     health_interval_s: float = Field(5.0, gt=0)

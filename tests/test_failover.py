@@ -136,3 +136,26 @@ def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_503(tmp_path: P
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_half_open_circuit_lets_one_probe_through() -> None:
+    from proxy.backends import Backend
+    from proxy.config import BackendConfig
+
+    backend = Backend(BackendConfig(name="b", url="http://127.0.0.1:9/v1"), circuit_failures=2,
+                      circuit_cooldown_s=60)
+    backend.record_failure("HTTP 500")
+    assert backend.view().healthy
+    backend.record_failure("HTTP 500")
+    assert not backend.view().healthy  # open: cooling down
+    backend.circuit_open_until_s = 1e-9  # the cooldown is over: half-open
+    assert backend.view().healthy
+    backend.in_flight = 1  # the probe is out: nobody else goes
+    assert not backend.view().healthy
+    backend.in_flight = 0
+    backend.record_failure("HTTP 500")  # the probe failed: open again at once
+    assert not backend.view().healthy
+    backend.circuit_open_until_s = 1e-9
+    backend.record_success()  # a probe got through: closed
+    backend.in_flight = 3
+    assert backend.view().healthy and backend.consecutive_failures == 0
