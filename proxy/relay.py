@@ -44,6 +44,8 @@ _REQUIRED: dict[str, tuple[str, tuple[type, ...]]] = {
 }
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _JSON = b"application/json"
+# Load shedding answers say when to come back (the openai SDKs honour it when they retry).
+_RETRY_SOON = [(b"retry-after", b"1")]
 
 
 class ClientGone(Exception):
@@ -86,7 +88,7 @@ class Relay:
         try:
             if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
                 raise ProxyError(503, "The proxy is at its limit of requests in flight; retry shortly.",
-                                 code="overloaded")
+                                 code="overloaded", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
             body = await _read_body(receive, declared_length, self.max_body_bytes)
@@ -172,8 +174,9 @@ class Relay:
                 raise ProxyError(502, "No backend for this model could be reached.", code="upstream_unreachable")
             if any(v.healthy for v in views):
                 raise ProxyError(429, "Every backend for this model is at its concurrency limit.",
-                                 code="rate_limit_exceeded", type="rate_limit_error")
-            raise ProxyError(503, f"No healthy backend serves `{record.model}` right now.", code="no_healthy_backend")
+                                 code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
+            raise ProxyError(503, f"No healthy backend serves `{record.model}` right now.", code="no_healthy_backend",
+                             headers=_RETRY_SOON)
         return self.pool.by_name[name]
 
     async def _forward(

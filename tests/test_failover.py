@@ -131,6 +131,7 @@ def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_503(tmp_path: P
             with pytest.raises(openai.InternalServerError) as info:
                 c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
             assert info.value.status_code == 503 and info.value.code == "overloaded"
+            assert info.value.response.headers["retry-after"] == "1"
         finally:
             stream.close()
     finally:
