@@ -312,7 +312,7 @@ def paths(draw: st.DrawFn) -> Case:
     plain = (all(33 <= b < 127 for b in target) and target.startswith(b"/") and method in _METHODS
              and len(target) <= 8192)
     return Case("paths", request(method, target, auth_headers(auth), body), f"{method} {target[:80]!r}",
-                valid_http=plain, may_forward=False)
+                valid_http=plain, may_forward=b"#" in target)  # a raw fragment is not part of the path
 
 
 _RID = [b"", b" ", b"a" * 128, b"a" * 129, b"a" * 10_000, b"\xe9t\xe9", "ключ".encode(), b"a\tb", b"a\x01b",
