@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-deps clean
+.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-ledger: bench-deps
 
 bench-routing: $(STAMP)
 	$(BIN)/python -m bench.routing
+
+bench-fuzz: $(STAMP)
+	$(BIN)/python -m bench.fuzz --cases 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

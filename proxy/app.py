@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -33,6 +34,15 @@ _INFERENCE: dict[str, str] = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
+
+#: Paths passed through to a backend: `/v1/` and plain segments, at most 1 KiB. The path is
+#: appended to the backend's URL, so a dot segment (`/v1/../metrics`, also sent as `%2e%2e`)
+#: would reach the engine's non-API routes, and `?`, `#` or control characters decoded from
+#: `%3F`, `%23`, `%0d` would change the URL; anything else is answered 404 here.
+_PASS_THROUGH = re.compile(r"/v1(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9._~@:,=+-]+){1,16}")
+_MAX_PATH_BYTES = 1024
+#: Query strings forwarded upstream; aiohttp-based engines refuse request lines over 8190 bytes.
+_MAX_QUERY_BYTES = 4096
 
 
 class JouleGate:
@@ -81,14 +91,20 @@ class JouleGate:
         kind = _INFERENCE.get(path)
         if kind is not None:
             if method != "POST":
-                await send_error(send, _method_not_allowed(path), "")
-                return
-            await self.relay(scope, receive, send, kind)
+                await send_error(send, _method_not_allowed(path, "POST"), "")
+            elif len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
+                # Forwarded upstream with the path: keep it under every engine's line limit.
+                await send_error(send, _uri_too_long(), "")
+            else:
+                await self.relay(scope, receive, send, kind)
             return
         if path == "/v1/models" or path.startswith("/v1/models/"):
             await self._models(scope, send, path)
-        elif path.startswith("/v1/energy/") and method == "GET":
-            await self._energy_api(scope, send, path)
+        elif path.startswith("/v1/energy/"):
+            if method == "GET":
+                await self._energy_api(scope, send, path)
+            else:  # never passed through: these are the proxy's own
+                await send_error(send, _method_not_allowed(path, "GET"), "")
         elif path == "/healthz":
             await _send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
@@ -107,11 +123,16 @@ class JouleGate:
                     if view[key] is not None:
                         gauge.labels(name).set(view[key])
             await _send(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
-        elif path.startswith("/v1/") and method == "POST":
+        elif path.startswith("/v1/") and method == "POST" and len(path) <= _MAX_PATH_BYTES \
+                and _PASS_THROUGH.fullmatch(path):
             # Any other OpenAI-style call that names a model is passed through to a backend.
-            await self.relay(scope, receive, send, "other")
+            if len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
+                await send_error(send, _uri_too_long(), "")
+            else:
+                await self.relay(scope, receive, send, "other")
         else:
-            await send_error(send, ProxyError(404, f"No route for {method} {path}.", code="not_found"), "")
+            shown = path if len(path) <= 200 else path[:200] + "..."
+            await send_error(send, ProxyError(404, f"No route for {method} {shown}.", code="not_found"), "")
 
     async def _energy_api(self, scope: Scope, send: Send, path: str) -> None:
         try:
@@ -268,8 +289,14 @@ def _iso(t_s: float | None) -> str | None:
     return datetime.fromtimestamp(t_s, tz=UTC).isoformat(timespec="milliseconds")
 
 
-def _method_not_allowed(path: str) -> ProxyError:
-    return ProxyError(405, f"Only POST is allowed on {path}.", code="method_not_allowed")
+def _method_not_allowed(path: str, allowed: str) -> ProxyError:
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    return ProxyError(405, f"Only {allowed} is allowed on {shown}.", code="method_not_allowed",
+                      headers=[(b"allow", allowed.encode())])
+
+
+def _uri_too_long() -> ProxyError:
+    return ProxyError(414, f"The query string is longer than {_MAX_QUERY_BYTES} bytes.", code="uri_too_long")
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:

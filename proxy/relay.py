@@ -73,6 +73,7 @@ class Relay:
         self.max_body_bytes = config.server.max_body_bytes
         self.max_in_flight = config.server.max_in_flight
         self.in_flight = 0  # inference requests open in this process
+        self.open_ids: set[str] = set()  # their request ids: the meter and ledger key on them
         self.timeout = aiohttp.ClientTimeout(
             total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
         )
@@ -85,12 +86,21 @@ class Relay:
             stream=False, start_s=time.time(),
         )
         self.in_flight += 1
+        owns_id = False
         try:
             if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
                 raise ProxyError(503, "The proxy is at its limit of requests in flight; retry shortly.",
                                  code="overloaded", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
+            if record.request_id in self.open_ids:
+                # A client-chosen x-request-id reused while the first is open would collide in the
+                # energy meter (a 500) and overwrite the first one's accounting. Checked after
+                # authentication, so no one without a key learns which ids are open.
+                raise ProxyError(409, "A request with this x-request-id is already in flight.",
+                                 param="x-request-id", code="duplicate_request_id")
+            self.open_ids.add(record.request_id)
+            owns_id = True
             body = await _read_body(receive, declared_length, self.max_body_bytes)
             # Over budget: refused before any GPU sees it.
             record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
@@ -103,6 +113,8 @@ class Relay:
             record.status = 499
         finally:
             self.in_flight -= 1
+            if owns_id:
+                self.open_ids.discard(record.request_id)
 
     # -- request ------------------------------------------------------------------------------
 

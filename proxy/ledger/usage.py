@@ -100,19 +100,35 @@ def parse_time_s(value: str | float | None) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, int | float):
-        return float(value)
+        return _in_range(float(value), value)
     text = value.strip()
     try:
-        return float(text)
+        t_s = float(text)
     except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not an ISO 8601 time or epoch seconds: {value!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 time or epoch seconds: {_short(value)}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        t_s = parsed.timestamp()
+    return _in_range(t_s, value)
+
+
+#: Epoch seconds a datetime can hold (years 1 to 9999): the stores turn times into hours and
+#: dates, so nan, inf or 1e300 would fail there, far from the parameter that caused it.
+_MIN_TIME_S, _MAX_TIME_S = -62_135_596_800.0, 253_402_300_799.0
+
+
+def _in_range(t_s: float, value: object) -> float:
+    if not _MIN_TIME_S <= t_s <= _MAX_TIME_S:  # also false for nan
+        raise ValueError(f"time out of range (years 1 to 9999): {_short(value)}")
+    return t_s
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _row(key: tuple[Any, ...], group_by: tuple[str, ...], sums: list[int]) -> UsageRow:

@@ -27,6 +27,11 @@ _WORDS_B = tuple(w.encode() for w in WORDS)
 _MARK = "\x00MARK\x00"
 _MARK_JSON = orjson.dumps(_MARK)[1:-1]
 DEFAULT_EMBEDDING_DIM = 256
+#: OpenAI's limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+#: Vectors are drawn in Python on the event loop (~0.5 us a number): 2^20 numbers take ~0.5 s
+#: and ~20 MB of JSON; 2048 inputs x 8192 dimensions would stall every other request for 10 s.
+MAX_EMBEDDING_NUMBERS = 1 << 20
 # Output length when the client gives no max_tokens: log-normal, median 128, capped at 1024.
 OUTPUT_MEDIAN_TOKENS, OUTPUT_SIGMA, OUTPUT_CAP_TOKENS = 128, 0.9, 1024
 
@@ -241,9 +246,14 @@ class EmbeddingParams:
 
 def parse_embeddings(body: dict[str, Any]) -> EmbeddingParams:
     items = _input_items(body.get("input"), "input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"'input' must have at most {MAX_EMBEDDING_INPUTS} items", param="input")
     dim = _field(body, "dimensions", int) or DEFAULT_EMBEDDING_DIM
     if not 1 <= dim <= 8192:
         raise ApiError(400, "'dimensions' must be between 1 and 8192", param="dimensions")
+    if len(items) * dim > MAX_EMBEDDING_NUMBERS:
+        raise ApiError(400, f"the simulator returns at most {MAX_EMBEDDING_NUMBERS} numbers per request "
+                       f"({len(items)} inputs x {dim} dimensions)", param="dimensions")
     fmt = _field(body, "encoding_format", str) or "float"
     if fmt not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
