@@ -24,7 +24,7 @@ from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
-from proxy.relay import Receive, Relay, Scope, Send, send_error
+from proxy.relay import Receive, Relay, Scope, Send, scan_headers, send_error
 
 log = logging.getLogger("joulegate")
 
@@ -89,6 +89,8 @@ class JouleGate:
         path: str = scope["path"]
         method: str = scope["method"]
         kind = _INFERENCE.get(path)
+        if kind is None:
+            send = _with_request_id(scope, send)
         if kind is not None:
             if method != "POST":
                 await send_error(send, _method_not_allowed(path, "POST"), "")
@@ -287,6 +289,22 @@ def _iso(t_s: float | None) -> str | None:
     if t_s is None:
         return None
     return datetime.fromtimestamp(t_s, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _with_request_id(scope: Scope, send: Send) -> Send:
+    """`send`, adding an `x-request-id` (the client's, else a new one) to an answer without one:
+    every response carries one, the control endpoints' too."""
+    request_id = (scan_headers(scope["headers"])[1] or os.urandom(12).hex()).encode()
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", [])
+            if not any(name == b"x-request-id" and value for name, value in headers):
+                headers = [h for h in headers if h[0] != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+        await send(message)
+
+    return send_with_id
 
 
 def _method_not_allowed(path: str, allowed: str) -> ProxyError:

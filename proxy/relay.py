@@ -80,7 +80,7 @@ class Relay:
         self.watchdog = SendWatchdog(config.server.client_write_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
-        authorization, request_id, declared_length = _scan_headers(scope["headers"])
+        authorization, request_id, declared_length = scan_headers(scope["headers"])
         record = RequestRecord(
             request_id=request_id or os.urandom(12).hex(), tenant="", model="", kind=kind,
             stream=False, start_s=time.time(),
@@ -248,6 +248,10 @@ class Relay:
         finally:
             resp.release()
             backend.in_flight -= 1
+            if record.end_s is None:
+                # The answer broke off before it was relayed (a 502/504 here): nothing to bill,
+                # but the meter must not wait for this request's weights until it gives up.
+                self.meter.abort(backend.name, record.request_id, time.time())
             model = backend.efficiency
             if not (record.stream and record.first_token_s is not None):
                 model.tokens(record.completion_tokens)  # not streamed: all at the end
@@ -397,7 +401,7 @@ class Relay:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, int | None]:
+def scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, int | None]:
     """Authorization, x-request-id and content-length, in one pass over the raw headers."""
     authorization = request_id = length = None
     for name, value in raw:
