@@ -191,7 +191,8 @@ class Relay:
             sent_s = time.time()
             ticket = backend.efficiency.sent(sent_s, record.stream)
             # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
-            self.meter.open(backend.name, record.request_id, sent_s, record.stream, len(body) // 4)
+            # Keyed by record.key: clients may send the same x-request-id twice, even at once.
+            self.meter.open(backend.name, record.key, sent_s, record.stream, len(body) // 4)
             try:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
@@ -232,14 +233,14 @@ class Relay:
         """The request never got an answer from this backend: it spent no tokens there."""
         backend.in_flight -= 1
         backend.efficiency.finished(time.time(), ticket, None, 0)
-        self.meter.abort(backend.name, record.request_id, time.time())
+        self.meter.abort(backend.name, record.key, time.time())
 
     def _close_energy(self, record: RequestRecord) -> None:
         """Attribute the request's energy with the samples available now."""
         if record.backend is None or record.end_s is None:
             return
         result = self.meter.close_request(
-            record.backend, record.request_id, record.end_s, record.prompt_tokens,
+            record.backend, record.key, record.end_s, record.prompt_tokens,
             record.completion_tokens, record.kind == "embedding",
         )
         if result is not None:
@@ -309,7 +310,7 @@ class Relay:
                         if record.first_token_s is None:
                             record.first_token_s = now_s
                             model.first_token(now_s, ticket)
-                        meter.tokens(backend, record.request_id, now_s, tap.delta_chunks - counted)
+                        meter.tokens(backend, record.key, now_s, tap.delta_chunks - counted)
                         model.tokens(tap.delta_chunks - counted)
                         counted = tap.delta_chunks
                     if out:
