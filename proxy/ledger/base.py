@@ -71,8 +71,11 @@ class LedgerRecord:
     def uid(self) -> str:
         """What stores dedupe on: unique per request served, the same for every copy of one
         record (flush retries, journal replays). Not the client's id alone: a tenant that
-        repeated an id, or reused another tenant's, would otherwise go unbilled."""
-        return f"{self.request_id}{UID_SEP}{self.key}" if self.key else self.request_id
+        repeated an id, or reused another tenant's, would otherwise go unbilled. The id alone
+        where the proxy made it (it is the key then), so most rows look as they always did."""
+        if self.key in ("", self.request_id):
+            return self.request_id
+        return f"{self.request_id}{UID_SEP}{self.key}"
 
     @property
     def hour_s(self) -> int:
