@@ -76,8 +76,9 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
         authorization, request_id, declared_length = _scan_headers(scope["headers"])
-        record = RequestRecord(
-            request_id=request_id or os.urandom(12).hex(), tenant="", model="", kind=kind,
+        key = os.urandom(12).hex()
+        record = RequestRecord(  # without a client id, the proxy's key is the request's id too
+            request_id=request_id or key, key=key, tenant="", model="", kind=kind,
             stream=False, start_s=time.time(),
         )
         self.in_flight += 1
