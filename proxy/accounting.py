@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from datetime import UTC, datetime
 
 from proxy.config import Config, EnergyBudget
@@ -51,9 +51,12 @@ class Accounting:
         self.budgets: dict[str, EnergyBudget] = {
             t.name: t.energy_budget for t in config.tenants if t.energy_budget is not None
         }
-        # Recently finished requests by id (bounded); older ones are read from the ledger.
+        # Recently finished requests by their unique key (bounded), and the keys under each
+        # client-visible id, oldest first; older ones are read from the ledger. Everything here
+        # is keyed by `RequestRecord.key`: a client's x-request-id may repeat, across tenants too.
         self.recent: OrderedDict[str, RequestRecord] = OrderedDict()
-        # Answered, estimated, not yet booked: the measured value is still to come.
+        self._recent_keys: dict[str, deque[str]] = {}
+        # Answered, estimated, not yet booked (by key): the measured value is still to come.
         self._awaiting: OrderedDict[str, RequestRecord] = OrderedDict()
         self._awaiting_j_by_tenant: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -79,20 +82,19 @@ class Accounting:
     def finished(self, record: RequestRecord) -> None:
         """One request is answered: cache it, and book it now or once it is measured."""
         self.metrics.observe(record)
-        self.recent[record.request_id] = record
-        if len(self.recent) > _RECENT_LIMIT:
-            self.recent.popitem(last=False)
+        self._remember(record)
         if record.backend is None:
             return  # never reached a GPU: nothing to bill
         if record.energy_method == "estimated" and record.joules is not None:
-            self._awaiting[record.request_id] = record
+            self._awaiting[record.key] = record
             self._awaiting_j_by_tenant[record.tenant] = (
                 self._awaiting_j_by_tenant.get(record.tenant, 0.0) + record.joules)
         else:
             self._book(record)
 
     def measured(self, backend: str, final: Final) -> None:
-        """A request's final attribution arrived: book it with its joules and method."""
+        """A request's final attribution arrived: book it with its joules and method.
+        The meter knows requests by `RequestRecord.key`, so `final.request_id` is that key."""
         record = self._awaiting.get(final.request_id)
         if record is None or record.backend != backend:
             return  # an abandoned attempt on another backend, or already booked
@@ -118,14 +120,30 @@ class Accounting:
             )
         return remaining_j
 
-    async def lookup(self, request_id: str) -> RequestRecord | LedgerRecord | None:
-        """A request by id: from memory while recent, else from the ledger."""
-        record = self.recent.get(request_id)
-        if record is not None:
-            return record
-        return await self.ledger.get_request(request_id)
+    async def lookup(self, request_id: str, tenant: str | None = None) -> RequestRecord | LedgerRecord | None:
+        """The latest request with this client-visible id (of `tenant`, if given; None: any
+        tenant's): from memory while recent, else from the ledger.
+
+        Another tenant's request under the same id is skipped, never returned: an id that only
+        another tenant used takes the same path as an unknown one, ledger read included.
+        """
+        for key in reversed(self._recent_keys.get(request_id, ())):
+            record = self.recent[key]
+            if tenant is None or record.tenant == tenant:
+                return record
+        return await self.ledger.get_request(request_id, tenant=tenant)
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _remember(self, record: RequestRecord) -> None:
+        self.recent[record.key] = record
+        self._recent_keys.setdefault(record.request_id, deque()).append(record.key)
+        if len(self.recent) > _RECENT_LIMIT:
+            _, old = self.recent.popitem(last=False)
+            keys = self._recent_keys[old.request_id]
+            keys.popleft()  # the oldest of its id, as `recent` evicts oldest first
+            if not keys:
+                del self._recent_keys[old.request_id]
 
     def _release(self, record: RequestRecord) -> None:
         left = self._awaiting_j_by_tenant.get(record.tenant, 0.0) - (record.joules or 0.0)
@@ -133,7 +151,7 @@ class Accounting:
 
     def _book(self, record: RequestRecord) -> None:
         self.ledger.record(LedgerRecord(
-            request_id=record.request_id, tenant=record.tenant, model=record.model,
+            request_id=record.request_id, key=record.key, tenant=record.tenant, model=record.model,
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, joules=record.joules or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
@@ -146,13 +164,13 @@ class Accounting:
             await asyncio.sleep(1.0)
             cutoff_s = time.time() - self.final_timeout_s
             while self._awaiting:
-                request_id, record = next(iter(self._awaiting.items()))
+                key, record = next(iter(self._awaiting.items()))
                 if (record.end_s or 0.0) > cutoff_s:
                     break
-                del self._awaiting[request_id]
+                del self._awaiting[key]
                 self._release(record)
                 log.warning("request %s: no measured energy after %.0f s; booked as estimated",
-                            request_id, self.final_timeout_s)
+                            record.request_id, self.final_timeout_s)
                 self._book(record)
             stats = self.ledger.stats
             self.metrics.ledger_buffered.set(stats.buffered + stats.journaled)

@@ -141,8 +141,11 @@ class JouleGate:
             principal = self.auth.authenticate(dict(scope["headers"]).get(b"authorization"))
             if path.startswith("/v1/energy/requests/"):
                 request_id = path[len("/v1/energy/requests/"):]
-                record = await self.accounting.lookup(request_id)
-                # Another tenant's request is answered exactly like a missing one: ids reveal nothing.
+                # Only the caller's own requests are searched (x-request-ids are the clients'
+                # and may collide across tenants); another tenant's id then takes the same path
+                # and gets the same 404 as an unknown one, so ids cannot be probed.
+                record = await self.accounting.lookup(
+                    request_id, tenant=None if principal.is_admin else principal.tenant)
                 if record is None or not (principal.is_admin or record.tenant == principal.tenant):
                     raise ProxyError(404, f"No request `{request_id}` for this API key.",
                                      param="request_id", code="request_not_found")

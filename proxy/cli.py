@@ -157,7 +157,7 @@ def _agent(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     import asyncio
 
-    from proxy.ledger import open_ledger
+    from proxy.ledger import open_ledger, redacted_url
     from proxy.ledger.usage import (
         format_table,
         parse_group_by,
@@ -189,7 +189,9 @@ def _usage(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(query())
     except Exception as exc:  # a store that cannot be reached: one line, no traceback
-        print(f"joulegate: error: cannot read the ledger {config.ledger}: {type(exc).__name__}: {exc}",
+        # The URL may hold a Redis password; the error text never does (redis-py prints host:port).
+        print(f"joulegate: error: cannot read the ledger {redacted_url(config.ledger or 'memory://')}: "
+              f"{type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 1
     if args.format == "json":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -26,6 +27,10 @@ class RequestRecord:
     joules: float | None = None  # attributed energy; None where the backend has no power source
     energy_method: str | None = None  # measured | estimated
     budget_left_j: float | None = None  # the tenant's budget left when the request started
+    # The proxy's own id for this request, unique per request served: the meter's, the
+    # accounting's and the ledger's key. `request_id` is the client's x-request-id when it sent
+    # one, which any client may repeat or copy from another tenant, so it keys nothing inside.
+    key: str = field(default_factory=lambda: os.urandom(12).hex())
 
     @property
     def billed_tokens(self) -> int:

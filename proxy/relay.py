@@ -73,7 +73,6 @@ class Relay:
         self.max_body_bytes = config.server.max_body_bytes
         self.max_in_flight = config.server.max_in_flight
         self.in_flight = 0  # inference requests open in this process
-        self.open_ids: set[str] = set()  # their request ids: the meter and ledger key on them
         self.timeout = aiohttp.ClientTimeout(
             total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
         )
@@ -81,26 +80,18 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
         authorization, request_id, declared_length = scan_headers(scope["headers"])
-        record = RequestRecord(
-            request_id=request_id or os.urandom(12).hex(), tenant="", model="", kind=kind,
+        key = os.urandom(12).hex()
+        record = RequestRecord(  # without a client id, the proxy's key is the request's id too
+            request_id=request_id or key, key=key, tenant="", model="", kind=kind,
             stream=False, start_s=time.time(),
         )
         self.in_flight += 1
-        owns_id = False
         try:
             if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
                 raise ProxyError(503, "The proxy is at its limit of requests in flight; retry shortly.",
                                  code="overloaded", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
-            if record.request_id in self.open_ids:
-                # A client-chosen x-request-id reused while the first is open would collide in the
-                # energy meter (a 500) and overwrite the first one's accounting. Checked after
-                # authentication, so no one without a key learns which ids are open.
-                raise ProxyError(409, "A request with this x-request-id is already in flight.",
-                                 param="x-request-id", code="duplicate_request_id")
-            self.open_ids.add(record.request_id)
-            owns_id = True
             body = await _read_body(receive, declared_length, self.max_body_bytes)
             # Over budget: refused before any GPU sees it.
             record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
@@ -113,8 +104,6 @@ class Relay:
             record.status = 499
         finally:
             self.in_flight -= 1
-            if owns_id:
-                self.open_ids.discard(record.request_id)
 
     # -- request ------------------------------------------------------------------------------
 
@@ -208,7 +197,8 @@ class Relay:
             sent_s = time.time()
             ticket = backend.efficiency.sent(sent_s, record.stream)
             # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
-            self.meter.open(backend.name, record.request_id, sent_s, record.stream, len(body) // 4)
+            # Keyed by record.key: clients may send the same x-request-id twice, even at once.
+            self.meter.open(backend.name, record.key, sent_s, record.stream, len(body) // 4)
             try:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
@@ -251,7 +241,7 @@ class Relay:
             if record.end_s is None:
                 # The answer broke off before it was relayed (a 502/504 here): nothing to bill,
                 # but the meter must not wait for this request's weights until it gives up.
-                self.meter.abort(backend.name, record.request_id, time.time())
+                self.meter.abort(backend.name, record.key, time.time())
             model = backend.efficiency
             if not (record.stream and record.first_token_s is not None):
                 model.tokens(record.completion_tokens)  # not streamed: all at the end
@@ -261,14 +251,14 @@ class Relay:
         """The request never got an answer from this backend: it spent no tokens there."""
         backend.in_flight -= 1
         backend.efficiency.finished(time.time(), ticket, None, 0)
-        self.meter.abort(backend.name, record.request_id, time.time())
+        self.meter.abort(backend.name, record.key, time.time())
 
     def _close_energy(self, record: RequestRecord) -> None:
         """Attribute the request's energy with the samples available now."""
         if record.backend is None or record.end_s is None:
             return
         result = self.meter.close_request(
-            record.backend, record.request_id, record.end_s, record.prompt_tokens,
+            record.backend, record.key, record.end_s, record.prompt_tokens,
             record.completion_tokens, record.kind == "embedding",
         )
         if result is not None:
@@ -345,7 +335,7 @@ class Relay:
                         if record.first_token_s is None:
                             record.first_token_s = now_s
                             model.first_token(now_s, ticket)
-                        meter.tokens(backend, record.request_id, now_s, tap.delta_chunks - counted)
+                        meter.tokens(backend, record.key, now_s, tap.delta_chunks - counted)
                         model.tokens(tap.delta_chunks - counted)
                         counted = tap.delta_chunks
                     if out:

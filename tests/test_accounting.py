@@ -732,14 +732,18 @@ BUDGET_KEY = "sk-test-frugal-0004"
 BUDGET_J = 60.0
 
 
+def frugal_proxy(sim: SimBackend, tmp: Path, key: str, budget_j: float) -> ProxyProc:
+    """A proxy on a SQLite ledger, with a third tenant `frugal` (key `key`) on a daily budget."""
+    tenants = tenants_yaml().replace(
+        "admin_api_keys_sha256", f"  - {{name: frugal, api_keys_sha256: ['{sha256(key)}'], "
+        f"energy_budget: {{joules: {budget_j}, per: day}}}}\nadmin_api_keys_sha256")
+    return ProxyProc(proxy_config(sim, f"sqlite:///{tmp / 'ledger.db'}", tenants), tmp)
+
+
 @pytest.fixture(scope="module")
 def ledger_proxy(sims: dict[str, SimBackend], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProc]:
     """A proxy on a SQLite ledger, with a third tenant on a small daily energy budget."""
-    tmp = tmp_path_factory.mktemp("ledger-proxy")
-    tenants = tenants_yaml().replace(
-        "admin_api_keys_sha256", f"  - {{name: frugal, api_keys_sha256: ['{sha256(BUDGET_KEY)}'], "
-        f"energy_budget: {{joules: {BUDGET_J}, per: day}}}}\nadmin_api_keys_sha256")
-    proxy = ProxyProc(proxy_config(sims["h100"], f"sqlite:///{tmp / 'ledger.db'}", tenants), tmp)
+    proxy = frugal_proxy(sims["h100"], tmp_path_factory.mktemp("ledger-proxy"), BUDGET_KEY, BUDGET_J)
     yield proxy
     proxy.stop()
     assert "Traceback" not in proxy.log()

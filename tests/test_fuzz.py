@@ -52,15 +52,18 @@ def test_hostile_requests_get_openai_shaped_4xx(proxy: ProxyProc, case: Case) ->
     assert verdict.problem is None, describe(case, verdict)
 
 
-def test_reused_request_id_in_flight_is_409(proxy: ProxyProc) -> None:
-    """A second request with the x-request-id of one still streaming: 409, not the meter's 500."""
+def test_reused_request_id_in_flight_never_breaks_the_proxy(proxy: ProxyProc) -> None:
+    """A second request with the x-request-id of one still streaming once hit the meter's 500.
+    Now it is a request of its own (tests/test_isolation.py); the simulator, like an engine that
+    keys on the id, may refuse it, and that answer is relayed in OpenAI's shape."""
     headers = {"Authorization": f"Bearer {KEYS['acme']}", "X-Request-Id": "fuzz-reused-id"}
     payload = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True}
     with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=payload, headers=headers, timeout=30) as first:
         assert first.status_code == 200
         second = httpx.post(proxy.url + "/v1/chat/completions", json=payload, headers=headers, timeout=30)
-        assert second.status_code == 409, second.text
-        assert second.json()["error"]["code"] == "duplicate_request_id"
+        assert second.status_code < 500, second.text
+        if second.status_code != 200:
+            assert set(second.json()["error"]) == {"message", "type", "param", "code"}
         assert b"data: [DONE]" in first.read()
 
 

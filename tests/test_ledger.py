@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -214,6 +215,51 @@ def test_same_request_twice_counts_once(store: Store) -> None:
             assert await again.flush() == 0
             assert await actual(again, ()) == expected(records, ())
             await again.close()
+
+    run(body)
+
+
+def test_a_repeated_client_id_is_billed_every_time(store: Store) -> None:
+    """Request ids are the clients' x-request-ids: the same id from two tenants, or twice from
+    one, is a new record each time (another `key`), billed and budgeted to its own tenant, and
+    looked up per tenant; a replay of one record is still billed once. Before keys, the second
+    record was dropped as a duplicate: a tenant could go unbilled by reusing an id."""
+    base = make_records(1, seed=9)[0]
+    acme1 = replace(base, tenant="acme", key="k1", completion_tokens=5, end_s=T0 + 10)
+    globex = replace(base, tenant="globex", key="k2", completion_tokens=7, end_s=T0 + 20)
+    acme2 = replace(base, tenant="acme", key="k3", completion_tokens=11, end_s=T0 + 30)
+    records, rid = [acme1, globex, acme2], base.request_id
+
+    async def lookups(ledger: Ledger) -> None:
+        assert await ledger.get_request(rid, tenant="acme") == acme2  # the latest of its tenant
+        assert await ledger.get_request(rid, tenant="globex") == globex
+        assert await ledger.get_request(rid) == acme2  # any tenant (admin)
+        assert await ledger.get_request(rid, tenant="initech") is None
+
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            for r in [*records, acme1]:  # acme1 twice: a replay while buffered
+                ledger.record(r)
+            await lookups(ledger)  # from the buffer
+            assert ledger.stats.duplicates == 1
+            assert await ledger.flush() == 3
+            ledger.record(globex)  # a replay after the store has it
+            assert await ledger.flush() == 0
+            await lookups(ledger)  # from the store
+            assert await actual(ledger, ("tenant",)) == expected(records, ("tenant",))
+            spent = await ledger.tenant_joules("acme", T0)
+            assert joules_to_uj(spent) == joules_to_uj(acme1.joules) + joules_to_uj(acme2.joules)
+        finally:
+            await ledger.close()
+        if store.kind != "memory":
+            reopened = store.open()
+            await reopened.start()
+            try:
+                await lookups(reopened)
+            finally:
+                await reopened.close()
 
     run(body)
 

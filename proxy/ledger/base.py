@@ -6,7 +6,7 @@ epoch. A record is billed to the UTC hour in which it *ended* (`end_s`).
 
 How a record travels: `record()` puts it in an in-memory buffer (O(1), no I/O). A background task
 calls `flush()` every `flush_interval_s`; a flush writes the buffer to the store in chunks of
-`chunk_size`, each chunk idempotent by request id, so a chunk that failed after it was applied
+`chunk_size`, each chunk idempotent by record (`LedgerRecord.uid`), so a chunk that failed after it was applied
 (a lost reply, a crash) can be written again without counting twice. A failed flush puts the
 unwritten records back; past `max_buffer` records they are spilled to a local SQLite journal,
 which later flushes replay into the store.
@@ -45,11 +45,16 @@ log = logging.getLogger("joulegate.ledger")
 DAY_S = 86_400
 
 
+#: Between a request id and its key in `LedgerRecord.uid`; never in an id the relay accepts
+#: (x-request-ids are printable).
+UID_SEP = "\x1f"
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerRecord:
     """One finished request as billed."""
 
-    request_id: str
+    request_id: str  # the id its client knows (its x-request-id): may repeat, across tenants too
     tenant: str
     model: str
     backend: str
@@ -60,6 +65,17 @@ class LedgerRecord:
     start_s: float  # wall clock, seconds since the epoch
     end_s: float
     status: int = 200
+    key: str = ""  # the proxy's unique id for the request (RequestRecord.key); "" if none
+
+    @property
+    def uid(self) -> str:
+        """What stores dedupe on: unique per request served, the same for every copy of one
+        record (flush retries, journal replays). Not the client's id alone: a tenant that
+        repeated an id, or reused another tenant's, would otherwise go unbilled. The id alone
+        where the proxy made it (it is the key then), so most rows look as they always did."""
+        if self.key in ("", self.request_id):
+            return self.request_id
+        return f"{self.request_id}{UID_SEP}{self.key}"
 
     @property
     def hour_s(self) -> int:
@@ -70,12 +86,14 @@ class LedgerRecord:
         """A compact JSON-able form, used by the journal and the Redis store."""
         return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
                 self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status]
+                self.status, self.key]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
+        """From `to_row`'s form; rows written before keys existed have 11 fields."""
         return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
-                   float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]))
+                   float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
+                   str(row[11]) if len(row) > 11 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +107,20 @@ class LedgerStats:
     last_flush_duration_s: float
     flush_failures: int  # failed flush attempts since start
     records_written: int  # records newly made durable in the store
-    duplicates: int  # records dropped because their request id was already recorded
+    duplicates: int  # records dropped because the same record (uid) was already recorded
     record_errors: int  # records record() could not take (logged)
     last_error: str | None
+
+
+def latest(records: Iterable[LedgerRecord]) -> LedgerRecord | None:
+    """The record that ended last, or None."""
+    return max(records, key=lambda r: r.end_s, default=None)
+
+
+def split_uid(uid: str) -> tuple[str, str]:
+    """A `LedgerRecord.uid` back into (request_id, key)."""
+    request_id, _, key = uid.partition(UID_SEP)
+    return request_id, key
 
 
 class Ledger(ABC):
@@ -124,8 +153,9 @@ class Ledger(ABC):
         """
 
     @abstractmethod
-    async def get_request(self, request_id: str) -> LedgerRecord | None:
-        """One request, from memory or the store (while within retention)."""
+    async def get_request(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:
+        """The latest request (by end) with this client-visible id, of `tenant` if given, from
+        memory or the store (while within retention)."""
 
     @abstractmethod
     async def tenant_joules(self, tenant: str, since_s: float) -> float:
@@ -160,7 +190,7 @@ class BufferedLedger(Ledger):
         self._journaled = 0
         self._journal_pending: dict[tuple[str, int], int] = {}
         self._journal_since: float | None = None
-        # Insertion-ordered by request id: O(1) dedupe of a replay while it is still in memory.
+        # Insertion-ordered by uid: O(1) dedupe of a replay while it is still in memory.
         self._buffer: dict[str, LedgerRecord] = {}
         self._buffer_since: float | None = None  # monotonic time the oldest buffered record came
         self._inflight: dict[str, LedgerRecord] = {}
@@ -200,7 +230,7 @@ class BufferedLedger(Ledger):
 
     @abstractmethod
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
-        """Write records idempotently by request id, aggregates only for new ids; returns
+        """Write records idempotently by `uid`, aggregates only for new ones; returns
         how many were new. Raises if the store cannot be written."""
 
     @abstractmethod
@@ -213,7 +243,8 @@ class BufferedLedger(Ledger):
         return group_buckets(await self._buckets(tenant, since_hour_s, until_s), group_by)
 
     @abstractmethod
-    async def _stored_request(self, request_id: str) -> LedgerRecord | None: ...
+    async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
+        """The latest stored record with this client-visible id (of `tenant`, if given)."""
 
     @abstractmethod
     async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int: ...
@@ -281,7 +312,7 @@ class BufferedLedger(Ledger):
     # ---- hot path -----------------------------------------------------------------------------
     def record(self, rec: LedgerRecord) -> None:
         try:
-            rid = rec.request_id
+            rid = rec.uid
             if rid in self._buffer or rid in self._inflight:
                 self._duplicates += 1
                 return
@@ -340,7 +371,7 @@ class BufferedLedger(Ledger):
                     self._duplicates += len(chunk) - new
                     self._settle(chunk)
                     for rec in chunk:
-                        del self._inflight[rec.request_id]
+                        del self._inflight[rec.uid]
             except BaseException as exc:
                 self._restore_inflight()
                 if not isinstance(exc, Exception):
@@ -409,7 +440,7 @@ class BufferedLedger(Ledger):
         except Exception:
             log.exception("ledger: cannot spill to journal %s; keeping records in memory",
                           self._journal_path)
-            self._buffer = {**{r.request_id: r for r in records}, **self._buffer}
+            self._buffer = {**{r.uid: r for r in records}, **self._buffer}
             self._buffer_since = since
             return
         self._settle(records, stored=False)  # their pending share now comes from the journal
@@ -456,15 +487,18 @@ class BufferedLedger(Ledger):
         since_hour = None if since_s is None else hour_floor_s(since_s)
         return await self._grouped(tenant, since_hour, until_s, keys)
 
-    async def get_request(self, request_id: str) -> LedgerRecord | None:
-        rec = self._buffer.get(request_id) or self._inflight.get(request_id)
+    async def get_request(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:
+        # A scan, not an index: the buffer holds about one flush interval of records, and
+        # lookups come from the energy API, not the hot path.
+        rec = latest(r for r in (*self._buffer.values(), *self._inflight.values())
+                     if r.request_id == request_id and (tenant is None or r.tenant == tenant))
         if rec is not None:
             return rec
         if self._journaled and self._journal is not None:  # local, so it answers in an outage
-            found = await self._run_io(self._journal.get, request_id)
+            found = await self._run_io(self._journal.get, request_id, tenant)
             if found is not None:
                 return found
-        return await self._stored_request(request_id)
+        return await self._stored_request(request_id, tenant)
 
     async def tenant_joules(self, tenant: str, since_s: float) -> float:
         since_hour = hour_floor_s(since_s)

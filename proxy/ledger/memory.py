@@ -7,17 +7,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.base import BufferedLedger, LedgerRecord, latest
 from proxy.ledger.usage import Bucket, joules_to_uj
 
 
 class MemoryLedger(BufferedLedger):
-    """Per-request records by id (idempotency: a known id is skipped) and integer aggregates."""
+    """Per-request records by uid (idempotency: a known uid is skipped) and integer aggregates."""
 
     def __init__(self, **opts: Any) -> None:
         super().__init__(**opts)
-        # request id -> (record, wall-clock second it was written): retention counts from the write
+        # uid -> (record, wall-clock second it was written): retention counts from the write
         self._requests: dict[str, tuple[LedgerRecord, float]] = {}
+        self._uids: dict[str, list[str]] = {}  # client-visible request id -> uids, oldest first
         # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
         self._tenant_hour_uj: dict[tuple[str, int], int] = {}
@@ -26,9 +27,10 @@ class MemoryLedger(BufferedLedger):
         new = 0
         now = time.time()
         for rec in records:
-            if rec.request_id in self._requests:
+            if rec.uid in self._requests:
                 continue
-            self._requests[rec.request_id] = (rec, now)
+            self._requests[rec.uid] = (rec, now)
+            self._uids.setdefault(rec.request_id, []).append(rec.uid)
             new += 1
             hour = rec.hour_s
             uj = joules_to_uj(rec.joules)
@@ -49,9 +51,9 @@ class MemoryLedger(BufferedLedger):
             and (until_s is None or h < until_s)
         ]
 
-    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
-        found = self._requests.get(request_id)
-        return None if found is None else found[0]
+    async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
+        found = (self._requests[uid][0] for uid in self._uids.get(request_id, ()))
+        return latest(r for r in found if tenant is None or r.tenant == tenant)
 
     async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
         return sum(uj for (t, h), uj in self._tenant_hour_uj.items()
@@ -59,6 +61,10 @@ class MemoryLedger(BufferedLedger):
 
     async def _prune(self, cutoff_s: float) -> int:
         old = [rid for rid, (_, written_s) in self._requests.items() if written_s < cutoff_s]
-        for rid in old:
-            del self._requests[rid]
+        for uid in old:
+            rec, _ = self._requests.pop(uid)
+            uids = self._uids[rec.request_id]
+            uids.remove(uid)
+            if not uids:
+                del self._uids[rec.request_id]
         return len(old)

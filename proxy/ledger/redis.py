@@ -1,13 +1,16 @@
 """`redis://host:port/db` (or `rediss://`): one ledger shared by many proxy replicas.
 
 Keys, under `key_prefix` (default `joulegate:`):
-- `req:<request id>`: the record (JSON array), expiring `retention_s` after it was written.
+- `req:<uid>`: the record (JSON array), expiring `retention_s` after it was written. The uid is
+  the client's request id, then UID_SEP and the proxy's unique key (`LedgerRecord.uid`).
+- `ids:<request id>`: a sorted set of the uids under one client-visible id (score = the write's
+  wall clock, ms), trimmed to `retention_s` on each write: lookups by id without a scan.
 - `agg:<hour_s>`: a hash per UTC hour; field `<m>:<json [tenant, model, backend]>` with m one of
   r (requests), p (prompt tokens), c (completion tokens), j (micro-joules).
 - `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
 - `tj:<tenant>`: a hash hour_s -> micro-joules, so a budget check is one HGETALL.
 
-Idempotency: each chunk is one Lua script. For every record it does `SET req:<id> ... NX EX`
+Idempotency: each chunk is one Lua script. For every record it does `SET req:<uid> ... NX PX`
 and adds the record to the aggregates only if that SET created the key; it then applies the
 summed increments with HINCRBY. The script runs atomically, so a chunk whose reply was lost (or
 that a crash interrupted before the reply) can be sent again and adds nothing twice. The request
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,18 +37,26 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.base import BufferedLedger, LedgerRecord, latest
 from proxy.ledger.usage import Bucket, joules_to_uj
 
 WRITE_SCRIPT = """
 local p = ARGV[1]
+local now = tonumber(ARGV[2])
 local new = 0
 local cells = {}   -- hour -> field -> delta
 local spend = {}   -- tenant -> hour -> micro-joules
-local i = 2
+local i = 3
 while i <= #ARGV do
   if redis.call('SET', p .. 'req:' .. ARGV[i], ARGV[i + 2], 'NX', 'PX', ARGV[i + 1]) then
     new = new + 1
+    if ARGV[i + 9] ~= ARGV[i] then
+      local ids = p .. 'ids:' .. ARGV[i + 9]
+      local ttl = tonumber(ARGV[i + 1])
+      redis.call('ZADD', ids, now, ARGV[i])
+      redis.call('ZREMRANGEBYSCORE', ids, '-inf', now - ttl)
+      redis.call('PEXPIRE', ids, ttl)
+    end
     local hour, group, tenant = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     local uj = tonumber(ARGV[i + 8])
     local h = cells[hour]
@@ -57,7 +69,7 @@ while i <= #ARGV do
     if not t then t = {}; spend[tenant] = t end
     t[hour] = (t[hour] or 0) + uj
   end
-  i = i + 9
+  i = i + 10
 end
 for hour, fields in pairs(cells) do
   redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
@@ -118,11 +130,12 @@ class RedisLedger(BufferedLedger):
         # Retention counts from the write, not from end_s, so a late replay of an old record
         # still finds its dedupe marker.
         ttl_ms = max(1, round(self.retention_s * 1000))
-        args: list[Any] = [self.key_prefix]
+        args: list[Any] = [self.key_prefix, round(time.time() * 1000)]
         for rec in records:
             group = orjson.dumps([rec.tenant, rec.model, rec.backend])
-            args += (rec.request_id, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
-                     rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules))
+            args += (rec.uid, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
+                     rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules),
+                     rec.request_id)
         self._client()  # raises if not started
         return int(await self._script(keys=[], args=args))
 
@@ -149,9 +162,14 @@ class RedisLedger(BufferedLedger):
                 cell[index[metric]] += int(value)
         return [Bucket(*key, *sums) for key, sums in cells.items()]
 
-    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
-        raw = await self._client().get(self._prefix_b + b"req:" + request_id.encode())
-        return None if raw is None else LedgerRecord.from_row(orjson.loads(raw))
+    async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
+        r = self._client()
+        rid = request_id.encode()
+        uids = await r.zrange(self._prefix_b + b"ids:" + rid, 0, -1)
+        # The id itself too: records without a key are stored under it.
+        raws = await r.mget([self._prefix_b + b"req:" + uid for uid in (rid, *uids)])
+        found = (LedgerRecord.from_row(orjson.loads(raw)) for raw in raws if raw is not None)
+        return latest(rec for rec in found if tenant is None or rec.tenant == tenant)
 
     async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
         spend = await self._client().hgetall(self._prefix_b + b"tj:" + tenant.encode())

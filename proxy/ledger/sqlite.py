@@ -4,7 +4,9 @@ WAL mode, so readers (`joulegate usage`, other workers) never block the writer. 
 through the ledger's single I/O thread, which owns the connection (one connection per thread),
 so the event loop never waits on the disk.
 
-Idempotency: `requests.request_id` is the primary key. A chunk is one transaction that does
+Idempotency: `requests.request_id` is the primary key and holds the record's `uid` (the
+client's request id, then UID_SEP and the proxy's unique key, so a client id that repeats is
+still a new row; a range scan on the key finds every row of one client id). A chunk is one transaction that does
 `INSERT OR IGNORE` per record and adds to the aggregates only the records whose insert changed
 a row (`rowcount == 1`); a retried chunk therefore adds nothing twice, and a chunk that fails
 half-way rolls back whole. Request rows are pruned `retention_s` after they were written (not
@@ -25,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from proxy.ledger.base import BufferedLedger, LedgerRecord
+from proxy.ledger.base import UID_SEP, BufferedLedger, LedgerRecord, latest, split_uid
 from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, hour_iso, joules_to_uj
 
 SCHEMA = """
@@ -122,7 +124,7 @@ class SqliteLedger(BufferedLedger):
             for rec in records:
                 uj = joules_to_uj(rec.joules)
                 cur = conn.execute(INSERT_REQUEST, (
-                    rec.request_id, rec.tenant, rec.model, rec.backend, rec.prompt_tokens,
+                    rec.uid, rec.tenant, rec.model, rec.backend, rec.prompt_tokens,
                     rec.completion_tokens, rec.joules, uj, rec.method, rec.start_s, rec.end_s,
                     rec.status, now))
                 if cur.rowcount != 1:
@@ -180,13 +182,19 @@ class SqliteLedger(BufferedLedger):
                        until_s: float | None) -> list[Bucket]:
         return await self._run_io(self._buckets_sync, tenant, since_hour_s, until_s)
 
-    def _request_sync(self, request_id: str) -> LedgerRecord | None:
-        row = self._db().execute(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE request_id = ?",
-                                 (request_id,)).fetchone()
-        return None if row is None else LedgerRecord.from_row(row)
+    def _request_sync(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
+        # The id alone (rows without a key), or any `id UID_SEP key`: both on the primary key.
+        sql = (f"SELECT {REQUEST_COLUMNS} FROM requests WHERE (request_id = ?"
+               " OR (request_id > ? AND request_id < ?))")
+        args: list[Any] = [request_id, request_id + UID_SEP, request_id + chr(ord(UID_SEP) + 1)]
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            args.append(tenant)
+        rows = self._db().execute(sql + " ORDER BY end_s DESC LIMIT 1", args).fetchall()
+        return latest(_record(row) for row in rows)
 
-    async def _stored_request(self, request_id: str) -> LedgerRecord | None:
-        return await self._run_io(self._request_sync, request_id)
+    async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
+        return await self._run_io(self._request_sync, request_id, tenant)
 
     def _tenant_uj_sync(self, tenant: str, since_hour_s: int) -> int:
         row = self._db().execute(
@@ -210,6 +218,12 @@ class SqliteLedger(BufferedLedger):
 
     async def _prune(self, cutoff_s: float) -> int:
         return await self._run_io(self._prune_sync, cutoff_s)
+
+
+def _record(row: Sequence[Any]) -> LedgerRecord:
+    """A `requests` row (REQUEST_COLUMNS) as a record; its first column holds the uid."""
+    request_id, key = split_uid(row[0])
+    return LedgerRecord.from_row([request_id, *row[1:], key])
 
 
 def _where(tenant: str | None, since_hour_s: int | None,
@@ -282,10 +296,11 @@ class Journal:
             "SELECT tenant, hour_s, SUM(joules_uj) FROM journal GROUP BY tenant, hour_s")}
         return count, per
 
-    def get(self, request_id: str) -> LedgerRecord | None:
-        row = self._db().execute("SELECT rec FROM journal WHERE request_id = ? LIMIT 1",
-                                 (request_id,)).fetchone()
-        return None if row is None else LedgerRecord.from_row(orjson.loads(row[0]))
+    def get(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:
+        """The latest journaled record with this client-visible id (of `tenant`, if given)."""
+        rows = self._db().execute("SELECT rec FROM journal WHERE request_id = ?", (request_id,))
+        found = (LedgerRecord.from_row(orjson.loads(rec)) for rec, in rows)
+        return latest(r for r in found if tenant is None or r.tenant == tenant)
 
     def close(self) -> None:
         if self._conn is not None:
