@@ -174,6 +174,15 @@ class Config(_Strict):
                 if name in seen:
                     raise ValueError(f"duplicate {kind} name '{name}'")
                 seen.add(name)
+        # One key, one identity: a digest under two tenants (or a tenant and admin) would
+        # silently bill or authorise as whichever was read last.
+        owner: dict[str, str] = {d: "admin" for d in self.admin_api_keys_sha256}
+        for tenant in self.tenants:
+            for digest in tenant.api_keys_sha256:
+                if owner.get(digest, tenant.name) != tenant.name:
+                    raise ValueError(f"tenant '{tenant.name}' has an API key digest already given to "
+                                     f"'{owner[digest]}'")
+                owner[digest] = tenant.name
         return self
 
     @field_validator("admin_api_keys_sha256")

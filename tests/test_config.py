@@ -489,3 +489,13 @@ def test_tenant_named_admin_is_reserved() -> None:
     text = MINIMAL + "tenants:\n  - {name: admin}\n"
     with pytest.raises(ConfigError, match="reserved"):
         parse_config(text, env={})
+
+
+@pytest.mark.parametrize("extra", [
+    f'  - {{name: globex, api_keys_sha256: ["{ACME_DIGEST}"]}}\n',
+    f'admin_api_keys_sha256: ["{ACME_DIGEST}"]\n',
+])
+def test_one_key_digest_cannot_belong_to_two_identities(extra: str) -> None:
+    text = MINIMAL + f'tenants:\n  - {{name: acme, api_keys_sha256: ["{ACME_DIGEST}"]}}\n' + extra
+    with pytest.raises(ConfigError, match="already given to"):
+        parse_config(text, env={})
