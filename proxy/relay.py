@@ -196,8 +196,9 @@ class Relay:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                # Nothing reached the backend or the client yet: try another one.
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # Nothing reached the client yet (refused, or closed or reset before answering;
+                # ClientOSError includes ClientConnectorError): try another one.
                 self._abandon(backend, record, ticket)
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
                 backend.record_failure(type(exc).__name__)
