@@ -38,6 +38,7 @@ class Outcome:
     tokens: int  # content chunks (one token each) the client received
     elapsed_s: float
     detail: str = ""  # the error's status/code, or what went wrong
+    start_s: float = 0.0  # time.monotonic() when it was sent
 
 
 def client(proxy: ProxyProc, timeout_s: float) -> openai.AsyncOpenAI:
@@ -95,7 +96,7 @@ async def sdk_stream(sdk: openai.AsyncOpenAI, request_id: str, max_tokens: int, 
 
 
 def _outcome(request_id: str, result: str, seen: dict[str, Any], start: float, detail: str) -> Outcome:
-    return Outcome(request_id, result, seen["backend"], seen["tokens"], time.monotonic() - start, detail)
+    return Outcome(request_id, result, seen["backend"], seen["tokens"], time.monotonic() - start, detail, start)
 
 
 async def http_post(client: httpx.AsyncClient, request_id: str, payload: dict[str, Any], deadline_s: float,

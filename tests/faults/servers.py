@@ -12,6 +12,8 @@ serving MODEL; every POST gets the fault named by `mode`:
 - `cut_chunked`: SSE headers (chunked), CUT_EVENTS complete chunks, half an event, then close
   in the middle of an HTTP chunk;
 - `cut_eof`: the same without chunked encoding (`Connection: close`): the body simply stops.
+
+`RestartableSim` is a simulated backend that can be SIGKILLed and started again on its port.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import contextlib
 import os
 import threading
 
+import httpx
 import orjson
 
-from tests.conftest import MODEL, free_port
+from tests.conftest import MODEL, Proc, SimBackend, free_port, wait_until
 
 MODES = ("hang", "not_http", "not_json", "sse_garbage", "cut_chunked", "cut_eof")
 #: Complete chat chunks a cutting server sends before it breaks off, one token each.
@@ -154,3 +157,29 @@ def _head(status: int, content_type: str, length: int | None, chunked: bool = Fa
 def _chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk."""
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+class RestartableSim(SimBackend):
+    """A `joulegate sim-backend` that can be started again on the same port after a kill."""
+
+    def restart(self) -> None:
+        """Run the same simulator again (a new process: its energy counter starts from zero)."""
+        assert self.popen.poll() is not None, "restart() is for a simulator that is gone"
+        self._log.close()
+        args = list(self.popen.args)[3:]  # [python, -m, proxy, *args]
+        Proc.__init__(self, args, self.log_path.with_suffix(".restarted.log"), self.name)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return self.popen.poll() is not None
+
+        wait_until(answers, 30, f"{self.profile} simulator to answer again")
+        assert self.popen.poll() is None, self.log()
+
+    def running(self) -> int:
+        """Requests in its running batch now (`vllm:num_requests_running` on its /metrics)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running"))
+        return int(float(line.rsplit(" ", 1)[1]))
