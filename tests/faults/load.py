@@ -8,7 +8,6 @@ margin for this slow, shared machine; it is a bound, never a synchronisation.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import httpx
 import openai
 import orjson
 
-from tests.conftest import ADMIN_KEY, KEYS, MODEL, ProxyProc, backend_yaml, tenants_yaml
+from tests.conftest import KEYS, MODEL, ProxyProc, backend_yaml, tenants_yaml
 from tests.faults.conftest import Figures
 from tests.faults.servers import FaultServer
 
@@ -53,11 +52,12 @@ def _clean_error(body: object) -> bool:
 
 
 async def sdk_stream(sdk: openai.AsyncOpenAI, request_id: str, max_tokens: int, deadline_s: float,
-                     model: str = MODEL) -> Outcome:
+                     model: str = MODEL, on_start: Callable[[str], None] | None = None) -> Outcome:
     """One streamed chat completion with usage through the SDK, classified.
 
     ok: every token, a finish_reason and the usage chunk; clean: an OpenAI-shaped status error or
     SSE error event (the SDK raises APIError with its body); anything else is unclean.
+    `on_start(request_id)` is called when the first chunk has arrived.
     """
     start = time.monotonic()
     seen: dict[str, Any] = {"backend": None, "tokens": 0}
@@ -67,8 +67,11 @@ async def sdk_stream(sdk: openai.AsyncOpenAI, request_id: str, max_tokens: int, 
             model=model, messages=MESSAGES, max_tokens=max_tokens, stream=True,
             stream_options={"include_usage": True}, extra_headers={"x-request-id": request_id})
         seen["backend"] = raw.headers.get("x-energy-backend")
-        finish, usage = None, None
+        finish, usage, announce = None, None, on_start
         async for chunk in raw.parse():  # the legacy raw response parses synchronously
+            if announce is not None:
+                announce(request_id)
+                announce = None
             if chunk.choices:
                 seen["tokens"] += bool(chunk.choices[0].delta.content)
                 finish = chunk.choices[0].finish_reason or finish
@@ -179,33 +182,6 @@ def tally(fig: Figures, outcomes: Iterable[Outcome], ledger_ids: set[str] | None
             fig.notes.append(f"{o.request_id}: {o.result} {o.detail}")
 
 
-def flush_ledger(proxy: ProxyProc) -> dict[str, Any]:
-    """Ask the ledger for all tenants' usage (admin key); reading usage flushes it first."""
-    resp = httpx.get(proxy.url + "/v1/energy/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["total"]
-
-
-@dataclass(frozen=True)
-class Booked:
-    """One ledger row: where the request ran, its tokens, its joules and how they were known."""
-
-    backend: str
-    completion_tokens: int
-    joules: float
-    method: str
-
-
-def sqlite_ledger(path: Path) -> dict[str, Booked]:
-    """Every request row of a SQLite ledger by request id, read-only (WAL: the writer may run)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return {rid: Booked(b, c, j, m) for rid, b, c, j, m in conn.execute(
-            "SELECT request_id, backend, completion_tokens, joules, method FROM requests")}
-    finally:
-        conn.close()
-
-
 def proxy_yaml(backends: list[tuple[str, str, str]], server: str, ledger: str) -> str:
     """A proxy config: `server` settings (flow-style YAML body), backends as (name, base URL
     without /v1, extra flow-style fields) all serving MODEL, round robin, the test tenants."""
@@ -244,3 +220,49 @@ def lone_fault_proxy(mode: str, tmp_path: Path, timeout_s: float) -> Iterator[tu
         assert "Traceback" not in proxy.log(), proxy.log()[-3000:]
     finally:
         server.stop()
+
+
+class StreamLoad:
+    """`concurrency` SDK clients, each sending streams back to back (ids `prefix-0`, ...) until
+    `run`'s script returns; `outcomes` in the order they finished."""
+
+    def __init__(self, proxy: ProxyProc, prefix: str, concurrency: int, deadline_s: float,
+                 max_tokens: Callable[[int], int], model: Callable[[int], str] = lambda i: MODEL) -> None:
+        self.proxy, self.prefix, self.concurrency, self.deadline_s = proxy, prefix, concurrency, deadline_s
+        self.max_tokens, self.model = max_tokens, model
+        self.outcomes: list[Outcome] = []
+        self._sent = 0
+        self._stop = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    async def until(self, n: int) -> None:
+        """Wait until `n` requests have finished (in any way)."""
+        while len(self.outcomes) < n:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def _worker(self, sdk: openai.AsyncOpenAI) -> None:
+        while not self._stop.is_set():
+            i, self._sent = self._sent, self._sent + 1
+            self.outcomes.append(await sdk_stream(sdk, f"{self.prefix}-{i}", self.max_tokens(i), self.deadline_s,
+                                                  self.model(i)))
+            self._progress.set()
+
+    def run(self, script: Callable[[StreamLoad], Awaitable[None]], timeout_s: float = 120.0) -> list[Outcome]:
+        """Run the clients and `script(self)` together; stop sending when the script returns."""
+        async def main() -> None:
+            sdk = client(self.proxy, self.deadline_s + 5)
+
+            async def scripted() -> None:
+                try:
+                    await script(self)
+                finally:
+                    self._stop.set()
+
+            try:
+                await asyncio.gather(scripted(), *(self._worker(sdk) for _ in range(self.concurrency)))
+            finally:
+                await sdk.close()
+
+        asyncio.run(asyncio.wait_for(main(), timeout_s))
+        return self.outcomes

@@ -15,16 +15,16 @@ What a user checks:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, ProxyProc, wait_until
+from tests.conftest import ADMIN_KEY, MODEL, ProxyProc, wait_until
 from tests.faults.conftest import Figures
-from tests.faults.load import Outcome, client, proxy_yaml, sdk_stream, sqlite_ledger, tally
+from tests.faults.ledgers import sqlite_ledger
+from tests.faults.load import StreamLoad, proxy_yaml, tally
 from tests.faults.servers import RestartableSim
 
 TIMEOUT_S = 6.0
@@ -58,53 +58,28 @@ def test_backend_sigkilled_under_streamed_load(tmp_path: Path, figures: Figures)
                         f"request_timeout_s: {TIMEOUT_S}, health_interval_s: 0.2, circuit_cooldown_s: 1",
                         f"sqlite:///{db}")
     proxy = ProxyProc(config, tmp_path)
-    outcomes: list[Outcome] = []
-    refused_ids: list[str] = []  # 4xx before any backend: never billed
     killed_at: dict[str, float] = {}
+
+    def kill_while_busy() -> None:
+        # While it is generating for several streams (its own gauge: the proxy's in-flight count
+        # includes streams the backend has finished sending), in one thread so nothing comes
+        # between the reading and the signal.
+        wait_until(lambda: victim.running() >= 4, 20, "streams running on the victim")
+        victim.kill()
+
+    async def script(load: StreamLoad) -> None:
+        await load.until(BEFORE)
+        killed_at["start"] = time.monotonic()
+        await asyncio.to_thread(kill_while_busy)
+        killed_at["done"] = time.monotonic()
+        await load.until(len(load.outcomes) + AFTER)
+
+    # One request in 16 names a model nobody serves: 404 before any backend.
+    load = StreamLoad(proxy, "kill", CONCURRENCY, DEADLINE_S, lambda i: 32 + i % 33,
+                      lambda i: "no-such-model" if i % 16 == 5 else MODEL)
     try:
-        async def load() -> None:
-            sdk = client(proxy, DEADLINE_S + 5)
-            counter = itertools.count()
-            stop, progress = asyncio.Event(), asyncio.Event()
-
-            async def until(n: int) -> None:
-                while len(outcomes) < n:
-                    progress.clear()
-                    await progress.wait()
-
-            async def worker(w: int) -> None:
-                while not stop.is_set():
-                    i = next(counter)
-                    # One request in 16 names a model nobody serves: 404 before any backend.
-                    model = "no-such-model" if i % 16 == 5 else None
-                    rid = f"kill-{i}"
-                    out = await sdk_stream(sdk, rid, 32 + i % 33, DEADLINE_S, **({"model": model} if model else {}))
-                    if model:
-                        refused_ids.append(rid)
-                    outcomes.append(out)
-                    progress.set()
-
-            def kill_while_busy() -> None:
-                # While it is generating for several streams (its own gauge: the proxy's in-flight
-                # count includes streams the backend has finished sending), in one thread so
-                # nothing comes between the reading and the signal.
-                wait_until(lambda: victim.running() >= 4, 20, "streams running on the victim")
-                victim.kill()
-
-            async def script() -> None:
-                try:
-                    await until(BEFORE)
-                    killed_at["start"] = time.monotonic()
-                    await asyncio.to_thread(kill_while_busy)
-                    killed_at["done"] = time.monotonic()
-                    await until(len(outcomes) + AFTER)
-                finally:
-                    stop.set()
-
-            await asyncio.gather(script(), *(worker(w) for w in range(CONCURRENCY)))
-            await sdk.close()
-
-        asyncio.run(asyncio.wait_for(load(), 120))
+        outcomes = load.run(script)
+        refused_ids = {o.request_id for o in outcomes if int(o.request_id.rsplit("-", 1)[1]) % 16 == 5}
         tally(figures, outcomes)
         for o in outcomes:
             assert o.result not in ("hung", "unclean"), o
@@ -127,14 +102,7 @@ def test_backend_sigkilled_under_streamed_load(tmp_path: Path, figures: Figures)
                             and _backends(proxy)["victim"]["power_source_healthy"] is True),
                    30, "the restarted backend and its power source to be back")
 
-        async def resume() -> list[Outcome]:
-            sdk = client(proxy, DEADLINE_S + 5)
-            try:
-                return await asyncio.gather(*(sdk_stream(sdk, f"resume-{i}", 24, DEADLINE_S) for i in range(9)))
-            finally:
-                await sdk.close()
-
-        resumed = asyncio.run(resume())
+        resumed = StreamLoad(proxy, "resume", 3, DEADLINE_S, lambda i: 24).run(lambda load: load.until(9))
         tally(figures, resumed)
         assert all(o.result == "ok" for o in resumed), resumed
         again = [o.request_id for o in resumed if o.backend == "victim"]

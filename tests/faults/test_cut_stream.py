@@ -18,14 +18,13 @@ import pytest
 
 from tests.conftest import MODEL, ProxyProc
 from tests.faults.conftest import Figures
+from tests.faults.ledgers import flush_ledger, sqlite_ledger
 from tests.faults.load import (
     MESSAGES,
     client,
-    flush_ledger,
     lone_fault_proxy,
     post_many,
     sdk_stream,
-    sqlite_ledger,
     tally,
 )
 from tests.faults.servers import CUT_EVENTS, HALF_EVENT, FaultServer, chat_chunk

@@ -16,13 +16,12 @@ import pytest
 
 from tests.conftest import MODEL, ProxyProc
 from tests.faults.conftest import Figures
+from tests.faults.ledgers import flush_ledger, sqlite_ledger
 from tests.faults.load import (
     MESSAGES,
     Outcome,
-    flush_ledger,
     lone_fault_proxy,
     post_many,
-    sqlite_ledger,
     tally,
 )
 from tests.faults.servers import FaultServer, chat_chunk
