@@ -158,7 +158,10 @@ class Relay:
 
     # -- routing and forwarding ---------------------------------------------------------------
 
-    def _choose(self, record: RequestRecord, payload: dict[str, Any], tried: set[str]) -> Backend:
+    def _choose(self, record: RequestRecord, payload: dict[str, Any], tried: set[str],
+                failure: ProxyError | None = None) -> Backend:
+        """The policy's pick among the model's backends not `tried` yet; past the last one, the
+        last attempt's `failure`."""
         candidates = self.pool.for_model(record.model)
         if not candidates:
             raise model_not_found(record.model)
@@ -172,7 +175,8 @@ class Relay:
         name = self.policy.choose(info, views, time.time())
         if name is None:
             if tried:
-                raise ProxyError(502, "No backend for this model could be reached.", code="upstream_unreachable")
+                raise failure or ProxyError(502, "No backend for this model could be reached.",
+                                            code="upstream_unreachable")
             if any(v.healthy for v in views):
                 raise ProxyError(429, "Every backend for this model is at its concurrency limit.",
                                  code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
@@ -189,8 +193,9 @@ class Relay:
         if scope.get("query_string"):
             suffix += "?" + scope["query_string"].decode("latin-1")
         tried: set[str] = set()
+        failure: ProxyError | None = None
         while True:
-            backend = self._choose(record, payload, tried)
+            backend = self._choose(record, payload, tried, failure)
             tried.add(backend.name)
             headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
             backend.in_flight += 1
@@ -203,8 +208,9 @@ class Relay:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                # Nothing reached the backend or the client yet: try another one.
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # Nothing reached the client yet (refused, or closed or reset before answering;
+                # ClientOSError includes ClientConnectorError): try another one.
                 self._abandon(backend, record, ticket)
                 backend.mark_down(f"{type(exc).__name__}: {exc}")
                 backend.record_failure(type(exc).__name__)
@@ -214,6 +220,7 @@ class Relay:
                 # client, so another backend may answer. The upstream's bytes are never echoed.
                 self._abandon(backend, record, ticket)
                 backend.record_failure("invalid HTTP response")
+                failure = ProxyError(502, "The backend did not answer in HTTP.", code="upstream_error")
                 continue
             except TimeoutError:
                 self._abandon(backend, record, ticket)
