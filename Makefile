@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-deps clean
+.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-soak bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-routing: $(STAMP)
 
 bench-fuzz: $(STAMP)
 	$(BIN)/python -m bench.fuzz --cases 5000
+
+# 60 s warm-up + 10 min at c=64; run it on a quiet machine.
+bench-soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

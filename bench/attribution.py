@@ -625,6 +625,36 @@ def _ok(port: int, path: str) -> bool:
     return status == 200
 
 
+def start_sims(sims: dict[str, Server], specs: list[tuple[str, str]], model: str, log_dir: Path,
+               tag: str, seed: int = 0) -> None:
+    """One `sim-backend` per (name, profile), seeds `seed`, `seed + 1`, ...; each is put in
+    `sims` as it starts (so the caller can stop them all if a later one fails), then each is
+    waited for until it lists its models."""
+    for k, (name, profile) in enumerate(specs):
+        port = free_port()
+        argv = [sys.executable, "-m", "proxy", "sim-backend", "--profile", profile,
+                "--port", str(port), "--model", model, "--seed", str(seed + k)]
+        sims[name] = Server(f"{tag}-sim-{name}", argv, port, log_dir)
+        sims[name].start()
+    for sim in sims.values():
+        wait_until(sim, lambda s=sim: _ok(s.port, "/v1/models"), 30.0)
+
+
+def wait_powered(proxy: Server, admin_key: str, backends: int, hold_s: float) -> None:
+    """Wait until each of the proxy's `backends` has had healthy power for `hold_s` seconds."""
+    first: dict[str, float] = {}
+
+    def powered() -> bool:
+        data = _get_json(proxy.port, "/v1/energy/backends", admin_key)["data"]
+        now = time.monotonic()
+        for b in data:
+            if b.get("power_w") is not None and b.get("power_source_healthy"):
+                first.setdefault(b["name"], now)
+        return len(first) == backends and all(now - t >= hold_s for t in first.values())
+
+    wait_until(proxy, powered, 30.0)
+
+
 class Run:
     """The processes of one configuration; `stop()` ends them all."""
 
@@ -637,15 +667,7 @@ class Run:
 
     def start(self) -> None:
         tag = self.setup.name.replace("@", "-")
-        for k, (name, profile) in enumerate(BACKENDS):
-            port = free_port()
-            argv = [sys.executable, "-m", "proxy", "sim-backend", "--profile", profile,
-                    "--port", str(port), "--model", MODEL, "--seed", str(self.args.seed + k)]
-            sim = Server(f"{tag}-sim-{name}", argv, port, self.log_dir)
-            self.sims[name] = sim
-            sim.start()
-        for sim in self.sims.values():
-            wait_until(sim, lambda s=sim: _ok(s.port, "/v1/models"), 30.0)
+        start_sims(self.sims, list(BACKENDS), MODEL, self.log_dir, tag, self.args.seed)
         cfg = self.log_dir / f"{tag}-joulegate.yaml"
         cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight))
         port = free_port()
@@ -658,18 +680,7 @@ class Run:
         self.proxy.start()
         wait_until(self.proxy, lambda: _ok(port, "/readyz"), 30.0)
         # Power from every backend, and at least two samples' worth of it, before any request.
-        first: dict[str, float] = {}
-
-        def powered() -> bool:
-            data = _get_json(port, "/v1/energy/backends", ADMIN_KEY)["data"]
-            now = time.monotonic()
-            for b in data:
-                if b.get("power_w") is not None and b.get("power_source_healthy"):
-                    first.setdefault(b["name"], now)
-            return len(first) == len(self.sims) and all(
-                now - t >= 2.5 * self.setup.interval_s for t in first.values())
-
-        wait_until(self.proxy, powered, 30.0)
+        wait_powered(self.proxy, ADMIN_KEY, len(self.sims), 2.5 * self.setup.interval_s)
 
     def books(self) -> dict[str, Any] | None:
         if self.proxy is None or self.args.plain_serve:

@@ -256,7 +256,10 @@ def serve_proxy(config_path: str, port: int) -> int:
     return serve_with_route(config_path, port, MODELS_PATH, models)
 
 
-def live_config(policy: str, sims: dict[str, Any]) -> str:
+def live_config(policy: str, sims: dict[str, Any], ledger: str = "memory://",
+                tenant_keys: dict[str, str] | None = None, admin_key: str = LIVE_ADMIN_KEY) -> str:
+    """The proxy's config: every backend metered by its simulator's power stream, its engine
+    load scraped from /metrics; `tenant_keys` (name: key) default to the bench tenant."""
     from bench.attribution import sha256
 
     lines = ["server: {host: 127.0.0.1}", "backends:"]
@@ -268,10 +271,11 @@ def live_config(policy: str, sims: dict[str, Any]) -> str:
     lines.append(f"routing: {{policy: {policy}, slo: {{ttft_ms: {SLO_TTFT_S * 1e3:g}, "
                  f"tpot_ms: {SLO_TPOT_S * 1e3:g}}}}}")
     lines.append("energy: {idle: separate}")
-    lines.append("ledger: memory://")
+    lines.append(f"ledger: '{ledger}'")
     lines.append("tenants:")
-    lines.append(f"  - {{name: bench, api_keys_sha256: ['{sha256(LIVE_TENANT_KEY)}']}}")
-    lines.append(f"admin_api_keys_sha256: ['{sha256(LIVE_ADMIN_KEY)}']")
+    for tenant, key in (tenant_keys or {"bench": LIVE_TENANT_KEY}).items():
+        lines.append(f"  - {{name: {tenant}, api_keys_sha256: ['{sha256(key)}']}}")
+    lines.append(f"admin_api_keys_sha256: ['{sha256(admin_key)}']")
     return "\n".join(lines) + "\n"
 
 
@@ -424,16 +428,10 @@ class LivePolicyRun:
         return f"http://{HOST}:{self.proxy.port}"
 
     def start(self) -> None:
-        from bench.attribution import _ok
+        from bench.attribution import _ok, start_sims, wait_powered
 
-        for k, name in enumerate(self.order):
-            port = free_port()
-            argv = [sys.executable, "-m", "proxy", "sim-backend", "--profile", LIVE_PROFILES[name],
-                    "--port", str(port), "--model", LIVE_MODEL, "--seed", str(k)]
-            self.sims[name] = Server(f"{self.policy}-sim-{name}", argv, port, self.log_dir)
-            self.sims[name].start()
-        for sim in self.sims.values():
-            wait_until(sim, lambda s=sim: _ok(s.port, "/v1/models"), 30.0)
+        start_sims(self.sims, [(name, LIVE_PROFILES[name]) for name in self.order], LIVE_MODEL,
+                   self.log_dir, self.policy)
         cfg = self.log_dir / f"{self.policy}-joulegate.yaml"
         cfg.write_text(live_config(self.policy, self.sims))
         port = free_port()
@@ -446,16 +444,7 @@ class LivePolicyRun:
         self.proxy.start()
         wait_until(self.proxy, lambda: _ok(port, "/readyz"), 30.0)
         # Power from every backend for a second (the models learn the idle power) first.
-        first: dict[str, float] = {}
-
-        def powered() -> bool:
-            now = time.monotonic()
-            for b in self.backends():
-                if b.get("power_w") is not None and b.get("power_source_healthy"):
-                    first.setdefault(b["name"], now)
-            return len(first) == len(self.sims) and all(now - t >= 1.0 for t in first.values())
-
-        wait_until(self.proxy, powered, 30.0)
+        wait_powered(self.proxy, LIVE_ADMIN_KEY, len(self.sims), 1.0)
 
     def backends(self) -> list[dict[str, Any]]:
         from bench.attribution import _get_json
