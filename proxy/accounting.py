@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 from proxy.config import Config, EnergyBudget
@@ -55,7 +55,7 @@ class Accounting:
         # client-visible id, oldest first; older ones are read from the ledger. Everything here
         # is keyed by `RequestRecord.key`: a client's x-request-id may repeat, across tenants too.
         self.recent: OrderedDict[str, RequestRecord] = OrderedDict()
-        self._recent_keys: dict[str, deque[str]] = {}
+        self._recent_keys: dict[str, list[str]] = {}  # client id -> keys, oldest first
         # Answered, estimated, not yet booked (by key): the measured value is still to come.
         self._awaiting: OrderedDict[str, RequestRecord] = OrderedDict()
         self._awaiting_j_by_tenant: dict[str, float] = {}
@@ -137,11 +137,11 @@ class Accounting:
 
     def _remember(self, record: RequestRecord) -> None:
         self.recent[record.key] = record
-        self._recent_keys.setdefault(record.request_id, deque()).append(record.key)
+        self._recent_keys.setdefault(record.request_id, []).append(record.key)
         if len(self.recent) > _RECENT_LIMIT:
             _, old = self.recent.popitem(last=False)
             keys = self._recent_keys[old.request_id]
-            keys.popleft()  # the oldest of its id, as `recent` evicts oldest first
+            del keys[0]  # the oldest of its id, as `recent` evicts oldest first (ids repeat rarely)
             if not keys:
                 del self._recent_keys[old.request_id]
 
