@@ -41,7 +41,7 @@ bench-routing: $(STAMP)
 bench-fuzz: $(STAMP)
 	$(BIN)/python -m bench.fuzz --cases 5000
 
-# 60 s warm-up + 10 min at c=64; run it on a quiet machine.
+# 5 min warm-up + 10 min at c=64; run it on a quiet machine.
 bench-soak: $(STAMP)
 	$(BIN)/python -m bench.soak
 
