@@ -153,10 +153,12 @@ def judge(case: Case, data: bytes, timed_out: bool) -> Verdict:
         return Verdict(status, f"forwarded to backend {resp.getheader('x-energy-backend')}: {body[:200]!r}")
     if status >= 500:
         return Verdict(status, f"HTTP {status}: {body[:300]!r}")
-    if status >= 400 and method != "HEAD" and not _openai_error(body):
-        plain = resp.getheader("content-type", "").startswith("text/plain")
-        if case.valid_http or status != 400 or not plain:
-            return Verdict(status, f"HTTP {status} not OpenAI-shaped: {body[:200]!r}", shape=True)
+    plain = resp.getheader("content-type", "").startswith("text/plain")
+    uvicorn_400 = status == 400 and plain and not case.valid_http  # refused before the app saw it
+    if status >= 400 and method != "HEAD" and not _openai_error(body) and not uvicorn_400:
+        return Verdict(status, f"HTTP {status} not OpenAI-shaped: {body[:200]!r}", shape=True)
+    if not uvicorn_400 and not resp.getheader("x-request-id"):
+        return Verdict(status, f"HTTP {status} without an x-request-id: {body[:120]!r}", shape=True)
     return Verdict(status, None)
 
 

@@ -89,16 +89,16 @@ class JouleGate:
         path: str = scope["path"]
         method: str = scope["method"]
         kind = _INFERENCE.get(path)
-        if kind is None:
-            send = _with_request_id(scope, send)
+        if kind is not None and method == "POST" and len(scope.get("query_string", b"")) <= _MAX_QUERY_BYTES:
+            await self.relay(scope, receive, send, kind)  # the hot path: it sets its own request id
+            return
+        send = _with_request_id(scope, send)
         if kind is not None:
             if method != "POST":
                 await send_error(send, _method_not_allowed(path, "POST"), "")
-            elif len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
+            else:
                 # Forwarded upstream with the path: keep it under every engine's line limit.
                 await send_error(send, _uri_too_long(), "")
-            else:
-                await self.relay(scope, receive, send, kind)
             return
         if path == "/v1/models" or path.startswith("/v1/models/"):
             await self._models(scope, send, path)
