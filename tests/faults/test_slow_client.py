@@ -95,6 +95,7 @@ def _rss_kib(pid: int) -> int:
 def test_a_client_that_stops_reading_is_cut_and_billed(
     flood_proxy: tuple[FloodBackend, ProxyProc], figures: Figures,
 ) -> None:
+    figures.scenario = "slow_client_cut"
     backend, proxy = flood_proxy
     rss_before_kib = _rss_kib(proxy.popen.pid)
     body = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "flood"}]})
