@@ -38,6 +38,9 @@ class ServerConfig(_Strict):
     health_interval_s: float = Field(5.0, gt=0)
     # A streaming client that takes no byte for this long is cut off (its GPU slot freed).
     client_write_timeout_s: float = Field(30.0, gt=0)
+    # A request body that has not fully arrived this long after the headers gets 408: a slow
+    # sender must not hold one of the `max_in_flight` slots.
+    client_read_timeout_s: float = Field(30.0, gt=0)
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)

@@ -71,6 +71,7 @@ class Relay:
         self.meter = meter
         self.accounting = accounting
         self.max_body_bytes = config.server.max_body_bytes
+        self.read_timeout_s = config.server.client_read_timeout_s
         self.max_in_flight = config.server.max_in_flight
         self.in_flight = 0  # inference requests open in this process
         self.timeout = aiohttp.ClientTimeout(
@@ -92,7 +93,12 @@ class Relay:
                                  code="overloaded", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
-            body = await _read_body(receive, declared_length, self.max_body_bytes)
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    body = await _read_body(receive, declared_length, self.max_body_bytes)
+            except TimeoutError:
+                raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
+                                 code="request_timeout") from None
             # Over budget: refused before any GPU sees it.
             record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)

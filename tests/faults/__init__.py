@@ -7,7 +7,7 @@
 5. test_redis_outage.py     the ledger's Redis gone 10 s and back, under streamed load
 6. test_proxy_sigterm.py    SIGTERM to the proxy with streams running: drained and billed
 7. test_power_gone.py       the power source gone 30 s: modelled as `estimated`, then measured
-8. test_slow_client.py      a client that stops reading a stream: cut, backend freed, billed
+8. test_slow_client.py      a client that stops reading: cut and billed; a slow sender: 408
 
 conftest.py keeps each scenario's figures and prints them as one table at the end of the run;
 servers.py has the misbehaving backends, load.py the clients, ledgers.py the ledger readers,

@@ -1,4 +1,5 @@
-"""A client that stops reading a stream is cut off: its GPU slot is freed and memory stays put."""
+"""8. Slow clients: one that stops reading a stream is cut off (its GPU slot freed, memory put);
+one that never finishes sending its body gets 408 and gives its in-flight slot back."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.conftest import (
     KEYS,
     MODEL,
     ProxyProc,
+    SimBackend,
     backend_yaml,
     free_port,
     tenants_yaml,
@@ -130,4 +132,41 @@ def test_a_client_that_stops_reading_is_cut_and_billed(
     # The client got a 200 and part of a stream: a clean failure as far as it could tell.
     figures.sent = figures.clean = figures.answered = figures.ledger = 1
     figures.notes.append(f"cut after {backend.sent_events}/{EVENTS} events, RSS +{growth_mib:.1f} MiB")
+    figures.check()
+
+
+def test_a_slow_sender_gets_408_and_frees_its_slot(h100: SimBackend, tmp_path: Path, figures: Figures) -> None:
+    """A client that declares a body and never finishes it must not hold the one slot there is."""
+    figures.scenario = "slow_sender_408"
+    config = ("server: {client_read_timeout_s: 1.0, max_in_flight: 1}\nbackends:\n"
+              + backend_yaml("h100", h100.url, [MODEL]) + "ledger: memory://\n" + tenants_yaml())
+    proxy = ProxyProc(config, tmp_path)
+    chat = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {KEYS['acme']}\r\nContent-Length: 100\r\n\r\n".encode()
+                         + b'{"model": ')
+            # While it dawdles it holds the slot: others are shed, cleanly.
+            busy = httpx.post(proxy.url + "/v1/chat/completions", json=chat, headers=auth, timeout=10)
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded"
+            answer = sock.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"code":"request_timeout"' in body  # (chunked: the JSON sits inside a chunk)
+        after = httpx.post(proxy.url + "/v1/chat/completions", json=chat, headers=auth, timeout=10)
+        assert after.status_code == 200, after.text
+
+        def booked() -> int:
+            return httpx.get(proxy.url + "/v1/energy/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                             timeout=10).json()["total"]["requests"]
+
+        wait_until(lambda: booked() >= 1, 20, "the answered request to be booked")
+        figures.ledger = booked()
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
+    figures.sent, figures.succeeded, figures.clean = 3, 1, 2
+    figures.answered = 1  # only the last one reached a backend
     figures.check()
