@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.ledger import ledger_options
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -198,6 +200,8 @@ class Config(_Strict):
     def _ledger_url(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("sqlite://", "redis://", "rediss://", "memory://")):
             raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory://")
+        if url is not None:
+            ledger_options(url)  # options in its query: a bad one is a config error
         return url
 
 

@@ -499,3 +499,17 @@ def test_one_key_digest_cannot_belong_to_two_identities(extra: str) -> None:
     text = MINIMAL + f'tenants:\n  - {{name: acme, api_keys_sha256: ["{ACME_DIGEST}"]}}\n' + extra
     with pytest.raises(ConfigError, match="already given to"):
         parse_config(text, env={})
+
+
+def test_ledger_options_ride_in_the_url_query_and_bad_ones_name_themselves() -> None:
+    from proxy.ledger import open_ledger
+
+    config = parse_config(MINIMAL + "ledger: 'sqlite:///tmp/jg.db?retention_days=90&flush_interval_s=0.5'\n", env={})
+    ledger = open_ledger(config.ledger or "")
+    assert ledger.retention_s == 90 * 86_400 and ledger.flush_interval_s == 0.5
+    assert ledger.path == "/tmp/jg.db"  # type: ignore[attr-defined]
+    for bad, says in (("sqlite:///x.db?key_prefix=jg", "does not apply"), ("memory://?retention_days=0", "positive"),
+                      ("redis://:s3cret@h:6379/0?nope=1", "unknown ledger option 'nope'")):
+        with pytest.raises(ConfigError, match=says) as info:
+            parse_config(MINIMAL + f"ledger: '{bad}'\n", env={})
+        assert "s3cret" not in str(info.value)

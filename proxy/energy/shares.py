@@ -603,7 +603,7 @@ def make_exchange(config: Any, meter: Any, pool: Any = None,
     redis_url = cluster.redis_url if cluster is not None else None
     ledger = config.ledger or ""
     if redis_url is None and ledger.startswith(("redis://", "rediss://")):
-        redis_url = ledger
+        redis_url = ledger.partition("?")[0]  # the query holds ledger options, not redis-py's
     metrics_urls = {b.name: b.metrics_url for b in config.backends}
     if redis_url is None and not any(metrics_urls.get(name) for name in meters):
         return None
