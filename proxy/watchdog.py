@@ -15,6 +15,29 @@ import logging
 
 log = logging.getLogger("joulegate.watchdog")
 
+_INCOMPLETE = "ASGI callable returned without completing response."
+
+
+class _ExpectedIncomplete(logging.Filter):
+    """uvicorn logs an ERROR when an app returns mid-response. After a cut that is the intent,
+    already logged as a warning: drop one such line per cut. uvicorn logs it synchronously as
+    the app returns, and the relay does not await between the cut and its return. (Should the
+    client vanish in that instant, uvicorn stays silent and the next such line is dropped.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.pending and record.getMessage() == _INCOMPLETE:
+            self.pending -= 1
+            return False
+        return True
+
+
+_expected = _ExpectedIncomplete()
+logging.getLogger("uvicorn.error").addFilter(_expected)
+
 
 class SendGuard:
     """One request's send progress. The relay sets `sending` around each `send` and counts
@@ -53,6 +76,8 @@ class SendWatchdog:
 
     def release(self, guard: SendGuard) -> None:
         self._guards.discard(guard)
+        if guard.expired:
+            _expected.pending += 1  # the response stays incomplete on purpose
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -122,6 +122,7 @@ def test_a_client_that_stops_reading_is_cut_and_billed(
         # The stream would be 32 MiB; only socket buffers' worth may ever sit in the proxy.
         assert growth_mib < 12, f"RSS grew {growth_mib:.1f} MiB"
     wait_until(lambda: "stream cut" in proxy.log(), 10, "the cut to be logged")
+    assert "without completing response" not in proxy.log()  # a warning, not uvicorn's ERROR
     usage = httpx.get(proxy.url + "/v1/energy/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
     wait_until(lambda: httpx.get(proxy.url + "/v1/energy/usage", timeout=10,
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["total"]["requests"] == 1,
