@@ -11,7 +11,9 @@ serving MODEL; every POST gets the fault named by `mode`:
 - `sse_garbage`: SSE headers, one good chunk, then binary junk with no event boundary, then close;
 - `cut_chunked`: SSE headers (chunked), CUT_EVENTS complete chunks, half an event, then close
   in the middle of an HTTP chunk;
-- `cut_eof`: the same without chunked encoding (`Connection: close`): the body simply stops.
+- `cut_eof`: the same without chunked encoding (`Connection: close`): the body simply stops;
+- `flood`: a stream of FLOOD_EVENTS events of FLOOD_EVENT_BYTES each, written as fast as it is
+  read; `flood_sent` counts the events written, `flood_ended` says how it ended.
 
 `RestartableSim` is a simulated backend that can be SIGKILLed and started again on its port.
 """
@@ -28,9 +30,11 @@ import orjson
 
 from tests.conftest import MODEL, Proc, SimBackend, free_port, wait_until
 
-MODES = ("hang", "not_http", "not_json", "sse_garbage", "cut_chunked", "cut_eof")
+MODES = ("hang", "not_http", "not_json", "sse_garbage", "cut_chunked", "cut_eof", "flood")
 #: Complete chat chunks a cutting server sends before it breaks off, one token each.
 CUT_EVENTS = 3
+FLOOD_EVENT_BYTES = 16 * 1024
+FLOOD_EVENTS = 2000  # 32 MiB if it were all read: far more than any socket buffer
 
 
 def chat_chunk(i: int) -> bytes:
@@ -54,6 +58,8 @@ class FaultServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.posts = 0  # inference requests received; read from the test thread (an int: atomic)
+        self.flood_sent = 0  # `flood`: events written so far
+        self.flood_ended: str | None = None  # `flood`: "complete", or the error that ended it
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -138,8 +144,27 @@ class FaultServer:
         elif self.mode == "cut_eof":
             events = b"".join(chat_chunk(i) for i in range(CUT_EVENTS))
             writer.write(_head(200, "text/event-stream", None) + events + HALF_EVENT)
+        elif self.mode == "flood":
+            await self._flood(writer)
+            return False
         await writer.drain()
         return False  # close: the fault is the connection ending here
+
+    async def _flood(self, writer: asyncio.StreamWriter) -> None:
+        """Stream FLOOD_EVENTS big events, each once the previous one left the buffer."""
+        delta = {"choices": [{"index": 0, "delta": {"content": "x" * FLOOD_EVENT_BYTES}}]}
+        event = _chunk(b"data: " + orjson.dumps(delta) + b"\n\n")
+        writer.write(_head(200, "text/event-stream", None, chunked=True))
+        try:
+            for _ in range(FLOOD_EVENTS):
+                writer.write(event)
+                await writer.drain()  # as fast as the proxy reads, no faster
+                self.flood_sent += 1
+            writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+            self.flood_ended = "complete"
+        except ConnectionError as exc:
+            self.flood_ended = type(exc).__name__
 
 
 def _head(status: int, content_type: str, length: int | None, chunked: bool = False) -> bytes:

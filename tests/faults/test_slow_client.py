@@ -3,16 +3,13 @@ one that never finishes sending its body gets 408 and gives its in-flight slot b
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 
 from tests.conftest import (
     ADMIN_KEY,
@@ -21,62 +18,16 @@ from tests.conftest import (
     ProxyProc,
     SimBackend,
     backend_yaml,
-    free_port,
     tenants_yaml,
     wait_until,
 )
 from tests.faults.conftest import Figures
-
-EVENT_BYTES = 16 * 1024
-EVENTS = 2000  # 32 MiB if it were all read: far more than any socket buffer
-
-
-class FloodBackend:
-    """An OpenAI-style server that streams as fast as it is read, in a thread of its own."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sent_events = 0
-        self.ended: str | None = None  # "complete" or the error that ended the handler
-        self._loop = asyncio.new_event_loop()
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-        self._thread = threading.Thread(target=self._loop.run_forever, name="flood", daemon=True)
-        self._thread.start()
-
-    async def _models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        delta = {"choices": [{"index": 0, "delta": {"content": "x" * EVENT_BYTES}}]}
-        event = b"data: " + orjson.dumps(delta) + b"\n\n"
-        try:
-            for _ in range(EVENTS):
-                await resp.write(event)
-                self.sent_events += 1
-            await resp.write(b"data: [DONE]\n\n")
-            self.ended = "complete"
-        except (ConnectionError, asyncio.CancelledError) as exc:
-            self.ended = type(exc).__name__
-            raise
-        return resp
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+from tests.faults.servers import FLOOD_EVENTS, FaultServer
 
 
 @pytest.fixture
-def flood_proxy(tmp_path: Path) -> Iterator[tuple[FloodBackend, ProxyProc]]:
-    backend = FloodBackend()
+def flood_proxy(tmp_path: Path) -> Iterator[tuple[FaultServer, ProxyProc]]:
+    backend = FaultServer("flood")
     config = ("server: {client_write_timeout_s: 1.0}\nbackends:\n" + backend_yaml("flood", backend.url, [MODEL])
               + "ledger: memory://\n" + tenants_yaml())
     proxy = ProxyProc(config, tmp_path)
@@ -84,7 +35,7 @@ def flood_proxy(tmp_path: Path) -> Iterator[tuple[FloodBackend, ProxyProc]]:
         yield backend, proxy
     finally:
         proxy.stop()
-        backend.close()
+        backend.stop()
 
 
 def _rss_kib(pid: int) -> int:
@@ -95,7 +46,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_a_client_that_stops_reading_is_cut_and_billed(
-    flood_proxy: tuple[FloodBackend, ProxyProc], figures: Figures,
+    flood_proxy: tuple[FaultServer, ProxyProc], figures: Figures,
 ) -> None:
     figures.scenario = "slow_client_cut"
     backend, proxy = flood_proxy
@@ -109,9 +60,9 @@ def test_a_client_that_stops_reading_is_cut_and_billed(
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         # ... and never reads again. The proxy must give up on it and hang up on the backend.
-        wait_until(lambda: backend.ended is not None, 20, "the proxy to cut the stalled stream")
-        assert backend.ended != "complete"
-        assert backend.sent_events < EVENTS
+        wait_until(lambda: backend.flood_ended is not None, 20, "the proxy to cut the stalled stream")
+        assert backend.flood_ended != "complete"
+        assert backend.flood_sent < FLOOD_EVENTS
         # Meanwhile other clients are served.
         other = httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {KEYS['globex']}"}, timeout=10)
         assert other.status_code == 200
@@ -128,11 +79,11 @@ def test_a_client_that_stops_reading_is_cut_and_billed(
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["total"]["requests"] == 1,
                20, "the cut request to be billed")
     assert usage.status_code == 200
-    print(f"\nslow client: backend sent {backend.sent_events}/{EVENTS} events before the cut, "
+    print(f"\nslow client: backend sent {backend.flood_sent}/{FLOOD_EVENTS} events before the cut, "
           f"proxy RSS grew {growth_mib:.1f} MiB")
     # The client got a 200 and part of a stream: a clean failure as far as it could tell.
     figures.sent = figures.clean = figures.answered = figures.ledger = 1
-    figures.notes.append(f"cut after {backend.sent_events}/{EVENTS} events, RSS +{growth_mib:.1f} MiB")
+    figures.notes.append(f"cut after {backend.flood_sent}/{FLOOD_EVENTS} events, RSS +{growth_mib:.1f} MiB")
     figures.check()
 
 
