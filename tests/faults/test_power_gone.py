@@ -8,6 +8,7 @@ keep flowing, settle `estimated` at once (not after the 120 s fallback), and the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -41,9 +42,10 @@ def outage_setup(tmp_path: Path) -> Iterator[tuple[SimBackend, TcpRelay, ProxyPr
         assert "Traceback" not in proxy.log()
 
 
-async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+async def _until(check: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str) -> None:
+    """Poll `check` (plain or async) every 50 ms until it is true; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not await check():
+    while not await _value(check()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.05)
@@ -69,8 +71,12 @@ class AdminApi:
         answers = await asyncio.gather(*(self.http.get(f"/v1/energy/requests/{i}") for i in ids))
         return [a.json() for a in answers]
 
-    async def methods(self, ids: list[str]) -> set[str]:
-        return {f.get("method") for f in await self.finals(ids)}
+    async def source_down(self) -> bool:
+        return not await self.source_up()
+
+    async def all_booked(self, ids: list[str], method: str) -> bool:
+        """Every request in `ids` is booked, with `method`."""
+        return {f.get("method") for f in await self.finals(ids)} == {method}
 
 
 def test_power_source_gone_30_s_is_modelled_then_measured_again(
@@ -90,20 +96,20 @@ def test_power_source_gone_30_s_is_modelled_then_measured_again(
             await load.until(20)
             marks["cut"] = time.monotonic()
             relay.cut()
-            await _until(lambda: _not(api.source_up()), 10, "the source to count as down")
+            await _until(api.source_down, 10, "the source to count as down")
             assert await api.metric('joulegate_power_source_up{backend="h100"}') == 0.0
             settle_s = marks["cut"] + 2
-            await _until(lambda: _true(time.monotonic() > marks["cut"] + OUTAGE_S - 8
-                                       and len(ok_after(settle_s)) >= 10), OUTAGE_S, "load inside the outage")
+            await _until(lambda: time.monotonic() > marks["cut"] + OUTAGE_S - 8 and len(ok_after(settle_s)) >= 10,
+                         OUTAGE_S, "load inside the outage")
             inside.extend(ok_after(settle_s))
             # Booked `estimated` while the source is still gone: nothing waits for it.
-            await _until(lambda: _eq(api.methods(inside), {"estimated"}), 5, "requests inside to be estimated")
-            await _until(lambda: _true(time.monotonic() > marks["cut"] + OUTAGE_S), OUTAGE_S, "the outage's end")
+            await _until(lambda: api.all_booked(inside, "estimated"), 5, "requests inside to be estimated")
+            await _until(lambda: time.monotonic() > marks["cut"] + OUTAGE_S, OUTAGE_S, "the outage's end")
             marks["restore"] = time.monotonic()
             relay.restore()
             await _until(api.source_up, 15, "the source to count as up again")
             marks["back"] = time.monotonic() + 1
-            await _until(lambda: _true(len(ok_after(marks["back"])) >= 20), 30, "load after the outage")
+            await _until(lambda: len(ok_after(marks["back"])) >= 20, 30, "load after the outage")
         finally:
             await api.http.aclose()
 
@@ -114,7 +120,7 @@ def test_power_source_gone_30_s_is_modelled_then_measured_again(
         api = AdminApi(proxy)
         try:
             after = ok_after(marks["back"])
-            await _until(lambda: _eq(api.methods(after), {"measured"}), 20, "requests after to be measured")
+            await _until(lambda: api.all_booked(after, "measured"), 20, "requests after to be measured")
             est_j = sum(f["joules"] for f in await api.finals(inside))
             booked = (await api.http.get("/v1/energy/usage")).json()["total"]["requests"]
             return (est_j, booked, await api.metric('joulegate_energy_estimated_requests_total{backend="h100"}'),
@@ -135,13 +141,5 @@ def test_power_source_gone_30_s_is_modelled_then_measured_again(
     assert abs(error) < 0.5
 
 
-async def _not(value: Awaitable[bool]) -> bool:
-    return not await value
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _eq(value: Awaitable[set[str]], want: set[str]) -> bool:
-    return await value == want
+async def _value(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else result
