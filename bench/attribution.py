@@ -655,38 +655,38 @@ def wait_powered(proxy: Server, admin_key: str, backends: int, hold_s: float) ->
     wait_until(proxy, powered, 30.0)
 
 
-class Run:
-    """The processes of one configuration; `stop()` ends them all."""
+class Fleet:
+    """Simulated GPUs and one proxy in front of them, for one bench configuration (this bench's
+    runs and bench/routing's live ones build on it); `stop()` ends them all."""
 
-    def __init__(self, setup: Setup, args: argparse.Namespace, log_dir: Path) -> None:
-        self.setup = setup
-        self.args = args
+    def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.sims: dict[str, Server] = {}
         self.proxy: Server | None = None
+        self.plain_serve = False
 
-    def start(self) -> None:
-        tag = self.setup.name.replace("@", "-")
-        start_sims(self.sims, list(BACKENDS), MODEL, self.log_dir, tag, self.args.seed)
-        cfg = self.log_dir / f"{tag}-joulegate.yaml"
-        cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight))
+    def start_proxy(self, tag: str, cfg: Path, bench_module: str, plain_serve: bool, admin_key: str,
+                    hold_s: float) -> None:
+        """`joulegate serve -c CFG`, or `python -m BENCH_MODULE --serve-proxy CFG` (the same app
+        plus the bench's read-only route); returns once it is ready and every sim has had power
+        for `hold_s` seconds."""
         port = free_port()
-        if self.args.plain_serve:
+        self.plain_serve = plain_serve
+        if plain_serve:
             argv = [sys.executable, "-m", "proxy", "serve", "-c", str(cfg), "--port", str(port)]
         else:
-            argv = [sys.executable, "-m", "bench.attribution", "--serve-proxy", str(cfg),
-                    "--port", str(port)]
+            argv = [sys.executable, "-m", bench_module, "--serve-proxy", str(cfg), "--port", str(port)]
         self.proxy = Server(f"{tag}-proxy", argv, port, self.log_dir)
         self.proxy.start()
         wait_until(self.proxy, lambda: _ok(port, "/readyz"), 30.0)
-        # Power from every backend, and at least two samples' worth of it, before any request.
-        wait_powered(self.proxy, ADMIN_KEY, len(self.sims), 2.5 * self.setup.interval_s)
+        wait_powered(self.proxy, admin_key, len(self.sims), hold_s)
 
-    def books(self) -> dict[str, Any] | None:
-        if self.proxy is None or self.args.plain_serve:
+    def bench_route(self, path: str) -> dict[str, Any] | None:
+        """The bench route's JSON; None under plain serve, or when it does not answer."""
+        if self.proxy is None or self.plain_serve:
             return None
         try:
-            return _get_json(self.proxy.port, BOOKS_PATH)
+            return _get_json(self.proxy.port, path)
         except (httpx.HTTPError, ValueError):
             return None
 
@@ -694,9 +694,29 @@ class Run:
         return {n: _get_json(s.port, "/sim/energy") for n, s in self.sims.items()}
 
     def stop(self) -> None:
-        servers = ([self.proxy] if self.proxy else []) + list(self.sims.values())
-        for s in servers:
+        for s in ([self.proxy] if self.proxy else []) + list(self.sims.values()):
             s.stop()
+
+
+class Run(Fleet):
+    """The processes of one configuration."""
+
+    def __init__(self, setup: Setup, args: argparse.Namespace, log_dir: Path) -> None:
+        super().__init__(log_dir)
+        self.setup = setup
+        self.args = args
+
+    def start(self) -> None:
+        tag = self.setup.name.replace("@", "-")
+        start_sims(self.sims, list(BACKENDS), MODEL, self.log_dir, tag, self.args.seed)
+        cfg = self.log_dir / f"{tag}-joulegate.yaml"
+        cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight))
+        # Power from every backend, and at least two samples' worth of it, before any request.
+        self.start_proxy(tag, cfg, "bench.attribution", self.args.plain_serve, ADMIN_KEY,
+                         2.5 * self.setup.interval_s)
+
+    def books(self) -> dict[str, Any] | None:
+        return self.bench_route(BOOKS_PATH)
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_dir: Path

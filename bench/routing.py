@@ -57,8 +57,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.attribution import _quantile
-from bench.overhead import HOST, Server, free_port, signals_as_interrupt, wait_until
+from bench.attribution import Fleet, _quantile
+from bench.overhead import HOST, signals_as_interrupt
 from policies.base import BackendView, RequestInfo
 from policies.efficiency import Efficiency
 from policies.model import EfficiencyModel
@@ -411,16 +411,14 @@ async def wait_measured_live(proxy_url: str, outcomes: list[LiveOutcome], timeou
 # ------------------------------------------------------------------ one policy
 
 
-class LivePolicyRun:
+class LivePolicyRun(Fleet):
     """Three fresh simulated GPUs and one fresh proxy with `policy`; `stop()` ends them."""
 
     def __init__(self, policy: str, order: list[str], log_dir: Path, plain_serve: bool) -> None:
+        super().__init__(log_dir)
         self.policy = policy
         self.order = order
-        self.log_dir = log_dir
         self.plain_serve = plain_serve
-        self.sims: dict[str, Server] = {}
-        self.proxy: Server | None = None
 
     @property
     def url(self) -> str:
@@ -428,23 +426,14 @@ class LivePolicyRun:
         return f"http://{HOST}:{self.proxy.port}"
 
     def start(self) -> None:
-        from bench.attribution import _ok, start_sims, wait_powered
+        from bench.attribution import start_sims
 
         start_sims(self.sims, [(name, LIVE_PROFILES[name]) for name in self.order], LIVE_MODEL,
                    self.log_dir, self.policy)
         cfg = self.log_dir / f"{self.policy}-joulegate.yaml"
         cfg.write_text(live_config(self.policy, self.sims))
-        port = free_port()
-        if self.plain_serve:
-            argv = [sys.executable, "-m", "proxy", "serve", "-c", str(cfg), "--port", str(port)]
-        else:
-            argv = [sys.executable, "-m", "bench.routing", "--serve-proxy", str(cfg),
-                    "--port", str(port)]
-        self.proxy = Server(f"{self.policy}-proxy", argv, port, self.log_dir)
-        self.proxy.start()
-        wait_until(self.proxy, lambda: _ok(port, "/readyz"), 30.0)
         # Power from every backend for a second (the models learn the idle power) first.
-        wait_powered(self.proxy, LIVE_ADMIN_KEY, len(self.sims), 1.0)
+        self.start_proxy(self.policy, cfg, "bench.routing", self.plain_serve, LIVE_ADMIN_KEY, 1.0)
 
     def backends(self) -> list[dict[str, Any]]:
         from bench.attribution import _get_json
@@ -453,25 +442,7 @@ class LivePolicyRun:
         return _get_json(self.proxy.port, "/v1/energy/backends", LIVE_ADMIN_KEY)["data"]
 
     def models(self) -> dict[str, Any] | None:
-        import httpx
-
-        from bench.attribution import _get_json
-
-        if self.proxy is None or self.plain_serve:
-            return None
-        try:
-            return _get_json(self.proxy.port, MODELS_PATH)
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def sim_energy(self) -> dict[str, dict[str, float]]:
-        from bench.attribution import _get_json
-
-        return {n: _get_json(s.port, "/sim/energy") for n, s in self.sims.items()}
-
-    def stop(self) -> None:
-        for s in ([self.proxy] if self.proxy else []) + list(self.sims.values()):
-            s.stop()
+        return self.bench_route(MODELS_PATH)
 
 
 def live_policy(policy: str, args: argparse.Namespace, warmup: list[TraceRequest],
