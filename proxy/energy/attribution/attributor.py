@@ -18,7 +18,8 @@ from proxy.energy.attribution.foreign import ForeignWeights, LocalWeights, Step
 from proxy.energy.attribution.provisional import LearnedRates, estimate_rest
 from proxy.energy.attribution.request import Estimate, Final, Method, RequestState
 from proxy.energy.attribution.split import split_interval
-from proxy.energy.attribution.weighing import WeighedInterval, density, weigh_interval
+from proxy.energy.attribution.unsettled import UnsettledRequests
+from proxy.energy.attribution.weighing import WeighedInterval, weigh_interval
 from proxy.energy.timeline import EnergyTimeline
 
 __all__ = ["Attributor", "IdleMode"]
@@ -51,8 +52,7 @@ class Attributor:
         "timeline", "prefill_weight", "idle", "learn_idle_power", "max_pending_s", "share_max_s",
         "books", "idle_w", "rates", "foreign", "foreign_until_s", "foreign_max_wait_s",
         "foreign_estimate_density", "publish_local", "local", "weighed_until_s", "_weighed_e_j",
-        "_weighed", "_requests", "_unknown", "_alias", "_dup_n", "_ready", "_horizon_s",
-        "_last_start_s", "_pending_w", "_open_n", "_unknown_prefills_n", "_modelled",
+        "_weighed", "unsettled", "_ready", "_horizon_s", "_modelled",
     )
 
     def __init__(
@@ -99,21 +99,9 @@ class Attributor:
         self.weighed_until_s: float | None = None
         self._weighed_e_j = 0.0
         self._weighed: deque[WeighedInterval] = deque()
-        # Unsettled requests, open or closed, in start order (settling stops at the first one
-        # that starts after the interval), and those of them whose weights are not known yet.
-        self._requests: dict[str, RequestState] = {}
-        self._unknown: dict[str, RequestState] = {}
-        # A request id reused while its closed namesake still settles (a client's retry with
-        # its own x-request-id) gets another key; the id maps to it here.
-        self._alias: dict[str, str] = {}
-        self._dup_n = 0
+        self.unsettled = UnsettledRequests(self.rates, self.books)
         self._ready: list[Final] = []  # settled, not yet handed out by `advance`
         self._horizon_s = -_INF  # latest time seen: events before it count as reported
-        self._last_start_s = -_INF
-        self._pending_w = 0.0  # known weight not yet settled: feeds O(1) estimates
-        self._open_n = 0
-        # Of `_unknown`, streams past their first token: only their (settled) prefill is unknown.
-        self._unknown_prefills_n = 0
         # Spans (a_s, b_s) whose joules a model guessed (the power source was down), oldest first.
         self._modelled: deque[tuple[float, float]] = deque()
 
@@ -125,45 +113,20 @@ class Attributor:
         For a streamed request the guess fixes its prefill weight at its first token; with 0 the
         prefill weight (and every interval it overlaps) waits for `close`'s exact count.
         """
-        if self._find_open(request_id) is not None:
-            raise ValueError(f"request {request_id!r} is already in flight")
-        key = request_id
-        if key in self._requests:
-            self._dup_n += 1
-            key = self._alias[request_id] = f"{request_id}\x00{self._dup_n}"
-        # Starts never go backwards (one clock), which keeps `_requests` in start order.
-        start_s = max(start_s, self._last_start_s)
-        self._last_start_s = start_s
-        r = RequestState(request_id, stream, start_s, max(prompt_tokens, 0), key=key)
-        self._requests[key] = r
-        self._unknown[key] = r
-        self._open_n += 1
-        if start_s > self._horizon_s:
-            self._horizon_s = start_s
+        r = self.unsettled.open(request_id, start_s, stream, prompt_tokens)
+        if r.start_s > self._horizon_s:
+            self._horizon_s = r.start_s
 
     def tokens(self, request_id: str, t_s: float, count: int) -> None:
         """`count` generated tokens of a streamed request arrived at `t_s` (first call: TTFT)."""
-        r = self._requests.get(request_id)
-        if r is None or r.end_s is not None:
-            r = self._find_open(request_id)
-            if r is None:
-                return
-        if not r.stream:
+        r = self.unsettled.find_open(request_id)
+        if r is None or not r.stream:
             return
         if t_s < r.start_s:
             t_s = r.start_s
         if t_s > self._horizon_s:
             self._horizon_s = t_s
-        if r.first_token_s is None:
-            r.first_token_s = t_s
-            if self.prefill_weight == 0 or r.prompt_tokens > 0:
-                self._fix_prefill(r)
-            else:
-                self._unknown_prefills_n += 1
-        if count > 0:
-            r.arrivals.append((t_s, count))
-            r.pending_tokens += count
-            self._pending_w += count
+        self.unsettled.tokens(r, t_s, count, self.prefill_weight)
 
     def close(
         self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
@@ -240,7 +203,7 @@ class Attributor:
     @property
     def open_requests(self) -> int:
         """How many requests are in flight (opened, not closed)."""
-        return self._open_n
+        return self.unsettled.open_n
 
     # -- other replicas ------------------------------------------------------------------------
 
@@ -267,7 +230,7 @@ class Attributor:
     def load_density(self) -> float:
         """A rough weight density of this replica's requests now (weight/s): each one in
         flight at the recent weight rate per request. What the other replicas' estimates use."""
-        return self._open_n * self.rates.density_per_request
+        return self.unsettled.open_n * self.rates.density_per_request
 
     @property
     def density_per_request(self) -> float:
@@ -296,73 +259,27 @@ class Attributor:
     def _close(
         self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
     ) -> RequestState:
-        r = self._find_open(request_id)
+        r = self.unsettled.find_open(request_id)
         if r is None:
             raise KeyError(f"no request {request_id!r} in flight")
-        if r.stream and r.first_token_s is not None and r.prefill_density is None:
-            self._unknown_prefills_n -= 1  # it leaves `_unknown` below
         end_s = max(end_s, r.start_s, r.arrivals[-1][0] if r.arrivals else r.start_s)
         if end_s > self._horizon_s:
             self._horizon_s = end_s
-        r.end_s = end_s
-        self._open_n -= 1
-        r.prompt_tokens = max(prompt_tokens, 0)
-        r.completion_tokens = max(completion_tokens, 0)
-        weight = self.prefill_weight * r.prompt_tokens + r.completion_tokens
-        self.rates.learn_request(weight, end_s - r.start_s)
-        if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
-            if r.completion_tokens > 0:
-                # Everything came at once at the end: no decode time to place the tokens in,
-                # so weigh it like a non-streamed request (tokens spread over its lifetime).
-                r.stream = False
-                r.arrivals.clear()
-                self._pending_w -= r.pending_tokens
-                r.pending_tokens = 0
-            elif r.first_token_s is None:
-                r.first_token_s = end_s  # no tokens at all: prefill (or waiting) throughout
-        if r.stream:
-            if r.prefill_density is None:
-                self._fix_prefill(r)
-        else:
-            r.flat_density = density(weight, end_s - r.start_s)
-            self._note_pending(r.flat_density, r.start_s, end_s)
-            self._unknown.pop(r.key, None)
+        self.unsettled.close(r, end_s, prompt_tokens, completion_tokens, self.prefill_weight)
         return r
 
-    def _find_open(self, request_id: str) -> RequestState | None:
-        """The request in flight under this id, if any."""
-        r = self._requests.get(request_id)
-        if r is not None and r.end_s is None:
-            return r
-        key = self._alias.get(request_id)
-        r = self._requests.get(key) if key is not None else None
-        return r if r is not None and r.end_s is None else None
+    # The unsettled requests' tables, as tests read them.
+    @property
+    def _requests(self) -> dict[str, RequestState]:
+        return self.unsettled.by_key
 
-    def _fix_prefill(self, r: RequestState) -> None:
-        """Fix a streamed request's prefill density (needs its first token time)."""
-        first_s = r.first_token_s
-        assert first_s is not None
-        weight = self.prefill_weight * r.prompt_tokens
-        self.rates.learn_prefill(weight)
-        r.prefill_density = density(weight, first_s - r.start_s)
-        self._note_pending(r.prefill_density, r.start_s, first_s)
-        self._unknown.pop(r.key, None)
+    @property
+    def _unknown(self) -> dict[str, RequestState]:
+        return self.unsettled.unknown
 
-    def _note_pending(self, density: float, from_s: float, to_s: float) -> None:
-        """Count a newly known density's weight in the unsettled part of [from_s, to_s]."""
-        if self.books.until_s is not None:
-            from_s = max(from_s, self.books.until_s)
-        if to_s > from_s:
-            self._pending_w += density * (to_s - from_s)
-
-    def _blocked(self, a_s: float, b_s: float) -> bool:
-        """Whether some request with unknown weights overlaps the interval [a_s, b_s]."""
-        for r in self._unknown.values():
-            if r.start_s < b_s:
-                until_s = r.first_token_s if r.stream and r.first_token_s is not None else _INF
-                if until_s > a_s:
-                    return True
-        return False
+    @property
+    def _alias(self) -> dict[str, str]:
+        return self.unsettled.alias
 
     def _provisional_density(self, r: RequestState) -> float:
         return self.rates.provisional_density(r, self.prefill_weight, self._horizon_s)
@@ -372,12 +289,12 @@ class Attributor:
         foreign_w = self.foreign_estimate_density
         if foreign_w is None:
             foreign_w = self.foreign.newest_density
+        u = self.unsettled
         return estimate_rest(
             r, self.timeline, finalized_until_s=self.books.until_s, horizon_s=self._horizon_s,
-            pending_w=self._pending_w,
-            guessed_n=len(self._unknown) - self._unknown_prefills_n,
-            unknown_prefills_n=self._unknown_prefills_n, rates=self.rates, foreign_w=foreign_w,
-            in_flight_n=self._open_n + self.foreign.newest_count)
+            pending_w=u.pending_w, guessed_n=len(u.unknown) - u.unknown_prefills_n,
+            unknown_prefills_n=u.unknown_prefills_n, rates=self.rates, foreign_w=foreign_w,
+            in_flight_n=u.open_n + self.foreign.newest_count)
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -399,7 +316,7 @@ class Attributor:
         while (nxt := tl.sample_after(self.weighed_until_s)) is not None:
             a_s, (b_s, b_e_j) = self.weighed_until_s, nxt
             # Work pending too long goes through with provisional weights.
-            if a_s >= force_before_s and self._blocked(a_s, b_s):
+            if a_s >= force_before_s and self.unsettled.blocked(a_s, b_s):
                 break
             self._weighed.append(self._weigh(a_s, b_s, b_e_j, b_e_j - self._weighed_e_j))
             self.weighed_until_s, self._weighed_e_j = b_s, b_e_j
@@ -419,19 +336,19 @@ class Attributor:
     def _give_up(self, before_s: float) -> None:
         """Samples stopped: closed requests that ended before `before_s` leave as estimates."""
         gone = []
-        for r in self._requests.values():
+        for r in self.unsettled.by_key.values():
             if r.start_s >= before_s:
                 break  # start order: no later one ended before `before_s`
             if r.end_s is not None and r.end_s < before_s and not r.leaving:
                 gone.append(r)
         for r in gone:
-            self._pending_w -= r.pending_tokens  # (its other unsettled weight lingers a while)
+            self.unsettled.pending_w -= r.pending_tokens  # (its other unsettled weight lingers a while)
             self._settled(r, r.joules + self._estimate_rest(r), "estimated")
 
     def _weigh(self, a_s: float, b_s: float, b_e_j: float, energy_j: float) -> WeighedInterval:
         """Phase one for sample interval [a_s, b_s]: fix the densities of the requests in it."""
         iv, tokens_n, decode_s = weigh_interval(
-            self._requests.values(), a_s, b_s, b_e_j, energy_j, self.books.first_s,
+            self.unsettled.by_key.values(), a_s, b_s, b_e_j, energy_j, self.books.first_s,
             self._provisional_density)
         self.rates.learn_decode(tokens_n, decode_s)
         self.rates.learn_flight(*iv.weight_and_flight_s())
@@ -466,11 +383,12 @@ class Attributor:
         books.book(split, iv.b_s, iv.b_e_j)
         for r, count in iv.counts:
             r.pending_tokens -= count
-        self._pending_w = max(self._pending_w - iv.settled_w, 0.0)
+        u = self.unsettled
+        u.pending_w = max(u.pending_w - iv.settled_w, 0.0)
         for r in iv.done:
             self._settled(r, r.joules, "estimated" if r.guessed else "measured")
-        if not self._requests:
-            self._pending_w = 0.0  # exactly, so rounding cannot pile up
+        if not u.by_key:
+            u.pending_w = 0.0  # exactly, so rounding cannot pile up
         self.foreign.prune(iv.b_s)
 
     def _learn_idle_power(self, energy_j: float, span_s: float) -> None:
@@ -483,9 +401,7 @@ class Attributor:
 
     def _settled(self, r: RequestState, joules: float, method: Method) -> None:
         """`r` is done: forget it and hand out its final value."""
-        del self._requests[r.key]
-        if self._alias.get(r.request_id) == r.key:
-            del self._alias[r.request_id]
+        self.unsettled.forget(r)
         r.final = Final(r.request_id, joules, r.prompt_tokens, r.completion_tokens, r.start_s,
                         r.first_token_s, r.end_s if r.end_s is not None else r.start_s, method)
         self._ready.append(r.final)

@@ -81,7 +81,7 @@ def attribute_schedule(
             add(t_s, item)
             joules.update((f.request_id, f.joules) for f in attributor.advance())
     joules.update((f.request_id, f.joules) for f in attributor.advance())
-    if attributor._requests:
-        missing = ", ".join(sorted(attributor._requests)[:5])
+    if attributor.unsettled.by_key:
+        missing = ", ".join(sorted(attributor.unsettled.by_key)[:5])
         raise ValueError(f"samples end before these requests do: {missing}")
     return joules, attributor.finalized_joules_idle + attributor.carried_joules

@@ -19,12 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from proxy.energy.attribution.foreign import Step
 from proxy.energy.attribution.sums import ZERO, neumaier, span
 from proxy.energy.attribution.weighing import WeighedInterval
 
 __all__ = ["Split", "split_interval"]
-
-Step = tuple[float, float, int]  # (t_s, weight density per s, requests in flight)
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
 
+from proxy.energy.attribution.foreign import Step
+
 __all__ = ["Chunk", "PeerWeights", "Step"]
 
-Step = tuple[float, float, int]  # (t_s, weight density per s, requests in flight)
 Chunk = tuple[float, float, list[Step]]  # over [from_s, until_s): these steps
 
 _ZERO_STEP = (0.0, 0)
