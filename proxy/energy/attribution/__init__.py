@@ -42,6 +42,7 @@ pays for a night of idle.
 
 Where each part lives (one idea per module):
   request.py      one request's state while unsettled; `Estimate` and `Final`
+  unsettled.py    the unsettled requests and what is known of their weights
   weighing.py     phase one: the local weight densities of one interval
   split.py        phase two, the split rule: one interval's joules among requests, peers, idle
   books.py        the final booking: attributed, idle, carried, foreign joules
