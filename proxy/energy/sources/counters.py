@@ -5,7 +5,9 @@ one GPU's counter restarting (a driver reload) turns the sum of two day-old coun
 drop of ~half, which a reset check on the sum books as the whole remaining counter again. So
 `GpuCounters` keeps each GPU's last value and checks each GPU's step on its own:
   - a decrease is a reset of that GPU only (or a wrap, when a modulus is known and the wrapped
-    step is plausible): its step counts the joules since the restart, i.e. its new value;
+    step is plausible): it counts on from its new value, and its step gets the joules since the
+    restart (the new value) or, when more, its last power over the step (then `gap_before`:
+    the time before the restart was never counted);
   - a step implying more than `LIMIT_FACTOR` x the GPU's power limit (`DEFAULT_MAX_W` per GPU
     when the limit is unknown) is a glitch: the whole reading is discarded, never a sum with a
     hole, and the next good reading's step spans the gap (the timeline spreads it evenly, i.e.
@@ -133,12 +135,15 @@ class GpuCounters:
             elif self.wrap_mj is not None and (value_mj + self.wrap_mj - prev_mj) / 1000.0 <= max_j:
                 delta_j = (value_mj + self.wrap_mj - prev_mj) / 1000.0
             else:
-                # Restarted: the new value is the joules since the restart. A "restart" to a
-                # value no restart could have reached by now is a bad read: use the last power.
+                # Restarted: the new value is the joules since the restart; the part of the
+                # step before the restart was never counted, so where the GPU's last power
+                # says more, that (modelled) figure stands for the step. A "restart" to a value
+                # no restart could have reached by now is a bad read: the last power again.
                 resets += 1
                 delta_j = value_mj / 1000.0
-                if delta_j > max_j:
-                    delta_j = self._last_w.get(r.key, 0.0) * dt_s
+                modelled_j = self._last_w.get(r.key, 0.0) * dt_s
+                if delta_j > max_j or modelled_j > delta_j:
+                    delta_j = modelled_j
                     gap = True
             deltas[r.key] = delta_j
         if bad:
