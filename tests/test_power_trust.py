@@ -7,17 +7,30 @@ pynvml."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from proxy.config import BackendConfig, Config, EnergyConfig, PowerConfig
 from proxy.energy.attribution import Final
 from proxy.energy.meter import POWER_HEALTH_KEYS, BackendMeter
 from proxy.energy.sources.nvml import NvmlReader, NvmlSource
+from tests.conftest import (
+    ADMIN_KEY,
+    MODEL,
+    ProxyProc,
+    SimBackend,
+    backend_yaml,
+    tenants_yaml,
+    wait_until,
+)
 from tests.test_sources import FAKE, UUID0, UUID1, Collector, Exporter, rate_w, run, wait_for
 
 WATTS = {"0": 300.0, "1": 200.0}
@@ -220,3 +233,88 @@ def test_nvml_reads_the_enforced_power_limit(fake: Any) -> None:
         assert [r.power_limit_w for r in reader.read()] == [700.0, None]
     finally:
         reader.shutdown()
+
+
+# -- the proxy: /v1/energy/backends and /metrics ----------------------------------------------
+
+
+class ThreadedExporter:
+    """Runs an Exporter on its own event loop in a thread: the proxy is another process, and the
+    test's waits block."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+        self.url = exporter.url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(exporter.start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.exporter.stop(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def metric(text: str, name: str, backend: str) -> float | None:
+    prefix = f'{name}{{backend="{backend}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return None
+
+
+def test_power_health_in_the_backends_view_and_metrics(tmp_path: Path) -> None:
+    exporter = LiveExporter(limit_w=700.0)
+    pages = ThreadedExporter(exporter)
+    sim = SimBackend("h100-llama3.1-8b", tmp_path)
+    by_sim = f", power: {{source: sim, url: '{sim.url}', interval_s: 0.1}}"
+    by_dcgm = f", power: {{source: dcgm, url: '{pages.url}', interval_s: 0.05, stale_after_s: 1.0}}"
+    config = ("backends:\n" + backend_yaml("h100", sim.url, [MODEL], by_sim)
+              + backend_yaml("h100-dcgm", sim.url, [MODEL], by_dcgm) + "ledger: memory://\n" + tenants_yaml())
+    proxy = ProxyProc(config, tmp_path)
+    admin = httpx.Client(base_url=proxy.url, timeout=10, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    def views() -> dict[str, dict[str, Any]]:
+        return {v["name"]: v for v in admin.get("/v1/energy/backends").json()["data"]}
+
+    try:
+        assert httpx.get(f"{sim.url}/v1/power", timeout=5).json()["gpus"][0]["power_limit_w"] == 700.0
+        wait_until(lambda: views()["h100"]["power_clock_offset_s"] is not None
+                   and views()["h100-dcgm"]["power_sample_gap_s"] is not None, what="both sources' samples")
+        view = views()
+        assert abs(view["h100"]["power_clock_offset_s"]) < 1.0  # the sim shares our clock
+        assert view["h100-dcgm"]["power_clock_offset_s"] is None  # dcgm: no remote clock to correct
+        for name in ("h100", "h100-dcgm"):
+            assert view[name]["power_samples_discarded"] == 0 and view[name]["power_counter_resets"] == 0
+            assert 0.0 < view[name]["power_sample_gap_s"] < 5.0
+        exporter.glitch_mj["0"] = 1e9
+        wait_until(lambda: views()["h100-dcgm"]["power_samples_discarded"] == 1, what="the glitch discarded")
+        exporter.restart("1")
+        wait_until(lambda: views()["h100-dcgm"]["power_counter_resets"] == 1, what="the restart seen")
+        exporter.glitch_mj["1"] = 1e9
+        wait_until(lambda: views()["h100-dcgm"]["power_samples_discarded"] == 2, what="a second glitch")
+        text = admin.get("/metrics").text
+        assert metric(text, "joulegate_power_samples_discarded_total", "h100-dcgm") == 2.0
+        assert metric(text, "joulegate_power_counter_resets_total", "h100-dcgm") == 1.0
+        assert metric(text, "joulegate_power_samples_discarded_total", "h100") == 0.0
+        assert abs(metric(text, "joulegate_power_clock_offset_seconds", "h100") or 9.0) < 1.0
+        assert metric(text, "joulegate_power_clock_offset_seconds", "h100-dcgm") is None
+        assert (metric(text, "joulegate_power_sample_gap_seconds", "h100-dcgm") or 0.0) > 0.0
+        pages.stop()  # the power source stops: down, and the gap shows it
+        wait_until(lambda: views()["h100-dcgm"]["power_source_up"] is False, what="the source down")
+        assert views()["h100-dcgm"]["power_sample_gap_s"] > 1.0
+        text = admin.get("/metrics").text
+        assert (metric(text, "joulegate_power_sample_gap_seconds", "h100-dcgm") or 0.0) > 1.0
+        assert metric(text, "joulegate_power_source_up", "h100-dcgm") == 0.0
+        # Counters only grow by what is new: a second scrape adds nothing.
+        assert metric(admin.get("/metrics").text, "joulegate_power_samples_discarded_total", "h100-dcgm") == 2.0
+    finally:
+        admin.close()
+        proxy.stop()
+        pages.stop()
+        sim.stop()
+    log = proxy.log()
+    assert log.count("discarded an implausible reading") == 1, log
+    assert "Traceback" not in log
