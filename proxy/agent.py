@@ -14,7 +14,7 @@ on a dedicated thread and keeps the latest reading. Endpoints:
                            mJ; labels gpu, UUID, device, modelName)
   GET /healthz          -> 200 while reads succeed, else 503
 Units: energy_mj millijoules (the NVML counter since driver load), power_w watts, t seconds;
-power_limit_w: the GPU's enforced power limit in watts (null where NVML does not say).
+power_limit_w: the GPU's enforced power limit in watts (left out where NVML does not say).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class AgentState:
 def reading_json(t_s: float, readings: list[GpuReading]) -> dict[str, Any]:
     return {"t": t_s, "gpus": [
         {"index": r.index, "uuid": r.uuid, "name": r.name, "energy_mj": r.energy_mj,
-         "power_w": None if r.power_w is None else round(r.power_w, 3), "power_limit_w": r.power_limit_w}
+         "power_w": None if r.power_w is None else round(r.power_w, 3),
+         **({"power_limit_w": r.power_limit_w} if r.power_limit_w is not None else {})}
         for r in readings]}
 
 

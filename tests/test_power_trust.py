@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.agent import reading_json
 from proxy.config import BackendConfig, Config, EnergyConfig, PowerConfig
 from proxy.energy.attribution import Final
 from proxy.energy.meter import POWER_HEALTH_KEYS, BackendMeter
@@ -225,12 +226,16 @@ def test_nvml_one_gpu_restarting_keeps_the_summed_counter_continuous(fake: Any) 
     run(body)
 
 
-def test_nvml_reads_the_enforced_power_limit(fake: Any) -> None:
+def test_nvml_reads_the_enforced_power_limit_and_the_agent_serves_it(fake: Any) -> None:
     fake.fake_load({"gpus": UPTIME_GPUS})
     reader = NvmlReader()
     reader.init()
     try:
-        assert [r.power_limit_w for r in reader.read()] == [700.0, None]
+        readings = reader.read()
+        assert [r.power_limit_w for r in readings] == [700.0, None]
+        # Optional in the agent's API: only where NVML knows it (older proxies ignore it).
+        limited, unknown = reading_json(time.time(), readings)["gpus"]
+        assert limited["power_limit_w"] == 700.0 and "power_limit_w" not in unknown
     finally:
         reader.shutdown()
 
