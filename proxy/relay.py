@@ -500,11 +500,16 @@ def _estimate_prompt_tokens(payload: dict[str, Any]) -> int:
     return math.ceil(len(orjson.dumps(text)) / 4)
 
 
+#: Key of the ASGI start message that marks an answer the proxy made itself (its error code).
+REFUSAL = "joulegate.refusal"
+
+
 async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
     """Answer with an OpenAI-shaped error."""
     await send({
         "type": "http.response.start",
         "status": exc.status,
         "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode()), *exc.headers],
+        REFUSAL: exc.code or exc.type,  # read by the app's refusal counter; servers ignore it
     })
     await send({"type": "http.response.body", "body": exc.body()})
