@@ -100,7 +100,7 @@ class Relay:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
             # Over budget: refused before any GPU sees it.
-            record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
+            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
@@ -110,6 +110,7 @@ class Relay:
             record.status = 499
         finally:
             self.in_flight -= 1
+            self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
 
     # -- request ------------------------------------------------------------------------------
 
