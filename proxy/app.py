@@ -24,7 +24,7 @@ from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
-from proxy.relay import Receive, Relay, Scope, Send, scan_headers, send_error
+from proxy.relay import REFUSAL, Receive, Relay, Scope, Send, scan_headers, send_error
 
 log = logging.getLogger("joulegate")
 
@@ -72,7 +72,13 @@ class JouleGate:
 
             async def tracked_send(message: dict[str, Any]) -> None:
                 nonlocal started
-                started = True
+                if not started:
+                    started = True
+                    # The one place refusals are counted: every error the proxy answers itself
+                    # goes out through `send_error`, which names its code here.
+                    reason = message.get(REFUSAL)
+                    if reason is not None and (message["status"] < 500 or message["status"] == 503):
+                        self.metrics.refused.labels(reason).inc()
                 await send(message)
 
             try:
@@ -111,8 +117,10 @@ class JouleGate:
             await _send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             ready = any(b.healthy for b in self.pool.backends)
+            # Why each unhealthy backend is down, so a bad one is diagnosed from the probe.
             await _send_json(send, 200 if ready else 503, {"ready": ready, "backends": {
-                b.name: b.healthy for b in self.pool.backends}})
+                b.name: b.healthy for b in self.pool.backends}, "errors": {
+                b.name: b.last_error for b in self.pool.backends if not b.healthy}})
         elif path == "/metrics":
             for view in self._backend_views():
                 name = view["name"]

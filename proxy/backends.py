@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import httpx
+import orjson
 
 from policies import BackendView
 from policies.model import EfficiencyModel
@@ -165,20 +166,29 @@ class BackendPool:
         self._rebuild_model_map()
 
     async def _check(self, backend: Backend) -> None:
+        """Probe one backend; whatever it answers (or not), mark it and never raise: a
+        malformed, slow or refusing backend must not stop the proxy, only itself."""
         assert self._control is not None
         headers = {k: v for k, v in backend.upstream_headers.items() if k == "Authorization"}
         try:
-            resp = await self._control.get(f"{backend.url}/models", headers=headers)
-            ok = resp.status_code == 200
-            if ok and backend.config.models is None:
-                data = resp.json().get("data", [])
-                backend.models = {m["id"] for m in data if isinstance(m, dict) and "id" in m}
-            reason = None if ok else f"GET /models answered {resp.status_code}"
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            ok, reason = False, f"{type(exc).__name__}: {exc}"
+            # httpx's timeout is per phase; this caps a server that answers a byte at a time.
+            async with asyncio.timeout(2 * self.config.server.connect_timeout_s):
+                resp = await self._control.get(f"{backend.url}/models", headers=headers)
+            reason = None if resp.status_code == 200 else f"GET /models answered HTTP {resp.status_code}"
+            if reason is None and backend.config.models is None:
+                models = discovered_models(resp.content)
+                if models is None:
+                    reason = "GET /models answered no OpenAI model list ({\"data\": [{\"id\": ...}]})"
+                else:
+                    backend.models = models
+        except (TimeoutError, httpx.TimeoutException):
+            reason = "GET /models timed out"
+        except Exception as exc:  # any transport or decoding failure: this backend is down
+            reason = f"GET /models failed: {type(exc).__name__}: {str(exc)[:200]}"
+        ok = reason is None
         if ok and not backend.healthy:
             log.info("backend %s is back", backend.name)
-        elif not ok and backend.healthy:
+        elif not ok and (backend.healthy or backend.last_error != reason):
             log.warning("backend %s failed its health check: %s", backend.name, reason)
         backend.healthy = ok
         backend.last_error = reason
@@ -187,5 +197,17 @@ class BackendPool:
             try:
                 page = await self._control.get(backend.config.metrics_url)
                 backend.engine_load = parse_engine_load(page.text) if page.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            except Exception:  # a bad metrics page only costs the load figures
                 backend.engine_load = None
+
+
+def discovered_models(body: bytes) -> set[str] | None:
+    """Model ids in an OpenAI `/models` answer; None when the body is not that shape."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]}

@@ -113,6 +113,7 @@ class TenantConfig(_Strict):
     name: str = Field(min_length=1)
     api_keys_sha256: list[str] = Field(default_factory=list)
     energy_budget: EnergyBudget | None = None
+    energy_budget_failure: Literal["open", "closed"] | None = None  # None: the top-level setting
 
     @field_validator("name")
     @classmethod
@@ -167,6 +168,9 @@ class Config(_Strict):
     ledger: str | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    # A budget whose ledger store does not answer within 50 ms: let the request through (open)
+    # or refuse it with 503 (closed). Per tenant too.
+    energy_budget_failure: Literal["open", "closed"] = "open"
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

@@ -100,7 +100,7 @@ class Relay:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
             # Over budget: refused before any GPU sees it.
-            record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
+            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
@@ -110,6 +110,7 @@ class Relay:
             record.status = 499
         finally:
             self.in_flight -= 1
+            self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
 
     # -- request ------------------------------------------------------------------------------
 
@@ -500,11 +501,16 @@ def _estimate_prompt_tokens(payload: dict[str, Any]) -> int:
     return math.ceil(len(orjson.dumps(text)) / 4)
 
 
+#: Key of the ASGI start message that marks an answer the proxy made itself (its error code).
+REFUSAL = "joulegate.refusal"
+
+
 async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
     """Answer with an OpenAI-shaped error."""
     await send({
         "type": "http.response.start",
         "status": exc.status,
         "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode()), *exc.headers],
+        REFUSAL: exc.code or exc.type,  # read by the app's refusal counter; servers ignore it
     })
     await send({"type": "http.response.body", "body": exc.body()})

@@ -337,9 +337,9 @@ def test_interval_flush_in_background_and_writes_off_the_loop(store: Store) -> N
         if store.kind == "sqlite":
             real_sync = ledger._write_sync  # type: ignore[attr-defined]
 
-            def spy(chunk: Any) -> int:
+            def spy(*args: Any) -> int:
                 writers.add(threading.current_thread().name)
-                return real_sync(chunk)
+                return real_sync(*args)
 
             ledger._write_sync = spy  # type: ignore[attr-defined]
         try:
@@ -542,3 +542,71 @@ async def _usage_of(records: list[LedgerRecord]) -> Any:
     rows = await ledger.usage(group_by=("tenant",))
     await ledger.close()
     return rows
+
+
+# -- budget holds (reserve / settle / release / expiry) ---------------------------------------
+
+
+def test_concurrent_holds_stop_at_the_budget(store: Store) -> None:
+    """40 holds at once against a budget worth 5: exactly 5 pass, on every store; a second
+    ledger on the same store (another replica) sees them too."""
+    async def body() -> None:
+        ledger, other = store.open(), store.open()
+        await ledger.start()
+        await other.start()
+        try:
+            now = time.time()
+            results = await asyncio.gather(*(
+                (ledger if i % 2 or store.kind == "memory" else other).reserve(
+                    "acme", f"k{i}", 1_000_000, now, 5_000_000, 60.0) for i in range(40)))
+            assert sum(ok for ok, _ in results) == 5, results
+            # Another tenant is untouched by acme's holds.
+            assert (await ledger.reserve("globex", "g1", 1_000_000, now, 5_000_000, 60.0))[0]
+        finally:
+            await ledger.close()
+            await other.close()
+
+    run(body)
+
+
+def test_written_record_settles_its_hold_and_release_frees_one(store: Store) -> None:
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            now = time.time()
+            assert await ledger.reserve("acme", "a", 4_000_000, now, 5_000_000, 60.0) == (True, 0)
+            assert await ledger.reserve("acme", "b", 4_000_000, now, 5_000_000, 60.0) == (True, 4_000_000)
+            assert (await ledger.reserve("acme", "c", 1, now, 5_000_000, 60.0))[0] is False
+            # "a" finishes with 1.5 J: its hold is replaced by its actual joules, once.
+            ledger.record(LedgerRecord("a", "acme", "m", "b", 1, 1, 1.5, "measured", now - 1, now, key="a"))
+            await ledger.flush()
+            assert await ledger.reserve("acme", "d", 1, now, 9_000_000, 60.0) == (True, 5_500_000)
+            await ledger.release("acme", "b")
+            await ledger.release("acme", "b")  # idempotent
+            assert await ledger.reserve("acme", "e", 1, now, 9_000_000, 60.0) == (True, 1_500_001)
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_holds_expire(store: Store) -> None:
+    """A replica that crashed holding budget gives it back after the hold's TTL."""
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            now = time.time()
+            assert (await ledger.reserve("acme", "crashed", 5_000_000, now, 5_000_000, 0.2))[0]
+            assert (await ledger.reserve("acme", "x", 1, now, 5_000_000, 60.0))[0] is False
+            await until(lambda: _reserved(ledger.reserve("acme", "y", 1, time.time(), 5_000_000, 60.0)),
+                        what="the hold to expire")
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+async def _reserved(pending: Awaitable[tuple[bool, int]]) -> bool:
+    return (await pending)[0]

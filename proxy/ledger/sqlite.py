@@ -19,10 +19,12 @@ the last flushes (use `synchronous="FULL"` to trade write speed for that).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -47,6 +49,12 @@ CREATE TABLE IF NOT EXISTS aggregates (
     PRIMARY KEY (tenant, model, backend, hour_s)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS aggregates_tenant_hour ON aggregates (tenant, hour_s);
+-- Budget holds of requests in flight (accounting.py); a flush deletes a request's hold in the
+-- transaction that adds its joules, so the two never count twice or not at all.
+CREATE TABLE IF NOT EXISTS holds (
+    key TEXT PRIMARY KEY, tenant TEXT NOT NULL, joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
 """
 
 INSERT_REQUEST = (
@@ -91,6 +99,10 @@ class SqliteLedger(BufferedLedger):
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
+        # Budget holds on a thread and connection of their own, so a reservation never waits
+        # behind a flush's disk I/O queued on `_io` (only behind its short write lock).
+        self._holds_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-holds")
+        self._holds_conn: sqlite3.Connection | None = None
 
     # Everything named `_..._sync` runs on the I/O thread.
     def _open_sync(self) -> None:
@@ -106,6 +118,44 @@ class SqliteLedger(BufferedLedger):
 
     async def _open(self) -> None:
         await self._run_io(self._open_sync)
+        await self._run_holds(self._holds_db)
+
+    async def _run_holds(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._holds_io, fn, *args)
+
+    def _holds_db(self) -> sqlite3.Connection:
+        if self._holds_conn is None:
+            self._holds_conn = connect(self.path, busy_timeout_s=self._busy_timeout_s,
+                                       synchronous=self._synchronous)
+        return self._holds_conn
+
+    def _reserve_sync(self, tenant: str, key: str, uj: int, since_hour_s: int, budget_uj: int,
+                      ttl_s: float) -> tuple[bool, int]:
+        conn = self._holds_db()
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")  # the write lock first: the read and the insert are one step
+        try:
+            conn.execute("DELETE FROM holds WHERE tenant = ? AND expires_s <= ?", (tenant, now))
+            used = int(conn.execute(
+                "SELECT (SELECT COALESCE(SUM(joules_uj), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?)"
+                " + (SELECT COALESCE(SUM(joules_uj), 0) FROM holds WHERE tenant = ?)",
+                (tenant, since_hour_s, tenant)).fetchone()[0])
+            reserved = used < budget_uj
+            if reserved:
+                conn.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (key, tenant, uj, now + ttl_s))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return reserved, used
+
+    async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
+                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+        return await self._run_holds(self._reserve_sync, tenant, key, uj, since_hour_s, budget_uj, ttl_s)
+
+    async def _release_store(self, tenant: str, key: str) -> None:
+        await self._run_holds(lambda: self._holds_db().execute("DELETE FROM holds WHERE key = ?", (key,)))
 
     async def _close_store(self) -> None:
         def close() -> None:
@@ -113,9 +163,16 @@ class SqliteLedger(BufferedLedger):
                 self._conn.close()
                 self._conn = None
 
-        await self._run_io(close)
+        def close_holds() -> None:
+            if self._holds_conn is not None:
+                self._holds_conn.close()
+                self._holds_conn = None
 
-    def _write_sync(self, records: Sequence[LedgerRecord]) -> int:
+        await self._run_io(close)
+        await self._run_holds(close_holds)
+        self._holds_io.shutdown(wait=True)
+
+    def _write_sync(self, records: Sequence[LedgerRecord], holds: Sequence[tuple[str, str]] = ()) -> int:
         conn = self._db()
         cells: dict[tuple[str, str, str, int], list[int]] = {}
         now = time.time()
@@ -135,6 +192,7 @@ class SqliteLedger(BufferedLedger):
                 cell[2] += rec.completion_tokens
                 cell[3] += uj
             conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
+            conn.executemany("DELETE FROM holds WHERE key = ?", [(key,) for _, key in holds])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -143,7 +201,7 @@ class SqliteLedger(BufferedLedger):
         return sum(cell[0] for cell in cells.values())
 
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
-        return await self._run_io(self._write_sync, records)
+        return await self._run_io(self._write_sync, records, self._holds(records))
 
     def _grouped_sync(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
                       group_by: tuple[str, ...]) -> list[UsageRow]:
