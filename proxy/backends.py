@@ -18,6 +18,7 @@ from policies import BackendView
 from policies.model import EfficiencyModel
 from proxy.config import BackendConfig, Config
 from proxy.engine_metrics import EngineLoad, parse_engine_load
+from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.backends")
 # httpx logs every control request at INFO; health checks would flood the log.
@@ -89,6 +90,7 @@ class Backend:
 
     def mark_down(self, reason: str) -> None:
         """Passive health: the relay saw it refuse a connection; the health loop brings it back."""
+        reason = redact_text(reason)  # error texts may quote the backend's URL
         if self.healthy:
             log.warning("backend %s marked down: %s", self.name, reason)
         self.healthy = False
@@ -175,7 +177,7 @@ class BackendPool:
                 backend.models = {m["id"] for m in data if isinstance(m, dict) and "id" in m}
             reason = None if ok else f"GET /models answered {resp.status_code}"
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            ok, reason = False, f"{type(exc).__name__}: {exc}"
+            ok, reason = False, redact_text(f"{type(exc).__name__}: {exc}")
         if ok and not backend.healthy:
             log.info("backend %s is back", backend.name)
         elif not ok and backend.healthy:
