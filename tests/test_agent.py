@@ -347,7 +347,7 @@ def test_agent_binds_loopback_by_default_and_refuses_other_addresses_without_a_t
     assert done.returncode == 2 and "--tls-cert and --tls-key go together" in done.stderr
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and localhost, made with the openssl CLI."""
     cert, key = tmp / "agent-cert.pem", tmp / "agent-key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -368,7 +368,7 @@ def test_agent_with_a_token_wants_it_on_every_route_and_the_source_sends_it(
     extra: tuple[str, ...] = ("--token-file", str(token_file))
     cert = None
     if tls:
-        cert, key = _self_signed(tmp_path)
+        cert, key = self_signed_cert(tmp_path)
         extra += ("--tls-cert", str(cert), "--tls-key", str(key))
     agent = Agent(tmp_path, host="0.0.0.0", extra=extra, token=token, ca_file=cert)
     try:

@@ -3,13 +3,15 @@ a capture upstream that records every path it receives (tests/test_isolation.py)
 H100 for power.
 
 Elsewhere, not repeated here: another tenant's request id answers exactly like an unknown one
-(tests/test_isolation.py); the agent's bearer token and TLS (tests/test_agent.py).
+(tests/test_isolation.py); the agent's refusal to start, its 401s, and the agent source with a
+token from a file or a variable, over http and https (tests/test_agent.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -34,6 +36,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_accounting import DebugProxy, auth, get
+from tests.test_agent import H100, Agent, self_signed_cert
 from tests.test_isolation import CaptureUpstream
 
 MODEL = "cap-model"
@@ -261,3 +264,34 @@ def test_keys_new_help_and_bad_flags() -> None:
     for args in (("new",), ("new", "--tenant", "a", "--bogus"), ("frobnicate",), ("new", "--tenant", "admin")):
         done = run(*args)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+# -- the proxy reads a token-guarded agent over TLS ---------------------------------------------
+
+
+def test_proxy_reads_power_from_an_agent_with_a_token_over_tls(upstream: CaptureUpstream, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a certificate")
+    token = f"agent-token-{uuid.uuid4().hex}"
+    token_file = tmp_path / "agent-token"
+    token_file.write_text(token + "\n")
+    cert, key = self_signed_cert(tmp_path)
+    agent = Agent(tmp_path, host="0.0.0.0", token=token, ca_file=cert,
+                  extra=("--token-file", str(token_file), "--tls-cert", str(cert), "--tls-key", str(key)))
+    try:
+        power = (f", power: {{source: agent, url: '{agent.url}', gpus: [0], interval_s: 0.05, "
+                 f"token_file: '{token_file}', ca_file: '{cert}'}}")
+        config = ("backends:\n" + backend_yaml("cap", upstream.url, [MODEL], power)
+                  + tenants_yaml() + "ledger: 'memory://'\n")
+        proxy = ProxyProc(config, tmp_path)
+        try:
+            def power_w() -> float | None:
+                return get(proxy, "/v1/energy/backends").json()["data"][0]["power_w"]
+
+            wait_until(lambda: power_w() is not None, 15, "power from the agent")
+            assert power_w() == pytest.approx(H100["power_w"], rel=0.05)
+        finally:
+            proxy.stop()
+        assert token not in proxy.log() and "401" not in proxy.log()
+    finally:
+        agent.stop()
