@@ -67,6 +67,12 @@ class ServerConfig(_Strict):
             check_path(path)
         return value
 
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> ServerConfig:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("server.metrics_port must differ from server.port")
+        return self
+
     def passthrough_paths(self) -> frozenset[str]:
         """The POST paths relayed besides the proxy's own inference routes."""
         if isinstance(self.passthrough, PassthroughEdit):

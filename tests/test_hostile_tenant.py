@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from proxy.config import ConfigError, parse_config
+from proxy.redact import redact_text, redact_url
 from tests.conftest import (
     ADMIN_KEY,
     KEYS,
@@ -232,6 +233,20 @@ def test_urls_with_passwords_and_query_secrets_never_reach_the_log(
     assert re.search(rf"agent source http://127\.0\.0\.1:{dead}/agent\?token=\*\*\*", log), log[-3000:]
     for secret in secrets:
         assert secret not in log
+
+
+def test_redaction_drops_userinfo_and_query_values() -> None:
+    assert redact_url("redis://:pw@cache:6379/0?key_prefix=jg") == "redis://cache:6379/0?key_prefix=***"
+    assert redact_url("http://u:p@10.0.0.5:9464/x?token=t&flag#frag") == "http://10.0.0.5:9464/x?token=***&flag"
+    assert redact_url("http://10.0.0.5:9464") == "http://10.0.0.5:9464"
+    assert redact_url("http://[::1:bad") == "http://***"
+    text = "Client error '401' for url 'https://a:b@h/v1/power?token=s3cret'\nsee http://x?k=v"
+    assert redact_text(text) == "Client error '401' for url 'https://h/v1/power?token=***'\nsee http://x?k=***"
+
+
+def test_metrics_port_must_differ_from_the_api_port() -> None:
+    with pytest.raises(ConfigError, match="metrics_port must differ"):
+        parse_config("server: {port: 9000, metrics_port: 9000}\nbackends: [{name: a, url: 'http://h/v1'}]\n")
 
 
 # -- keys new -----------------------------------------------------------------------------------
