@@ -13,8 +13,8 @@ round trip bounds the error best (|error| <= rtt / 2, and is ~0 when the path is
 The stream waits for the first estimate, so no sample ever carries an uncorrected time.
 
 An agent listening beyond its host wants `Authorization: Bearer <token>`: the token comes from
-`power.token_file` (re-read at each (re)connection, so a rotated Secret is picked up) or the
-variable `power.token_env`. An https:// agent's certificate is checked against `power.ca_file`
+`power.token_file` or the variable `power.token_env`, read when the source starts (it waits,
+retrying, until the token is there; a rotated token needs a proxy restart). An https:// agent's certificate is checked against `power.ca_file`
 if given, else the system's CAs.
 """
 
