@@ -19,6 +19,7 @@ from policies import BackendView
 from policies.model import EfficiencyModel
 from proxy.config import BackendConfig, Config
 from proxy.engine_metrics import EngineLoad, parse_engine_load
+from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.backends")
 # httpx logs every control request at INFO; health checks would flood the log.
@@ -90,6 +91,7 @@ class Backend:
 
     def mark_down(self, reason: str) -> None:
         """Passive health: the relay saw it refuse a connection; the health loop brings it back."""
+        reason = redact_text(reason)  # error texts may quote the backend's URL
         if self.healthy:
             log.warning("backend %s marked down: %s", self.name, reason)
         self.healthy = False
@@ -184,7 +186,7 @@ class BackendPool:
         except (TimeoutError, httpx.TimeoutException):
             reason = "GET /models timed out"
         except Exception as exc:  # any transport or decoding failure: this backend is down
-            reason = f"GET /models failed: {type(exc).__name__}: {str(exc)[:200]}"
+            reason = redact_text(f"GET /models failed: {type(exc).__name__}: {str(exc)[:200]}")
         ok = reason is None
         if ok and not backend.healthy:
             log.info("backend %s is back", backend.name)

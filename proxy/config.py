@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.ledger import ledger_options
+from proxy.passthrough import check_path, resolve
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -21,6 +22,13 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PassthroughEdit(_Strict):
+    """`server.passthrough: {add: [...], remove: [...]}`: the default allowlist, edited."""
+
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
 
 
 class ServerConfig(_Strict):
@@ -46,6 +54,30 @@ class ServerConfig(_Strict):
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # Prometheus /metrics on its own listener (same host); the main port then answers 404 there.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # POST routes relayed to backends (proxy/passthrough.py): a list replaces the default,
+    # {add: [...], remove: [...]} edits it; any other path is a 404 that never leaves the proxy.
+    passthrough: list[str] | PassthroughEdit | None = None
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough_paths(cls, value: list[str] | PassthroughEdit | None) -> list[str] | PassthroughEdit | None:
+        for path in value.add + value.remove if isinstance(value, PassthroughEdit) else value or []:
+            check_path(path)
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> ServerConfig:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("server.metrics_port must differ from server.port")
+        return self
+
+    def passthrough_paths(self) -> frozenset[str]:
+        """The POST paths relayed besides the proxy's own inference routes."""
+        if isinstance(self.passthrough, PassthroughEdit):
+            return resolve(None, self.passthrough.add, self.passthrough.remove)
+        return resolve(self.passthrough, [], [])
 
 
 class PowerConfig(_Strict):
@@ -56,6 +88,11 @@ class PowerConfig(_Strict):
     # Silence this long (s) marks the source down: energy is then modelled (method `estimated`).
     # None: 10 sample intervals, at least 2 s.
     stale_after_s: float | None = Field(None, gt=0)
+    # source agent: its bearer token, from a file or an environment variable (one of them), and
+    # a CA bundle to verify an https:// agent's certificate (default: the system's).
+    token_file: str | None = None
+    token_env: str | None = None
+    ca_file: str | None = None
 
     @property
     def stale_s(self) -> float:
@@ -66,6 +103,8 @@ class PowerConfig(_Strict):
     def _url_where_needed(self) -> PowerConfig:
         if self.source in ("dcgm", "agent", "sim") and not self.url:
             raise ValueError(f"power.url is required for source '{self.source}'")
+        if self.token_file and self.token_env:
+            raise ValueError("power.token_file and power.token_env are exclusive: give one")
         return self
 
 

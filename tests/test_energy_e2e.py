@@ -152,11 +152,11 @@ def test_tenants_see_only_their_own_requests(energy_proxy: ProxyProc) -> None:
 
 def test_backends_endpoint_and_metrics(energy_proxy: ProxyProc, sims: dict[str, SimBackend]) -> None:
     def all_powered() -> bool:
-        data = _get(energy_proxy, "/v1/energy/backends", KEYS["acme"]).json()["data"]
+        data = _get(energy_proxy, "/v1/energy/backends", ADMIN_KEY).json()["data"]  # power: admins only
         return all(b["power_w"] for b in data)
 
     wait_until(all_powered, 10, "power readings from every backend")
-    data = {b["name"]: b for b in _get(energy_proxy, "/v1/energy/backends", KEYS["acme"]).json()["data"]}
+    data = {b["name"]: b for b in _get(energy_proxy, "/v1/energy/backends", ADMIN_KEY).json()["data"]}
     assert set(data) == set(sims)
     assert all(b["healthy"] and b["power_source"] == "sim" for b in data.values())
     # Different GPUs draw differently: an L4 never reaches an H100's idle power.

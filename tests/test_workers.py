@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEYS, MODEL, REPO, ProxyProc, SimBackend, backend_yaml, tenants_yaml
+from tests.conftest import KEYS, MODEL, REPO, ProxyProc, SimBackend, backend_yaml, free_port, tenants_yaml
 from tests.redis_support import usable_redis
 
 
@@ -28,10 +28,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.parametrize("own_port", [False, True], ids=["api-port", "metrics-port"])
 def test_several_workers_share_one_metrics_view(sims: dict[str, SimBackend], tmp_path: Path,
-                                                redis_url: str) -> None:
+                                                redis_url: str, own_port: bool) -> None:
+    # server.metrics_port: every worker binds it (SO_REUSEPORT), any one answers for all.
+    metrics_port = free_port() if own_port else None
     prefix = f"jgtest-workers-{uuid.uuid4().hex[:8]}:"
-    config = "backends:\n" + backend_yaml("h100", sims["h100"].url, [MODEL])
+    config = f"server: {{metrics_port: {metrics_port}}}\n" if own_port else ""
+    config += "backends:\n" + backend_yaml("h100", sims["h100"].url, [MODEL])
     config += f"routing: {{policy: least_loaded}}\nledger: '{redis_url}?key_prefix={prefix}'\n" + tenants_yaml()
     config += f"cluster: {{key_prefix: '{prefix}'}}\n"
     proxy = ProxyProc(config, tmp_path, extra_args=("--workers", "2"))
@@ -41,8 +45,11 @@ def test_several_workers_share_one_metrics_view(sims: dict[str, SimBackend], tmp
             with openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0) as c:
                 c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         # Whichever worker answers /metrics counts every worker's requests.
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if own_port else proxy.url + "/metrics"
         for _ in range(4):
-            assert _requests_total(httpx.get(proxy.url + "/metrics").text) == 12
+            assert _requests_total(httpx.get(metrics_url).text) == 12
+        if own_port:
+            assert httpx.get(proxy.url + "/metrics").status_code == 404
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.log()

@@ -33,6 +33,7 @@ from proxy.ledger.usage import (
     joules_to_uj,
     validate_group_by,
 )
+from proxy.redact import redact_text
 
 if TYPE_CHECKING:
     from proxy.ledger.sqlite import Journal
@@ -447,7 +448,7 @@ class BufferedLedger(Ledger):
 
     def _note_failure(self, exc: Exception) -> None:
         self._flush_failures += 1
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error = redact_text(f"{type(exc).__name__}: {exc}")
         if not self._failing:
             log.warning("ledger flush failed (%s); %d records kept for retry",
                         self._last_error, len(self._buffer))
