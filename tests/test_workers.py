@@ -14,7 +14,16 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEYS, MODEL, REPO, ProxyProc, SimBackend, backend_yaml, free_port, tenants_yaml
+from tests.conftest import (
+    KEYS,
+    MODEL,
+    REPO,
+    ProxyProc,
+    SimBackend,
+    backend_yaml,
+    free_port,
+    tenants_yaml,
+)
 from tests.redis_support import usable_redis
 
 
