@@ -33,6 +33,7 @@ _INFERENCE: dict[str, str] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    "/v1/responses": "response",  # the Responses API: billed like chat
 }
 
 #: Paths passed through to a backend: `/v1/` and plain segments, at most 1 KiB. The path is
@@ -284,7 +285,7 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-        "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
+        "reasoning_tokens": record.reasoning_tokens, "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
     }
 
 
