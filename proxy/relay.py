@@ -382,12 +382,12 @@ class Relay:
         finally:
             self.watchdog.release(guard)
             watcher.cancel()
-        record.end_s = time.time()
-        record.status = 200
-        record.error = error
         if tap.overflow:  # cut: free the GPU, bill what was relayed
             resp.close()
             error = f"an event longer than {self.config.server.max_sse_line_bytes} bytes without a boundary"
+        record.end_s = time.time()
+        record.status = 200
+        record.error = error
         usage = tap.usage
         if usage is not None:
             record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage

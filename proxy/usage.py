@@ -94,7 +94,7 @@ def _walk(value: Any, depth: int) -> tuple[int, int, int]:
     if not isinstance(value, dict):
         return 0, 0, 0
     kind = value.get("type")
-    if kind in _MEDIA_PARTS:
+    if isinstance(kind, str) and kind in _MEDIA_PARTS:  # any JSON may come: a list is unhashable
         return 0, 1, 0
     if "role" in value:
         items = 1

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.usage import MEDIA_PART_TOKENS, estimate_prompt_tokens
+from proxy.usage import MEDIA_PART_TOKENS, Usage, answer_usage, estimate_prompt_tokens, read_usage
 from tests.conftest import (
     ADMIN_KEY,
     KEYS,
@@ -145,6 +145,53 @@ def image_messages() -> list[dict[str, Any]]:
 
 
 TEXT = [{"role": "user", "content": "Tell me something about the weather in Lisbon."}]
+
+
+# -- pure: reading usage, estimating prompts ------------------------------------------------------
+
+def test_usage_is_read_in_every_shape() -> None:
+    assert read_usage({"prompt_tokens": 7, "completion_tokens": 9,
+                       "completion_tokens_details": {"reasoning_tokens": 4}}) == Usage(7, 9, 4)
+    assert read_usage({"prompt_tokens": 7, "total_tokens": 7}) == Usage(7, 0, 0)  # embeddings
+    assert read_usage({"input_tokens": 5, "output_tokens": 8, "output_tokens_details": {"reasoning_tokens": 6},
+                       "input_tokens_details": {"cached_tokens": 0}}) == Usage(5, 8, 6)
+    # Upstream JSON is never trusted: wrong types and negatives are 0; no object, no usage.
+    assert read_usage({"prompt_tokens": "7", "completion_tokens": -1, "completion_tokens_details": None}) == \
+        Usage(0, 0, 0)
+    assert read_usage({"input_tokens": True, "output_tokens": 3.5}) == Usage(0, 0, 0)
+    assert read_usage(None) is None and read_usage([1]) is None
+    assert answer_usage({"type": "response.completed", "response": {"usage": {"input_tokens": 1,
+                                                                              "output_tokens": 2}}}) == Usage(1, 2, 0)
+    assert answer_usage({"object": "response", "usage": None}) is None
+
+
+def test_prompt_estimate_counts_text_and_a_fixed_allowance_per_media_part() -> None:
+    text = "x" * 400  # 100 tokens
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": text}]}) == 100 + 3
+    media = [{"type": "image_url", "image_url": {"url": IMAGE_URL}},
+             {"type": "input_audio", "input_audio": {"data": "UklGR" * 20_000, "format": "wav"}},
+             {"type": "file", "file": {"file_data": "JVBER" * 20_000, "filename": "a.pdf"}},
+             {"type": "text", "text": text}]
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": media}]}) == 100 + 3 * MEDIA_PART_TOKENS + 3
+    responses = {"instructions": "x" * 40, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": text},
+                                     {"type": "input_image", "image_url": IMAGE_URL},
+                                     {"type": "input_file", "file_data": "JVBER" * 20_000}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "y" * 40}]}
+    assert estimate_prompt_tokens(responses) == 10 + 100 + 2 * MEDIA_PART_TOKENS + 10 + 3
+    tools = {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "z" * 80}}]}]}
+    assert estimate_prompt_tokens(tools) == 20 + 3
+    assert estimate_prompt_tokens({"prompt": [1, 2, 3, 4]}) == 4  # token ids: one each
+    assert estimate_prompt_tokens({"input": ["a" * 8, "b" * 8]}) == 4  # embeddings
+    assert estimate_prompt_tokens({"model": "m"}) == 0
+    # Hostile shapes never raise: unhashable types, deep nesting, odd values.
+    deep: Any = "x" * 4
+    for _ in range(100):
+        deep = [{"role": "user", "content": deep}]
+    for payload in ({"messages": [{"type": ["image_url"], "content": {"type": {}}}]}, {"messages": deep},
+                    {"input": [None, True, 1.5, {"content": [[]]}]}, {"prompt": {"text": 5}}):
+        assert estimate_prompt_tokens(payload) >= 0
 
 
 # -- chat and completions, the engine reports usage -------------------------------------------------
