@@ -104,8 +104,7 @@ class StreamTap:
         assert self._sep is not None
         end += offset + len(self._sep) - self._size  # the boundary's end within `chunk`
         if self._parts:
-            complete = b"".join(self._parts) + chunk[:end]
-            self._parts.clear()
+            complete = b"".join([*self._parts, chunk[:end]])  # each byte copied once
         else:
             complete = chunk[:end]
         rest = chunk[end:]
