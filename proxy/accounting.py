@@ -225,7 +225,8 @@ class Accounting:
         self.ledger.record(LedgerRecord(
             request_id=record.request_id, key=record.key, tenant=record.tenant, model=record.model,
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens, joules=record.joules or 0.0,
+            completion_tokens=record.completion_tokens, reasoning_tokens=record.reasoning_tokens,
+            joules=record.joules or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
             end_s=record.end_s or record.start_s, status=record.status,
         ))

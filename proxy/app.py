@@ -33,6 +33,7 @@ _INFERENCE: dict[str, str] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    "/v1/responses": "response",  # the Responses API: billed like chat
 }
 
 #: What a tenant key sees of each backend in `GET /v1/energy/backends`; every other field
@@ -310,7 +311,7 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-        "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
+        "reasoning_tokens": record.reasoning_tokens, "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
     }
 
 

@@ -54,6 +54,9 @@ class ServerConfig(_Strict):
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # A streamed answer whose unfinished SSE event grows past this many bytes (one endless
+    # line) is cut with an error event; what was relayed is billed.
+    max_sse_line_bytes: int = Field(1024 * 1024, gt=0)
     # Prometheus /metrics on its own listener (same host); the main port then answers 404 there.
     metrics_port: int | None = Field(None, ge=1, le=65535)
     # POST routes relayed to backends (proxy/passthrough.py): a list replaces the default,

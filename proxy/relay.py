@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from proxy.energy.meter import EnergyMeter
 from proxy.errors import ProxyError, bad_request, model_not_found
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
+from proxy.usage import answer_usage, estimate_prompt_tokens
 from proxy.watchdog import SendWatchdog
 
 log = logging.getLogger("joulegate.relay")
@@ -41,6 +41,7 @@ _REQUIRED: dict[str, tuple[str, tuple[type, ...]]] = {
     "chat": ("messages", (list,)),
     "completion": ("prompt", (str, list)),
     "embedding": ("input", (str, list)),
+    "response": ("input", (str, list)),
 }
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _JSON = b"application/json"
@@ -151,6 +152,10 @@ class Relay:
                 raise bad_request(f"'{field}' must be a non-negative integer.", param=field)
         record.model = model
         record.stream = stream
+        if kind != "other":  # text parts only: media bytes are not prompt tokens
+            record.prompt_estimate = estimate_prompt_tokens(payload)
+        else:
+            record.prompt_estimate = len(body) // 4
         withhold_usage = False
         if stream and kind in ("chat", "completion"):
             options = payload.get("stream_options")
@@ -175,7 +180,7 @@ class Relay:
         views = [b.view() for b in candidates if b.name not in tried]
         info = RequestInfo(
             model=record.model,
-            prompt_tokens=0,
+            prompt_tokens=record.prompt_estimate,
             max_output_tokens=payload.get("max_tokens") or payload.get("max_completion_tokens"),
             stream=record.stream,
         )
@@ -208,9 +213,9 @@ class Relay:
             backend.in_flight += 1
             sent_s = time.time()
             ticket = backend.efficiency.sent(sent_s, record.stream)
-            # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
+            # A rough prompt size lets attribution settle before usage arrives.
             # Keyed by record.key: clients may send the same x-request-id twice, even at once.
-            self.meter.open(backend.name, record.key, sent_s, record.stream, len(body) // 4)
+            self.meter.open(backend.name, record.key, sent_s, record.stream, record.prompt_estimate)
             try:
                 resp = await self.pool.session.post(
                     backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
@@ -328,7 +333,7 @@ class Relay:
         withhold_usage: bool, record: RequestRecord, ticket: Ticket,
     ) -> None:
         """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event."""
-        tap = StreamTap()
+        tap = StreamTap(record.kind == "response", self.config.server.max_sse_line_bytes)
         headers = _SSE_HEADERS + [
             (b"x-request-id", record.request_id.encode()),
             (b"x-energy-backend", (record.backend or "").encode()),
@@ -378,16 +383,19 @@ class Relay:
         finally:
             self.watchdog.release(guard)
             watcher.cancel()
+        if tap.overflow:  # cut: free the GPU, bill what was relayed
+            resp.close()
+            error = f"an event longer than {self.config.server.max_sse_line_bytes} bytes without a boundary"
         record.end_s = time.time()
         record.status = 200
         record.error = error
         usage = tap.usage
-        if isinstance(usage, dict):
-            record.prompt_tokens = _count(usage.get("prompt_tokens"))
-            record.completion_tokens = _count(usage.get("completion_tokens"))
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage
             record.usage_reported = True
         else:
-            # The stream broke before usage arrived: bill what was relayed.
+            # The engine gave no usage (it ignores stream_options, or the stream broke): bill
+            # every generated delta relayed, and the prompt's estimate.
             record.completion_tokens = tap.delta_chunks
             record.prompt_tokens = _estimate_prompt_tokens(payload)
         self._close_energy(record)
@@ -478,17 +486,11 @@ def _take_usage(data: bytes, record: RequestRecord) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        record.prompt_tokens = _count(usage.get("prompt_tokens"))
-        record.completion_tokens = _count(usage.get("completion_tokens"))
+    usage = answer_usage(obj)
+    if usage is not None:
+        record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage
         record.usage_reported = True
     return True
-
-
-def _count(value: object) -> int:
-    """A token count from upstream JSON: a non-negative int, else 0 (never trust its type)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _looks_like_error(data: bytes) -> bool:
@@ -496,9 +498,8 @@ def _looks_like_error(data: bytes) -> bool:
 
 
 def _estimate_prompt_tokens(payload: dict[str, Any]) -> int:
-    """About four characters a token: only used when the backend never reported usage."""
-    text = payload.get("messages") or payload.get("prompt") or payload.get("input") or ""
-    return math.ceil(len(orjson.dumps(text)) / 4)
+    """Only used when the backend never reported usage: see `proxy.usage`."""
+    return estimate_prompt_tokens(payload)
 
 
 #: Key of the ASGI start message that marks an answer the proxy made itself (its error code).

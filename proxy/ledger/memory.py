@@ -19,7 +19,8 @@ class MemoryLedger(BufferedLedger):
         # uid -> (record, wall-clock second it was written): retention counts from the write
         self._requests: dict[str, tuple[LedgerRecord, float]] = {}
         self._uids: dict[str, list[str]] = {}  # client-visible request id -> uids, oldest first
-        # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj]
+        # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj,
+        # reasoning_tokens]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
         self._tenant_hour_uj: dict[tuple[str, int], int] = {}
         # Budget holds: tenant -> key -> (µJ, monotonic expiry); no await between read and write.
@@ -38,11 +39,12 @@ class MemoryLedger(BufferedLedger):
             new += 1
             hour = rec.hour_s
             uj = joules_to_uj(rec.joules)
-            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0])
+            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0, 0])
             cell[0] += 1
             cell[1] += rec.prompt_tokens
             cell[2] += rec.completion_tokens
             cell[3] += uj
+            cell[4] += rec.reasoning_tokens
             key = (rec.tenant, hour)
             self._tenant_hour_uj[key] = self._tenant_hour_uj.get(key, 0) + uj
         return new

@@ -6,7 +6,8 @@ Keys, under `key_prefix` (default `joulegate:`):
 - `ids:<request id>`: a sorted set of the uids under one client-visible id (score = the write's
   wall clock, ms), trimmed to `retention_s` on each write: lookups by id without a scan.
 - `agg:<hour_s>`: a hash per UTC hour; field `<m>:<json [tenant, model, backend]>` with m one of
-  r (requests), p (prompt tokens), c (completion tokens), j (micro-joules).
+  r (requests), p (prompt tokens), c (completion tokens), j (micro-joules), x (reasoning
+  tokens, absent in hours written before they were recorded).
 - `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
 - `tj:<tenant>`: a hash hour_s -> micro-joules; a budget check reads only its period's hours.
 - `hold:<tenant>` / `holdx:<tenant>`: budget holds of requests in flight (key -> micro-joules)
@@ -70,11 +71,13 @@ while i <= #ARGV do
     h['p:' .. group] = (h['p:' .. group] or 0) + tonumber(ARGV[i + 6])
     h['c:' .. group] = (h['c:' .. group] or 0) + tonumber(ARGV[i + 7])
     h['j:' .. group] = (h['j:' .. group] or 0) + uj
+    local x = tonumber(ARGV[i + 10])
+    if x > 0 then h['x:' .. group] = (h['x:' .. group] or 0) + x end
     local t = spend[tenant]
     if not t then t = {}; spend[tenant] = t end
     t[hour] = (t[hour] or 0) + uj
   end
-  i = i + 10
+  i = i + 11
 end
 for hour, fields in pairs(cells) do
   redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
@@ -172,7 +175,7 @@ class RedisLedger(BufferedLedger):
             group = orjson.dumps([rec.tenant, rec.model, rec.backend])
             args += (rec.uid, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
                      rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules),
-                     rec.request_id)
+                     rec.request_id, rec.reasoning_tokens)
         self._client()  # raises if not started
         holds = [part for hold in self._holds(records) for part in hold]
         return int(await self._script(keys=holds, args=args))
@@ -189,15 +192,17 @@ class RedisLedger(BufferedLedger):
         for hour in hours:
             pipe.hgetall(self._prefix_b + b"agg:" + str(hour).encode())
         cells: dict[tuple[str, str, str, int], list[int]] = {}
-        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3}
+        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3, b"x": 4}
         for hour, fields in zip(hours, await pipe.execute(), strict=True):
             for field, value in fields.items():
                 metric, _, group = field.partition(b":")
                 t, m, b = orjson.loads(group)
                 if tenant is not None and t != tenant:
                     continue
-                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0])
-                cell[index[metric]] += int(value)
+                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0, 0])
+                slot = index.get(metric)
+                if slot is not None:  # a field a newer version added: not ours to sum
+                    cell[slot] += int(value)
         return [Bucket(*key, *sums) for key, sums in cells.items()]
 
     async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
