@@ -290,6 +290,7 @@ class Relay:
                     raise ProxyError(502, f"The backend failed: {type(exc).__name__}.",
                                      code="upstream_error") from None
                 break
+            assert resp is not None
             record.backend = backend.name
             if resp.status >= 500:
                 backend.record_failure(f"HTTP {resp.status}")
@@ -401,8 +402,8 @@ class Relay:
 
     def _book_failed(self, hold: _Hold, record: RequestRecord, payload: dict[str, Any],
                      exc: ProxyError) -> ProxyError:
-        """Book a non-streamed request that ended in `exc` after the backend had it (no usage:
-        the prompt estimated, no completion tokens known); `exc`, naming the backend that billed it."""
+        """Book a request that ended in `exc` after the backend had it, before any usage (so
+        the prompt is estimated; completion tokens as counted); `exc`, naming the backend that billed it."""
         if not record.usage_reported:
             record.prompt_tokens = _estimate_prompt_tokens(payload)
         self._book(hold, record, exc.status, exc.message)
