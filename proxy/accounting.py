@@ -101,6 +101,9 @@ class Accounting:
 
     def finished(self, record: RequestRecord) -> None:
         """One request is answered: cache it, and book it now or once it is measured."""
+        if record.key in self.recent:  # the relay books once by construction; never bill twice
+            log.error("request %s finished twice; booked once", record.request_id)
+            return
         self.metrics.observe(record)
         self._remember(record)
         if record.backend is None:

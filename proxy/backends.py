@@ -75,7 +75,8 @@ class Backend:
         return time.monotonic() < self.circuit_open_until_s or self.in_flight > 0
 
     def record_failure(self, reason: str) -> None:
-        """A connect failure or a 5xx: past the threshold (or while half-open) open the circuit."""
+        """A connect failure, garbage or a 5xx (never a time-out: a request that ran past its own
+        limit says nothing about the backend): past the threshold (or half-open) open the circuit."""
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.circuit_failures:
             if self.circuit_open_until_s <= 0:
@@ -109,6 +110,8 @@ class BackendPool:
         ]
         self.by_name: dict[str, Backend] = {b.name: b for b in self.backends}
         self.session: aiohttp.ClientSession | None = None
+        # One connection per request, closed after it: where a pooled connection turned out stale.
+        self.fresh_session: aiohttp.ClientSession | None = None
         self._control: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._by_model: dict[str, list[Backend]] = {}
@@ -119,12 +122,11 @@ class BackendPool:
         connector = aiohttp.TCPConnector(
             limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300, enable_cleanup_closed=True,
         )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # Bytes are relayed untouched: never ask the backend to compress them.
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            auto_decompress=False,
-        )
+        # Bytes are relayed untouched: never ask the backend to compress them.
+        options = {"skip_auto_headers": ("Accept-Encoding", "User-Agent"), "auto_decompress": False}
+        self.session = aiohttp.ClientSession(connector=connector, **options)  # type: ignore[arg-type]
+        self.fresh_session = aiohttp.ClientSession(  # type: ignore[arg-type]
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), **options)
         self._control = httpx.AsyncClient(timeout=self.config.server.connect_timeout_s)
         await self.check_all()
         self._task = asyncio.create_task(self._health_loop(), name="joulegate-health")
@@ -134,8 +136,9 @@ class BackendPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.session:
-            await self.session.close()
+        for session in (self.session, self.fresh_session):
+            if session:
+                await session.close()
         if self._control:
             await self._control.aclose()
 

@@ -38,10 +38,11 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
-    # Requests open at once across all backends; past it new ones get 503 `overloaded`.
-    max_in_flight: int | None = Field(None, gt=0)
+    # Requests open at once across all backends; past it new ones get 429 `rate_limit_exceeded`
+    # at once, before their body is read. None: no limit.
+    max_in_flight: int | None = Field(2048, gt=0)
     # Circuit breaker per backend: open after this many consecutive failures (connect errors,
-    # timeouts, garbage, 5xx); after the cooldown one probe request goes through (half-open)
+    # garbage, 5xx; not time-outs); after the cooldown one probe request goes through (half-open)
     # and its outcome closes the circuit or re-opens it.
     circuit_failures: int = Field(5, gt=0)
     circuit_cooldown_s: float = Field(10.0, gt=0)
@@ -54,6 +55,11 @@ class ServerConfig(_Strict):
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # A stream is cut (an SSE error event, status 504) when the backend sends no chunk for this
+    # long, or when it has run `stream_max_s` in all (None: no overall cap). request_timeout_s
+    # bounds only the wait for a stream's response head. Checked once a second.
+    stream_idle_timeout_s: float = Field(60.0, gt=0)
+    stream_max_s: float | None = Field(None, gt=0)
     # A streamed answer whose unfinished SSE event grows past this many bytes (one endless
     # line) is cut with an error event; what was relayed is billed.
     max_sse_line_bytes: int = Field(1024 * 1024, gt=0)
