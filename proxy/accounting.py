@@ -32,9 +32,11 @@ FINAL_TIMEOUT_S = 120.0
 BUDGET_STORE_TIMEOUT_S = 0.05
 #: Weight of the newest request in a tenant's mean joules per request (the hold estimate).
 _MEAN_WEIGHT = 0.2
-#: Before any request was booked in this process, a hold is this share of the budget: few
-#: enough concurrent first requests, however cheap they turn out.
-_COLD_SHARE = 0.1
+#: Before any request was booked in this process, a hold is this share of the budget. A tenth
+#: refused the 11th of a burst of cold first requests however cheap they were (a restarted
+#: proxy under c=16 load answered 429 on an unused budget); a hundredth admits 100 at once and
+#: bounds a cold burst's overshoot to 1% of the budget per replica.
+_COLD_SHARE = 0.01
 
 
 def period_start_s(per: str, now_s: float) -> float:
@@ -164,7 +166,7 @@ class Accounting:
     def estimate_j(self, tenant: str, budget_j: float) -> float:
         """What a hold reserves: the tenant's recent mean joules per request (its requests are
         alike more often than not, and the mean tracks the fleet's efficiency), else every
-        tenant's, else a tenth of the budget."""
+        tenant's, else a hundredth of the budget."""
         mean_j = self._mean_j.get(tenant, self._any_mean_j)
         return mean_j if mean_j is not None else budget_j * _COLD_SHARE
 
