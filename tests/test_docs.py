@@ -113,3 +113,18 @@ def test_the_outside_pattern_catches_what_it_must() -> None:
         assert OUTSIDE.search(bad), bad
     for fine in ("a shared Redis", "exactly once", "issued keys"):
         assert not OUTSIDE.search(fine), fine
+
+
+def test_energy_md_worked_example_is_what_the_code_computes() -> None:
+    text = (REPO / "docs" / "energy.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text, re.S)
+    assert block is not None, "docs/energy.md lost its worked example"
+    scope: dict[str, Any] = {}
+    exec(block.group(1), scope)  # the example as printed: its own imports and call
+    claimed = re.search(r"# joules == (\{.*?\}), idle_j == ([0-9.]+)", block.group(1))
+    assert claimed is not None
+    assert scope["joules"] == pytest.approx(eval(claimed.group(1)), abs=1e-9)
+    assert scope["idle_j"] == pytest.approx(float(claimed.group(2)), abs=1e-9)
+    # The prose rounds the same figures to 3 decimals.
+    for figure in ("214.286", "85.714", "64.286"):
+        assert figure in text
