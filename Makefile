@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-soak bench-deps clean
+.PHONY: demo test lint docs bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-soak bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy policies tests bench
+
+# docs/config.md is generated from the config's JSON Schema; tests/test_docs.py fails when stale.
+docs: $(STAMP)
+	$(BIN)/python -m proxy.config_doc > docs/config.md
 
 # Benchmarks need wrk (Debian package) on top of the venv.
 bench-deps: $(STAMP)

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config")
 
+    sub.add_parser("config-schema", help="print the config's JSON Schema (docs/config.md is made from it)")
+
     from proxy.sim.fleet import add_simulate_parser
     from proxy.sim.traces import add_trace_parser
 
@@ -255,6 +257,13 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_schema(args: argparse.Namespace) -> int:
+    from proxy.config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=2))
+    return 0
+
+
 _COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config,
-             "agent": _agent, "usage": _usage, "keys": _keys,
+             "config-schema": _config_schema, "agent": _agent, "usage": _usage, "keys": _keys,
              "simulate": _simulate, "trace": _trace}

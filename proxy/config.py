@@ -27,47 +27,62 @@ class _Strict(BaseModel):
 class PassthroughEdit(_Strict):
     """`server.passthrough: {add: [...], remove: [...]}`: the default allowlist, edited."""
 
-    add: list[str] = Field(default_factory=list)
-    remove: list[str] = Field(default_factory=list)
+    add: list[str] = Field(default_factory=list, description=(
+        "Paths added to the default pass-through allowlist (exact `/v1/...` POST paths)."))
+    remove: list[str] = Field(default_factory=list, description=(
+        "Paths removed from the default pass-through allowlist."))
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
-    # Requests open at once across all backends; past it new ones get 429 `rate_limit_exceeded`
-    # at once, before their body is read. None: no limit.
-    max_in_flight: int | None = Field(2048, gt=0)
-    # Circuit breaker per backend: open after this many consecutive failures (connect errors,
-    # garbage, 5xx; not time-outs); after the cooldown one probe request goes through (half-open)
-    # and its outcome closes the circuit or re-opens it.
-    circuit_failures: int = Field(5, gt=0)
-    circuit_cooldown_s: float = Field(10.0, gt=0)
-    health_interval_s: float = Field(5.0, gt=0)
-    # A streaming client that takes no byte for this long is cut off (its GPU slot freed).
-    client_write_timeout_s: float = Field(30.0, gt=0)
-    # A request body that has not fully arrived this long after the headers gets 408: a slow
-    # sender must not hold one of the `max_in_flight` slots.
-    client_read_timeout_s: float = Field(30.0, gt=0)
+    host: str = Field("127.0.0.1", description="Address the proxy listens on (`--host` overrides it).")
+    port: int = Field(8080, ge=0, le=65535, description=(
+        "TCP port the proxy listens on (`--port` overrides it); 0 picks a free one."))
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description=(
+        "Largest request body accepted, in bytes; a bigger one gets 413."))
+    request_timeout_s: float = Field(600.0, gt=0, description=(
+        "Seconds to wait for a backend's response head, and for a whole non-streamed answer; past it "
+        "504."))
+    connect_timeout_s: float = Field(5.0, gt=0, description=(
+        "Seconds to open a connection to a backend; a failure counts against its circuit breaker."))
+    drain_timeout_s: float = Field(30.0, ge=0, description=(
+        "Seconds requests in flight get to finish after SIGTERM before the server stops; 0: wait without limit."))
+    max_in_flight: int | None = Field(2048, gt=0, description=(
+        "Requests open at once across all backends; past it 429 `rate_limit_exceeded` before the body"
+        " is read. null: no limit."))
+    # Circuit breaker per backend: the probe's outcome closes the circuit or re-opens it.
+    circuit_failures: int = Field(5, gt=0, description=(
+        "Consecutive failures (connect errors, garbage, 5xx; not time-outs) that open a backend's "
+        "circuit breaker."))
+    circuit_cooldown_s: float = Field(10.0, gt=0, description=(
+        "Seconds an open circuit waits before one probe request goes through (half-open)."))
+    health_interval_s: float = Field(5.0, gt=0, description=(
+        "Seconds between health checks (GET {url}/models) of each backend."))
+    client_write_timeout_s: float = Field(30.0, gt=0, description=(
+        "Seconds a streaming client may take no byte before it is cut off (billed for what it got)."))
+    # A slow sender must not hold one of the `max_in_flight` slots.
+    client_read_timeout_s: float = Field(30.0, gt=0, description=(
+        "Seconds after the headers within which the request body must have arrived; else 408."))
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
-    keepalive_timeout_s: float = Field(75.0, gt=0)
-    # A stream is cut (an SSE error event, status 504) when the backend sends no chunk for this
-    # long, or when it has run `stream_max_s` in all (None: no overall cap). request_timeout_s
-    # bounds only the wait for a stream's response head. Checked once a second.
-    stream_idle_timeout_s: float = Field(60.0, gt=0)
-    stream_max_s: float | None = Field(None, gt=0)
-    # A streamed answer whose unfinished SSE event grows past this many bytes (one endless
-    # line) is cut with an error event; what was relayed is billed.
-    max_sse_line_bytes: int = Field(1024 * 1024, gt=0)
-    # Prometheus /metrics on its own listener (same host); the main port then answers 404 there.
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    # POST routes relayed to backends (proxy/passthrough.py): a list replaces the default,
-    # {add: [...], remove: [...]} edits it; any other path is a 404 that never leaves the proxy.
-    passthrough: list[str] | PassthroughEdit | None = None
+    keepalive_timeout_s: float = Field(75.0, gt=0, description=(
+        "Seconds an idle client connection is kept open for reuse."))
+    # request_timeout_s bounds only the wait for a stream's response head. Checked once a second.
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description=(
+        "Seconds a stream may go without a chunk from the backend before it is cut (SSE error event "
+        "`upstream_timeout`, status 504)."))
+    stream_max_s: float | None = Field(None, gt=0, description=(
+        "Seconds a stream may run in all before it is cut; null: no overall cap."))
+    # One endless line from a backend must not grow the proxy's buffer without bound.
+    max_sse_line_bytes: int = Field(1024 * 1024, gt=0, description=(
+        "Bytes an unfinished SSE event from a backend may grow to before the stream is cut with an "
+        "error event (what was relayed is billed)."))
+    metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Serve GET /metrics on this port of its own (same host); the main port then answers 404 "
+        "there. null: on the main port."))
+    # proxy/passthrough.py; any other path is a 404 that never leaves the proxy.
+    passthrough: list[str] | PassthroughEdit | None = Field(None, description=(
+        "POST paths relayed to backends besides the inference routes: a list replaces the default "
+        "allowlist, {add, remove} edits it; null: the default."))
 
     @field_validator("passthrough")
     @classmethod
@@ -90,18 +105,27 @@ class ServerConfig(_Strict):
 
 
 class PowerConfig(_Strict):
-    source: Literal["nvml", "dcgm", "agent", "sim", "none"] = "none"
-    gpus: list[int | str] = Field(default_factory=list)
-    url: str | None = None
-    interval_s: float = Field(0.1, gt=0)
-    # Silence this long (s) marks the source down: energy is then modelled (method `estimated`).
-    # None: 10 sample intervals, at least 2 s.
-    stale_after_s: float | None = Field(None, gt=0)
-    # source agent: its bearer token, from a file or an environment variable (one of them), and
-    # a CA bundle to verify an https:// agent's certificate (default: the system's).
-    token_file: str | None = None
-    token_env: str | None = None
-    ca_file: str | None = None
+    source: Literal["nvml", "dcgm", "agent", "sim", "none"] = Field("none", description=(
+        "Where the backend's GPU power comes from: nvml (local GPUs), dcgm (a dcgm-exporter scrape), "
+        "agent (`joulegate agent`), sim (the simulator), none (energy modelled, method `estimated`)."))
+    gpus: list[int | str] = Field(default_factory=list, description=(
+        "GPUs of the backend: NVML indices or UUIDs; for dcgm/agent, which GPUs of that host. Empty: "
+        "all."))
+    url: str | None = Field(None, description=(
+        "dcgm: the exporter's /metrics URL; agent and sim: the base URL under which /v1/power lives. "
+        "Required for those sources."))
+    interval_s: float = Field(0.1, gt=0, description="Seconds between power readings.")
+    stale_after_s: float | None = Field(None, gt=0, description=(
+        "Seconds of silence after which the source counts as down and energy is modelled (method "
+        "`estimated`); null: 10 sample intervals, at least 2 s."))
+    token_file: str | None = Field(None, description=(
+        "source agent: file holding the agent's bearer token (exclusive with token_env)."))
+    token_env: str | None = Field(None, description=(
+        "source agent: name of the environment variable holding the agent's bearer token (exclusive "
+        "with token_file)."))
+    ca_file: str | None = Field(None, description=(
+        "source agent: CA bundle (PEM) to verify an https:// agent's certificate; null: the system's "
+        "CAs."))
 
     @property
     def stale_s(self) -> float:
@@ -118,13 +142,18 @@ class PowerConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
-    url: str
-    api_key: str | None = None
-    models: list[str] | None = None
-    max_concurrency: int | None = Field(None, gt=0)
-    metrics_url: str | None = None
-    power: PowerConfig = Field(default_factory=PowerConfig)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description=(
+        "Unique backend name; shows up in headers, metrics and the ledger."))
+    url: str = Field(description=(
+        "OpenAI-compatible base URL (http:// or https://), e.g. http://10.0.0.5:8000/v1."))
+    api_key: str | None = Field(None, description=(
+        "Key sent upstream instead of the client's; null: no Authorization header upstream."))
+    models: list[str] | None = Field(None, description="Models served; null: read from GET {url}/models.")
+    max_concurrency: int | None = Field(None, gt=0, description=(
+        "Requests in flight on this backend at most; past it 429. null: no cap."))
+    metrics_url: str | None = Field(None, description=(
+        "The engine's Prometheus endpoint (load signals, and weights between replicas without Redis)."))
+    power: PowerConfig = Field(default_factory=PowerConfig, description="The backend's power source.")
 
     @field_validator("url")
     @classmethod
@@ -135,33 +164,45 @@ class BackendConfig(_Strict):
 
 
 class SloConfig(_Strict):
-    ttft_ms: float = Field(2000.0, gt=0)
-    tpot_ms: float = Field(200.0, gt=0)
+    ttft_ms: float = Field(2000.0, gt=0, description=(
+        "Time-to-first-token target, in milliseconds, for the efficiency policy."))
+    tpot_ms: float = Field(200.0, gt=0, description=(
+        "Time-per-output-token target, in milliseconds, for the efficiency policy."))
 
 
 class RoutingConfig(_Strict):
-    policy: Literal["round_robin", "least_loaded", "efficiency"] = "efficiency"
-    slo: SloConfig = Field(default_factory=SloConfig)
+    policy: Literal["round_robin", "least_loaded", "efficiency"] = Field("efficiency", description=(
+        "round_robin, least_loaded, or efficiency (lowest marginal joules per token that meets the "
+        "SLO)."))
+    slo: SloConfig = Field(default_factory=SloConfig, description=(
+        "Latency targets the efficiency policy must predict to meet."))
 
 
 class EnergyConfig(_Strict):
-    idle: Literal["separate", "share"] = "separate"
+    idle: Literal["separate", "share"] = Field("separate", description=(
+        "separate: energy while a backend has nothing in flight is idle, not billed; share: spread it"
+        " over the requests around it."))
     # One prompt token's energy relative to one generated token. bench/attribution measured the
     # simulated GPUs at 0.02-0.03 at small batches; 0.05 met every accuracy target there, where
     # the contract example's 0.1 over-billed long prompts (per-tenant error 4.4% vs 1.2%).
-    prefill_weight: float = Field(0.05, ge=0)
+    prefill_weight: float = Field(0.05, ge=0, description=(
+        "One prompt token's energy relative to one generated token (dimensionless)."))
 
 
 class EnergyBudget(_Strict):
-    joules: float = Field(gt=0)
-    per: Literal["hour", "day", "month"] = "day"
+    joules: float = Field(gt=0, description=(
+        "Joules a tenant may use per period; over it requests get 429 `insufficient_quota`."))
+    per: Literal["hour", "day", "month"] = Field("day", description=(
+        "Budget period: hour, day or month (UTC calendar periods)."))
 
 
 class TenantConfig(_Strict):
-    name: str = Field(min_length=1)
-    api_keys_sha256: list[str] = Field(default_factory=list)
-    energy_budget: EnergyBudget | None = None
-    energy_budget_failure: Literal["open", "closed"] | None = None  # None: the top-level setting
+    name: str = Field(min_length=1, description="Tenant name, as booked in the ledger ('admin' is reserved).")
+    api_keys_sha256: list[str] = Field(default_factory=list, description=(
+        "Hex SHA-256 digests of the tenant's API keys (`joulegate keys new` prints one)."))
+    energy_budget: EnergyBudget | None = Field(None, description="Optional energy budget; null: none.")
+    energy_budget_failure: Literal["open", "closed"] | None = Field(None, description=(
+        "open or closed when the budget's store does not answer; null: the top-level setting."))
 
     @field_validator("name")
     @classmethod
@@ -180,22 +221,28 @@ class TenantConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    tenant_label: bool = False
+    tenant_label: bool = Field(False, description=(
+        "Add a `tenant` label to the per-request Prometheus metrics (cardinality grows with tenants)."))
 
 
 class ClusterConfig(_Strict):
     """Replicas sharing backends exchange their weights (proxy/energy/shares.py)."""
 
-    enabled: bool = True
-    # Default: the ledger's URL when it is redis:// or rediss://; without any Redis, engine
-    # metrics (backends' metrics_url) stand in; without those either, no exchange at all.
-    redis_url: str | None = None
-    key_prefix: str = Field("joulegate:", min_length=1)  # streams <prefix>w:<backend>
-    heartbeat_s: float = Field(0.1, gt=0, le=5)  # publish + read, one round trip per beat
-    peer_timeout_s: float = Field(1.0, gt=0)  # a replica silent this long counts as gone
-    # Longest a sample interval waits for the other replicas' weights before it is split
-    # with their last known ones (they wait for their non-streamed requests to finish).
-    max_wait_s: float = Field(30.0, ge=0)
+    enabled: bool = Field(True, description=(
+        "Exchange in-flight weights with other replicas sharing backends."))
+    redis_url: str | None = Field(None, description=(
+        "Redis for the exchange; null: the ledger's URL if redis:// or rediss://, else engine metrics"
+        " (metrics_url) stand in, else no exchange."))
+    key_prefix: str = Field("joulegate:", min_length=1, description=(
+        "Prefix of the Redis stream keys (`<prefix>w:<backend>`)."))
+    heartbeat_s: float = Field(0.1, gt=0, le=5, description=(
+        "Seconds between publishing and reading weights (one round trip per beat)."))
+    peer_timeout_s: float = Field(1.0, gt=0, description=(
+        "Seconds of silence after which a replica counts as gone."))
+    # The other replicas wait for their non-streamed requests to finish before publishing.
+    max_wait_s: float = Field(30.0, ge=0, description=(
+        "Seconds a sample interval waits for other replicas' weights before it is split with their "
+        "last known ones."))
 
     @field_validator("redis_url")
     @classmethod
@@ -206,19 +253,27 @@ class ClusterConfig(_Strict):
 
 
 class Config(_Strict):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    backends: list[BackendConfig] = Field(min_length=1)
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    energy: EnergyConfig = Field(default_factory=EnergyConfig)
-    tenants: list[TenantConfig] = Field(default_factory=list)
-    admin_api_keys_sha256: list[str] = Field(default_factory=list)
-    anonymous_tenant: str | None = None
-    ledger: str | None = None
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    # A budget whose ledger store does not answer within 50 ms: let the request through (open)
-    # or refuse it with 503 (closed). Per tenant too.
-    energy_budget_failure: Literal["open", "closed"] = "open"
+    server: ServerConfig = Field(default_factory=ServerConfig, description=(
+        "The listener, limits and time-outs."))
+    backends: list[BackendConfig] = Field(min_length=1, description="The inference servers (at least one).")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
+        "How a backend is chosen for each request."))
+    energy: EnergyConfig = Field(default_factory=EnergyConfig, description=(
+        "How measured energy is split among requests."))
+    tenants: list[TenantConfig] = Field(default_factory=list, description=(
+        "Tenants, their API key digests and budgets."))
+    admin_api_keys_sha256: list[str] = Field(default_factory=list, description=(
+        "Hex SHA-256 digests of admin keys (see all tenants; billed to 'admin')."))
+    anonymous_tenant: str | None = Field(None, description=(
+        "Tenant that keyless requests are billed to; null: 401 without a key."))
+    ledger: str | None = Field(None, description=(
+        "sqlite:///PATH, redis://HOST:PORT/DB, rediss://... or memory://; options in the query. null:"
+        " a SQLite file beside the config."))
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus options.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Replicas sharing backends.")
+    energy_budget_failure: Literal["open", "closed"] = Field("open", description=(
+        "A budget whose ledger store does not answer within 50 ms: open lets the request through, "
+        "closed refuses it with 503 `energy_budget_unavailable`."))
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
