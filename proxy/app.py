@@ -63,7 +63,7 @@ class JouleGate:
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
-        # Other POST routes relayed upstream: an allowlist (proxy/passthrough.py), exact paths.
+        # Other POST routes relayed upstream: an allowlist (config.DEFAULT_PASSTHROUGH), exact paths.
         self.passthrough = config.server.passthrough_paths()
         self._metrics_listener: Any = None
 
