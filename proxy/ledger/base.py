@@ -380,6 +380,9 @@ class BufferedLedger(Ledger):
             self._buffer_since = since
             return
         self._settle(records, stored=False)  # their pending share now comes from the journal
+        await self._journal.refresh()
+        log.warning("ledger: spilled %d records to %s (%d journaled)", len(records),
+                    self._journal_path, self._journaled)
 
     async def _journal_replay(self) -> int:
         assert self._journal is not None

@@ -119,21 +119,25 @@ class SpillJournal:
         journal = Journal(self.path)
         if await self._run_io(journal.exists):
             self._file = journal
-            await self._refresh()
+            await self.refresh()
             if self.count:
                 log.warning("ledger journal %s holds %d records; replaying them", self.path, self.count)
 
     async def append(self, records: Sequence[LedgerRecord], since: float | None) -> None:
         """Spill `records`, buffered since `since` (monotonic s); raises if the file cannot be
-        written."""
+        written. On return `count` and `pending` include them already: the caller stops
+        counting them as its own before its next await, so budgets never see them twice or
+        not at all. `refresh()` later re-reads the file's own figures."""
         if self._file is None:
             self._file = Journal(self.path)
         await self._run_io(self._file.append, records)
+        pending = self.pending = dict(self.pending)  # a copy: a reader may be iterating it
+        for rec in records:
+            key = (rec.tenant, rec.hour_s)
+            pending[key] = pending.get(key, 0) + joules_to_uj(rec.joules)
+        self.count += len(records)
         if self.since is None:
             self.since = since if since is not None else time.monotonic()
-        await self._refresh()
-        log.warning("ledger: spilled %d records to %s (%d journaled)", len(records), self.path,
-                    self.count)
 
     async def replay(self, chunk_size: int,
                      write_chunk: Callable[[Sequence[LedgerRecord]], Awaitable[int]],
@@ -152,7 +156,7 @@ class SpillJournal:
                 on_written(records)
                 await self._run_io(self._file.delete_through, seq)
         finally:
-            await self._refresh()
+            await self.refresh()
         if not self.count:
             self.since = None
             log.info("ledger journal %s replayed", self.path)
@@ -169,7 +173,8 @@ class SpillJournal:
         if self._file is not None:
             await self._run_io(self._file.close)
 
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
+        """Re-read the count and µJ per (tenant, hour_s) from the file."""
         assert self._file is not None
         self.count, self.pending = await self._run_io(self._file.pending)
         if self.count and self.since is None:
