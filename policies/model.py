@@ -23,7 +23,7 @@ shapes a GPU under continuous batching has to all knots:
 - power P(0) = idle; P(n) = P1 + A * log2(n) for n >= 1; linear on [0, 1] (a busy fraction).
   Concave, as measured (shared/reference/gpu-energy.md);
 - rate R(n) = n / (a + c * n): the decode step grows linearly with the batch, so the rate
-  saturates; c is held near 0.013 a (`_PRIOR_SLOPE_RATIO`) unless data over a wide range of
+  saturates; c is held near 0.013 a (`PRIOR_SLOPE_RATIO` in fit.py) unless data over a wide range of
   batches says otherwise (ridge regression). Once the batch has stopped growing at a level
   where requests queued behind it (the engine's max batch), power and rate stay flat above;
 - TPOT(n) = a + c * n, the step time, times a learned stall factor (prefills of newcomers
@@ -31,7 +31,7 @@ shapes a GPU under continuous batching has to all knots:
 
 Each knot's value is that fit plus the knot's own residual shrunk by count / (count +
 `prior_weight`), residuals interpolated between observed knots and held beyond them. Before
-any data the fits start from generic constants (`_PRIOR_*`, scaled by the idle power, which
+any data the fits start from generic constants (fit.py's `PRIOR_*`, scaled by the idle power, which
 is learned in the first idle second): unseen load levels follow the prior, often seen ones
 the data.
 """
@@ -41,7 +41,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
 
 from policies.curves import (
     KNOTS,
@@ -51,90 +50,19 @@ from policies.curves import (
     interp,
     knot_of,
     residuals,
-    ridge_line,
     shrunk_cv,
 )
+from policies.fit import PRIOR_ACTIVE_RATIO, PRIOR_CV, PRIOR_IDLE_W, Knot, fit_shapes
+from policies.load import LoadTracker
 
 __all__ = ["EfficiencyModel", "LoadTracker", "RoutePlan", "Ticket"]
 
-# -- priors (docs/routing.md says why) ------------------------------------------------------
-
-_PRIOR_IDLE_W = 100.0  # until one idle interval has been seen
-_PRIOR_ACTIVE_RATIO = 2.5  # P(1) / idle: a GPU that starts decoding draws ~2-3x idle
-_PRIOR_W_PER_DOUBLING = 0.08  # A / P(1): power rises ~8% of P(1) per doubling of the batch
-_PRIOR_STEP_S = 0.020  # decode step at batch 1 of a 100 W-idle GPU before any token was seen
-_PRIOR_SLOPE_RATIO = 0.013  # c / a: per-request share of the step (H100, A100, L4 alike)
-_SLOPE_SCALE = 100.0  # the slope prior is weighed as if it were a step-time error at batch 100
-_MIN_LOG2_SPREAD = 0.5  # below this variance of log2(n) the power slope comes from the prior
-_PRIOR_CV = 0.3  # spread of TTFT and TPOT around their mean before it has been measured
 _MIN_REACH = 512.0  # tables reach at least this load (further as observations go further)
 _INF = math.inf
 
 #: What `sent` returns and `first_token` / `finished` take back: (requests in flight,
 #: requests awaiting their first token, both counting this request, and the send time in s).
 Ticket = tuple[int, int, float]
-
-
-@dataclass(slots=True)
-class _Knot:
-    """Running means at one knot (weights count observations up to the model's window)."""
-
-    weight: float = 0.0  # power-sample intervals, keyed by mean decoding count
-    x: float = 0.0
-    power_w: float = 0.0
-    tokens_per_s: float = 0.0
-    ttft_weight: float = 0.0  # requests, keyed by awaiting-first-token count at send
-    ttft_x: float = 0.0
-    ttft_s: float = 0.0
-    ttft_sq: float = 0.0  # running mean of TTFT^2, s^2
-    tpot_weight: float = 0.0  # requests, keyed by in-flight count at send
-    tpot_x: float = 0.0
-    tpot_s: float = 0.0
-    tpot_sq: float = 0.0
-
-
-class LoadTracker:
-    """Time-weighted load between two power samples: mean requests in flight, mean requests
-    decoding (past their first token), output tokens emitted. Times in s."""
-
-    __slots__ = ("in_flight", "decoding", "_since_s", "_last_s", "_area", "_dec_area", "_tokens")
-
-    def __init__(self, t_s: float = 0.0) -> None:
-        self.in_flight = 0
-        self.decoding = 0
-        self._since_s = self._last_s = t_s
-        self._area = self._dec_area = 0.0  # request-seconds since `_since_s`
-        self._tokens = 0
-
-    def change(self, t_s: float, in_flight: int = 0, decoding: int = 0) -> None:
-        """At `t_s`, `in_flight` requests were sent (+) or ended (-); `decoding` got their
-        first token (+) or ended after it (-)."""
-        if t_s > self._last_s:
-            span_s = t_s - self._last_s
-            self._area += self.in_flight * span_s
-            self._dec_area += self.decoding * span_s
-            self._last_s = t_s
-        self.in_flight += in_flight
-        self.decoding += decoding
-
-    def tokens(self, count: int) -> None:
-        """`count` output tokens were emitted (in the interval open now)."""
-        self._tokens += count
-
-    def close(self, t_s: float) -> tuple[float, float, float] | None:
-        """End the interval at `t_s`: (mean in flight, mean decoding, output tokens/s); None
-        for an empty interval. The next interval starts at `t_s`. A sample stamped before
-        the last event (it travelled slower) closes the interval at that event instead."""
-        t_s = max(t_s, self._last_s)
-        span_s = t_s - self._since_s
-        if span_s <= 0:
-            return None
-        self.change(t_s)
-        result = (self._area / span_s, self._dec_area / span_s, self._tokens / span_s)
-        self._since_s = self._last_s = t_s
-        self._area = self._dec_area = 0.0
-        self._tokens = 0
-        return result
 
 
 class EfficiencyModel:
@@ -161,8 +89,8 @@ class EfficiencyModel:
         self.version = 0
         self.tracker = LoadTracker()
         self.waiting = 0  # requests sent that have not had their first token
-        self._knots: list[_Knot | None] = [None] * len(KNOTS)
-        self._idle_w = _PRIOR_IDLE_W
+        self._knots: list[Knot | None] = [None] * len(KNOTS)
+        self._idle_w = PRIOR_IDLE_W
         self._idle_weight = 0.0
         self._built_s = -_INF
         self._top = 0  # highest knot with any observation
@@ -399,10 +327,10 @@ class EfficiencyModel:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _knot(self, i: int) -> _Knot:
+    def _knot(self, i: int) -> Knot:
         k = self._knots[i]
         if k is None:
-            k = self._knots[i] = _Knot()
+            k = self._knots[i] = Knot()
             self._top = max(self._top, i)
         return k
 
@@ -421,8 +349,8 @@ class EfficiencyModel:
             # at its lightest load.
             lightest = [k.power_w for k in knots[1:] if k is not None and k.weight > 0]
             if lightest:
-                p0 = min(p0, lightest[0] / _PRIOR_ACTIVE_RATIO)
-        p1, a_w, a_s, c_s, t0, k_q = self._fit_all(p0)
+                p0 = min(p0, lightest[0] / PRIOR_ACTIVE_RATIO)
+        p1, a_w, a_s, c_s, t0, k_q = fit_shapes(self._knots, p0, self.prior_weight)
         reach = max(KNOTS[self._top] * 2.0, self.explore_limit(), _MIN_REACH)
         size = min(bisect.bisect_right(KNOTS, reach) + 1, len(KNOTS))
 
@@ -453,15 +381,15 @@ class EfficiencyModel:
             if k.ttft_weight > 0:
                 f = k.ttft_weight / (k.ttft_weight + w_lat)
                 res_ttft.append((i, f * (k.ttft_s - (t0 + k_q * k.ttft_x))))
-                cv_ttft.append((i, shrunk_cv(k.ttft_s, k.ttft_sq, k.ttft_weight, w_lat, _PRIOR_CV)))
+                cv_ttft.append((i, shrunk_cv(k.ttft_s, k.ttft_sq, k.ttft_weight, w_lat, PRIOR_CV)))
             if k.tpot_weight > 0:
                 f = k.tpot_weight / (k.tpot_weight + w_lat)
                 res_tpot.append((i, f * (k.tpot_s / fit_step(k.tpot_x) - 1.0)))
-                cv_tpot.append((i, shrunk_cv(k.tpot_s, k.tpot_sq, k.tpot_weight, w_lat, _PRIOR_CV)))
+                cv_tpot.append((i, shrunk_cv(k.tpot_s, k.tpot_sq, k.tpot_weight, w_lat, PRIOR_CV)))
         rp, rr = residuals(res_p, size), residuals(res_r, size)
         rt, ro = residuals(res_ttft, size), residuals(res_tpot, size)
-        vt = residuals(cv_ttft, size, _PRIOR_CV)
-        vo = residuals(cv_tpot, size, _PRIOR_CV)
+        vt = residuals(cv_ttft, size, PRIOR_CV)
+        vo = residuals(cv_tpot, size, PRIOR_CV)
         z = self.spread_z
         power, rate = [p0], [0.0]
         ttft, tpot = [0.0], [0.0]
@@ -486,64 +414,3 @@ class EfficiencyModel:
         ttft[0], tpot[0], ttft_hi[0], tpot_hi[0] = ttft[1], tpot[1], ttft_hi[1], tpot_hi[1]
         self._power, self._rate, self._ttft, self._tpot = power, rate, ttft, tpot
         self._ttft_hi, self._tpot_hi = ttft_hi, tpot_hi
-
-    def _fit_all(self, p0: float) -> tuple[float, float, float, float, float, float]:
-        """Fit the parametric shapes to the knots: (P1, A, a, c, t0, k) (priors if no data)."""
-        pw = pu = py = puu = puy = 0.0  # power vs log2(decoding)
-        s0 = s1 = s2 = st0 = st1 = 0.0  # step time (decoding / rate) vs decoding
-        q0 = q1 = q2 = qt0 = qt1 = 0.0  # TTFT vs awaiting-first-token
-        for k in self._knots[1:]:
-            if k is None:
-                continue
-            if k.weight > 0 and k.x >= 1.0:
-                w, u = k.weight, math.log2(k.x)
-                pw += w
-                pu += w * u
-                py += w * k.power_w
-                puu += w * u * u
-                puy += w * u * k.power_w
-                if k.tokens_per_s > 0:
-                    step_s = k.x / k.tokens_per_s
-                    s0 += w
-                    s1 += w * k.x
-                    s2 += w * k.x * k.x
-                    st0 += w * step_s
-                    st1 += w * k.x * step_s
-            if k.ttft_weight > 0:
-                w, x = k.ttft_weight, k.ttft_x
-                q0 += w
-                q1 += w * x
-                q2 += w * x * x
-                qt0 += w * k.ttft_s
-                qt1 += w * x * k.ttft_s
-        if pw > 0:
-            ubar, ybar = pu / pw, py / pw
-            var = puu / pw - ubar * ubar
-            if var >= _MIN_LOG2_SPREAD:
-                a_w = (puy / pw - ubar * ybar) / var
-                p1 = ybar - a_w * ubar
-            else:
-                p1 = ybar / (1.0 + _PRIOR_W_PER_DOUBLING * ubar)
-                a_w = _PRIOR_W_PER_DOUBLING * p1
-            a_w, p1 = max(a_w, 0.0), max(p1, p0)
-        else:
-            p1 = _PRIOR_ACTIVE_RATIO * p0
-            a_w = _PRIOR_W_PER_DOUBLING * p1
-        if s0 > 0:
-            # Ridge toward c = rho * a: a few batches near each other say little about c.
-            mu = self.prior_weight * _SLOPE_SCALE ** 2
-            a_s, c_s = ridge_line(s0, s1, s2, st0, st1, mu, _PRIOR_SLOPE_RATIO, 0.0)
-            a_s = max(a_s, 1e-4)
-            c_s = max(c_s, 0.0)
-        else:
-            # A bigger board (more idle watts) is presumed proportionally faster: before any
-            # token, GPUs are presumed equally efficient per watt.
-            a_s = _PRIOR_STEP_S * _PRIOR_IDLE_W / max(p0, 1.0)
-            c_s = _PRIOR_SLOPE_RATIO * a_s
-        if q0 > 0:
-            # Ridge toward k = 2 steps per request ahead, weighed as at 4 requests ahead.
-            t0, k_q = ridge_line(q0, q1, q2, qt0, qt1, self.prior_weight * 16.0, 0.0, 2.0 * a_s)
-            k_q = max(k_q, 0.0)
-        else:
-            t0, k_q = 2.0 * a_s, 2.0 * a_s
-        return p1, a_w, a_s, c_s, t0, k_q

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -42,6 +44,17 @@ _TENANT_BACKEND_FIELDS = ("name", "healthy", "models", "tokens_per_joule")
 #: Query strings forwarded upstream; aiohttp-based engines refuse request lines over 8190 bytes.
 _MAX_QUERY_BYTES = 4096
 
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a path goes: `handler`, for the methods in `allow` (None: any method); any other
+    method gets 405 naming them in its Allow header."""
+
+    handler: Handler
+    allow: tuple[str, ...] | None = None
+
 
 class JouleGate:
     """The proxy as one ASGI callable."""
@@ -63,9 +76,25 @@ class JouleGate:
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
-        # Other POST routes relayed upstream: an allowlist (proxy/passthrough.py), exact paths.
+        # Other POST routes relayed upstream: an allowlist (config.DEFAULT_PASSTHROUGH), exact paths.
         self.passthrough = config.server.passthrough_paths()
         self._metrics_listener: Any = None
+        # The route table: exact paths first, then prefixes in order, then the pass-through
+        # allowlist (POST only; other methods there are the 404 of an unknown path).
+        self.routes: dict[str, Route] = {
+            **{path: Route(self._inference, ("POST",)) for path in _INFERENCE},
+            "/v1/models": Route(self._models),
+            "/healthz": Route(self._healthz, ("GET", "HEAD")),
+            "/readyz": Route(self._readyz, ("GET", "HEAD")),
+        }
+        if config.server.metrics_port is None:  # else /metrics is served on its own port only
+            self.routes["/metrics"] = Route(self._metrics)
+        self.prefix_routes: tuple[tuple[str, Route], ...] = (
+            ("/v1/models/", Route(self._models)),
+            # GET only, never passed through: these are the proxy's own.
+            ("/v1/energy/", Route(self._energy_api, ("GET",))),
+        )
+        self.passthrough_route = Route(self._passthrough, ("POST",))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -100,42 +129,53 @@ class JouleGate:
             await self.relay(scope, receive, send, kind)  # the hot path: it sets its own request id
             return
         send = _with_request_id(scope, send)
-        if kind is not None:
-            if method != "POST":
-                await send_error(send, _method_not_allowed(path, "POST"), "")
-            else:
-                # Forwarded upstream with the path: keep it under every engine's line limit.
-                await send_error(send, _uri_too_long(), "")
-            return
-        if path == "/v1/models" or path.startswith("/v1/models/"):
-            await self._models(scope, send, path)
-        elif path.startswith("/v1/energy/"):
-            if method == "GET":
-                await self._energy_api(scope, send, path)
-            else:  # never passed through: these are the proxy's own
-                await send_error(send, _method_not_allowed(path, "GET"), "")
-        elif path in ("/healthz", "/readyz") and method not in ("GET", "HEAD"):
-            await send_error(send, _method_not_allowed(path, "GET, HEAD"), "")
-        elif path == "/healthz":
-            await _send_json(send, 200, {"status": "ok"})
-        elif path == "/readyz":
-            ready = any(b.healthy for b in self.pool.backends)
-            # Why each unhealthy backend is down, so a bad one is diagnosed from the probe.
-            await _send_json(send, 200 if ready else 503, {"ready": ready, "backends": {
-                b.name: b.healthy for b in self.pool.backends}, "errors": {
-                b.name: b.last_error for b in self.pool.backends if not b.healthy}})
-        elif path == "/metrics" and self.config.server.metrics_port is None:
-            await _send(send, 200, self.render_metrics(), b"text/plain; version=0.0.4; charset=utf-8")
-        elif method == "POST" and path in self.passthrough:
-            if len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
-                await send_error(send, _uri_too_long(), "")
-            else:
-                await self.relay(scope, receive, send, "other")
-        else:
+        route = self._find_route(path, method)
+        if route is None:
             # Engine admin routes (LoRA loading, sleep, cache resets...) land here too: only the
-            # allowlisted paths above ever reach a backend.
+            # allowlisted paths ever reach a backend.
             shown = path if len(path) <= 200 else path[:200] + "..."
             await send_error(send, ProxyError(404, f"No route for {method} {shown}.", code="not_found"), "")
+        elif route.allow is not None and method not in route.allow:
+            await send_error(send, _method_not_allowed(path, ", ".join(route.allow)), "")
+        else:
+            await route.handler(scope, receive, send)
+
+    def _find_route(self, path: str, method: str) -> Route | None:
+        """The route table's entry for `path`, or None (404)."""
+        route = self.routes.get(path)
+        if route is not None:
+            return route
+        for prefix, route in self.prefix_routes:
+            if path.startswith(prefix):
+                return route
+        if method == "POST" and path in self.passthrough:
+            return self.passthrough_route
+        return None
+
+    # ---- handlers: each answers one route of the table ------------------------------------------
+    async def _inference(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A POST `_route` did not relay at once: its query string is too long."""
+        # Forwarded upstream with the path: keep it under every engine's line limit.
+        await send_error(send, _uri_too_long(), "")
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
+            await send_error(send, _uri_too_long(), "")
+        else:
+            await self.relay(scope, receive, send, "other")
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, {"status": "ok"})
+
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ready = any(b.healthy for b in self.pool.backends)
+        # Why each unhealthy backend is down, so a bad one is diagnosed from the probe.
+        await _send_json(send, 200 if ready else 503, {"ready": ready, "backends": {
+            b.name: b.healthy for b in self.pool.backends}, "errors": {
+            b.name: b.last_error for b in self.pool.backends if not b.healthy}})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, 200, self.render_metrics(), b"text/plain; version=0.0.4; charset=utf-8")
 
     def render_metrics(self) -> bytes:
         """Prometheus text, with the backends' gauges refreshed first."""
@@ -152,7 +192,8 @@ class JouleGate:
                     gauge.labels(name).set(view[key])
         return self.metrics.render()
 
-    async def _energy_api(self, scope: Scope, send: Send, path: str) -> None:
+    async def _energy_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
         try:
             principal = self.auth.authenticate(dict(scope["headers"]).get(b"authorization"))
             if path.startswith("/v1/energy/requests/"):
@@ -227,7 +268,8 @@ class JouleGate:
             })
         return views
 
-    async def _models(self, scope: Scope, send: Send, path: str) -> None:
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
         headers = dict(scope["headers"])
         try:
             self.auth.authenticate(headers.get(b"authorization"))

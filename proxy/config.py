@@ -9,12 +9,10 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from proxy.ledger import ledger_options
-from proxy.passthrough import check_path, resolve
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -79,7 +77,7 @@ class ServerConfig(_Strict):
     metrics_port: int | None = Field(None, ge=1, le=65535, description=(
         "Serve GET /metrics on this port of its own (same host); the main port then answers 404 "
         "there. null: on the main port."))
-    # proxy/passthrough.py; any other path is a 404 that never leaves the proxy.
+    # DEFAULT_PASSTHROUGH below; any other path is a 404 that never leaves the proxy.
     passthrough: list[str] | PassthroughEdit | None = Field(None, description=(
         "POST paths relayed to backends besides the inference routes: a list replaces the default "
         "allowlist, {add, remove} edits it; null: the default."))
@@ -88,7 +86,7 @@ class ServerConfig(_Strict):
     @classmethod
     def _passthrough_paths(cls, value: list[str] | PassthroughEdit | None) -> list[str] | PassthroughEdit | None:
         for path in value.add + value.remove if isinstance(value, PassthroughEdit) else value or []:
-            check_path(path)
+            check_passthrough_path(path)
         return value
 
     @model_validator(mode="after")
@@ -100,8 +98,8 @@ class ServerConfig(_Strict):
     def passthrough_paths(self) -> frozenset[str]:
         """The POST paths relayed besides the proxy's own inference routes."""
         if isinstance(self.passthrough, PassthroughEdit):
-            return resolve(None, self.passthrough.add, self.passthrough.remove)
-        return resolve(self.passthrough, [], [])
+            return resolve_passthrough(None, self.passthrough.add, self.passthrough.remove)
+        return resolve_passthrough(self.passthrough, [], [])
 
 
 class PowerConfig(_Strict):
@@ -454,3 +452,91 @@ def load_config(path: str | Path) -> Config:
     if config.ledger is None:
         config.ledger = f"sqlite:///{path.resolve().parent / 'joulegate-ledger.db'}"
     return config
+
+# ---- rules the config checks, kept here so the config imports nothing of the proxy ---------
+# The relay's allowlist of extra POST routes. An inference engine serves more than inference
+# under /v1/ (vLLM: /v1/load_lora_adapter, dev mode /v1/sleep...), and the relay sends the
+# backend's own key with them, so only the routes listed are relayed; any other path is the
+# proxy's 404 and never leaves it.
+
+#: OpenAI-style inference routes relayed by default (chat/completions, completions and
+#: embeddings are the proxy's own routes and always served).
+DEFAULT_PASSTHROUGH: tuple[str, ...] = (
+    "/v1/responses",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/moderations",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/tokenize",
+    "/v1/detokenize",
+)
+
+#: A path that may be listed: `/v1/` and plain segments, at most 1 KiB. The path is appended
+#: to the backend's URL, so a dot segment (`/v1/../metrics`) would reach the engine's non-API
+#: routes, and `?`, `#` or control characters would change the URL.
+PATH_RE = re.compile(r"/v1(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9._~@:,=+-]+){1,16}")
+MAX_PATH_BYTES = 1024
+
+
+def check_passthrough_path(path: str) -> str:
+    """`path` if it may be passed through, else ValueError saying why."""
+    if len(path) > MAX_PATH_BYTES or not PATH_RE.fullmatch(path):
+        raise ValueError(f"{path!r} is not a /v1/... path of plain segments")
+    return path
+
+
+def resolve_passthrough(replace: list[str] | None, add: list[str], remove: list[str]) -> frozenset[str]:
+    """The allowlist: `replace` (or the default) plus `add`, less `remove`."""
+    base = DEFAULT_PASSTHROUGH if replace is None else replace
+    return frozenset(check_passthrough_path(p) for p in (*base, *add)) - set(remove)
+
+
+#: Options a ledger URL's query may set (open_ledger applies them; the config rejects bad ones): name -> (the store option it sets, its parser, stores).
+_LEDGER_URL_OPTIONS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "retention_days": ("retention_s", lambda v: _positive_number(v) * 86_400.0, ("memory", "sqlite", "redis")),
+    "flush_interval_s": ("flush_interval_s", lambda v: _positive_number(v), ("memory", "sqlite", "redis")),
+    "max_buffer": ("max_buffer", lambda v: int(_positive_number(v)), ("memory", "sqlite", "redis")),
+    "journal_path": ("journal_path", str, ("sqlite", "redis")),
+    "busy_timeout_s": ("busy_timeout_s", lambda v: _positive_number(v), ("sqlite",)),
+    "synchronous": ("synchronous", str, ("sqlite",)),
+    "key_prefix": ("key_prefix", str, ("redis",)),
+    "socket_timeout_s": ("socket_timeout_s", lambda v: _positive_number(v), ("redis",)),
+}
+
+
+def _positive_number(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _ledger_store(url: str) -> str:
+    return "memory" if url.startswith("memory:") else "sqlite" if url.startswith("sqlite:") else "redis"
+
+
+def ledger_options(url: str) -> tuple[str, dict[str, Any]]:
+    """The URL without its query, and the store options its query sets. ValueError naming the
+    option for one unknown, misplaced (e.g. key_prefix on SQLite) or out of range."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    store, opts = _ledger_store(url), {}
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if name not in _LEDGER_URL_OPTIONS:
+            raise ValueError(f"unknown ledger option {name!r}; known: {', '.join(_LEDGER_URL_OPTIONS)}")
+        option, parse, stores = _LEDGER_URL_OPTIONS[name]
+        if store not in stores:
+            raise ValueError(f"ledger option {name!r} does not apply to a {store} ledger")
+        try:
+            opts[option] = parse(value)
+        except ValueError as exc:
+            raise ValueError(f"ledger option {name}={value!r}: {exc}") from None
+    if str(opts.get("synchronous", "NORMAL")).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError("ledger option synchronous must be OFF, NORMAL, FULL or EXTRA")
+    return base, opts

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from proxy.cli import build_parser
-from proxy.config import Config, parse_config
+from proxy.config import DEFAULT_PASSTHROUGH, Config, parse_config
 from proxy.config_doc import EXAMPLE, REGENERATE, render
-from proxy.passthrough import DEFAULT_PASSTHROUGH
 
 REPO = Path(__file__).resolve().parent.parent
 READ_BY_USERS = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "CHANGELOG.md",

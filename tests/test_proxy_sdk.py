@@ -272,6 +272,20 @@ def test_unknown_route_and_method(proxy: ProxyProc) -> None:
     assert resp.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_route_table_answers(proxy: ProxyProc) -> None:
+    """Each kind of route's refusal: 405 naming the allowed methods, 404 for a pass-through
+    path asked with another method, 414 for an over-long query; an x-request-id on each."""
+    cases = [("POST", "/v1/energy/usage", 405, "GET"), ("DELETE", "/v1/embeddings", 405, "POST"),
+             ("GET", "/v1/rerank", 404, None), ("POST", "/v1/load_lora_adapter", 404, None),
+             ("POST", "/v1/chat/completions?q=" + "x" * 5000, 414, None),
+             ("POST", "/v1/rerank?q=" + "x" * 5000, 414, None)]
+    for method, path, status, allow in cases:
+        resp = httpx.request(method, proxy.url + path, timeout=10)
+        assert resp.status_code == status, (method, path[:40])
+        assert resp.headers.get("allow") == allow
+        assert resp.headers["x-request-id"] and resp.json()["error"]["message"]
+
+
 def test_health_ready_and_metrics(proxy: ProxyProc) -> None:
     assert httpx.get(proxy.url + "/healthz").status_code == 200
     assert httpx.get(proxy.url + "/readyz").json()["ready"] is True

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import parse_qsl
 
-from proxy.ledger.base import Ledger, LedgerRecord, LedgerStats
+from proxy.config import ledger_options
+from proxy.ledger.base import Ledger
+from proxy.ledger.record import LedgerRecord, LedgerStats
 from proxy.ledger.usage import GROUP_KEYS, UsageRow, hour_floor_s, hour_iso
 from proxy.redact import redact_url
 
@@ -30,52 +31,6 @@ __all__ = [
     "GROUP_KEYS", "Ledger", "LedgerRecord", "LedgerStats", "UsageRow", "hour_floor_s", "hour_iso",
     "ledger_options", "open_ledger", "redacted_url",
 ]
-
-#: Options a ledger URL's query may set: name -> (the store option it sets, its parser, stores).
-_URL_OPTIONS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
-    "retention_days": ("retention_s", lambda v: _positive(v) * 86_400.0, ("memory", "sqlite", "redis")),
-    "flush_interval_s": ("flush_interval_s", lambda v: _positive(v), ("memory", "sqlite", "redis")),
-    "max_buffer": ("max_buffer", lambda v: int(_positive(v)), ("memory", "sqlite", "redis")),
-    "journal_path": ("journal_path", str, ("sqlite", "redis")),
-    "busy_timeout_s": ("busy_timeout_s", lambda v: _positive(v), ("sqlite",)),
-    "synchronous": ("synchronous", str, ("sqlite",)),
-    "key_prefix": ("key_prefix", str, ("redis",)),
-    "socket_timeout_s": ("socket_timeout_s", lambda v: _positive(v), ("redis",)),
-}
-
-
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0 or number == float("inf"):
-        raise ValueError("must be a positive number")
-    return number
-
-
-def _store(url: str) -> str:
-    return "memory" if url.startswith("memory:") else "sqlite" if url.startswith("sqlite:") else "redis"
-
-
-def ledger_options(url: str) -> tuple[str, dict[str, Any]]:
-    """The URL without its query, and the store options its query sets. ValueError naming the
-    option for one unknown, misplaced (e.g. key_prefix on SQLite) or out of range."""
-    base, sep, query = url.partition("?")
-    if not sep:
-        return url, {}
-    store, opts = _store(url), {}
-    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        if name not in _URL_OPTIONS:
-            raise ValueError(f"unknown ledger option {name!r}; known: {', '.join(_URL_OPTIONS)}")
-        option, parse, stores = _URL_OPTIONS[name]
-        if store not in stores:
-            raise ValueError(f"ledger option {name!r} does not apply to a {store} ledger")
-        try:
-            opts[option] = parse(value)
-        except ValueError as exc:
-            raise ValueError(f"ledger option {name}={value!r}: {exc}") from None
-    if str(opts.get("synchronous", "NORMAL")).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise ValueError("ledger option synchronous must be OFF, NORMAL, FULL or EXTRA")
-    return base, opts
-
 
 def redacted_url(url: str) -> str:
     """`url` fit to print: no userinfo (redis://:PASSWORD@host), no query values."""

@@ -21,9 +21,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
+from proxy.ledger.journal import SpillJournal
+from proxy.ledger.record import LedgerRecord, LedgerStats, latest
 from proxy.ledger.usage import (
     UJ_PER_J,
     Bucket,
@@ -35,95 +37,12 @@ from proxy.ledger.usage import (
 )
 from proxy.redact import redact_text
 
-if TYPE_CHECKING:
-    from proxy.ledger.sqlite import Journal
-
 #: The first budget read of a tenant and period waits at most this long for the store (s).
 _FIRST_READ_TIMEOUT_S = 0.25
 
 log = logging.getLogger("joulegate.ledger")
 
 DAY_S = 86_400
-
-
-#: Between a request id and its key in `LedgerRecord.uid`; never in an id the relay accepts
-#: (x-request-ids are printable).
-UID_SEP = "\x1f"
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerRecord:
-    """One finished request as billed."""
-
-    request_id: str  # the id its client knows (its x-request-id): may repeat, across tenants too
-    tenant: str
-    model: str
-    backend: str
-    prompt_tokens: int
-    completion_tokens: int
-    joules: float  # final attributed joules (0.0 when the backend has no power source)
-    method: str  # "measured" | "estimated" | "none"
-    start_s: float  # wall clock, seconds since the epoch
-    end_s: float
-    status: int = 200
-    key: str = ""  # the proxy's unique id for the request (RequestRecord.key); "" if none
-    reasoning_tokens: int = 0  # of completion_tokens, where the engine reported them
-
-    @property
-    def uid(self) -> str:
-        """What stores dedupe on: unique per request served, the same for every copy of one
-        record (flush retries, journal replays). Not the client's id alone: a tenant that
-        repeated an id, or reused another tenant's, would otherwise go unbilled. The id alone
-        where the proxy made it (it is the key then), so most rows look as they always did."""
-        if self.key in ("", self.request_id):
-            return self.request_id
-        return f"{self.request_id}{UID_SEP}{self.key}"
-
-    @property
-    def hour_s(self) -> int:
-        """The UTC hour (epoch seconds of its start) this record is billed to."""
-        return hour_floor_s(self.end_s)
-
-    def to_row(self) -> list[Any]:
-        """A compact JSON-able form, used by the journal and the Redis store."""
-        return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
-                self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status, self.key, self.reasoning_tokens]
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
-        """From `to_row`'s form; rows written before keys existed have 11 fields, before
-        reasoning tokens 12."""
-        return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
-                   float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
-                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0)
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerStats:
-    """A snapshot of the ledger's health, for metrics and /readyz."""
-
-    buffered: int  # records in memory not yet durable (buffer + the flush in progress)
-    journaled: int  # records spilled to the local journal, waiting for the store
-    flush_lag_s: float  # how long the oldest record not yet in the store has waited; 0 if none
-    last_flush_s: float | None  # wall clock of the last successful flush
-    last_flush_duration_s: float
-    flush_failures: int  # failed flush attempts since start
-    records_written: int  # records newly made durable in the store
-    duplicates: int  # records dropped because the same record (uid) was already recorded
-    record_errors: int  # records record() could not take (logged)
-    last_error: str | None
-
-
-def latest(records: Iterable[LedgerRecord]) -> LedgerRecord | None:
-    """The record that ended last, or None."""
-    return max(records, key=lambda r: r.end_s, default=None)
-
-
-def split_uid(uid: str) -> tuple[str, str]:
-    """A `LedgerRecord.uid` back into (request_id, key)."""
-    request_id, _, key = uid.partition(UID_SEP)
-    return request_id, key
 
 
 class Ledger(ABC):
@@ -201,10 +120,7 @@ class BufferedLedger(Ledger):
         self.prune_interval_s = prune_interval_s
         self.store_cache_s = store_cache_s  # how stale the store's part of tenant_joules may be
         self._journal_path = journal_path
-        self._journal: Journal | None = None
-        self._journaled = 0
-        self._journal_pending: dict[tuple[str, int], int] = {}
-        self._journal_since: float | None = None
+        self._journal = SpillJournal(journal_path, self._run_io) if journal_path else None
         # Insertion-ordered by uid: O(1) dedupe of a replay while it is still in memory.
         self._buffer: dict[str, LedgerRecord] = {}
         self._buffer_since: float | None = None  # monotonic time the oldest buffered record came
@@ -283,11 +199,6 @@ class BufferedLedger(Ledger):
         held = self._held
         return [(rec.tenant, rec.key) for rec in records if rec.key in held]
 
-    def _make_journal(self, path: str) -> Journal:
-        from proxy.ledger.sqlite import Journal  # sqlite.py imports this module
-
-        return Journal(path)
-
     async def _run_io(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
@@ -297,15 +208,8 @@ class BufferedLedger(Ledger):
             return
         self._started = True
         await self._open()
-        if self._journal_path is not None:
-            journal = self._make_journal(self._journal_path)
-            # A journal left by an earlier run is replayed by the first successful flush.
-            if await self._run_io(journal.exists):
-                self._journal = journal
-                await self._refresh_journal_pending()
-                if self._journaled:
-                    log.warning("ledger journal %s holds %d records; replaying them",
-                                self._journal_path, self._journaled)
+        if self._journal is not None:
+            await self._journal.open_existing()
         self._task = asyncio.create_task(self._flush_loop(), name="joulegate-ledger-flush")
 
     async def close(self) -> None:
@@ -316,13 +220,13 @@ class BufferedLedger(Ledger):
             self._wake.set()
             await self._task  # the loop finishes its flush rather than being cancelled mid-write
         await self.flush()
-        if self._buffer and self._journal_path is not None:
+        if self._buffer and self._journal is not None:
             await self._spill()
         if self._buffer:
             log.error("ledger closing with %d records not durable", len(self._buffer))
         await self._close_store()
         if self._journal is not None:
-            await self._run_io(self._journal.close)
+            await self._journal.close()
         self._io.shutdown(wait=True)
 
     async def _flush_loop(self) -> None:
@@ -408,14 +312,14 @@ class BufferedLedger(Ledger):
                 if not isinstance(exc, Exception):
                     raise  # cancelled: the records are back in the buffer
                 self._note_failure(exc)
-                if len(self._buffer) >= self.max_buffer and self._journal_path is not None:
+                if len(self._buffer) >= self.max_buffer and self._journal is not None:
                     await self._spill()
                 self._account(written)
                 return written
             self._inflight_since = None
         if self._journaled:
             try:
-                written += await self._replay_journal()
+                written += await self._journal_replay()
             except Exception as exc:
                 self._note_failure(exc)
                 self._account(written)
@@ -456,18 +360,19 @@ class BufferedLedger(Ledger):
                         self._last_error, len(self._buffer))
         self._failing = True
 
+    @property
+    def _journaled(self) -> int:
+        return self._journal.count if self._journal is not None else 0
+
     async def _spill(self) -> None:
         """Move the buffer to the journal so memory stays bounded while the store is down."""
         records = list(self._buffer.values())
-        if not records:
+        if not records or self._journal is None:
             return
-        if self._journal is None:
-            assert self._journal_path is not None
-            self._journal = self._make_journal(self._journal_path)
         self._buffer, since = {}, self._buffer_since
         self._buffer_since = None
         try:
-            await self._run_io(self._journal.append, records)
+            await self._journal.append(records, since)
         except Exception:
             log.exception("ledger: cannot spill to journal %s; keeping records in memory",
                           self._journal_path)
@@ -475,39 +380,19 @@ class BufferedLedger(Ledger):
             self._buffer_since = since
             return
         self._settle(records, stored=False)  # their pending share now comes from the journal
-        if self._journal_since is None:
-            self._journal_since = since if since is not None else time.monotonic()
-        await self._refresh_journal_pending()
+        await self._journal.refresh()
         log.warning("ledger: spilled %d records to %s (%d journaled)", len(records),
                     self._journal_path, self._journaled)
 
-    async def _replay_journal(self) -> int:
-        """Write the journal into the store, chunk by chunk; deleting a chunk after it is
-        written means a crash in between replays it again, which idempotency absorbs."""
+    async def _journal_replay(self) -> int:
         assert self._journal is not None
-        written = 0
-        try:
-            while True:
-                seq, records = await self._run_io(self._journal.read, self.chunk_size)
-                if not records:
-                    break
-                written += await self._write_chunk(records)
-                for rec in records:  # from the journal's share to the store's
-                    self._held.pop(rec.key, None)
-                    self._note_stored((rec.tenant, hour_floor_s(rec.end_s)), joules_to_uj(rec.joules))
-                await self._run_io(self._journal.delete_through, seq)
-        finally:
-            await self._refresh_journal_pending()
-        if not self._journaled:
-            self._journal_since = None
-            log.info("ledger journal %s replayed", self._journal_path)
-        return written
 
-    async def _refresh_journal_pending(self) -> None:
-        assert self._journal is not None
-        self._journaled, self._journal_pending = await self._run_io(self._journal.pending)
-        if self._journaled and self._journal_since is None:
-            self._journal_since = time.monotonic()
+        def stored(records: Sequence[LedgerRecord]) -> None:
+            for rec in records:  # from the journal's share to the store's
+                self._held.pop(rec.key, None)
+                self._note_stored((rec.tenant, hour_floor_s(rec.end_s)), joules_to_uj(rec.joules))
+
+        return await self._journal.replay(self.chunk_size, self._write_chunk, stored)
 
     # ---- budget holds -------------------------------------------------------------------------
     async def reserve(self, tenant: str, key: str, uj: int, since_s: float, budget_uj: int,
@@ -544,8 +429,8 @@ class BufferedLedger(Ledger):
                      if r.request_id == request_id and (tenant is None or r.tenant == tenant))
         if rec is not None:
             return rec
-        if self._journaled and self._journal is not None:  # local, so it answers in an outage
-            found = await self._run_io(self._journal.get, request_id, tenant)
+        if self._journal is not None:  # local, so it answers in an outage
+            found = await self._journal.get(request_id, tenant)
             if found is not None:
                 return found
         return await self._stored_request(request_id, tenant)
@@ -555,7 +440,7 @@ class BufferedLedger(Ledger):
         # Pending first: a flush finishing during the store read can then only make us count a
         # batch twice (refusing a request early), never miss it (letting a tenant overspend).
         pending = sum(uj for (t, h), uj in self._pending.items() if t == tenant and h >= since_hour)
-        pending += sum(uj for (t, h), uj in self._journal_pending.items()
+        pending += sum(uj for (t, h), uj in (self._journal.pending if self._journal else {}).items()
                        if t == tenant and h >= since_hour)
         key = (tenant, since_hour)
         cached = self._store_cache.get(key)
@@ -611,7 +496,8 @@ class BufferedLedger(Ledger):
     @property
     def stats(self) -> LedgerStats:
         now = time.monotonic()
-        since = [t for t in (self._buffer_since, self._inflight_since, self._journal_since)
+        journal_since = self._journal.since if self._journal is not None else None
+        since = [t for t in (self._buffer_since, self._inflight_since, journal_since)
                  if t is not None]
         return LedgerStats(
             buffered=len(self._buffer) + len(self._inflight), journaled=self._journaled,

@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.ledger.base import BufferedLedger, LedgerRecord, latest
+from proxy.ledger.base import BufferedLedger
+from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.usage import Bucket, joules_to_uj
 
 

@@ -41,7 +41,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.ledger.base import BufferedLedger, LedgerRecord, latest
+from proxy.ledger.base import BufferedLedger
+from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.usage import Bucket, hour_floor_s, joules_to_uj
 
 HOUR_S = 3600

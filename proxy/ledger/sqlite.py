@@ -1,4 +1,4 @@
-"""`sqlite:///path`: the embedded default ledger, and the spill journal every store can use.
+"""`sqlite:///path`: the embedded default ledger (the spill journal is journal.py).
 
 WAL mode, so readers (`joulegate usage`, other workers) never block the writer. All access goes
 through the ledger's single I/O thread, which owns the connection (one connection per thread),
@@ -20,16 +20,15 @@ the last flushes (use `synchronous="FULL"` to trade write speed for that).
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
-
-from proxy.ledger.base import UID_SEP, BufferedLedger, LedgerRecord, latest, split_uid
+from proxy.ledger.base import BufferedLedger
+from proxy.ledger.journal import connect
+from proxy.ledger.record import UID_SEP, LedgerRecord, latest, split_uid
 from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, hour_iso, joules_to_uj
 
 SCHEMA = """
@@ -82,16 +81,6 @@ MIGRATIONS = (
     ("aggregates", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
 )
 PRUNE_BATCH = 5000  # rows per delete transaction, so a prune never holds the write lock long
-
-
-def connect(path: str, *, busy_timeout_s: float = 5.0, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    """A WAL-mode connection in autocommit mode (transactions are explicit)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    return conn
 
 
 class SqliteLedger(BufferedLedger):
@@ -322,69 +311,3 @@ def _where(tenant: str | None, since_hour_s: int | None,
         clauses.append("hour_s < ?")
         args.append(until_s)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
-
-
-class Journal:
-    """Records waiting for the store, in a local SQLite file, in arrival order.
-
-    Plain appends (no dedupe): a record spilled twice is replayed twice, and the store's
-    idempotency counts it once. Opened lazily, on the ledger's I/O thread only. The file is
-    kept when empty, because several worker processes may share it.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._conn: sqlite3.Connection | None = None
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = connect(self.path)
-            conn.executescript(
-                "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-                " request_id TEXT NOT NULL, tenant TEXT NOT NULL, hour_s INTEGER NOT NULL,"
-                " joules_uj INTEGER NOT NULL, rec BLOB NOT NULL);"
-                "CREATE INDEX IF NOT EXISTS journal_request_id ON journal (request_id);")
-            self._conn = conn
-        return self._conn
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
-
-    def append(self, records: Sequence[LedgerRecord]) -> None:
-        conn = self._db()
-        with conn:  # one transaction
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT INTO journal (request_id, tenant, hour_s, joules_uj, rec) VALUES (?, ?, ?, ?, ?)",
-                [(r.request_id, r.tenant, r.hour_s, joules_to_uj(r.joules), orjson.dumps(r.to_row()))
-                 for r in records])
-
-    def read(self, limit: int) -> tuple[int, list[LedgerRecord]]:
-        """The oldest `limit` records and the seq of the last one."""
-        rows = self._db().execute("SELECT seq, rec FROM journal ORDER BY seq LIMIT ?",
-                                  (limit,)).fetchall()
-        if not rows:
-            return 0, []
-        return rows[-1][0], [LedgerRecord.from_row(orjson.loads(rec)) for _, rec in rows]
-
-    def delete_through(self, seq: int) -> None:
-        self._db().execute("DELETE FROM journal WHERE seq <= ?", (seq,))
-
-    def pending(self) -> tuple[int, dict[tuple[str, int], int]]:
-        """How many records wait, and their micro-joules per (tenant, hour_s)."""
-        conn = self._db()
-        count = conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
-        per = {(t, h): uj for t, h, uj in conn.execute(
-            "SELECT tenant, hour_s, SUM(joules_uj) FROM journal GROUP BY tenant, hour_s")}
-        return count, per
-
-    def get(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:
-        """The latest journaled record with this client-visible id (of `tenant`, if given)."""
-        rows = self._db().execute("SELECT rec FROM journal WHERE request_id = ?", (request_id,))
-        found = (LedgerRecord.from_row(orjson.loads(rec)) for rec, in rows)
-        return latest(r for r in found if tenant is None or r.tenant == tenant)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None

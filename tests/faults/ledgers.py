@@ -18,7 +18,7 @@ import orjson
 import redis
 
 from proxy.ledger import LedgerRecord
-from proxy.ledger.base import split_uid
+from proxy.ledger.record import split_uid
 from tests.conftest import ADMIN_KEY, ProxyProc
 
 

@@ -240,25 +240,3 @@ class PowerSource(ABC):
     def _where(self) -> str:
         return redact_url(self.config.url) if self.config.url else ",".join(str(g) for g in self.config.gpus) or "all GPUs"
 
-
-def make_source(config: PowerConfig, on_sample: SampleCallback) -> PowerSource | None:
-    """The source `config.source` names, not yet started; None for "none"."""
-    if config.source == "none":
-        return None
-    if config.source == "nvml":
-        from proxy.energy.sources.nvml import NvmlSource
-
-        return NvmlSource(config, on_sample)
-    if config.source == "dcgm":
-        from proxy.energy.sources.dcgm import DcgmSource
-
-        return DcgmSource(config, on_sample)
-    if config.source == "agent":
-        from proxy.energy.sources.agent import AgentSource
-
-        return AgentSource(config, on_sample)
-    if config.source == "sim":
-        from proxy.energy.sources.sim import SimSource
-
-        return SimSource(config, on_sample)
-    raise ValueError(f"unknown power source {config.source!r}")
