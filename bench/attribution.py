@@ -662,7 +662,8 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def proxy_config(setup: Setup, sims: dict[str, Server], prefill_weight: float | None) -> str:
+def proxy_config(setup: Setup, sims: dict[str, Server], prefill_weight: float | None,
+                 learn: bool = True) -> str:
     lines = ["server: {host: 127.0.0.1}", "backends:"]
     for name, sim in sims.items():
         base = f"http://{HOST}:{sim.port}"
@@ -673,6 +674,8 @@ def proxy_config(setup: Setup, sims: dict[str, Server], prefill_weight: float | 
     energy = "energy: {idle: separate"
     if prefill_weight is not None:
         energy += f", prefill_weight: {prefill_weight}"
+    if not learn:
+        energy += ", learn: false"
     lines.append(energy + "}")
     lines.append("ledger: memory://")
     lines.append("tenants:")
@@ -783,7 +786,8 @@ class Run(Fleet):
         start_sims(self.sims, backends, MODEL, self.log_dir, tag, self.args.seed,
                    {backends[0][0]: self.setup.skew_s} if self.setup.skew_s else None)
         cfg = self.log_dir / f"{tag}-joulegate.yaml"
-        cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight))
+        cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight,
+                                    not self.args.no_learn))
         # Power from every backend, and at least two samples' worth of it, before any request.
         self.start_proxy(tag, cfg, "bench.attribution", self.args.plain_serve, ADMIN_KEY,
                          2.5 * self.setup.interval_s)
@@ -812,6 +816,8 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
                                              args.measure_timeout_s + 10 * setup.interval_s))
         asyncio.run(fetch_truth(run.sims, outcomes))
         books = run.books()
+        split_weights = {b["name"]: b.get("split_weights") for b in _get_json(
+            run.proxy.port, "/v1/energy/backends", ADMIN_KEY)["data"]}
         sims_after = run.sim_energy()
         proxy_log_errors = sum(1 for line in run.proxy.log_tail(10_000).splitlines()
                                if "Traceback" in line or " ERROR " in line)
@@ -825,7 +831,8 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
     summary = summarize(setup, outcomes, energy)
     summary.update(startup_s=startup_s, workload_s=workload_s, settle_s=settle_s,
                    total_s=time.monotonic() - t_start, proxy_log_errors=proxy_log_errors,
-                   breakdown=breakdown(outcomes), calibration=calibration(outcomes, prefill_j))
+                   breakdown=breakdown(outcomes), calibration=calibration(outcomes, prefill_j),
+                   split_weights=split_weights)
     return summary, outcomes
 
 
@@ -915,6 +922,12 @@ def print_breakdown(s: dict[str, Any]) -> None:
     if s.get("idle_excess_j") is not None:
         print(f"    proxy idle - engine idle over the window: {s['idle_excess_j']:+.1f} J "
               f"({s['idle_excess_pct_of_busy']:+.2f}% of the engines' busy joules)")
+    learned = {n: w for n, w in (s.get("split_weights") or {}).items() if w}
+    if learned:
+        print("    split weights at the end (energy.learn): " + "; ".join(
+            f"{n} prefill {w['prefill_weight']:.3f} + {w['prefill_weight_sq']:.2e}/tok, decode ctx "
+            f"{w['decode_context_weight']:.2e}/tok{'' if w['learned'] else ' (prior)'}"
+            for n, w in learned.items()))
     cal = s.get("calibration") or {}
     print("    implied prefill_weight from the truth: " + ", ".join(
         f"{n} {_f(c['implied_prefill_weight'], 3)} ({_f(c['prefill_j_per_token'], 3)} J/prompt tok"
@@ -1010,6 +1023,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of configs to run, e.g. sim@100ms,dcgm@1s")
     ap.add_argument("--prefill-weight", type=float, default=None,
                     help="energy.prefill_weight for the proxy (default: the proxy's own default)")
+    ap.add_argument("--no-learn", action="store_true",
+                    help="energy.learn: false (one fixed prefill_weight, no length/context terms)")
     ap.add_argument("--plain-serve", action="store_true",
                     help="run the stock `joulegate serve` (no books: external conservation only)")
     ap.add_argument("--measure-timeout-s", type=float, default=30.0,
@@ -1117,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_1m_after": os.getloadavg()[0], "git": _git_state()},
         "settings": {"requests": args.requests, "seed": args.seed, "concurrency": args.concurrency,
                      "configs": [s.name for s in args.setups], "prefill_weight": args.prefill_weight,
+                     "learn": not args.no_learn,
                      "plain_serve": args.plain_serve, "backends": dict(BACKENDS),
                      "tenant_mix": TENANT_MIX},
         "plan": [asdict(p) for p in plan],
