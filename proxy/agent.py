@@ -3,8 +3,9 @@
 A background sampler reads NVML (proxy/energy/sources/nvml.py `NvmlReader`) every `interval_s`
 on a dedicated thread and keeps the latest reading. Endpoints:
   GET /v1/power         -> {"t": <wall clock s at the read>, "gpus": [{"index", "uuid", "name",
-                           "energy_mj", "power_w"}]}: a fresh read, so `t` is taken while the
-                           request is in flight, which the proxy's clock-offset probes rely on
+                           "energy_mj", "power_w", "power_limit_w"}]}: a fresh read, so `t` is
+                           taken while the request is in flight, which the proxy's clock-offset
+                           probes rely on
   GET /v1/power/stream  -> the same objects as SSE `data:` events, one per `interval_s` (query,
                            at least the agent's own interval); `: ...` comment lines as
                            keep-alives while no fresh reading comes
@@ -12,7 +13,8 @@ on a dedicated thread and keeps the latest reading. Endpoints:
                            DCGM_FI_DEV_POWER_USAGE_INSTANT W, DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION
                            mJ; labels gpu, UUID, device, modelName)
   GET /healthz          -> 200 while reads succeed, else 503
-Units: energy_mj millijoules (the NVML counter since driver load), power_w watts, t seconds.
+Units: energy_mj millijoules (the NVML counter since driver load), power_w watts, t seconds;
+power_limit_w: the GPU's enforced power limit in watts (left out where NVML does not say).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class AgentState:
 def reading_json(t_s: float, readings: list[GpuReading]) -> dict[str, Any]:
     return {"t": t_s, "gpus": [
         {"index": r.index, "uuid": r.uuid, "name": r.name, "energy_mj": r.energy_mj,
-         "power_w": None if r.power_w is None else round(r.power_w, 3)}
+         "power_w": None if r.power_w is None else round(r.power_w, 3),
+         **({"power_limit_w": r.power_limit_w} if r.power_limit_w is not None else {})}
         for r in readings]}
 
 

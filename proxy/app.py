@@ -120,6 +120,7 @@ class JouleGate:
                 self.metrics.backend_in_flight.labels(name).set(view["in_flight"])
                 if view["power_source_up"] is not None:
                     self.metrics.power_source_up.labels(name).set(1 if view["power_source_up"] else 0)
+                    self.metrics.observe_power(name, view)
                 for gauge, key in ((self.metrics.backend_power_w, "power_w"), (self.metrics.backend_idle_w, "idle_w"),
                                    (self.metrics.backend_tokens_per_joule, "tokens_per_joule")):
                     if view[key] is not None:
@@ -203,6 +204,8 @@ class JouleGate:
                 "idle_w": meter.idle_w() if meter else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
+                # Can the readings be trusted: clock offset, sample gaps, discards, resets.
+                **self.meter.power_health(backend.name),
             })
         return views
 

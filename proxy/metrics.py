@@ -8,6 +8,7 @@ for all of them (gauges say how workers combine: summed or the latest maximum).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -86,6 +87,25 @@ class Metrics:
             "joulegate_energy_awaiting_final", "Answered requests waiting for their measured energy.", multiprocess_mode="livesum", registry=r,
         )
 
+        # Whether a backend's power readings can be trusted (set from its view at each scrape).
+        self.power_clock_offset_s = Gauge(
+            "joulegate_power_clock_offset_seconds", "Power host's clock minus the proxy's (agent/sim sources).",
+            ["backend"], multiprocess_mode="livemax", registry=r,
+        )
+        self.power_sample_gap_s = Gauge(
+            "joulegate_power_sample_gap_seconds", "Largest gap between power samples in the last 5 min, silence so far included.",
+            ["backend"], multiprocess_mode="livemax", registry=r,
+        )
+        self.power_discarded = Counter(
+            "joulegate_power_samples_discarded", "Power readings discarded as implausible (over 1.5x the power limit).",
+            ["backend"], registry=r,
+        )
+        self.power_resets = Counter(
+            "joulegate_power_counter_resets", "GPU energy counter restarts seen (driver reloads, wraps without a modulus).",
+            ["backend"], registry=r,
+        )
+        self._power_counted: dict[tuple[str, str], int] = {}
+
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's booked joules (and whether they were estimated)."""
         if record.joules is not None:
@@ -115,3 +135,16 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def observe_power(self, backend: str, view: dict[str, Any]) -> None:
+        """Power-health gauges and counters from a backend's /v1/energy/backends view."""
+        for gauge, key in ((self.power_clock_offset_s, "power_clock_offset_s"),
+                           (self.power_sample_gap_s, "power_sample_gap_s")):
+            if view.get(key) is not None:
+                gauge.labels(backend).set(view[key])
+        for counter, key in ((self.power_discarded, "power_samples_discarded"),
+                             (self.power_resets, "power_counter_resets")):
+            total = int(view.get(key) or 0)
+            seen = self._power_counted.get((key, backend), 0)
+            counter.labels(backend).inc(max(0, total - seen))  # the meter counts; we add its news
+            self._power_counted[(key, backend)] = max(total, seen)

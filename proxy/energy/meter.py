@@ -27,6 +27,11 @@ log = logging.getLogger("joulegate.energy")
 _RECENT_FINALS = 512
 #: How often (s) the meters check for silent power sources and extend their modelled bridge.
 _WATCH_S = 0.25
+#: "Recent" for the largest gap between power samples (s of wall clock).
+_GAP_WINDOW_S = 300.0
+#: The fields of `BackendMeter.power_health`, in /v1/energy/backends.
+POWER_HEALTH_KEYS = ("power_clock_offset_s", "power_sample_gap_s", "power_last_sample_age_s",
+                     "power_samples_discarded", "power_counter_resets")
 
 
 @dataclass(slots=True)
@@ -73,6 +78,7 @@ class BackendMeter:
         self.modelled_j = 0.0  # joules the model has bridged since start
         self._heard_s = time.time()  # when a reading last arrived (or the meter was made)
         self._bridged = False  # the timeline ends in a bridge: the next reading's step is modelled
+        self._gaps: deque[tuple[float, float]] = deque()  # (heard s, s since the previous sample)
 
     def _on_sample(self, sample: PowerSample) -> None:
         prev_s = self.timeline.last_sample_s
@@ -87,9 +93,14 @@ class BackendMeter:
             self.source_up = True
             log.warning("power source of %s is back after %.1f s; energy is measured again",
                         self.name, self._heard_s - (self.down_since_s or self._heard_s))
-        if self._bridged and prev_s is not None and self.timeline.last_sample_s != prev_s:
+        # A bridge, or readings the source discarded as implausible (their gap is interpolated):
+        # either way the step to this reading is not measured.
+        if (self._bridged or sample.gap_before) and prev_s is not None \
+                and self.timeline.last_sample_s != prev_s:
             self._bridged = False
             self.attributor.mark_modelled(prev_s, self.timeline.last_sample_s or prev_s)
+        if self._last_sample_s is not None and sample.t_s > self._last_sample_s:
+            self._note_gap(self._heard_s, sample.t_s - self._last_sample_s)
         self.last_power_w = sample.power_w if sample.power_w is not None else self.timeline.power_w_at(sample.t_s)
         if self.efficiency is not None and self._last_sample_s is not None and sample.t_s > self._last_sample_s:
             interval_w = self.timeline.joules_between(self._last_sample_s, sample.t_s) / (
@@ -125,6 +136,41 @@ class BackendMeter:
         self.modelled_j += power_w * (now_s - from_s)
         self._bridged = True
         self.settle(now_s)
+
+    def _note_gap(self, heard_s: float, gap_s: float) -> None:
+        """Keep the intervals between samples of the last _GAP_WINDOW_S, as a running maximum
+        (a deque whose values fall from head to tail), so the largest is at the head."""
+        gaps = self._gaps
+        while gaps and gaps[-1][1] <= gap_s:
+            gaps.pop()
+        gaps.append((heard_s, gap_s))
+        while gaps[0][0] < heard_s - _GAP_WINDOW_S:
+            gaps.popleft()
+
+    def sample_gap_s(self, now_s: float) -> float | None:
+        """The largest interval (s) between power samples in the last _GAP_WINDOW_S, the silence
+        since the last sample included; None before the first sample."""
+        if self._last_sample_s is None:
+            return None
+        while self._gaps and self._gaps[0][0] < now_s - _GAP_WINDOW_S:
+            self._gaps.popleft()
+        recent_s = self._gaps[0][1] if self._gaps else 0.0
+        return max(recent_s, now_s - self._heard_s)
+
+    def power_health(self, now_s: float | None = None) -> dict[str, float | int | None]:
+        """How far the power readings can be trusted: the source's clock offset (s, remote minus
+        ours; None where it reads local clocks), largest recent sample gap (s), readings
+        discarded as implausible and GPU counter restarts seen (counts since start)."""
+        now_s = time.time() if now_s is None else now_s
+        source = self.source
+        offset_s = getattr(source, "offset_s", None)
+        return {
+            "power_clock_offset_s": offset_s if isinstance(offset_s, float) else None,
+            "power_sample_gap_s": self.sample_gap_s(now_s),
+            "power_last_sample_age_s": now_s - self._heard_s if self._last_sample_s is not None else None,
+            "power_samples_discarded": source.counters.discarded if source else 0,
+            "power_counter_resets": source.counters.resets if source else 0,
+        }
 
     def settle(self, now_s: float | None = None) -> None:
         """Settle what the samples and the other replicas' weights allow; hand out finals."""
@@ -181,6 +227,11 @@ class EnergyMeter:
             if meter.source is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(meter.source.close(), 5)
+
+    def power_health(self, backend: str) -> dict[str, float | int | None]:
+        """BackendMeter.power_health of `backend`, every field None where it has no source."""
+        meter = self.meters.get(backend)
+        return meter.power_health() if meter is not None else dict.fromkeys(POWER_HEALTH_KEYS)
 
     def open(self, backend: str, request_id: str, start_s: float, stream: bool, prompt_tokens: int) -> None:
         meter = self.meters.get(backend)

@@ -75,7 +75,9 @@ class EnergyTimeline:
 
         A reading lower than the previous one means the counter restarted (driver or backend
         restart, or a wrap): the new value is taken as the joules since the restart, so the
-        cumulative curve carries on and never goes backwards. Readings before the last sample
+        cumulative curve carries on and never goes backwards. This is a last resort for a single
+        counter: sources check each GPU's counter before summing (sources/counters.py), so the
+        sums they emit never go down. Readings before the last sample
         time are ignored, and so are same-time ones (within 1 ns) unless higher: a higher one's
         extra joules are booked into the next interval.
         """

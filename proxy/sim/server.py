@@ -248,7 +248,7 @@ def _power_reading(state: SimState) -> dict[str, Any]:
     return {"t": wall_s, "gpus": [{
         "index": 0, "uuid": state.uuid, "name": state.profile.gpu_name,
         "energy_mj": int(state.engine.energy_j(now_s) * 1000.0),
-        "power_w": round(state.engine.power_w(now_s), 3)}]}
+        "power_w": round(state.engine.power_w(now_s), 3), "power_limit_w": state.profile.board_limit_w}]}
 
 
 async def power(request: web.Request) -> web.Response:

@@ -12,11 +12,14 @@ variable JOULEGATE_FAKE_NVML (read at each nvmlInit) or given directly with `fak
                "power_instant": true,        # NVML_FI_DEV_POWER_INSTANT supported
                "power_average": true,        # nvmlDeviceGetPowerUsage supported
                "energy_start_mj": 1000000,   # the counter's value at init
+               "power_limit_w": 700.0,       # nvmlDeviceGetEnforcedPowerLimit (absent: NOT_SUPPORTED)
                "counter_update_s": 0.0}]}    # >0: the counter only moves every so many s
 
 Without a script nvmlInit fails as on a host without a driver. Energy is the exact integral of
 the scripted power since nvmlInit, on the monotonic clock. `fake_fail(index, n)` makes the next
-n reads of that GPU raise NVMLError(NVML_ERROR_GPU_IS_LOST).
+n reads of that GPU raise NVMLError(NVML_ERROR_GPU_IS_LOST). `fake_counter_restart(index, to_mj)`
+restarts a GPU's counter at `to_mj` (a driver reload); `fake_glitch(index, add_mj, n)` adds
+`add_mj` to that GPU's next n counter reads only (a bad read).
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ _script: dict[str, Any] | None = None
 _init_count = 0
 _t0_mono = 0.0
 _failures: dict[int, int] = {}
+_shift_mj: dict[int, int] = {}  # added to a GPU's counter from a restart on
+_glitches: dict[int, tuple[int, int]] = {}  # index -> (mJ added, reads left)
 calls: dict[str, int] = {}
 
 
@@ -123,6 +128,22 @@ def fake_fail(index: int, reads: int) -> None:
         _failures[index] = reads
 
 
+def fake_counter_restart(index: int, to_mj: int = 0) -> None:
+    """GPU `index`'s counter reads `to_mj` now and counts on from there (a driver reload)."""
+    with _lock:
+        _shift_mj[index] = 0
+        gpu = _active.get("gpus", [])[index]
+    raw_mj = _counter_mj(gpu, index)
+    with _lock:
+        _shift_mj[index] = to_mj - raw_mj
+
+
+def fake_glitch(index: int, add_mj: int, reads: int = 1) -> None:
+    """The next `reads` counter reads of GPU `index` are `add_mj` too high (a bad read)."""
+    with _lock:
+        _glitches[index] = (add_mj, reads)
+
+
 def fake_reset() -> None:
     """Forget the script, injected failures and init count (between in-process tests)."""
     global _script, _init_count
@@ -130,6 +151,8 @@ def fake_reset() -> None:
         _script = None
         _init_count = 0
         _failures.clear()
+        _shift_mj.clear()
+        _glitches.clear()
         calls.clear()
 
 
@@ -271,11 +294,31 @@ def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
     if not gpu.get("energy_counter", True):
         raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
     _maybe_fail(handle)
+    value_mj = _counter_mj(gpu, handle.index)
+    with _lock:
+        add_mj, left = _glitches.get(handle.index, (0, 0))
+        if left > 0:
+            _glitches[handle.index] = (add_mj, left - 1)
+            value_mj += add_mj
+    return value_mj
+
+
+def _counter_mj(gpu: dict[str, Any], index: int) -> int:
     t_s = _elapsed_s()
     update_s = float(gpu.get("counter_update_s", 0.0))
     if update_s > 0:
         t_s = math.floor(t_s / update_s) * update_s
-    return int(gpu.get("energy_start_mj", 0)) + int(energy_j_until(gpu, t_s) * 1000.0)
+    return (int(gpu.get("energy_start_mj", 0)) + int(energy_j_until(gpu, t_s) * 1000.0)
+            + _shift_mj.get(index, 0))
+
+
+def nvmlDeviceGetEnforcedPowerLimit(handle: _Handle) -> int:  # noqa: N802
+    """mW, from the script's power_limit_w; NOT_SUPPORTED without it."""
+    _count("nvmlDeviceGetEnforcedPowerLimit")
+    gpu = _gpu(handle)
+    if gpu.get("power_limit_w") is None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    return int(round(float(gpu["power_limit_w"]) * 1000.0))
 
 
 def nvmlDeviceGetFieldValues(handle: _Handle, fieldIds: list[Any]) -> list[c_nvmlFieldValue_t]:  # noqa: N802, N803

@@ -1,7 +1,7 @@
 """`joulegate agent` (or anything speaking its API, like the simulator) on a remote GPU host.
 
 API: `GET {url}/v1/power` -> `{"t": <agent wall clock s>, "gpus": [{"index", "uuid", "name",
-"energy_mj", "power_w"}]}`; `GET {url}/v1/power/stream?interval_s=X` -> the same objects as SSE
+"energy_mj", "power_w", "power_limit_w"}]}` (power_limit_w optional: older agents lack it); `GET {url}/v1/power/stream?interval_s=X` -> the same objects as SSE
 `data:` events, one per interval.
 
 The source follows the stream (reconnecting with backoff) and stamps each reading with the
@@ -31,7 +31,7 @@ from proxy.energy.sources.base import (
     METHOD_ENERGY_COUNTER,
     METHOD_POWER_INSTANT,
     Backoff,
-    PowerSample,
+    GpuRead,
     PowerSource,
     SampleCallback,
     select_gpus,
@@ -210,9 +210,11 @@ class AgentSource(PowerSource):
                 self._failed(f"the agent at {self.base_url} does not report GPU(s) "
                              f"{self.config.gpus} (it has {have})")
                 return False
-            picked = [gpus[i] for i in chosen]
-            energy_mj = sum_or_none(_num(g.get("energy_mj")) for g in picked)
-            power_w = sum_or_none(_num(g.get("power_w")) for g in picked)
+            reads = [GpuRead(str(g.get("uuid") or g.get("index")), _num(g.get("energy_mj")),
+                             _num(g.get("power_w")), _num(g.get("power_limit_w")))
+                     for g in (gpus[i] for i in chosen)]
+            energy_mj = sum_or_none(r.energy_mj for r in reads)
+            power_w = sum_or_none(r.power_w for r in reads)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._failed(f"malformed power event from {self.base_url}: {_describe(exc)}")
             return False
@@ -223,8 +225,7 @@ class AgentSource(PowerSource):
         assert offset_s is not None  # the stream starts after the first probe round
         self._ok()
         self._set_method(METHOD_ENERGY_COUNTER if energy_mj is not None else METHOD_POWER_INSTANT)
-        return self._emit(PowerSample(t_agent_s - offset_s,
-                                      None if energy_mj is None else energy_mj / 1000.0, power_w))
+        return self._emit_reads(t_agent_s - offset_s, reads)
 
     async def _release(self) -> None:
         client, self._client = self._client, None

@@ -3,8 +3,10 @@
 A source samples in the background every `interval_s` seconds and hands each sample to the
 `on_sample` callback on the event loop's thread. It never raises into its caller: when the far
 end fails it sets `healthy = False` and `last_error`, retries with exponential backoff and
-recovers by itself. It does not handle counter resets (the timeline does) and never emits a sum
-with a hole: when one of several selected GPUs fails a read, the whole sample is skipped.
+recovers by itself. It never emits a sum with a hole: when one of several selected GPUs fails a
+read, the whole sample is skipped. Sources hand their per-GPU readings to `_emit_reads`, which
+tracks each GPU's counter (resets and wraps per GPU, implausible steps discarded: see
+counters.py), so the summed `energy_j` they emit is continuous.
 
 Units: `t_s` seconds of the proxy's wall clock (`time.time()`), `energy_j` joules (a cumulative
 counter, summed over the selected GPUs), `power_w` watts (instantaneous, summed).
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from proxy.config import PowerConfig
+from proxy.energy.sources.counters import GpuCounters, GpuRead
+from proxy.energy.sources.counters import sum_or_none as sum_or_none  # the sources' one import
 
 log = logging.getLogger("joulegate.power")
 
@@ -39,11 +43,14 @@ class PowerSample:
     energy_j: cumulative energy counter of all the backend's selected GPUs summed, joules;
         None when a GPU has no counter (then the timeline integrates `power_w`).
     power_w: instantaneous power summed over the same GPUs, watts; None when unknown.
+    gap_before: readings since the previous sample were discarded (or a counter was re-based):
+        the energy in between is interpolated, so requests there are `estimated`.
     """
 
     t_s: float
     energy_j: float | None
     power_w: float | None
+    gap_before: bool = False
 
 
 SampleCallback = Callable[[PowerSample], None]
@@ -103,16 +110,6 @@ def select_gpus(selectors: Sequence[int | str], gpus: Iterable[tuple[int | None,
     return chosen
 
 
-def sum_or_none(values: Iterable[float | None]) -> float | None:
-    """The sum when every value is known, else None (never a sum with a hole)."""
-    total = 0.0
-    for value in values:
-        if value is None:
-            return None
-        total += value
-    return total
-
-
 class PowerSource(ABC):
     """Background sampler of one backend's GPUs; see the module docstring for the contract.
 
@@ -121,6 +118,7 @@ class PowerSource(ABC):
       last_error: one line describing the last failure (kept after recovery), or None.
       last_sample_s: the proxy wall-clock time (s) of the last emitted sample, or None.
       method: METHOD_ENERGY_COUNTER, METHOD_POWER_INSTANT or METHOD_POWER_AVERAGE once known.
+      counters.resets / counters.discarded: GPU counter restarts seen, readings discarded.
     """
 
     kind: ClassVar[str] = "?"
@@ -137,6 +135,8 @@ class PowerSource(ABC):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._last_emitted_t_s: float | None = None
+        self.counters = GpuCounters(slack_s=max(0.25, 2.0 * self.interval_s))
+        self._discard_logged = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} healthy={self.healthy} method={self.method} error={self.last_error!r}>"
@@ -198,6 +198,21 @@ class PowerSource(ABC):
         except Exception:  # noqa: BLE001 - the consumer's bug must not stop sampling
             log.exception("%s source: on_sample callback failed", self.kind)
         return True
+
+    def _emit_reads(self, t_s: float, reads: Sequence[GpuRead]) -> bool:
+        """Check per-GPU readings taken at `t_s` (s) and emit their continuous sum."""
+        step = self.counters.step(t_s, reads)
+        if step.resets:
+            log.warning("%s source %s: %d GPU energy counter(s) restarted; counting on from their "
+                        "new values", self.kind, self._where(), step.resets)
+        if step.discarded:
+            if not self._discard_logged:  # once per source: a flapping GPU must not flood the log
+                self._discard_logged = True
+                log.warning("%s source %s: discarded an implausible reading (%s); the gap is "
+                            "interpolated and requests in it are estimated (further discards are "
+                            "only counted)", self.kind, self._where(), step.reason)
+            return False
+        return self._emit(PowerSample(t_s, step.energy_j, step.power_w, step.gap_before))
 
     def _ok(self) -> None:
         if not self.healthy:

@@ -4,6 +4,8 @@ Metrics, in order of preference (labels `gpu` = index, `UUID`):
   DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION  counter, mJ since boot  -> energy_j (mJ / 1000)
   DCGM_FI_DEV_POWER_USAGE_INSTANT       gauge, W (not in the exporter's default counters)
   DCGM_FI_DEV_POWER_USAGE               gauge, W (averaged by the driver: the last resort)
+and, where the exporter has it, DCGM_FI_DEV_POWER_MGMT_LIMIT (W): a reading implying more than
+1.5x a GPU's limit is discarded (2 kW per GPU without it; see counters.py).
 
 The exporter's collect interval (default 30 s, `-c` / `DCGM_EXPORTER_INTERVAL`) is usually far
 coarser than ours, so most scrapes return the values of an older collection:
@@ -40,7 +42,7 @@ from proxy.energy.sources.base import (
     METHOD_POWER_AVERAGE,
     METHOD_POWER_INSTANT,
     Backoff,
-    PowerSample,
+    GpuRead,
     PowerSource,
     SampleCallback,
     select_gpus,
@@ -51,7 +53,9 @@ log = logging.getLogger("joulegate.power.dcgm")
 ENERGY_MJ = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
 POWER_INSTANT_W = "DCGM_FI_DEV_POWER_USAGE_INSTANT"
 POWER_W = "DCGM_FI_DEV_POWER_USAGE"
+LIMIT_W = "DCGM_FI_DEV_POWER_MGMT_LIMIT"
 _WANTED = (ENERGY_MJ, POWER_INSTANT_W, POWER_W)
+_PARSED = (*_WANTED, LIMIT_W)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +69,19 @@ class GpuValue:
 
 
 def parse_page(text: str) -> dict[str, list[GpuValue]]:
-    """The three power metrics of an exporter page, per metric one value per GPU (page order).
+    """The power metrics (and limit) of an exporter page, per metric one value per GPU (page order).
 
     Raises ValueError for a page the Prometheus parser rejects.
     """
     # Sample lines only: no TYPE comments, so the parser keeps the names as they are (it would
     # otherwise rename a counter's samples to *_total).
-    lines = [line for line in text.splitlines() if line.startswith(_WANTED)]
+    lines = [line for line in text.splitlines() if line.startswith(_PARSED)]
     out: dict[str, list[GpuValue]] = {}
     seen: set[tuple[str, int | None, str | None]] = set()
     for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
             name = sample.name
-            if name not in _WANTED:
+            if name not in _PARSED:
                 continue
             gpu = sample.labels.get("gpu")
             index = int(gpu) if gpu is not None and gpu.strip().isdigit() else None
@@ -102,6 +106,7 @@ class Reading:
     power_w: float | None
     power_metric: str | None
     timestamp_s: float | None
+    gpus: tuple[GpuRead, ...] = ()  # per selected GPU, for the counter tracker
 
 
 def reading_from(page: dict[str, list[GpuValue]], selectors: list[int | str]) -> Reading:
@@ -124,11 +129,18 @@ def reading_from(page: dict[str, list[GpuValue]], selectors: list[int | str]) ->
         raise ValueError(f"the exporter page has none of {', '.join(_WANTED)}")
     stamps = [s.timestamp_s for s in (energy or power or [])]
     timestamp_s = sum(stamps) / len(stamps) if stamps and None not in stamps else None  # type: ignore[arg-type]
+    # Per GPU, matched on its labels: the metrics need not list the GPUs in the same order.
+    limits = {(s.index, s.uuid): s.value for s in page.get(LIMIT_W, [])}
+    powers = {(s.index, s.uuid): s.value for s in power or []}
+    gpus = tuple(GpuRead(s.uuid or str(s.index), s.value if energy is not None else None,
+                         powers.get((s.index, s.uuid)), limits.get((s.index, s.uuid)))
+                 for s in energy or power or [])
     return Reading(
         energy_mj=tuple(s.value for s in energy) if energy is not None else None,
         power_w=sum(s.value for s in power) if power is not None else None,
         power_metric=power_metric,
         timestamp_s=timestamp_s,
+        gpus=gpus,
     )
 
 
@@ -190,8 +202,7 @@ class DcgmSource(PowerSource):
             return False
         self._last_key = key
         t_s = reading.timestamp_s if reading.timestamp_s is not None else scrape_s
-        energy_j = None if reading.energy_mj is None else sum(reading.energy_mj) / 1000.0
-        return self._emit(PowerSample(t_s, energy_j, reading.power_w))
+        return self._emit_reads(t_s, reading.gpus)
 
     async def _release(self) -> None:
         client, self._client = self._client, None

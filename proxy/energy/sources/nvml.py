@@ -6,6 +6,8 @@ Per GPU, in order of preference:
   power: the `NVML_FI_DEV_POWER_INSTANT` field through `nvmlDeviceGetFieldValues` (mW, instant);
       else `nvmlDeviceGetPowerUsage` (mW), which on Ampere and newer (but GA100) is a 1 s
       average: the last resort, logged as such and visible as `method == "power_average"`.
+  power limit: `nvmlDeviceGetEnforcedPowerLimit` (mW), read once at init; a reading implying
+      more than 1.5x it is discarded (see counters.py). None where unsupported.
 
 NVML calls block, so `NvmlSource` runs them on one dedicated thread. `NvmlReader` is the small
 synchronous reader shared with `joulegate agent` (proxy/agent.py).
@@ -27,10 +29,9 @@ from proxy.energy.sources.base import (
     METHOD_POWER_AVERAGE,
     METHOD_POWER_INSTANT,
     Backoff,
-    PowerSample,
+    GpuRead,
     PowerSource,
     SampleCallback,
-    sum_or_none,
 )
 
 log = logging.getLogger("joulegate.power.nvml")
@@ -41,13 +42,15 @@ POWER_AVERAGE = "average"
 
 class GpuReading(NamedTuple):
     """One GPU at one moment. energy_mj: cumulative counter in mJ (None: no counter);
-    power_w: power in W (instant where the GPU offers it, else the 1 s average; None: neither)."""
+    power_w: power in W (instant where the GPU offers it, else the 1 s average; None: neither);
+    power_limit_w: the enforced power limit in W (None: unknown)."""
 
     index: int
     uuid: str
     name: str
     energy_mj: int | None
     power_w: float | None
+    power_limit_w: float | None = None
 
 
 class NvmlError(Exception):
@@ -73,7 +76,7 @@ def _field_value(field: Any, nvml: ModuleType) -> float:
 
 
 class _Gpu:
-    __slots__ = ("handle", "index", "uuid", "name", "has_counter", "power")
+    __slots__ = ("handle", "index", "uuid", "name", "has_counter", "power", "limit_w")
 
     def __init__(self, handle: Any, index: int, uuid: str, name: str) -> None:
         self.handle = handle
@@ -82,6 +85,7 @@ class _Gpu:
         self.name = name
         self.has_counter = False
         self.power: str | None = None  # POWER_INSTANT, POWER_AVERAGE or None
+        self.limit_w: float | None = None
 
 
 class NvmlReader:
@@ -180,6 +184,7 @@ class NvmlReader:
         except nvml.NVMLError as exc:
             if not self._not_supported(exc):
                 raise
+        gpu.limit_w = self._power_limit_w(gpu)
         if self._instant_power_w(gpu) is not None:
             gpu.power = POWER_INSTANT
             return
@@ -189,6 +194,19 @@ class NvmlReader:
         except nvml.NVMLError as exc:
             if not self._not_supported(exc):
                 raise
+
+    def _power_limit_w(self, gpu: _Gpu) -> float | None:
+        """The enforced power limit in W, or None: it only bounds plausible readings, so any
+        failure to read it just leaves the 2 kW default in place."""
+        read = getattr(self.nvml, "nvmlDeviceGetEnforcedPowerLimit", None)
+        if read is None:
+            return None
+        try:
+            limit_w = float(read(gpu.handle)) / 1000.0
+        except Exception as exc:  # noqa: BLE001 - NVMLError or a binding without the call
+            log.debug("GPU %d: no enforced power limit (%s)", gpu.index, _describe(exc))
+            return None
+        return limit_w if limit_w > 0 else None
 
     def _instant_power_w(self, gpu: _Gpu) -> float | None:
         """Instant power in W, or None where the field is not supported; raises other errors."""
@@ -242,7 +260,7 @@ class NvmlReader:
                         raise NvmlError(f"GPU {gpu.index}: instant power field stopped answering")
                 elif gpu.power == POWER_AVERAGE:
                     power_w = float(nvml.nvmlDeviceGetPowerUsage(gpu.handle)) / 1000.0
-                out.append(GpuReading(gpu.index, gpu.uuid, gpu.name, energy_mj, power_w))
+                out.append(GpuReading(gpu.index, gpu.uuid, gpu.name, energy_mj, power_w, gpu.limit_w))
         except NvmlError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -281,15 +299,9 @@ def timed_read(reader: NvmlReader, clock: Any = time.time) -> tuple[float, list[
     return (before_s + after_s) / 2.0, readings
 
 
-def sample_from(t_s: float, readings: list[GpuReading]) -> PowerSample | None:
-    """Sum the readings into one PowerSample, or None when there is nothing to sum."""
-    if not readings:
-        return None
-    energy_mj = sum_or_none(r.energy_mj for r in readings)
-    power_w = sum_or_none(r.power_w for r in readings)
-    if energy_mj is None and power_w is None:
-        return None
-    return PowerSample(t_s, None if energy_mj is None else energy_mj / 1000.0, power_w)
+def gpu_reads(readings: list[GpuReading]) -> list[GpuRead]:
+    """The readings as the per-GPU counter tracker takes them (keyed by UUID)."""
+    return [GpuRead(r.uuid, r.energy_mj, r.power_w, r.power_limit_w) for r in readings]
 
 
 class NvmlSource(PowerSource):
@@ -337,12 +349,12 @@ class NvmlSource(PowerSource):
                 continue
             failures = 0
             read_backoff.reset()
-            sample = sample_from(t_s, readings)
-            if sample is None:
+            if not readings or (any(r.energy_mj is None for r in readings)
+                                and any(r.power_w is None for r in readings)):
                 self._failed("the selected GPUs report neither energy nor power")
             else:
                 self._ok()
-                self._emit(sample)
+                self._emit_reads(t_s, gpu_reads(readings))
             # Absolute deadlines; after a stall, the next read comes at once, never a burst.
             await asyncio.sleep(max(0.0, deadline_s - loop.time()))
 

@@ -1,0 +1,56 @@
+"""One request's attribution: its state while unsettled, its estimate, its final value."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Estimate", "Final", "Method", "RequestState"]
+
+Method = Literal["measured", "estimated"]
+
+
+@dataclass(slots=True, frozen=True)
+class Estimate:
+    """A request's joules as known when it closes; `measured` only if nothing was guessed."""
+
+    joules: float
+    method: Method
+
+
+@dataclass(slots=True, frozen=True)
+class Final:
+    """A request's settled attribution: joules and what it was computed from (times in s)."""
+
+    request_id: str
+    joules: float
+    prompt_tokens: int
+    completion_tokens: int
+    start_s: float
+    first_token_s: float | None
+    end_s: float
+    # `estimated` only where weights had to be guessed (forced) or samples never covered it.
+    method: Method = "measured"
+
+
+@dataclass(slots=True)
+class RequestState:
+    """One request's attribution state while any of its energy is unsettled."""
+
+    request_id: str
+    stream: bool
+    start_s: float
+    prompt_tokens: int
+    first_token_s: float | None = None
+    end_s: float | None = None  # None while open
+    completion_tokens: int = 0
+    prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
+    flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open
+    arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # unsettled (t_s, count)
+    pending_tokens: int = 0  # sum of counts in `arrivals`
+    joules: float = 0.0  # settled share so far
+    guessed: bool = False  # a forced interval used provisional weights for it
+    key: str = ""  # its key in `Attributor._requests` (the id, unless a namesake is settling)
+    final: Final | None = None  # once settled
+    leaving: bool = False  # its end lies in a weighed interval: it settles when that is split
