@@ -154,7 +154,7 @@ class JouleGate:
             elif path == "/v1/energy/usage":
                 await self._usage(scope, send, principal)
             elif path == "/v1/energy/backends":
-                await _send_json(send, 200, {"object": "list", "data": self._backend_views()})
+                await _send_json(send, 200, {"object": "list", "data": self._backend_views(principal.is_admin)})
             else:
                 raise ProxyError(404, f"No route for GET {path}.", code="not_found")
         except ProxyError as exc:
@@ -184,7 +184,7 @@ class JouleGate:
         else:
             await _send_json(send, 200, usage_payload(rows, group_by))
 
-    def _backend_views(self) -> list[dict[str, Any]]:
+    def _backend_views(self, admin: bool = False) -> list[dict[str, Any]]:
         views = []
         for backend in self.pool.backends:
             meter = self.meter.meters.get(backend.name)
@@ -207,6 +207,8 @@ class JouleGate:
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.
                 **self.meter.power_health(backend.name),
             })
+            if admin:  # the learned split weights (energy.learn), for operators
+                views[-1]["split_weights"] = meter.learner.weights.as_dict() if meter and meter.learner else None
         return views
 
     async def _models(self, scope: Scope, send: Send, path: str) -> None:

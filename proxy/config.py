@@ -102,6 +102,9 @@ class EnergyConfig(_Strict):
     # simulated GPUs at 0.02-0.03 at small batches; 0.05 met every accuracy target there, where
     # the contract example's 0.1 over-billed long prompts (per-tenant error 4.4% vs 1.2%).
     prefill_weight: float = Field(0.05, ge=0)
+    # Learn each backend's split weights from its power samples (length-dependent prefill,
+    # context-dependent decode; proxy/energy/learn.py), starting from prefill_weight.
+    learn: bool = True
 
 
 class EnergyBudget(_Strict):

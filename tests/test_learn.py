@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from proxy.energy.attribution import Attributor
 from proxy.energy.learn import SplitLearner, SplitWeights
+from proxy.energy.timeline import EnergyTimeline
 from proxy.sim.engine import Engine, Request
 from proxy.sim.profiles import get_profile
 
@@ -69,7 +71,7 @@ def drive(profile_name: str, seed: int, requests: int = 400, concurrency: int = 
 def test_learns_length_and_context_terms_the_prior_lacks(profile: str, seed: int) -> None:
     learner, truth = drive(profile, seed)
     w = learner.weights
-    assert w.learned and w.intervals > 100
+    assert w.learned and w.intervals > 30  # one-second windows
     # The prior (0.05, no length or context term) is far from the physics; the fit is close.
     assert w.prefill_weight_sq > 0 and w.decode_context_weight > 0
     assert 0.3 * truth["decode_context_weight"] < w.decode_context_weight < 2 * truth["decode_context_weight"]
@@ -111,3 +113,29 @@ def test_bad_prior_is_refused(bad: float) -> None:
     with pytest.raises(ValueError):
         SplitLearner(bad)
 
+
+def _two_streams(weights: SplitWeights | None) -> dict[str, float]:
+    """Two streams side by side on an attributor, one over a 6000-token context: their joules."""
+    at = Attributor(EnergyTimeline(), prefill_weight=0.05)
+    if weights is not None:
+        weights.apply_to(at)
+    at.timeline.add_energy_sample(0.0, 0.0)
+    at.open("short", 0.0, True, 100)
+    at.open("long", 0.0, True, 6000)
+    for k in range(1, 21):
+        for rid in ("short", "long"):
+            at.tokens(rid, 0.05 * k, 1)
+        at.timeline.add_energy_sample(0.05 * k, 10.0 * k)
+    for rid, prompt in (("short", 100), ("long", 6000)):
+        at.close(rid, 1.0, prompt, 20)
+    at.timeline.add_energy_sample(1.1, 200.0)
+    return {f.request_id: f.joules for f in at.advance()}
+
+
+def test_learned_weights_reach_the_attributor() -> None:
+    flat = _two_streams(None)
+    learned = _two_streams(SplitWeights(0.05, prefill_weight_sq=3e-6, decode_context_weight=7e-5,
+                                        learned=True))
+    assert sum(flat.values()) == pytest.approx(sum(learned.values()))  # still conserving
+    # The long prompt's prefill weighs more (quadratic term), its tokens too (context term).
+    assert learned["long"] / learned["short"] > 1.2 * flat["long"] / flat["short"]

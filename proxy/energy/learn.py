@@ -6,8 +6,8 @@ load (the joules of a decode token fall 6-10x from batch 8 to 512 while a prompt
 a long prompt costs more per token than a short one (attention is quadratic), and a token
 generated over a long context costs more than one over a short context (KV-cache reads).
 
-`SplitLearner` fits, per backend, each fully busy sample interval's joules against what the
-proxy knows happened in it:
+`SplitLearner` fits, per backend, the joules of fully busy sample intervals (summed into windows
+of at least `window_s`) against what the proxy knows happened in them:
 
     joules ~ a * decode_tokens + c * sum(context of those tokens)
              + p1 * prompt_tokens_prefilled + p2 * sum(prompt_len * prompt_tokens_prefilled)
@@ -36,6 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.energy.attribution.weights import TokenWeights
+
 __all__ = ["SplitLearner", "SplitWeights"]
 
 # Feature scales, so the normal equations stay well conditioned: contexts and prompt lengths
@@ -47,24 +49,15 @@ _TTFT_KEEP = 0.98  # per observed stream: weight kept by older TTFT observations
 
 
 @dataclass(slots=True, frozen=True)
-class SplitWeights:
-    """Split weights in units of one generated token at zero context.
+class SplitWeights(TokenWeights):
+    """Learned split weights (see TokenWeights), and how much data is behind them."""
 
-    A prompt of L tokens weighs `L * (prefill_weight + prefill_weight_sq * L)`; a generated
-    token over a context of c tokens weighs `1 + decode_context_weight * c`.
-    """
-
-    prefill_weight: float
-    prefill_weight_sq: float = 0.0
-    decode_context_weight: float = 0.0
     learned: bool = False  # False: still the prior
-    intervals: float = 0.0  # effective number of intervals behind the fit
+    intervals: float = 0.0  # effective number of fit windows behind the fit
 
     def apply_to(self, attributor: Any) -> None:
-        """Set these weights on an attributor (they apply to weights fixed from now on)."""
-        attributor.prefill_weight = self.prefill_weight
-        attributor.prefill_weight_sq = self.prefill_weight_sq
-        attributor.decode_context_weight = self.decode_context_weight
+        """Make these the attributor's weights (they apply to weights fixed from now on)."""
+        attributor.weights = self
 
     def as_dict(self) -> dict[str, float | bool]:
         return {"prefill_weight": self.prefill_weight, "prefill_weight_sq": self.prefill_weight_sq,
@@ -87,8 +80,8 @@ class SplitLearner:
     """Per-backend online fit of the split weights (see the module docstring)."""
 
     def __init__(self, prior_prefill_weight: float, *, half_life_s: float = 120.0,
-                 min_intervals: float = 20.0, ridge: float = 0.05, max_pending_s: float = 120.0
-                 ) -> None:
+                 min_intervals: float = 20.0, ridge: float = 0.05, max_pending_s: float = 120.0,
+                 window_s: float = 1.0) -> None:
         if prior_prefill_weight < 0 or not half_life_s > 0 or not max_pending_s > 0:
             raise ValueError("prior_prefill_weight >= 0, half_life_s and max_pending_s > 0")
         self.prior = SplitWeights(prior_prefill_weight)
@@ -96,6 +89,10 @@ class SplitLearner:
         self.min_intervals = min_intervals
         self.ridge = ridge  # pull toward the prior, relative to each feature's own evidence
         self.max_pending_s = max_pending_s
+        # Contiguous busy intervals are summed into windows of at least this long before they
+        # enter the fit: where in a window a request's work lay matters less than in which.
+        self.window_s = window_s
+        self._acc: list[float] | None = None  # [a_s, b_s, joules, *features] of the open window
         self._reqs: dict[str, _Req] = {}
         self._intervals: deque[tuple[float, float, float]] = deque()  # (a_s, b_s, joules)
         self._gram = [[0.0] * _N for _ in range(_N)]
@@ -153,8 +150,19 @@ class SplitLearner:
                 break
             self._intervals.popleft()
             x = self._features(a, b)
-            if x is not None:
-                self._add(b, x, e)
+            acc = self._acc
+            if x is None:
+                self._acc = None  # an idle or empty interval ends the window; a short one is lost
+            elif acc is not None and abs(acc[1] - a) < 1e-6:
+                acc[1] = b
+                acc[2] += e
+                for i in range(_N):
+                    acc[3 + i] += x[i]
+            else:
+                self._acc = acc = [a, b, e, *x]
+            if acc is not None and acc is self._acc and acc[1] - acc[0] >= self.window_s - 1e-9:
+                self._add(acc[1], acc[3:], acc[2])
+                self._acc = None
                 changed = True
             self._forget_before(b)
         if changed:
