@@ -80,7 +80,7 @@ class SplitLearner:
     """Per-backend online fit of the split weights (see the module docstring)."""
 
     def __init__(self, prior_prefill_weight: float, *, half_life_s: float = 120.0,
-                 min_intervals: float = 20.0, ridge: float = 0.05, max_pending_s: float = 120.0,
+                 min_intervals: float = 10.0, ridge: float = 0.05, max_pending_s: float = 120.0,
                  window_s: float = 1.0) -> None:
         if prior_prefill_weight < 0 or not half_life_s > 0 or not max_pending_s > 0:
             raise ValueError("prior_prefill_weight >= 0, half_life_s and max_pending_s > 0")
