@@ -139,3 +139,23 @@ def test_learned_weights_reach_the_attributor() -> None:
     assert sum(flat.values()) == pytest.approx(sum(learned.values()))  # still conserving
     # The long prompt's prefill weighs more (quadratic term), its tokens too (context term).
     assert learned["long"] / learned["short"] > 1.2 * flat["long"] / flat["short"]
+
+
+def test_a_wild_fit_is_bounded() -> None:
+    """Windows where long-context tokens look 1000x dearer: the context term stops at its cap,
+    so no request can be billed many times its due from a few noisy windows."""
+    learner = SplitLearner(0.05, min_intervals=5)
+    t_s = 0.0
+    for k in range(30):
+        prompt = 8000 if k % 2 else 10
+        learner.open(f"r{k}", t_s, True, prompt)
+        for i in range(1, 11):
+            learner.tokens(f"r{k}", t_s + 0.1 * i, 1)
+        learner.close(f"r{k}", t_s + 1.0, prompt, 10)
+        learner.open(f"p{k}", t_s, False, 100)  # some prefill, so the fit may run
+        learner.close(f"p{k}", t_s + 1.0, 100, 0)
+        w = learner.interval(t_s, t_s + 1.0, 1000.0 if k % 2 else 1.0)
+        t_s += 1.0
+    assert w.learned
+    assert 0 < w.decode_context_weight <= 5e-4
+    assert 0.005 <= w.prefill_weight <= 0.5 and w.prefill_weight_sq <= w.prefill_weight / 1000

@@ -46,6 +46,12 @@ _KTOK = 1000.0
 _N = 4  # decode tokens, decode x context, prefill tokens, prefill x length
 _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
 _TTFT_KEEP = 0.98  # per observed stream: weight kept by older TTFT observations
+# Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
+# its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
+# token's weight, attention doubles a prompt token's weight at ~30k tokens.
+_MAX_CONTEXT_WEIGHT = 5e-4  # per context token: a 2000-token context at most doubles a token
+_MIN_CROSSOVER_TOKENS = 1000.0  # prefill_weight_sq <= prefill_weight / this
+_PRIOR_RANGE = 10.0  # prefill_weight within [prior / 10, prior * 10]
 
 
 @dataclass(slots=True, frozen=True)
@@ -267,7 +273,10 @@ class SplitLearner:
         a = theta[0]
         if a <= 0:
             return SplitWeights(self.prior.prefill_weight, intervals=self._n_eff)
-        return SplitWeights(theta[2] / a, theta[3] / a / _KTOK, theta[1] / a / _KTOK,
+        prior_w = self.prior.prefill_weight
+        w1 = min(max(theta[2] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
+        return SplitWeights(w1, min(theta[3] / a / _KTOK, w1 / _MIN_CROSSOVER_TOKENS),
+                            min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT),
                             learned=True, intervals=self._n_eff)
 
     @property
