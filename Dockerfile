@@ -75,9 +75,10 @@ USER 10001:10001
 WORKDIR /var/lib/joulegate
 EXPOSE 8080
 
-# No curl in the slim image: the standard library does the probe.
+# No curl in the slim image: the standard library does the probe. An agent with a token
+# ($JOULEGATE_AGENT_TOKEN) wants it on /healthz too.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request as u; sys.exit(0 if u.urlopen(os.environ['JOULEGATE_HEALTH_URL'], timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; t = os.environ.get('JOULEGATE_AGENT_TOKEN'); sys.exit(0 if u.urlopen(u.Request(os.environ['JOULEGATE_HEALTH_URL'], headers={'Authorization': 'Bearer ' + t} if t else {}), timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["joulegate"]
 # server.host in the config defaults to 127.0.0.1; in a container it must listen on all

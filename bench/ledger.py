@@ -1,11 +1,20 @@
 """Ledger benchmark: write throughput per store, and flush lag inside a proxy under c=32.
 
     python -m bench.ledger [--records 100000] [--redis redis://127.0.0.1:6379/0] [--duration-s 8]
+    python -m bench.ledger --usage-scaling [--repeat 200]
 
 Part 1 records N records into each store (memory, SQLite, Redis) and times `record()` and one
 `flush()`. Part 2 runs `joulegate serve` with a SQLite and then a Redis ledger in front of the
 raw mock backend, loads it with wrk at c=32 (non-streamed), and samples
 `joulegate_ledger_flush_lag_seconds` and `joulegate_ledger_buffered_records` from /metrics.
+
+`--usage-scaling` instead starts a redis-server of its own on a free port, writes 1 week and
+1 year of synthetic hours (12 cells an hour: 3 tenants x 2 models x 2 backends) under two key
+prefixes, and times, for each, a one-day `usage()` query (what `joulegate usage` and
+`/v1/energy/usage` run), a day-budget hold (`reserve` + `release`, the per-request budget
+path) and, for reference, the HGETALL of a tenant's whole spend hash that budget reads did
+before. It prints the medians and the year/week ratio: ~1 means the cost does not grow with
+the data kept.
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -108,12 +119,110 @@ def _lag_under_load(ledger: str, duration_s: int, tmp: Path) -> dict[str, float]
             "buffered_max": max(buffered, default=0.0)}
 
 
+_HOUR_S = 3600
+_DAY_S = 86_400
+
+
+def _history(end_hour_s: int, days: int) -> list[LedgerRecord]:
+    """One record per tenant x model x backend for each hour of `days` days before end_hour_s."""
+    out = []
+    for hour_s in range(end_hour_s - days * _DAY_S, end_hour_s, _HOUR_S):
+        for i in range(12):
+            end_s = hour_s + 60 + i
+            out.append(LedgerRecord(f"h{hour_s}-{i}", f"t{i % 3}", f"m{i % 2}", f"b{i // 6}", 500, 100,
+                                    10.0 + i, "measured", end_s - 1, end_s))
+    return out
+
+
+async def _usage_scaling(url: str, repeat: int, end_hour_s: int) -> dict[int, dict[str, float]]:
+    """Write 7 and 365 days of hours under two prefixes, then time the reads of both in
+    alternation (so drift on a shared machine hits both alike); medians in ms by days."""
+    ledgers = {days: open_ledger(url, key_prefix=f"jg-bench-{days}d:", flush_interval_s=3600,
+                                 max_buffer=10**7, chunk_size=2000, retention_s=400 * _DAY_S)
+               for days in (7, 365)}
+    client = redis.asyncio.Redis.from_url(url)
+    times: dict[int, dict[str, list[float]]] = {d: {"usage_ms": [], "hold_ms": [], "hgetall_ms": []}
+                                                for d in ledgers}
+    try:
+        for days, ledger in ledgers.items():
+            await ledger.start()
+            for rec in _history(end_hour_s, days):
+                ledger.record(rec)
+            await ledger.flush()
+        since_s, until_s = end_hour_s - _DAY_S, end_hour_s
+        for i in range(repeat):
+            # Alternate which goes first, so neither always follows the other's garbage.
+            for days, ledger in sorted(ledgers.items(), reverse=bool(i % 2)):
+                t = times[days]
+                t0 = time.perf_counter()
+                rows = await ledger.usage(tenant="t0", since_s=since_s, until_s=until_s, group_by=("model",))
+                t["usage_ms"].append((time.perf_counter() - t0) * 1e3)
+                assert sum(r.requests for r in rows) == 24 * 4, rows
+                t0 = time.perf_counter()
+                await ledger.reserve("t0", f"bench-{i}", 1, since_s, 10**15, 60.0)
+                await ledger.release("t0", f"bench-{i}")
+                t["hold_ms"].append((time.perf_counter() - t0) * 1e3)
+        for _ in range(repeat):  # apart: a year's reply is garbage the other reads would pay for
+            for days in ledgers:
+                t0 = time.perf_counter()
+                await client.hgetall(f"jg-bench-{days}d:tj:t0")
+                times[days]["hgetall_ms"].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        await client.aclose()
+        for ledger in ledgers.values():
+            await ledger.close()
+    return {days: {k: statistics.median(v) for k, v in t.items()} for days, t in times.items()}
+
+
+def usage_scaling(repeat: int) -> int:
+    """The --usage-scaling mode: a Redis of our own, 1 week vs 1 year of hours."""
+    if shutil.which("redis-server") is None:
+        print("--usage-scaling needs redis-server on PATH", file=sys.stderr)
+        return 2
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="jg-bench-usage-"))
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://{HOST}:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        end_hour_s = int(time.time()) // _HOUR_S * _HOUR_S
+        print(f"one-day reads on Redis (median of {repeat}), 12 cells an hour:")
+        results = asyncio.run(_usage_scaling(url, repeat, end_hour_s))
+        for days, name in ((7, "1 week"), (365, "1 year")):
+            r = results[days]
+            print(f"  {name:7s} usage(1 day): {r['usage_ms']:.3f} ms   budget hold+release: {r['hold_ms']:.3f} ms"
+                  f"   HGETALL tj (old budget read): {r['hgetall_ms']:.3f} ms")
+        week, year = results[7], results[365]
+        print(f"  ratio year/week: usage {year['usage_ms'] / week['usage_ms']:.2f}   hold "
+              f"{year['hold_ms'] / week['hold_ms']:.2f}   old HGETALL {year['hgetall_ms'] / week['hgetall_ms']:.2f}")
+    finally:
+        server.kill()
+        server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="a Redis for the redis rows")
     ap.add_argument("--duration-s", type=int, default=8, help="wrk seconds per store under load")
+    ap.add_argument("--usage-scaling", action="store_true",
+                    help="only time one-day reads after 1 week vs 1 year of hours, on a Redis of its own")
+    ap.add_argument("--repeat", type=int, default=200, help="timed reads per history (--usage-scaling)")
     args = ap.parse_args(argv)
+    if args.usage_scaling:
+        return usage_scaling(args.repeat)
     tmp = Path(tempfile.mkdtemp(prefix="jg-bench-ledger-"))
     prefix = f"jg-bench-{uuid.uuid4().hex}:"
     print(f"write throughput, {args.records:,} records, one flush:")

@@ -13,11 +13,13 @@ import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from typing import Any
 
 from proxy.config import Config, EnergyBudget
 from proxy.energy.attribution import Final
 from proxy.errors import ProxyError
 from proxy.ledger import Ledger, LedgerRecord
+from proxy.ledger.usage import UJ_PER_J, joules_to_uj
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 
@@ -26,6 +28,13 @@ log = logging.getLogger("joulegate.accounting")
 _RECENT_LIMIT = 10_000
 #: How long an estimated request waits for its measured value before it is booked as is.
 FINAL_TIMEOUT_S = 120.0
+#: A budget hold the store has not answered in this long counts as a store failure.
+BUDGET_STORE_TIMEOUT_S = 0.05
+#: Weight of the newest request in a tenant's mean joules per request (the hold estimate).
+_MEAN_WEIGHT = 0.2
+#: Before any request was booked in this process, a hold is this share of the budget: few
+#: enough concurrent first requests, however cheap they turn out.
+_COLD_SHARE = 0.1
 
 
 def period_start_s(per: str, now_s: float) -> float:
@@ -51,6 +60,17 @@ class Accounting:
         self.budgets: dict[str, EnergyBudget] = {
             t.name: t.energy_budget for t in config.tenants if t.energy_budget is not None
         }
+        self.budget_failure: dict[str, str] = {
+            t.name: t.energy_budget_failure or config.energy_budget_failure for t in config.tenants
+        }
+        # A hold outlives its request (request_timeout_s), the wait for its measured value and
+        # a flush; a replica that crashed holding budget gives it back after that.
+        self.hold_ttl_s = config.server.request_timeout_s + final_timeout_s + 60.0
+        self._holds: dict[str, str] = {}  # key -> tenant: held, not yet handed to the ledger
+        self._mean_j: dict[str, float] = {}  # budgeted tenant -> recent mean joules per request
+        self._any_mean_j: float | None = None  # the same over every tenant
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_store_warning_s = 0.0
         # Recently finished requests by their unique key (bounded), and the keys under each
         # client-visible id, oldest first; older ones are read from the ledger. Everything here
         # is keyed by `RequestRecord.key`: a client's x-request-id may repeat, across tenants too.
@@ -58,7 +78,6 @@ class Accounting:
         self._recent_keys: dict[str, list[str]] = {}  # client id -> keys, oldest first
         # Answered, estimated, not yet booked (by key): the measured value is still to come.
         self._awaiting: OrderedDict[str, RequestRecord] = OrderedDict()
-        self._awaiting_j_by_tenant: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -74,21 +93,27 @@ class Accounting:
         while self._awaiting:
             _, record = self._awaiting.popitem(last=False)
             self._book(record)
-        self._awaiting_j_by_tenant.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.ledger.close()
 
     # -- hot path ---------------------------------------------------------------------------------
 
     def finished(self, record: RequestRecord) -> None:
         """One request is answered: cache it, and book it now or once it is measured."""
+        if record.key in self.recent:  # the relay books once by construction; never bill twice
+            log.error("request %s finished twice; booked once", record.request_id)
+            return
         self.metrics.observe(record)
         self._remember(record)
         if record.backend is None:
+            self.release_budget(record)
             return  # never reached a GPU: nothing to bill
+        # Its budget hold, if any, now settles in the ledger: the write that adds its joules
+        # drops the hold in the same atomic step.
+        self._holds.pop(record.key, None)
         if record.energy_method == "estimated" and record.joules is not None:
             self._awaiting[record.key] = record
-            self._awaiting_j_by_tenant[record.tenant] = (
-                self._awaiting_j_by_tenant.get(record.tenant, 0.0) + record.joules)
         else:
             self._book(record)
 
@@ -99,26 +124,78 @@ class Accounting:
         if record is None or record.backend != backend:
             return  # an abandoned attempt on another backend, or already booked
         del self._awaiting[final.request_id]
-        self._release(record)
         record.joules = final.joules
         record.energy_method = final.method
         self._book(record)
 
-    async def remaining_budget_j(self, tenant: str) -> float | None:
-        """Joules left in the tenant's current budget period; 429 when none are left."""
+    async def reserve_budget(self, tenant: str, key: str) -> float | None:
+        """Hold this request's estimated joules against the tenant's budget, atomically in the
+        ledger store, so concurrent requests cannot all pass the same check; returns the joules
+        that were left before it (None: no budget, or the store failed and the mode is open).
+        429 when none are left; 503 when the store failed and the mode is closed."""
         budget = self.budgets.get(tenant)
         if budget is None:
-            return None
-        spent_j = await self.ledger.tenant_joules(tenant, period_start_s(budget.per, time.time()))
-        spent_j += self._awaiting_j_by_tenant.get(tenant, 0.0)
-        remaining_j = budget.joules - spent_j
-        if remaining_j <= 0:
+            return None  # no budget: no store round trip
+        now_s = time.time()
+        budget_uj = joules_to_uj(budget.joules)
+        estimate_uj = joules_to_uj(self.estimate_j(tenant, budget.joules))
+        try:
+            async with asyncio.timeout(BUDGET_STORE_TIMEOUT_S):
+                reserved, used_uj = await self.ledger.reserve(
+                    tenant, key, estimate_uj, period_start_s(budget.per, now_s), budget_uj, self.hold_ttl_s)
+        except Exception as exc:  # slow or down (redis-py's errors are not OSErrors)
+            return self._store_failed(tenant, key, exc)
+        if not reserved:
             raise ProxyError(
                 429, f"Tenant '{tenant}' has used its energy budget of {budget.joules:g} J per {budget.per}.",
                 code="insufficient_quota", type="insufficient_quota",
                 headers=[(b"x-energy-budget-remaining-joules", b"0.0")],
             )
-        return remaining_j
+        self._holds[key] = tenant
+        return max(budget_uj - used_uj, 0) / UJ_PER_J
+
+    def release_budget(self, record: RequestRecord) -> None:
+        """The request ends without being billed (refused, failed before a GPU): give its
+        hold back. A no-op for requests without one, so the relay calls it for every request."""
+        tenant = self._holds.pop(record.key, None)
+        if tenant is not None:
+            self._spawn(self.ledger.release(tenant, record.key))
+
+    def estimate_j(self, tenant: str, budget_j: float) -> float:
+        """What a hold reserves: the tenant's recent mean joules per request (its requests are
+        alike more often than not, and the mean tracks the fleet's efficiency), else every
+        tenant's, else a tenth of the budget."""
+        mean_j = self._mean_j.get(tenant, self._any_mean_j)
+        return mean_j if mean_j is not None else budget_j * _COLD_SHARE
+
+    def _store_failed(self, tenant: str, key: str, exc: Exception) -> float | None:
+        mode = self.budget_failure.get(tenant, "open")
+        self.metrics.budget_store_failures.labels(mode).inc()
+        # A hold that lands after the timeout would block budget until it expires: drop it.
+        self._spawn(self.ledger.release(tenant, key))
+        now_s = time.monotonic()
+        if now_s - self._last_store_warning_s > 10.0:
+            self._last_store_warning_s = now_s
+            log.warning("budget hold for tenant %s failed (%s); requests are %s", tenant,
+                        type(exc).__name__ if str(exc) == "" else f"{type(exc).__name__}: {exc}",
+                        "let through" if mode == "open" else "refused")
+        if mode == "closed":
+            raise ProxyError(503, "The energy budget cannot be checked right now (ledger store "
+                             "unavailable); retry shortly.", code="energy_budget_unavailable",
+                             headers=[(b"retry-after", b"1")])
+        return None
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._quietly(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _quietly(work: Any) -> None:
+        try:
+            await work
+        except Exception as exc:  # the hold expires anyway
+            log.debug("budget hold release failed: %s", exc)
 
     async def lookup(self, request_id: str, tenant: str | None = None) -> RequestRecord | LedgerRecord | None:
         """The latest request with this client-visible id (of `tenant`, if given; None: any
@@ -145,19 +222,26 @@ class Accounting:
             if not keys:
                 del self._recent_keys[old.request_id]
 
-    def _release(self, record: RequestRecord) -> None:
-        left = self._awaiting_j_by_tenant.get(record.tenant, 0.0) - (record.joules or 0.0)
-        self._awaiting_j_by_tenant[record.tenant] = max(left, 0.0)
-
     def _book(self, record: RequestRecord) -> None:
+        if record.status == 200 and record.joules:
+            self._learn_cost(record.tenant, record.joules)
         self.ledger.record(LedgerRecord(
             request_id=record.request_id, key=record.key, tenant=record.tenant, model=record.model,
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens, joules=record.joules or 0.0,
+            completion_tokens=record.completion_tokens, reasoning_tokens=record.reasoning_tokens,
+            joules=record.joules or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
             end_s=record.end_s or record.start_s, status=record.status,
         ))
         self.metrics.observe_energy(record)
+
+    def _learn_cost(self, tenant: str, joules: float) -> None:
+        """Fold a billed request into the means `estimate_j` reads."""
+        self._any_mean_j = joules if self._any_mean_j is None else (
+            self._any_mean_j + _MEAN_WEIGHT * (joules - self._any_mean_j))
+        if tenant in self.budgets:
+            mean_j = self._mean_j.get(tenant)
+            self._mean_j[tenant] = joules if mean_j is None else mean_j + _MEAN_WEIGHT * (joules - mean_j)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -168,7 +252,6 @@ class Accounting:
                 if (record.end_s or 0.0) > cutoff_s:
                     break
                 del self._awaiting[key]
-                self._release(record)
                 log.warning("request %s: no measured energy after %.0f s; booked as estimated",
                             record.request_id, self.final_timeout_s)
                 self._book(record)

@@ -13,6 +13,9 @@ on a dedicated thread and keeps the latest reading. Endpoints:
                            DCGM_FI_DEV_POWER_USAGE_INSTANT W, DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION
                            mJ; labels gpu, UUID, device, modelName)
   GET /healthz          -> 200 while reads succeed, else 503
+Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
+$JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
+otherwise); `--tls-cert`/`--tls-key` serve https.
 Units: energy_mj millijoules (the NVML counter since driver load), power_w watts, t seconds;
 power_limit_w: the GPU's enforced power limit in watts (left out where NVML does not say).
 """
@@ -21,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import ipaddress
 import logging
+import os
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +43,9 @@ from proxy.energy.sources.nvml import POWER_INSTANT, GpuReading, NvmlError, Nvml
 
 log = logging.getLogger("joulegate.agent")
 
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
+TOKEN_ENV = "JOULEGATE_AGENT_TOKEN"
 DEFAULT_INTERVAL_S = 0.05
 #: Consecutive failed reads after which the sampler shuts NVML down and initialises it again.
 REINIT_AFTER_FAILURES = 10
@@ -230,12 +239,29 @@ async def healthz(request: web.Request) -> web.Response:
     return _json(body, 200 if state.fresh() else 503)
 
 
-def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: float) -> web.Application:
+def _bearer_auth(token: str) -> Any:
+    """Middleware: 401 unless `Authorization: Bearer <token>` (compared in constant time)."""
+    expected = b"Bearer " + token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(presented, expected):
+            return _json({"error": {"message": "Missing or wrong bearer token.",
+                                    "type": "authentication_error", "code": "invalid_token"}}, 401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: float,
+             token: str | None = None) -> web.Application:
     """The agent's aiohttp app. `reader` is an NvmlReader (initialised or not: the sampler
-    initialises it, retrying); `gpus` selects among its GPUs (indices or UUIDs, None = all)."""
+    initialises it, retrying); `gpus` selects among its GPUs (indices or UUIDs, None = all);
+    with `token`, every route needs `Authorization: Bearer <token>`."""
     if not interval_s > 0:
         raise ValueError("interval_s must be positive")
-    app = web.Application()
+    app = web.Application(middlewares=[_bearer_auth(token)] if token else [])
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         state = AgentState(reader, gpus, interval_s)
@@ -273,27 +299,73 @@ def parse_gpus(text: str | None) -> list[int | str] | None:
     return out or None
 
 
-def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float) -> None:
+def is_loopback(host: str) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None, env: dict[str, str] | None = None) -> str | None:
+    """The bearer token: the file's first line if given (SystemExit(2) if unreadable), else
+    $JOULEGATE_AGENT_TOKEN, else None."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            _die(f"cannot read --token-file {token_file}: {exc.strerror or exc}")
+        if not token:
+            _die(f"--token-file {token_file} is empty")
+        return token
+    return (os.environ if env is None else env).get(TOKEN_ENV) or None
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from a PEM certificate and key, both or neither (else exit 2)."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        _die("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        _die(f"cannot load --tls-cert/--tls-key: {exc}")
+    return context
+
+
+def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, token: str | None = None,
+        tls: ssl.SSLContext | None = None) -> None:
     """Serve the agent until SIGINT/SIGTERM (blocking).
 
-    If NVML cannot initialise (no GPU or driver, a bad GPU selection) or the port cannot be
-    bound, prints one line `joulegate agent: error: ...` on stderr and raises SystemExit(2).
+    If NVML cannot initialise (no GPU or driver, a bad GPU selection), the port cannot be
+    bound, or `host` is not a loopback address and there is no `token`, prints one line
+    `joulegate agent: error: ...` on stderr and raises SystemExit(2).
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not interval_s > 0:
         _die(f"--interval-s must be positive, not {interval_s}")
+    if not token and not is_loopback(host):
+        # Power readings reveal the load (and so the traffic) of every tenant on the host.
+        _die(f"refusing to listen on {host} without a bearer token: pass --token-file FILE or set "
+             f"${TOKEN_ENV} (or listen on 127.0.0.1)")
     reader = NvmlReader(gpus)
     try:
         reader.init()
     except NvmlError as exc:
         _die(str(exc))
     gpu_list = ", ".join(f"{i} {name} ({uuid})" for i, uuid, name in reader.gpus)
-    log.info("joulegate agent: GPUs %s; counters %s; power %s; every %.3f s on http://%s:%d",
-             gpu_list, reader.counters, reader.power_methods, interval_s, host, port)
+    log.info("joulegate agent: GPUs %s; counters %s; power %s; every %.3f s on %s://%s:%d%s",
+             gpu_list, reader.counters, reader.power_methods, interval_s, "https" if tls else "http", host,
+             port, " (bearer token required)" if token else "")
     try:
-        web.run_app(make_app(reader, gpus, interval_s), host=host, port=port, access_log=None,
-                    print=None, shutdown_timeout=2.0)
+        web.run_app(make_app(reader, gpus, interval_s, token), host=host, port=port, access_log=None,
+                    print=None, shutdown_timeout=2.0, ssl_context=tls)
     except OSError as exc:
         _die(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     finally:
@@ -306,15 +378,32 @@ def _die(message: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m proxy.agent [--host H] [--port P] [--gpus 0,1] [--interval-s 0.05]`."""
+    """`python -m proxy.agent [--host H] [--port P] [--gpus 0,1] [--interval-s 0.05] [--token-file F]
+    [--tls-cert C --tls-key K]`."""
     parser = argparse.ArgumentParser(prog="joulegate agent", description="NVML power agent for a GPU host.")
-    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    add_agent_arguments(parser)
+    args = parser.parse_args(argv)
+    run_from_args(args)
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """The agent's flags, shared by `joulegate agent` and `python -m proxy.agent`."""
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"listen address (default {DEFAULT_HOST}; any other needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--gpus", default=None, help="GPU indices or UUIDs, comma-separated (default all)")
     parser.add_argument("--interval-s", type=float, default=DEFAULT_INTERVAL_S,
                         help=f"sampling interval in s (default {DEFAULT_INTERVAL_S})")
-    args = parser.parse_args(argv)
-    run(args.host, args.port, parse_gpus(args.gpus), args.interval_s)
+    parser.add_argument("--token-file", default=None,
+                        help=f"file whose first line is the bearer token clients must send (default ${TOKEN_ENV})")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Run with parsed `add_agent_arguments` flags."""
+    run(args.host, args.port, parse_gpus(args.gpus), args.interval_s, token=read_token(args.token_file),
+        tls=tls_context(args.tls_cert, args.tls_key))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -23,8 +22,9 @@ from proxy.errors import ProxyError, bad_request
 from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
+from proxy.metrics_server import start_metrics_listener
 from proxy.records import RequestRecord
-from proxy.relay import Receive, Relay, Scope, Send, scan_headers, send_error
+from proxy.relay import REFUSAL, Receive, Relay, Scope, Send, scan_headers, send_error
 
 log = logging.getLogger("joulegate")
 
@@ -33,14 +33,12 @@ _INFERENCE: dict[str, str] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    "/v1/responses": "response",  # the Responses API: billed like chat
 }
 
-#: Paths passed through to a backend: `/v1/` and plain segments, at most 1 KiB. The path is
-#: appended to the backend's URL, so a dot segment (`/v1/../metrics`, also sent as `%2e%2e`)
-#: would reach the engine's non-API routes, and `?`, `#` or control characters decoded from
-#: `%3F`, `%23`, `%0d` would change the URL; anything else is answered 404 here.
-_PASS_THROUGH = re.compile(r"/v1(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9._~@:,=+-]+){1,16}")
-_MAX_PATH_BYTES = 1024
+#: What a tenant key sees of each backend in `GET /v1/energy/backends`; every other field
+#: (power readings, idle W, sources, cluster state...) is operational detail for admin keys.
+_TENANT_BACKEND_FIELDS = ("name", "healthy", "models", "tokens_per_joule")
 #: Query strings forwarded upstream; aiohttp-based engines refuse request lines over 8190 bytes.
 _MAX_QUERY_BYTES = 4096
 
@@ -65,6 +63,9 @@ class JouleGate:
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
+        # Other POST routes relayed upstream: an allowlist (proxy/passthrough.py), exact paths.
+        self.passthrough = config.server.passthrough_paths()
+        self._metrics_listener: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -72,7 +73,13 @@ class JouleGate:
 
             async def tracked_send(message: dict[str, Any]) -> None:
                 nonlocal started
-                started = True
+                if not started:
+                    started = True
+                    # The one place refusals are counted: every error the proxy answers itself
+                    # goes out through `send_error`, which names its code here.
+                    reason = message.get(REFUSAL)
+                    if reason is not None and (message["status"] < 500 or message["status"] == 503):
+                        self.metrics.refused.labels(reason).inc()
                 await send(message)
 
             try:
@@ -107,35 +114,43 @@ class JouleGate:
                 await self._energy_api(scope, send, path)
             else:  # never passed through: these are the proxy's own
                 await send_error(send, _method_not_allowed(path, "GET"), "")
+        elif path in ("/healthz", "/readyz") and method not in ("GET", "HEAD"):
+            await send_error(send, _method_not_allowed(path, "GET, HEAD"), "")
         elif path == "/healthz":
             await _send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             ready = any(b.healthy for b in self.pool.backends)
+            # Why each unhealthy backend is down, so a bad one is diagnosed from the probe.
             await _send_json(send, 200 if ready else 503, {"ready": ready, "backends": {
-                b.name: b.healthy for b in self.pool.backends}})
-        elif path == "/metrics":
-            for view in self._backend_views():
-                name = view["name"]
-                self.metrics.backend_up.labels(name).set(1 if view["healthy"] else 0)
-                self.metrics.backend_in_flight.labels(name).set(view["in_flight"])
-                if view["power_source_up"] is not None:
-                    self.metrics.power_source_up.labels(name).set(1 if view["power_source_up"] else 0)
-                    self.metrics.observe_power(name, view)
-                for gauge, key in ((self.metrics.backend_power_w, "power_w"), (self.metrics.backend_idle_w, "idle_w"),
-                                   (self.metrics.backend_tokens_per_joule, "tokens_per_joule")):
-                    if view[key] is not None:
-                        gauge.labels(name).set(view[key])
-            await _send(send, 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
-        elif path.startswith("/v1/") and method == "POST" and len(path) <= _MAX_PATH_BYTES \
-                and _PASS_THROUGH.fullmatch(path):
-            # Any other OpenAI-style call that names a model is passed through to a backend.
+                b.name: b.healthy for b in self.pool.backends}, "errors": {
+                b.name: b.last_error for b in self.pool.backends if not b.healthy}})
+        elif path == "/metrics" and self.config.server.metrics_port is None:
+            await _send(send, 200, self.render_metrics(), b"text/plain; version=0.0.4; charset=utf-8")
+        elif method == "POST" and path in self.passthrough:
             if len(scope.get("query_string", b"")) > _MAX_QUERY_BYTES:
                 await send_error(send, _uri_too_long(), "")
             else:
                 await self.relay(scope, receive, send, "other")
         else:
+            # Engine admin routes (LoRA loading, sleep, cache resets...) land here too: only the
+            # allowlisted paths above ever reach a backend.
             shown = path if len(path) <= 200 else path[:200] + "..."
             await send_error(send, ProxyError(404, f"No route for {method} {shown}.", code="not_found"), "")
+
+    def render_metrics(self) -> bytes:
+        """Prometheus text, with the backends' gauges refreshed first."""
+        for view in self._backend_views():
+            name = view["name"]
+            self.metrics.backend_up.labels(name).set(1 if view["healthy"] else 0)
+            self.metrics.backend_in_flight.labels(name).set(view["in_flight"])
+            if view["power_source_up"] is not None:
+                self.metrics.power_source_up.labels(name).set(1 if view["power_source_up"] else 0)
+                self.metrics.observe_power(name, view)
+            for gauge, key in ((self.metrics.backend_power_w, "power_w"), (self.metrics.backend_idle_w, "idle_w"),
+                               (self.metrics.backend_tokens_per_joule, "tokens_per_joule")):
+                if view[key] is not None:
+                    gauge.labels(name).set(view[key])
+        return self.metrics.render()
 
     async def _energy_api(self, scope: Scope, send: Send, path: str) -> None:
         try:
@@ -154,7 +169,10 @@ class JouleGate:
             elif path == "/v1/energy/usage":
                 await self._usage(scope, send, principal)
             elif path == "/v1/energy/backends":
-                await _send_json(send, 200, {"object": "list", "data": self._backend_views(principal.is_admin)})
+                views = self._backend_views()
+                if not principal.is_admin:
+                    views = [{k: v[k] for k in _TENANT_BACKEND_FIELDS} for v in views]
+                await _send_json(send, 200, {"object": "list", "data": views})
             else:
                 raise ProxyError(404, f"No route for GET {path}.", code="not_found")
         except ProxyError as exc:
@@ -184,7 +202,7 @@ class JouleGate:
         else:
             await _send_json(send, 200, usage_payload(rows, group_by))
 
-    def _backend_views(self, admin: bool = False) -> list[dict[str, Any]]:
+    def _backend_views(self) -> list[dict[str, Any]]:
         views = []
         for backend in self.pool.backends:
             meter = self.meter.meters.get(backend.name)
@@ -202,13 +220,13 @@ class JouleGate:
                 "energy_modelled_j": meter.modelled_j if meter else None,
                 "power_w": meter.last_power_w if meter else None,
                 "idle_w": meter.idle_w() if meter else None,
+                # The learned split weights (energy.learn); admin keys only, like power and idle.
+                "split_weights": meter.learner.weights.as_dict() if meter and meter.learner else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.
                 **self.meter.power_health(backend.name),
             })
-            if admin:  # the learned split weights (energy.learn), for operators
-                views[-1]["split_weights"] = meter.learner.weights.as_dict() if meter and meter.learner else None
         return views
 
     async def _models(self, scope: Scope, send: Send, path: str) -> None:
@@ -244,6 +262,10 @@ class JouleGate:
                     await self.meter.start()
                     if self.exchange is not None:
                         await self.exchange.start()
+                    if self.config.server.metrics_port is not None:
+                        self._metrics_listener = await start_metrics_listener(
+                            self.config.server.host, self.config.server.metrics_port, self.render_metrics,
+                            reuse_port=self.metrics.multiprocess)
                 except Exception as exc:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -252,6 +274,8 @@ class JouleGate:
                 log.info("joulegate ready: %d backends, policy %s", len(self.pool.backends), self.policy.name)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._metrics_listener is not None:
+                    await self._metrics_listener.cleanup()
                 if self.exchange is not None:
                     await self.exchange.close()
                 await self.relay.watchdog.close()
@@ -289,7 +313,7 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-        "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
+        "reasoning_tokens": record.reasoning_tokens, "start": _iso(record.start_s), "end": _iso(record.end_s), "status": record.status,
     }
 
 

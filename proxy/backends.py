@@ -13,11 +13,13 @@ import time
 
 import aiohttp
 import httpx
+import orjson
 
 from policies import BackendView
 from policies.model import EfficiencyModel
 from proxy.config import BackendConfig, Config
 from proxy.engine_metrics import EngineLoad, parse_engine_load
+from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.backends")
 # httpx logs every control request at INFO; health checks would flood the log.
@@ -73,7 +75,8 @@ class Backend:
         return time.monotonic() < self.circuit_open_until_s or self.in_flight > 0
 
     def record_failure(self, reason: str) -> None:
-        """A connect failure or a 5xx: past the threshold (or while half-open) open the circuit."""
+        """A connect failure, garbage or a 5xx (never a time-out: a request that ran past its own
+        limit says nothing about the backend): past the threshold (or half-open) open the circuit."""
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.circuit_failures:
             if self.circuit_open_until_s <= 0:
@@ -89,6 +92,7 @@ class Backend:
 
     def mark_down(self, reason: str) -> None:
         """Passive health: the relay saw it refuse a connection; the health loop brings it back."""
+        reason = redact_text(reason)  # error texts may quote the backend's URL
         if self.healthy:
             log.warning("backend %s marked down: %s", self.name, reason)
         self.healthy = False
@@ -106,6 +110,8 @@ class BackendPool:
         ]
         self.by_name: dict[str, Backend] = {b.name: b for b in self.backends}
         self.session: aiohttp.ClientSession | None = None
+        # One connection per request, closed after it: where a pooled connection turned out stale.
+        self.fresh_session: aiohttp.ClientSession | None = None
         self._control: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._by_model: dict[str, list[Backend]] = {}
@@ -116,12 +122,11 @@ class BackendPool:
         connector = aiohttp.TCPConnector(
             limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=300, enable_cleanup_closed=True,
         )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # Bytes are relayed untouched: never ask the backend to compress them.
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            auto_decompress=False,
-        )
+        # Bytes are relayed untouched: never ask the backend to compress them.
+        options = {"skip_auto_headers": ("Accept-Encoding", "User-Agent"), "auto_decompress": False}
+        self.session = aiohttp.ClientSession(connector=connector, **options)  # type: ignore[arg-type]
+        self.fresh_session = aiohttp.ClientSession(  # type: ignore[arg-type]
+            connector=aiohttp.TCPConnector(limit=0, force_close=True), **options)
         self._control = httpx.AsyncClient(timeout=self.config.server.connect_timeout_s)
         await self.check_all()
         self._task = asyncio.create_task(self._health_loop(), name="joulegate-health")
@@ -131,8 +136,9 @@ class BackendPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.session:
-            await self.session.close()
+        for session in (self.session, self.fresh_session):
+            if session:
+                await session.close()
         if self._control:
             await self._control.aclose()
 
@@ -165,20 +171,29 @@ class BackendPool:
         self._rebuild_model_map()
 
     async def _check(self, backend: Backend) -> None:
+        """Probe one backend; whatever it answers (or not), mark it and never raise: a
+        malformed, slow or refusing backend must not stop the proxy, only itself."""
         assert self._control is not None
         headers = {k: v for k, v in backend.upstream_headers.items() if k == "Authorization"}
         try:
-            resp = await self._control.get(f"{backend.url}/models", headers=headers)
-            ok = resp.status_code == 200
-            if ok and backend.config.models is None:
-                data = resp.json().get("data", [])
-                backend.models = {m["id"] for m in data if isinstance(m, dict) and "id" in m}
-            reason = None if ok else f"GET /models answered {resp.status_code}"
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            ok, reason = False, f"{type(exc).__name__}: {exc}"
+            # httpx's timeout is per phase; this caps a server that answers a byte at a time.
+            async with asyncio.timeout(2 * self.config.server.connect_timeout_s):
+                resp = await self._control.get(f"{backend.url}/models", headers=headers)
+            reason = None if resp.status_code == 200 else f"GET /models answered HTTP {resp.status_code}"
+            if reason is None and backend.config.models is None:
+                models = discovered_models(resp.content)
+                if models is None:
+                    reason = "GET /models answered no OpenAI model list ({\"data\": [{\"id\": ...}]})"
+                else:
+                    backend.models = models
+        except (TimeoutError, httpx.TimeoutException):
+            reason = "GET /models timed out"
+        except Exception as exc:  # any transport or decoding failure: this backend is down
+            reason = redact_text(f"GET /models failed: {type(exc).__name__}: {str(exc)[:200]}")
+        ok = reason is None
         if ok and not backend.healthy:
             log.info("backend %s is back", backend.name)
-        elif not ok and backend.healthy:
+        elif not ok and (backend.healthy or backend.last_error != reason):
             log.warning("backend %s failed its health check: %s", backend.name, reason)
         backend.healthy = ok
         backend.last_error = reason
@@ -187,5 +202,17 @@ class BackendPool:
             try:
                 page = await self._control.get(backend.config.metrics_url)
                 backend.engine_load = parse_engine_load(page.text) if page.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            except Exception:  # a bad metrics page only costs the load figures
                 backend.engine_load = None
+
+
+def discovered_models(body: bytes) -> set[str] | None:
+    """Model ids in an OpenAI `/models` answer; None when the body is not that shape."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]}

@@ -59,10 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
 
     agent = sub.add_parser("agent", help="NVML power agent for a GPU host (/v1/power, /v1/power/stream, /metrics)")
-    agent.add_argument("--host", default="0.0.0.0", help="listen address")
-    agent.add_argument("--port", type=_port, default=9464)
-    agent.add_argument("--gpus", default=None, help="GPU indices or UUIDs, comma-separated (default: all)")
-    agent.add_argument("--interval-s", type=float, default=0.05, help="sampling interval in seconds")
+    from proxy.agent import add_agent_arguments
+
+    add_agent_arguments(agent)
+
+    keys = sub.add_parser("keys", help="API keys for tenants")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_new = keys_sub.add_parser("new", help="make a random key; print it once with its sha256 for the config")
+    keys_new.add_argument("--tenant", required=True, help="the tenant the key is for")
+    keys_new.add_argument("--json", action="store_true", help='print {"tenant", "key", "sha256"}')
 
     usage = sub.add_parser("usage", help="read the energy ledger")
     usage.add_argument("-c", "--config", default=os.environ.get("JOULEGATE_CONFIG"),
@@ -112,6 +117,12 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     if args.workers > 1:
+        if not (config.ledger or "memory://").startswith(("redis://", "rediss://")):
+            # Each worker would keep its own ledger, budgets and in-flight weights: every
+            # budget multiplied by N and shared GPUs billed once per worker.
+            print(f"joulegate: error: --workers {args.workers} needs a ledger all workers share: set "
+                  "`ledger: redis://HOST:6379/0` (memory and SQLite ledgers are per process)", file=sys.stderr)
+            return 2
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Workers share their metrics through files here (prometheus-client multiprocess mode).
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="joulegate-metrics-")
@@ -145,12 +156,34 @@ def _sim_backend(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from proxy.agent import parse_gpus, run
+    from proxy.agent import run_from_args
 
     if args.interval_s <= 0:
         print("joulegate: error: --interval-s must be positive", file=sys.stderr)
         return 2
-    run(host=args.host, port=args.port, gpus=parse_gpus(args.gpus), interval_s=args.interval_s)
+    if not 0 <= args.port <= 65535:
+        print(f"joulegate: error: {args.port} is not a TCP port", file=sys.stderr)
+        return 2
+    run_from_args(args)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from proxy.keys import new_key_record
+
+    tenant = args.tenant.strip()
+    if not tenant or tenant == "admin":
+        print("joulegate: error: --tenant needs a tenant name ('admin' is reserved)", file=sys.stderr)
+        return 2
+    record = new_key_record(tenant)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        # The key is shown here once and stored nowhere: the config keeps only its digest.
+        print(f"key:    {record['key']}")
+        print(f"sha256: {record['sha256']}")
+        print(f"# in the config, under tenants: - name: {tenant}")
+        print(f"#   api_keys_sha256: [\"{record['sha256']}\"]")
     return 0
 
 
@@ -223,5 +256,5 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"serve": _serve, "demo": _demo, "sim-backend": _sim_backend, "check-config": _check_config,
-             "agent": _agent, "usage": _usage,
+             "agent": _agent, "usage": _usage, "keys": _keys,
              "simulate": _simulate, "trace": _trace}

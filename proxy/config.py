@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.ledger import ledger_options
+from proxy.passthrough import check_path, resolve
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -23,6 +24,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PassthroughEdit(_Strict):
+    """`server.passthrough: {add: [...], remove: [...]}`: the default allowlist, edited."""
+
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -30,10 +38,11 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
-    # Requests open at once across all backends; past it new ones get 503 `overloaded`.
-    max_in_flight: int | None = Field(None, gt=0)
+    # Requests open at once across all backends; past it new ones get 429 `rate_limit_exceeded`
+    # at once, before their body is read. None: no limit.
+    max_in_flight: int | None = Field(2048, gt=0)
     # Circuit breaker per backend: open after this many consecutive failures (connect errors,
-    # timeouts, garbage, 5xx); after the cooldown one probe request goes through (half-open)
+    # garbage, 5xx; not time-outs); after the cooldown one probe request goes through (half-open)
     # and its outcome closes the circuit or re-opens it.
     circuit_failures: int = Field(5, gt=0)
     circuit_cooldown_s: float = Field(10.0, gt=0)
@@ -46,6 +55,38 @@ class ServerConfig(_Strict):
     # Longer than clients' and load balancers' idle expiry (httpx 5 s, AWS ALB 60 s), so the
     # server never closes a connection a client is just reusing.
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # A stream is cut (an SSE error event, status 504) when the backend sends no chunk for this
+    # long, or when it has run `stream_max_s` in all (None: no overall cap). request_timeout_s
+    # bounds only the wait for a stream's response head. Checked once a second.
+    stream_idle_timeout_s: float = Field(60.0, gt=0)
+    stream_max_s: float | None = Field(None, gt=0)
+    # A streamed answer whose unfinished SSE event grows past this many bytes (one endless
+    # line) is cut with an error event; what was relayed is billed.
+    max_sse_line_bytes: int = Field(1024 * 1024, gt=0)
+    # Prometheus /metrics on its own listener (same host); the main port then answers 404 there.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # POST routes relayed to backends (proxy/passthrough.py): a list replaces the default,
+    # {add: [...], remove: [...]} edits it; any other path is a 404 that never leaves the proxy.
+    passthrough: list[str] | PassthroughEdit | None = None
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough_paths(cls, value: list[str] | PassthroughEdit | None) -> list[str] | PassthroughEdit | None:
+        for path in value.add + value.remove if isinstance(value, PassthroughEdit) else value or []:
+            check_path(path)
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> ServerConfig:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("server.metrics_port must differ from server.port")
+        return self
+
+    def passthrough_paths(self) -> frozenset[str]:
+        """The POST paths relayed besides the proxy's own inference routes."""
+        if isinstance(self.passthrough, PassthroughEdit):
+            return resolve(None, self.passthrough.add, self.passthrough.remove)
+        return resolve(self.passthrough, [], [])
 
 
 class PowerConfig(_Strict):
@@ -56,6 +97,11 @@ class PowerConfig(_Strict):
     # Silence this long (s) marks the source down: energy is then modelled (method `estimated`).
     # None: 10 sample intervals, at least 2 s.
     stale_after_s: float | None = Field(None, gt=0)
+    # source agent: its bearer token, from a file or an environment variable (one of them), and
+    # a CA bundle to verify an https:// agent's certificate (default: the system's).
+    token_file: str | None = None
+    token_env: str | None = None
+    ca_file: str | None = None
 
     @property
     def stale_s(self) -> float:
@@ -66,6 +112,8 @@ class PowerConfig(_Strict):
     def _url_where_needed(self) -> PowerConfig:
         if self.source in ("dcgm", "agent", "sim") and not self.url:
             raise ValueError(f"power.url is required for source '{self.source}'")
+        if self.token_file and self.token_env:
+            raise ValueError("power.token_file and power.token_env are exclusive: give one")
         return self
 
 
@@ -116,6 +164,7 @@ class TenantConfig(_Strict):
     name: str = Field(min_length=1)
     api_keys_sha256: list[str] = Field(default_factory=list)
     energy_budget: EnergyBudget | None = None
+    energy_budget_failure: Literal["open", "closed"] | None = None  # None: the top-level setting
 
     @field_validator("name")
     @classmethod
@@ -170,6 +219,9 @@ class Config(_Strict):
     ledger: str | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    # A budget whose ledger store does not answer within 50 ms: let the request through (open)
+    # or refuse it with 503 (closed). Per tenant too.
+    energy_budget_failure: Literal["open", "closed"] = "open"
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

@@ -86,6 +86,13 @@ class Metrics:
         self.awaiting_final = Gauge(
             "joulegate_energy_awaiting_final", "Answered requests waiting for their measured energy.", multiprocess_mode="livesum", registry=r,
         )
+        self.refused = Counter(
+            "joulegate_requests_refused", "Requests the proxy refused itself (4xx, 503), by error code.", ["reason"], registry=r,
+        )
+        # Budget reservations the store did not answer in time: let through (open) or refused (closed).
+        self.budget_store_failures = Counter(
+            "joulegate_energy_budget_store_failures", "Budget checks the ledger store failed to answer.", ["mode"], registry=r,
+        )
 
         # Whether a backend's power readings can be trusted (set from its view at each scrape).
         self.power_clock_offset_s = Gauge(

@@ -13,7 +13,7 @@ class RequestRecord:
     request_id: str
     tenant: str
     model: str
-    kind: str  # chat | completion | embedding | other
+    kind: str  # chat | completion | embedding | response | other
     stream: bool
     start_s: float
     backend: str | None = None
@@ -21,6 +21,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usage_reported: bool = False  # False: tokens were counted from deltas or estimated
+    reasoning_tokens: int = 0  # of completion_tokens, when the engine reports them
+    prompt_estimate: int = 0  # prompt tokens guessed before the answer (routing, the meter)
     first_token_s: float | None = None
     end_s: float | None = None
     error: str | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from proxy.energy.meter import EnergyMeter
 from proxy.errors import ProxyError, bad_request, model_not_found
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
+from proxy.usage import answer_usage, estimate_prompt_tokens
 from proxy.watchdog import SendWatchdog
 
 log = logging.getLogger("joulegate.relay")
@@ -41,6 +41,7 @@ _REQUIRED: dict[str, tuple[str, tuple[type, ...]]] = {
     "chat": ("messages", (list,)),
     "completion": ("prompt", (str, list)),
     "embedding": ("input", (str, list)),
+    "response": ("input", (str, list)),
 }
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _JSON = b"application/json"
@@ -49,7 +50,51 @@ _RETRY_SOON = [(b"retry-after", b"1")]
 
 
 class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
+    """The client disconnected before it could be answered."""
+
+
+class _Hold:
+    """One attempt's claim on a backend: a place in its `in_flight`, an efficiency-model ticket
+    and an open meter request. `Relay._release` gives them back and `Relay._book` ledgers the
+    request; each does its work once, whichever path gets there first."""
+
+    __slots__ = ("backend", "ticket", "held", "booked")
+
+    def __init__(self, backend: Backend, ticket: Ticket) -> None:
+        self.backend = backend
+        self.ticket = ticket
+        self.held = True
+        self.booked = False
+
+
+class _ClientWatch:
+    """Waits for the client's `http.disconnect` while the request is with a backend. While
+    `armed`, a disconnect cancels the request's task at once, so it stops waiting on the upstream
+    (streamed or not) and closes it; the relay sees `cancelled` and books what the engine did."""
+
+    __slots__ = ("gone", "armed", "cancelled", "_task", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self.armed = True
+        self.cancelled = False  # this watch cancelled the task (the relay uncancels it once)
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.armed:
+            self.cancelled = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        """No more cancelling: from here on the relay only sends (or has finished)."""
+        self.armed = False
+        self._watcher.cancel()
 
 
 class Relay:
@@ -74,10 +119,13 @@ class Relay:
         self.read_timeout_s = config.server.client_read_timeout_s
         self.max_in_flight = config.server.max_in_flight
         self.in_flight = 0  # inference requests open in this process
-        self.timeout = aiohttp.ClientTimeout(
-            total=config.server.request_timeout_s, sock_connect=config.server.connect_timeout_s,
-        )
-        self.watchdog = SendWatchdog(config.server.client_write_timeout_s)
+        # request_timeout_s bounds the wait for the response head and a whole non-streamed
+        # answer (asyncio.timeout, one timer a request); streams are bounded by the watchdog.
+        self.request_timeout_s = config.server.request_timeout_s
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.server.connect_timeout_s)
+        self.watchdog = SendWatchdog(config.server.client_write_timeout_s,
+                                     idle_timeout_s=config.server.stream_idle_timeout_s,
+                                     max_s=config.server.stream_max_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
         authorization, request_id, declared_length = scan_headers(scope["headers"])
@@ -89,8 +137,9 @@ class Relay:
         self.in_flight += 1
         try:
             if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
-                raise ProxyError(503, "The proxy is at its limit of requests in flight; retry shortly.",
-                                 code="overloaded", headers=_RETRY_SOON)
+                # Refused before the body is read: a flood costs no buffering.
+                raise ProxyError(429, "The proxy is at its limit of requests in flight; retry shortly.",
+                                 code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
             try:
@@ -100,7 +149,7 @@ class Relay:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
             # Over budget: refused before any GPU sees it.
-            record.budget_left_j = await self.accounting.remaining_budget_j(principal.tenant)
+            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
@@ -110,6 +159,7 @@ class Relay:
             record.status = 499
         finally:
             self.in_flight -= 1
+            self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
 
     # -- request ------------------------------------------------------------------------------
 
@@ -150,6 +200,10 @@ class Relay:
                 raise bad_request(f"'{field}' must be a non-negative integer.", param=field)
         record.model = model
         record.stream = stream
+        if kind != "other":  # text parts only: media bytes are not prompt tokens
+            record.prompt_estimate = estimate_prompt_tokens(payload)
+        else:
+            record.prompt_estimate = len(body) // 4
         withhold_usage = False
         if stream and kind in ("chat", "completion"):
             options = payload.get("stream_options")
@@ -174,7 +228,7 @@ class Relay:
         views = [b.view() for b in candidates if b.name not in tried]
         info = RequestInfo(
             model=record.model,
-            prompt_tokens=0,
+            prompt_tokens=record.prompt_estimate,
             max_output_tokens=payload.get("max_tokens") or payload.get("max_completion_tokens"),
             stream=record.stream,
         )
@@ -194,77 +248,173 @@ class Relay:
         self, scope: Scope, receive: Receive, send: Send, payload: dict[str, Any], body: bytes,
         withhold_usage: bool, record: RequestRecord,
     ) -> None:
-        assert self.pool.session is not None
+        """Pick a backend, send the request, relay the answer; book it once the backend had it.
+
+        Every attempt takes a `_Hold` on its backend; each path out of here releases it once
+        (`_release`) and, where the backend had the request, books it once (`_book`).
+        """
         suffix = scope["path"][3:]  # "/v1/chat/completions" -> "/chat/completions"
         if scope.get("query_string"):
             suffix += "?" + scope["query_string"].decode("latin-1")
         tried: set[str] = set()
         failure: ProxyError | None = None
-        while True:
-            backend = self._choose(record, payload, tried, failure)
-            tried.add(backend.name)
-            headers = {**backend.upstream_headers, "X-Request-Id": record.request_id}
-            backend.in_flight += 1
-            sent_s = time.time()
-            ticket = backend.efficiency.sent(sent_s, record.stream)
-            # A rough prompt size (4 bytes a token) lets attribution settle before usage arrives.
-            # Keyed by record.key: clients may send the same x-request-id twice, even at once.
-            self.meter.open(backend.name, record.key, sent_s, record.stream, len(body) // 4)
-            try:
-                resp = await self.pool.session.post(
-                    backend.url + suffix, data=body, headers=headers, timeout=self.timeout,
-                )
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                # Nothing reached the client yet (refused, or closed or reset before answering;
-                # ClientOSError includes ClientConnectorError): try another one.
-                self._abandon(backend, record, ticket)
-                backend.mark_down(f"{type(exc).__name__}: {exc}")
-                backend.record_failure(type(exc).__name__)
-                continue
-            except aiohttp.ClientResponseError:
-                # It did not speak HTTP (garbage status line or headers): no byte reached the
-                # client, so another backend may answer. The upstream's bytes are never echoed.
-                self._abandon(backend, record, ticket)
-                backend.record_failure("invalid HTTP response")
-                failure = ProxyError(502, "The backend did not answer in HTTP.", code="upstream_error")
-                continue
-            except TimeoutError:
-                self._abandon(backend, record, ticket)
-                backend.record_failure("timeout")
-                raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
-            except aiohttp.ClientError as exc:
-                self._abandon(backend, record, ticket)
-                backend.record_failure(type(exc).__name__)
-                raise ProxyError(502, f"The backend failed: {type(exc).__name__}.", code="upstream_error") from None
-            break
-        record.backend = backend.name
-        if resp.status >= 500:
-            backend.record_failure(f"HTTP {resp.status}")
-        else:
-            backend.record_success()
+        hold: _Hold | None = None
+        resp: aiohttp.ClientResponse | None = None
+        loop = asyncio.get_running_loop()
+        watch = _ClientWatch(receive)
         try:
-            is_sse = resp.content_type == "text/event-stream"
-            if record.stream and resp.status == 200 and is_sse:
-                await self._relay_stream(receive, send, resp, payload, withhold_usage, record, ticket)
+            while True:
+                backend = self._choose(record, payload, tried, failure)
+                tried.add(backend.name)
+                hold = self._hold(backend, record)
+                deadline = loop.time() + self.request_timeout_s
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        resp = await self._post(backend, suffix, body, record.request_id)
+                except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
+                    # Refused, unreachable, or closed before answering even on a fresh connection:
+                    # nothing reached the client yet, so another backend may answer.
+                    _forget_frames(exc)
+                    self._release(hold, record, reached=False)
+                    backend.mark_down(f"{type(exc).__name__}: {exc}")
+                    backend.record_failure(type(exc).__name__)
+                    continue
+                except aiohttp.ClientResponseError:
+                    # It did not speak HTTP (garbage status line or headers): no byte reached the
+                    # client, so another backend may answer. The upstream's bytes are never echoed.
+                    self._release(hold, record, reached=False)
+                    backend.record_failure("invalid HTTP response")
+                    failure = ProxyError(502, "The backend did not answer in HTTP.", code="upstream_error")
+                    continue
+                except TimeoutError:
+                    # The backend had the request all along: it is booked. A request that ran past
+                    # its own limit says nothing about the backend: the circuit does not count it.
+                    raise self._book_failed(hold, record, payload, _timed_out()) from None
+                except aiohttp.ClientError as exc:
+                    self._release(hold, record, reached=False)
+                    backend.record_failure(type(exc).__name__)
+                    raise ProxyError(502, f"The backend failed: {type(exc).__name__}.",
+                                     code="upstream_error") from None
+                break
+            assert resp is not None
+            record.backend = backend.name
+            if resp.status >= 500:
+                backend.record_failure(f"HTTP {resp.status}")
             else:
-                await self._relay_whole(send, resp, record)
+                backend.record_success()
+            if record.stream and resp.status == 200 and resp.content_type == "text/event-stream":
+                await self._relay_stream(send, resp, payload, withhold_usage, record, hold, watch)
+                return
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await resp.read()
+            except TimeoutError:
+                resp.close()
+                raise self._book_failed(hold, record, payload, _timed_out()) from None
+            except aiohttp.ClientError as exc:
+                _forget_frames(exc)
+                resp.close()
+                raise self._book_failed(hold, record, payload, ProxyError(
+                    502, f"The backend broke off its answer: {type(exc).__name__}.", code="upstream_error")) from None
+            watch.stop()  # the upstream is done: what is left is sending, however slowly
+            await self._relay_whole(send, resp, data, record, hold)
+        except asyncio.CancelledError:
+            if not watch.cancelled:
+                raise
+            # The client left while the backend had its request: close the upstream now, so the
+            # engine stops generating, and book what it did up to here.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if resp is not None:
+                resp.close()
+            if hold is not None and hold.held:
+                self._book_failed(hold, record, payload, ProxyError(499, "The client disconnected."))
+            raise ClientGone from None
         finally:
-            resp.release()
-            backend.in_flight -= 1
-            if record.end_s is None:
-                # The answer broke off before it was relayed (a 502/504 here): nothing to bill,
-                # but the meter must not wait for this request's weights until it gives up.
-                self.meter.abort(backend.name, record.key, time.time())
-            model = backend.efficiency
-            if not (record.stream and record.first_token_s is not None):
-                model.tokens(record.completion_tokens)  # not streamed: all at the end
-            model.finished(time.time(), ticket, record.first_token_s, record.completion_tokens)
+            watch.stop()
+            if resp is not None:
+                resp.release()  # closes the connection instead where the answer was not read to its end
+            if hold is not None and hold.held:  # an error nobody foresaw: still one release, one booking
+                if record.backend is None:
+                    self._release(hold, record, reached=False)
+                else:
+                    self._book_failed(hold, record, payload, ProxyError(502, "The proxy failed.", code="upstream_error"))
 
-    def _abandon(self, backend: Backend, record: RequestRecord, ticket: Ticket) -> None:
-        """The request never got an answer from this backend: it spent no tokens there."""
+    async def _post(self, backend: Backend, suffix: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+        """POST the request upstream on a pooled connection.
+
+        A pooled connection the engine closed while it sat idle fails before any byte of answer
+        (ServerDisconnectedError, or ClientOSError on a reset): that is retried once, on a fresh
+        connection to the same backend, and is no sign of a broken backend.
+        """
+        session, fresh = self.pool.session, self.pool.fresh_session
+        assert session is not None and fresh is not None
+        url = backend.url + suffix
+        headers = {**backend.upstream_headers, "X-Request-Id": request_id}
+        try:
+            return await session.post(url, data=body, headers=headers, timeout=self.timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection at all: nothing stale about it
+            _forget_frames(exc)
+            log.info("backend %s: pooled connection closed under request %s (%s); retrying on a fresh one",
+                     backend.name, request_id, type(exc).__name__)
+        return await fresh.post(url, data=body, headers=headers, timeout=self.timeout)
+
+    # -- the backend slot and the booking: each exactly once ------------------------------------
+
+    def _hold(self, backend: Backend, record: RequestRecord) -> _Hold:
+        """Take a slot on `backend` for this request: in_flight, an efficiency ticket, a meter entry."""
+        backend.in_flight += 1
+        sent_s = time.time()
+        hold = _Hold(backend, backend.efficiency.sent(sent_s, record.stream))
+        # A rough prompt size lets attribution settle before usage arrives.
+        # Keyed by record.key: clients may send the same x-request-id twice, even at once.
+        self.meter.open(backend.name, record.key, sent_s, record.stream, record.prompt_estimate)
+        return hold
+
+    def _release(self, hold: _Hold, record: RequestRecord, reached: bool) -> None:
+        """Give the slot back; a no-op the second time. `reached`: the backend had the request, so
+        the efficiency model learns its tokens and the meter attributes its energy up to
+        `record.end_s` (now, if unset); else it spent nothing there and the meter forgets it."""
+        if not hold.held:
+            return
+        hold.held = False
+        backend = hold.backend
         backend.in_flight -= 1
-        backend.efficiency.finished(time.time(), ticket, None, 0)
-        self.meter.abort(backend.name, record.key, time.time())
+        model = backend.efficiency
+        if not reached:
+            now_s = time.time()
+            model.finished(now_s, hold.ticket, None, 0)
+            self.meter.abort(backend.name, record.key, now_s)
+            return
+        if record.end_s is None:
+            record.end_s = time.time()
+        if not (record.stream and record.first_token_s is not None):
+            model.tokens(record.completion_tokens)  # not streamed: all at the end
+        model.finished(record.end_s, hold.ticket, record.first_token_s, record.completion_tokens)
+        self._close_energy(record)
+
+    def _book(self, hold: _Hold, record: RequestRecord, status: int, error: str | None = None) -> None:
+        """The backend had this request: release its slot, attribute its energy and hand it to
+        accounting; a no-op the second time. Its tokens must be final by now."""
+        if hold.booked:
+            return
+        hold.booked = True
+        record.backend = hold.backend.name
+        record.status = status
+        record.error = error
+        self._release(hold, record, reached=True)
+        self.accounting.finished(record)
+
+    def _book_failed(self, hold: _Hold, record: RequestRecord, payload: dict[str, Any],
+                     exc: ProxyError) -> ProxyError:
+        """Book a request that ended in `exc` after the backend had it, before any usage (so
+        the prompt is estimated; completion tokens as counted); `exc`, naming the backend that billed it."""
+        if not record.usage_reported:
+            record.prompt_tokens = record.prompt_estimate
+        self._book(hold, record, exc.status, exc.message)
+        exc.headers.append((b"x-energy-backend", hold.backend.name.encode()))
+        return exc
 
     def _close_energy(self, record: RequestRecord) -> None:
         """Attribute the request's energy with the samples available now."""
@@ -278,34 +428,25 @@ class Relay:
             record.joules = result.joules
             record.energy_method = result.method
 
-    async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
-        """A non-streamed answer (or an upstream error): read it all, add energy headers, send."""
-        try:
-            data = await resp.read()
-        except TimeoutError as exc:
-            _forget_frames(exc)
-            raise ProxyError(504, "The backend did not answer in time.", code="upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            _forget_frames(exc)
-            raise ProxyError(502, f"The backend broke off its answer: {type(exc).__name__}.",
-                             code="upstream_error") from None
+    async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, data: bytes, record: RequestRecord,
+                           hold: _Hold) -> None:
+        """A non-streamed answer (or an upstream error), read in full: book it, which frees the
+        backend slot before a slow client takes its time, add energy headers, send."""
         record.end_s = time.time()
-        record.status = resp.status
-        status = resp.status
+        status = booked_status = resp.status
         content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
         if status == 200 and record.kind != "other":
             if not _take_usage(data, record):
                 # A success the client could not parse: say what went wrong instead.
-                self.pool.by_name[record.backend or ""].record_failure("invalid JSON body")
-                status, data = 502, ProxyError(
-                    502, "The backend answered with a body that is not valid JSON.", code="upstream_error").body()
+                hold.backend.record_failure("invalid JSON body")
+                status = booked_status = 502
+                data = ProxyError(502, "The backend answered with a body that is not valid JSON.",
+                                  code="upstream_error").body()
                 content_type = _JSON
-                record.status = status
         elif status >= 500 and not _looks_like_error(data):
             status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
             content_type = _JSON
-        self._close_energy(record)
-        self.accounting.finished(record)
+        self._book(hold, record, booked_status)
         energy = record.energy()
         headers = [(b"content-type", content_type), (b"x-request-id", record.request_id.encode())]
         if record.budget_left_j is not None:
@@ -323,11 +464,16 @@ class Relay:
         await send({"type": "http.response.body", "body": data})
 
     async def _relay_stream(
-        self, receive: Receive, send: Send, resp: aiohttp.ClientResponse, payload: dict[str, Any],
-        withhold_usage: bool, record: RequestRecord, ticket: Ticket,
+        self, send: Send, resp: aiohttp.ClientResponse, payload: dict[str, Any], withhold_usage: bool,
+        record: RequestRecord, hold: _Hold, watch: _ClientWatch,
     ) -> None:
-        """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event."""
-        tap = StreamTap()
+        """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event.
+
+        The stream ends early when the backend breaks off (502), the watchdog cuts it (the client
+        stopped reading: 499; no chunk for stream_idle_timeout_s or past stream_max_s: 504) or
+        the client leaves (499); the upstream is closed at once and what was generated is booked.
+        """
+        tap = StreamTap(record.kind == "response", self.config.server.max_sse_line_bytes)
         headers = _SSE_HEADERS + [
             (b"x-request-id", record.request_id.encode()),
             (b"x-energy-backend", (record.backend or "").encode()),
@@ -335,73 +481,91 @@ class Relay:
         if record.budget_left_j is not None:
             headers.append((b"x-energy-budget-remaining-joules", repr(record.budget_left_j).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        client_gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, resp, client_gone))
         guard = self.watchdog.guard()
         error: str | None = None
+        status = 200
         backend, meter, counted = record.backend or "", self.meter, 0
-        model = self.pool.by_name[backend].efficiency
+        model, ticket = hold.backend.efficiency, hold.ticket
         try:
-            try:
-                async for chunk in resp.content.iter_any():
-                    out = tap.feed(chunk)
-                    if tap.delta_chunks != counted:
-                        now_s = time.time()
-                        if record.first_token_s is None:
-                            record.first_token_s = now_s
-                            model.first_token(now_s, ticket)
-                        meter.tokens(backend, record.key, now_s, tap.delta_chunks - counted)
-                        model.tokens(tap.delta_chunks - counted)
-                        counted = tap.delta_chunks
-                    if out:
-                        guard.sending = True
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                        guard.sending = False
-                        guard.sends += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-                _forget_frames(exc)
-            except asyncio.CancelledError:
-                if not guard.expired:
-                    raise
-                # The watchdog cut a client that stopped reading: free the GPU, bill what was sent.
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                resp.close()
-                client_gone.set()
-                log.warning("request %s: client took no byte for %.0f s; stream cut", record.request_id,
-                            self.watchdog.write_timeout_s)
-            if client_gone.is_set():
-                error = "client stopped reading" if guard.expired else "client disconnected"
-            elif not tap.done and error is None:
-                error = "upstream closed the stream early"
+            async for chunk in resp.content.iter_any():
+                guard.chunks += 1
+                out = tap.feed(chunk)
+                if tap.delta_chunks != counted:
+                    now_s = time.time()
+                    if record.first_token_s is None:
+                        record.first_token_s = now_s
+                        model.first_token(now_s, ticket)
+                    meter.tokens(backend, record.key, now_s, tap.delta_chunks - counted)
+                    model.tokens(tap.delta_chunks - counted)
+                    counted = tap.delta_chunks
+                if out:
+                    guard.sending = True
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    guard.sending = False
+                    guard.sends += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            _forget_frames(exc)
+        except asyncio.CancelledError:
+            if not (guard.expired or watch.cancelled):
+                raise
+            task = asyncio.current_task()
+            assert task is not None
+            for _ in range(guard.expired + watch.cancelled):  # one uncancel per cancel we caused
+                task.uncancel()
         finally:
             self.watchdog.release(guard)
-            watcher.cancel()
+            watch.stop()  # from here on only this task sends; the final send must not look like a leave
+        if watch.gone:
+            status, error = 499, "client disconnected"
+        elif guard.expired:
+            status, error = self._cut_reason(guard.reason, record)
+        elif tap.overflow:
+            status = 502
+            error = f"an event longer than {self.config.server.max_sse_line_bytes} bytes without a boundary"
+        elif error is not None:
+            status = 502
+        elif not tap.done:
+            status, error = 502, "upstream closed the stream early"
+        if status != 200:
+            resp.close()  # the engine stops here: book what it generated up to now
         record.end_s = time.time()
-        record.status = 200
-        record.error = error
         usage = tap.usage
-        if isinstance(usage, dict):
-            record.prompt_tokens = _count(usage.get("prompt_tokens"))
-            record.completion_tokens = _count(usage.get("completion_tokens"))
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage
             record.usage_reported = True
         else:
-            # The stream broke before usage arrived: bill what was relayed.
+            # The engine gave no usage (it ignores stream_options, or the stream broke): bill
+            # every generated delta relayed, and the prompt's estimate.
             record.completion_tokens = tap.delta_chunks
-            record.prompt_tokens = _estimate_prompt_tokens(payload)
-        self._close_energy(record)
-        self.accounting.finished(record)
+            record.prompt_tokens = record.prompt_estimate
+        self._book(hold, record, status, error)
         energy = record.energy()
-        if client_gone.is_set():
+        if status == 499:
             return
         if error is not None:
+            code = "upstream_timeout" if status == 504 else "upstream_error"
             event = orjson.dumps({"error": {"message": f"The backend stream failed: {error}.",
-                                            "type": "upstream_error", "param": None, "code": "upstream_error"}})
+                                            "type": "upstream_error", "param": None, "code": code}})
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": False})
             return
         closing = tap.finish(energy, client_wants_usage=not withhold_usage)
         await send({"type": "http.response.body", "body": closing, "more_body": False})
+
+    def _cut_reason(self, reason: str, record: RequestRecord) -> tuple[int, str]:
+        """The status and error the watchdog's cut books, logged once."""
+        dog = self.watchdog
+        if reason == "client":
+            log.warning("request %s: client took no byte for %.0f s; stream cut", record.request_id,
+                        dog.write_timeout_s)
+            return 499, "client stopped reading"
+        if reason == "idle":
+            log.warning("request %s: backend %s sent nothing for %.0f s; stream cut", record.request_id,
+                        record.backend, dog.idle_timeout_s)
+            return 504, f"no data for {dog.idle_timeout_s:g} s"
+        log.warning("request %s: stream ran past %.0f s; cut", record.request_id, dog.max_s)
+        return 504, f"the stream ran past {dog.max_s:g} s"
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -452,14 +616,8 @@ async def _read_body(receive: Receive, declared: int | None, limit: int) -> byte
             return b"".join(parts)
 
 
-async def _watch_disconnect(receive: Receive, resp: aiohttp.ClientResponse, gone: asyncio.Event) -> None:
-    """Close the upstream request as soon as the client goes away, freeing the GPU slot."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            resp.close()
-            return
+def _timed_out() -> ProxyError:
+    return ProxyError(504, "The backend did not answer in time.", code="upstream_timeout")
 
 
 def _forget_frames(exc: BaseException) -> None:
@@ -477,27 +635,19 @@ def _take_usage(data: bytes, record: RequestRecord) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        record.prompt_tokens = _count(usage.get("prompt_tokens"))
-        record.completion_tokens = _count(usage.get("completion_tokens"))
+    usage = answer_usage(obj)
+    if usage is not None:
+        record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage
         record.usage_reported = True
     return True
-
-
-def _count(value: object) -> int:
-    """A token count from upstream JSON: a non-negative int, else 0 (never trust its type)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _looks_like_error(data: bytes) -> bool:
     return data.startswith(b"{") and b'"error"' in data
 
 
-def _estimate_prompt_tokens(payload: dict[str, Any]) -> int:
-    """About four characters a token: only used when the backend never reported usage."""
-    text = payload.get("messages") or payload.get("prompt") or payload.get("input") or ""
-    return math.ceil(len(orjson.dumps(text)) / 4)
+#: Key of the ASGI start message that marks an answer the proxy made itself (its error code).
+REFUSAL = "joulegate.refusal"
 
 
 async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
@@ -506,5 +656,6 @@ async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
         "type": "http.response.start",
         "status": exc.status,
         "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode()), *exc.headers],
+        REFUSAL: exc.code or exc.type,  # read by the app's refusal counter; servers ignore it
     })
     await send({"type": "http.response.body", "body": exc.body()})

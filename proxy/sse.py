@@ -1,77 +1,180 @@
 """Incremental server-sent-events handling for the streamed relay.
 
 Bytes pass through untouched; only events that may carry `usage` are parsed. Event boundaries
-are found incrementally: each fragment is searched once, the tail of an unfinished event is kept.
+are found incrementally: each fragment is searched once (plus the few bytes before it where a
+boundary may straddle two fragments), and an unfinished event is kept as a list of fragments,
+joined once when it completes, so a long event costs linear time. An unfinished event longer
+than `max_event_bytes` ends the stream (`StreamTap.overflow`).
+
+Generated tokens are counted from byte markers, never by parsing every chunk: in chat and
+completion chunks one token per non-empty `content`, `text`, `reasoning_content`, `reasoning`,
+`refusal` or tool-call `arguments` string; in Responses API events one per non-empty `delta`
+string (`response.output_text.delta`, `response.reasoning_text.delta`,
+`response.function_call_arguments.delta`, ...). `null` and `""` are no token.
 """
 
 from __future__ import annotations
 
+import aiohttp
 import orjson
 
+from proxy.usage import Usage, answer_usage
+
 _DONE = b"data: [DONE]"
-_EMPTY_MARKERS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
-_CONTENT_MARKERS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+_FIELDS = (b"content", b"text", b"reasoning_content", b"reasoning", b"refusal", b"arguments")
+
+
+def _markers(fields: tuple[bytes, ...], sep: bytes, value: bytes) -> tuple[bytes, ...]:
+    return tuple(b'"' + f + b'"' + sep + value for f in fields)
+
+
+# A marker needs an unescaped quote before the field name, so text inside a JSON string (where
+# quotes are escaped) never matches, and `"content":"` is not part of `"reasoning_content":"`.
+_CHAT = _markers(_FIELDS, b":", b'"')
+_CHAT_SPACED = _markers(_FIELDS, b": ", b'"')
+_CHAT_EMPTY = _markers(_FIELDS, b":", b'""') + _markers(_FIELDS, b": ", b'""')
+_RESP = _markers((b"delta",), b":", b'"') + _markers((b"delta",), b": ", b'"')
+_RESP_EMPTY = _markers((b"delta",), b":", b'""') + _markers((b"delta",), b": ", b'""')
+#: A Responses stream ends with one of these events (no `data: [DONE]`).
+_RESP_FINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
+
+
+class StreamOverflow(aiohttp.ClientPayloadError):
+    """The upstream sent more than the limit without an event boundary: the stream is cut.
+
+    An aiohttp payload error, so the relay ends the stream as it does for a broken upstream."""
 
 
 class StreamTap:
-    """Watches a relayed SSE stream: counts generated-token deltas, captures the usage chunk.
+    """Watches a relayed SSE stream: counts generated-token deltas, captures the usage.
 
-    `feed` returns the bytes to forward now. The usage chunk and `[DONE]` are held back (the
-    caller appends the energy and sends them with `finish`), so no byte ever needs rewriting.
+    `feed` returns the bytes to forward now. Chat and completion streams: the usage chunk and
+    `[DONE]` are held back (the caller appends the energy and sends them with `finish`), so no
+    byte ever needs rewriting. Responses API streams (`responses=True`): every event is
+    forwarded; the final `response.completed` / `.failed` / `.incomplete` event gives the usage
+    and marks the stream complete, and `finish` adds the energy as an `: energy` comment.
     """
 
-    __slots__ = ("_tail", "_sep", "delta_chunks", "usage", "usage_event", "done", "first_token_seen")
+    __slots__ = ("_parts", "_size", "_last", "_sep", "_responses", "_max_event_bytes", "delta_chunks", "usage",
+                 "usage_event", "done", "_done_line", "first_token_seen", "overflow")
 
-    def __init__(self) -> None:
-        self._tail = b""
+    def __init__(self, responses: bool = False, max_event_bytes: int = 1 << 20) -> None:
+        self._parts: list[bytes] = []  # the unfinished event's fragments
+        self._size = 0
+        self._last = b""  # the unfinished event's last 3 bytes
         self._sep: bytes | None = None
+        self._responses = responses
+        self._max_event_bytes = max_event_bytes
         self.delta_chunks = 0
-        self.usage: dict | None = None
+        self.usage: Usage | None = None
         self.usage_event: dict | None = None
         self.done = False
+        self._done_line = False
         self.first_token_seen = False
+        self.overflow = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """Account for `chunk` and return what can be forwarded now (maybe b"")."""
-        if self._tail:
-            chunk = self._tail + chunk
+        """Account for `chunk` and return what can be forwarded now (maybe b"").
+
+        Raises StreamOverflow once the unfinished event exceeds `max_event_bytes`."""
+        if not chunk:
+            return b""
+        # A boundary may begin in the last 3 bytes already held: search from there.
+        if self._parts:
+            last = self._last
+            window = last + chunk
+            offset = self._size - len(last)
+        else:
+            window, offset = chunk, 0
         if self._sep is None:
-            lf, crlf = chunk.find(b"\n\n"), chunk.find(b"\r\n\r\n")
+            lf, crlf = window.find(b"\n\n"), window.find(b"\r\n\r\n")
             if crlf >= 0 and (lf < 0 or crlf < lf):
                 self._sep = b"\r\n\r\n"
             elif lf >= 0:
                 self._sep = b"\n\n"
-            else:
-                self._tail = chunk
-                return b""
-        end = chunk.rfind(self._sep)
+        end = window.rfind(self._sep) if self._sep is not None else -1
         if end < 0:
-            self._tail = chunk
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            self._last = window[-3:]
+            if self._size > self._max_event_bytes:
+                self.overflow = True
+                raise StreamOverflow(f"an SSE event exceeded {self._max_event_bytes} bytes")
             return b""
-        end += len(self._sep)
-        complete, self._tail = chunk[:end], chunk[end:]
-        tokens = 0
-        for marker in _CONTENT_MARKERS:
-            tokens += complete.count(marker)
-        # An empty string delta is no token.
-        tokens -= sum(complete.count(m) for m in _EMPTY_MARKERS)
+        assert self._sep is not None
+        end += offset + len(self._sep) - self._size  # the boundary's end within `chunk`
+        if self._parts:
+            complete = b"".join([*self._parts, chunk[:end]])  # each byte copied once
+        else:
+            complete = chunk[:end]
+        rest = chunk[end:]
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
+        self._last = rest[-3:]
+        self._count(complete)
+        if self._responses:
+            if any(m in complete for m in _RESP_FINAL):
+                self._final_event(complete)
+            if b"[DONE]" not in complete:
+                return complete
+        elif b'"usage"' not in complete and b"[DONE]" not in complete:
+            return complete
+        out = self._hold_back(complete)
+        if self._size > self._max_event_bytes:
+            self.overflow = True
+            raise StreamOverflow(f"an SSE event exceeded {self._max_event_bytes} bytes")
+        return out
+
+    def _count(self, complete: bytes) -> None:
+        """Add the generated-token deltas in whole events `complete`."""
+        count = complete.count
+        if self._responses:
+            tokens = count(_RESP[0]) + count(_RESP[1])
+            if tokens and b'""' in complete:
+                tokens -= count(_RESP_EMPTY[0]) + count(_RESP_EMPTY[1])
+        else:
+            # Unrolled: this runs for every chunk of every stream.
+            content, text, reasoning_content, reasoning, refusal, arguments = _CHAT
+            tokens = (count(content) + count(text) + count(reasoning_content) + count(reasoning)
+                      + count(refusal) + count(arguments))
+            if b'": "' in complete:
+                tokens += sum(count(m) for m in _CHAT_SPACED)
+            # An empty string delta is no token.
+            if tokens and b'""' in complete:
+                tokens -= sum(count(m) for m in _CHAT_EMPTY)
         if tokens > 0:
             self.delta_chunks += tokens
             self.first_token_seen = True
-        if b'"usage"' not in complete and b"[DONE]" not in complete:
-            return complete
-        return self._hold_back(complete)
+
+    def _final_event(self, complete: bytes) -> None:
+        """A Responses stream's last event: its `response.usage`; the stream is complete."""
+        assert self._sep is not None
+        for event in complete.split(self._sep):
+            if not any(m in event for m in _RESP_FINAL):
+                continue
+            for line in event.splitlines():
+                if not line.startswith(b"data:"):
+                    continue
+                try:
+                    obj = orjson.loads(line[5:])
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict) and obj.get("type") in (
+                        "response.completed", "response.failed", "response.incomplete"):
+                    self.done = True
+                    self.usage = answer_usage(obj) or self.usage
 
     def _hold_back(self, complete: bytes) -> bytes:
         """Split out the usage chunk and [DONE]; forward every other event."""
+        assert self._sep is not None
         out: list[bytes] = []
         for event in complete.split(self._sep):
             if not event:
                 continue
             if event.startswith(b"data:") and event[5:].strip() == b"[DONE]":
-                self.done = True
+                self.done = self._done_line = True
                 continue
-            if b'"usage"' in event and event.startswith(b"data:"):
+            if not self._responses and b'"usage"' in event and event.startswith(b"data:"):
                 try:
                     obj = orjson.loads(event[5:])
                 except orjson.JSONDecodeError:
@@ -79,14 +182,15 @@ class StreamTap:
                 if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
                     if not obj.get("choices"):
                         self.usage_event = obj
-                    self.usage = obj["usage"]
+                    self.usage = answer_usage(obj)
                     if self.usage_event is obj:
                         continue
             out.append(event + self._sep)
         return b"".join(out)
 
     def finish(self, energy: dict | None, client_wants_usage: bool) -> bytes:
-        """The closing bytes: the usage chunk (with energy) or an `: energy` comment, then [DONE]."""
+        """The closing bytes: the usage chunk (with energy) or an `: energy` comment, then [DONE]
+        if the upstream sent one."""
         sep = self._sep or b"\n\n"
         out = b""
         if self.usage_event is not None and client_wants_usage:
@@ -95,11 +199,11 @@ class StreamTap:
             out += b"data: " + orjson.dumps(self.usage_event) + sep
         elif energy is not None:
             out += b": energy " + orjson.dumps(energy) + sep
-        if self.done:
+        if self._done_line:
             out += _DONE + sep
         return out
 
     @property
     def pending(self) -> bytes:
         """An unfinished event left when the upstream closed."""
-        return self._tail
+        return b"".join(self._parts)

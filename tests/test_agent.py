@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,13 +74,16 @@ def _env(script_path: Path | None) -> dict[str, str]:
 class Agent:
     """`python -m proxy.agent` (optionally with its clock skewed) on the fake NVML."""
 
-    def __init__(self, tmp: Path, skew_s: float = 0.0, port: int | None = None) -> None:
+    def __init__(self, tmp: Path, skew_s: float = 0.0, port: int | None = None, *, host: str = "127.0.0.1",
+                 extra: tuple[str, ...] = (), token: str | None = None, ca_file: Path | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.verify: Any = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         script_path = tmp / f"nvml-{self.port}.json"
         script_path.write_text(json.dumps(SCRIPT))
         self.log_path = tmp / f"agent-{self.port}.log"
-        args = ["--host", "127.0.0.1", "--port", str(self.port), "--interval-s", str(INTERVAL_S)]
+        args = ["--host", host, "--port", str(self.port), "--interval-s", str(INTERVAL_S), *extra]
         code = ("import time, proxy.agent as a; "
                 f"a._clock = lambda: time.time() + {skew_s!r}; a.main({args!r})")
         with open(self.log_path, "wb") as log:
@@ -89,7 +94,8 @@ class Agent:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", headers=self.headers, verify=self.verify,
+                             timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -320,3 +326,87 @@ def test_agent_without_gpu_exits_2_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1 and "joulegate agent: error: NVML could not initialise" in done.stderr
     done = _run_agent(tmp_path, SCRIPT, "--gpus", "0,7")
     assert done.returncode == 2 and "GPU index 7 does not exist" in done.stderr
+
+
+# -- beyond loopback: a bearer token, optionally TLS ------------------------------------------
+
+
+def test_agent_binds_loopback_by_default_and_refuses_other_addresses_without_a_token(tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "proxy", "agent", "--help"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30).stdout
+    assert "default 127.0.0.1" in help_text
+    for host in ("0.0.0.0", "::", "10.1.2.3"):
+        done = _run_agent(tmp_path, SCRIPT, "--host", host)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "without a bearer token" in done.stderr
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    done = _run_agent(tmp_path, SCRIPT, "--host", "0.0.0.0", "--token-file", str(empty))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is empty" in done.stderr
+    done = _run_agent(tmp_path, SCRIPT, "--tls-cert", str(empty))
+    assert done.returncode == 2 and "--tls-cert and --tls-key go together" in done.stderr
+
+
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, made with the openssl CLI."""
+    cert, key = tmp / "agent-cert.pem", tmp / "agent-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=joulegate-agent-test", "-keyout", str(key),
+                    "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_agent_with_a_token_wants_it_on_every_route_and_the_source_sends_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls: bool) -> None:
+    if tls and shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a certificate")
+    token = f"agent-token-{os.urandom(16).hex()}"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    extra: tuple[str, ...] = ("--token-file", str(token_file))
+    cert = None
+    if tls:
+        cert, key = self_signed_cert(tmp_path)
+        extra += ("--tls-cert", str(cert), "--tls-key", str(key))
+    agent = Agent(tmp_path, host="0.0.0.0", extra=extra, token=token, ca_file=cert)
+    try:
+        for path in ("/v1/power", "/v1/power/stream", "/metrics", "/healthz"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token},
+                            {"Authorization": f"Bearer {token}x"}):
+                resp = httpx.get(agent.url + path, headers=headers, verify=agent.verify, timeout=5)
+                assert resp.status_code == 401, (path, headers)
+                assert resp.json()["error"]["type"] == "authentication_error" and token not in resp.text
+        assert httpx.get(f"{agent.url}/v1/power", headers=agent.headers, verify=agent.verify,
+                         timeout=5).json()["gpus"][0]["uuid"] == H100["uuid"]
+        if tls:  # plain http to a TLS listener gets nothing
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(agent.url.replace("https:", "http:") + "/v1/power", headers=agent.headers, timeout=5)
+
+        async def body(power: PowerConfig, expect_ok: bool) -> None:
+            got = Collector()
+            source = AgentSource(power, got)
+            try:
+                await source.start()
+                if expect_ok:
+                    await wait_for(lambda: len(got.samples) >= 3, what="samples through the token")
+                    assert source.healthy and abs(source.offset_s) < 0.05
+                else:
+                    await wait_for(lambda: source.last_error is not None, what="an error")
+                    assert not got.samples and "401" in source.last_error
+            finally:
+                await source.close()
+
+        ca = str(cert) if cert else None
+        monkeypatch.setenv("JG_TEST_AGENT_TOKEN", token)
+        for power, ok in ((PowerConfig(source="agent", url=agent.url, interval_s=INTERVAL_S, gpus=[0],
+                                       token_file=str(token_file), ca_file=ca), True),
+                          (PowerConfig(source="agent", url=agent.url, interval_s=INTERVAL_S, gpus=[0],
+                                       token_env="JG_TEST_AGENT_TOKEN", ca_file=ca), True),
+                          (PowerConfig(source="agent", url=agent.url, interval_s=INTERVAL_S, gpus=[0],
+                                       ca_file=ca), False)):
+            run(lambda power=power, ok=ok: body(power, ok))
+    finally:
+        agent.stop()
+    assert token not in agent.log_path.read_text()

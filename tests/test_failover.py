@@ -105,7 +105,7 @@ def test_client_disconnect_frees_the_gpu_and_timeouts_answer_504(tmp_path: Path)
         sim.stop()
 
 
-def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_503(tmp_path: Path) -> None:
+def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_429(tmp_path: Path) -> None:
     from tests.test_proxy_sdk import BROKEN_MODEL, BrokenBackend
 
     sim = SimBackend("l4-llama3.1-8b", tmp_path, seed=5)
@@ -128,9 +128,9 @@ def test_circuit_opens_after_repeated_5xx_and_global_cap_answers_503(tmp_path: P
         stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100, stream=True)
         try:
             next(iter(stream))
-            with pytest.raises(openai.InternalServerError) as info:
+            with pytest.raises(openai.RateLimitError) as info:
                 c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
-            assert info.value.status_code == 503 and info.value.code == "overloaded"
+            assert info.value.status_code == 429 and info.value.code == "rate_limit_exceeded"
             assert info.value.response.headers["retry-after"] == "1"
         finally:
             stream.close()

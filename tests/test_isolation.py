@@ -95,6 +95,15 @@ def test_another_tenants_request_id_answers_exactly_like_an_unknown_one(proxy: P
     assert theirs.json() == json.loads(missing.text.replace(unknown, own))
     assert sorted(theirs.headers.keys()) == sorted(missing.headers.keys())
     assert "acme" not in theirs.text
+    # A pass-through route's request is isolated the same way; the admin key sees both.
+    other = httpx.post(proxy.url + "/v1/tokenize", headers=auth(KEYS["acme"]), timeout=10,
+                       json={"model": MODEL, "prompt": "hi"}).headers["x-request-id"]
+    probe = get(proxy, f"/v1/energy/requests/{other}", KEYS["globex"])
+    assert probe.status_code == 404 and "acme" not in probe.text
+    for rid in (own, other):
+        wait_until(lambda rid=rid: get(proxy, f"/v1/energy/requests/{rid}", ADMIN_KEY).status_code == 200,
+                   10, "the admin to see the request")
+        assert get(proxy, f"/v1/energy/requests/{rid}", ADMIN_KEY).json()["tenant"] == "acme"
 
 
 # -- x-request-id belongs to the client: reusing one (even another tenant's) is its own request ----

@@ -20,6 +20,7 @@ A missing tool skips its tests with the reason, except under CI=true, where it f
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib
 import json
@@ -346,6 +347,45 @@ def test_default_values_with_one_backend_url(helm: Any) -> None:
     assert _one(docs, "Service", "redis")["metadata"]["name"] == f"{RELEASE}-joulegate-redis"
 
 
+def test_metrics_on_their_own_port_and_the_ingress_only_on_v1(helm: Any) -> None:
+    docs = _manifests(_render(helm, {**REQUIRED, "ingress": {"enabled": True},
+                                     "serviceMonitor": {"enabled": True}}))
+    config = yaml.safe_load(_one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["server"]["metrics_port"] == 9090
+    container = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    assert {p["name"] for p in _one(docs, "Service")["spec"]["ports"]} == {"http", "metrics"}
+    assert [e["port"] for e in _one(docs, "ServiceMonitor")["spec"]["endpoints"]] == ["metrics"]
+    rules = _one(docs, "Ingress")["spec"]["rules"]
+    assert [p["path"] for r in rules for p in r["http"]["paths"]] == ["/v1"]
+    assert all(p["backend"]["service"]["port"]["name"] == "http" for r in rules for p in r["http"]["paths"])
+    off = _manifests(_render(helm, {**REQUIRED, "metricsPort": 0, "serviceMonitor": {"enabled": True}}))
+    assert "metrics_port" not in yaml.safe_load(_one(off, "ConfigMap")["data"]["config.yaml"])["server"]
+    assert [e["port"] for e in _one(off, "ServiceMonitor")["spec"]["endpoints"]] == ["http"]
+
+
+@pytest.mark.parametrize("existing", ["", "my-agent-token"])
+def test_agent_on_all_addresses_gets_a_token_the_proxy_sends(helm: Any, existing: str) -> None:
+    values = _values("agent-daemonset")
+    values["agent"] = {**values["agent"], "token": {"existingSecret": existing, "existingSecretKey": "tok"}}
+    docs = _manifests(_render(helm, values))
+    agent = _one(docs, "DaemonSet", "agent")["spec"]["template"]["spec"]["containers"][0]
+    secret_name = existing or f"{RELEASE}-joulegate-agent-token"
+    ref = {"secretKeyRef": {"name": secret_name, "key": "tok"}}
+    assert {"name": "JOULEGATE_AGENT_TOKEN", "valueFrom": ref} in agent["env"]
+    assert "0.0.0.0" in agent["args"] and "httpGet" not in agent["readinessProbe"]
+    proxy = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "JOULEGATE_AGENT_TOKEN", "valueFrom": ref} in proxy["env"]
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret_name]
+    if existing:
+        assert not secrets
+    else:
+        (secret,) = secrets
+        assert len(base64.b64decode(secret["data"]["tok"])) >= 32
+    config = yaml.safe_load(_one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert all(b["power"]["token_env"] == "JOULEGATE_AGENT_TOKEN" for b in config["backends"])
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({}, "backends is empty"),
     ({**REQUIRED, "redis": {"enabled": False}}, "needs a shared ledger"),
@@ -356,6 +396,8 @@ def test_default_values_with_one_backend_url(helm: Any) -> None:
     ({**REQUIRED, "ledger": {"url": "redis://elsewhere:6379/0"}}, "choose one"),
     ({**REQUIRED, "config": {"ledger": "memory://"}}, "config.ledger"),
     ({**REQUIRED, "config": {"server": {"port": 9000}}}, "containerPort"),
+    ({**REQUIRED, "config": {"server": {"metrics_port": 9100}}}, "'metrics_port' not allowed"),
+    ({**REQUIRED, "metricsPort": 8080}, "must differ from containerPort"),
     ({**REQUIRED, "redis": {"auth": {"enabled": True}}}, "redis.auth.password"),
     ({"backends": [{"url": "http://a/v1", "apiKey": "k", "apiKeySecretRef": {"name": "s", "key": "k"}}]},
      "not both"),

@@ -1,14 +1,19 @@
-"""proxy/sse.py StreamTap: byte-exact relay, usage capture, energy injection, delta counting."""
+"""proxy/sse.py StreamTap: byte-exact relay, usage capture, energy injection, delta counting on
+every answer shape (chat, completions, reasoning, tool calls, the Responses API), and the bounded
+event buffer."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import StreamTap
+from proxy.sse import StreamOverflow, StreamTap
+from proxy.usage import Usage, read_usage
 
 ENERGY = {"joules": 12.5, "tokens_per_joule": 0.4, "backend": "h100-a", "method": "measured"}
 USAGE = {"prompt_tokens": 12, "total_tokens": 17, "completion_tokens": 5}
@@ -100,7 +105,7 @@ def test_any_fragmentation_relays_bytes_exactly(tokens: list[str], cuts: list[in
     assert out == ordinary  # every ordinary event, byte for byte; usage and [DONE] held back
     assert tap.delta_chunks == len(tokens)
     assert tap.first_token_seen == bool(tokens)
-    assert tap.usage == usage_obj["usage"]
+    assert tap.usage == read_usage(usage_obj["usage"])
     assert tap.done
     assert tap.pending == b""
     rest = tap.finish(dict(ENERGY), client_wants_usage=wants_usage)
@@ -118,7 +123,7 @@ def test_any_fragmentation_of_a_crlf_stream(tokens: list[str], cuts: list[int]) 
     out = feed_all(tap, split_at(ordinary + closing, cuts))
     assert out == ordinary
     assert tap.delta_chunks == len(tokens)
-    assert tap.done and tap.usage == usage_obj["usage"]
+    assert tap.done and tap.usage == read_usage(usage_obj["usage"])
     assert_usage_closing(tap.finish(dict(ENERGY), client_wants_usage=True), usage_obj, sep=b"\r\n\r\n")
 
 
@@ -209,7 +214,7 @@ def test_usage_and_done_in_separate_reads() -> None:
     tap = StreamTap()
     assert tap.feed(ordinary) == ordinary
     assert tap.feed(usage_event + b"\n\n") == b""
-    assert tap.usage == usage_obj["usage"] and not tap.done
+    assert tap.usage == read_usage(usage_obj["usage"]) and not tap.done
     assert tap.feed(done + b"\n\n") == b""
     assert tap.done
 
@@ -228,7 +233,7 @@ def test_openai_style_usage_null_on_every_chunk_is_forwarded_untouched() -> None
         out = tap.feed(stream[:cut]) + tap.feed(stream[cut:])
         assert out == ordinary
         assert tap.delta_chunks == 5
-        assert tap.usage == USAGE
+        assert tap.usage == read_usage(USAGE)
         assert_usage_closing(tap.finish(dict(ENERGY), True), usage_obj)
 
 
@@ -243,7 +248,7 @@ def test_continuous_usage_stats_are_forwarded_and_the_last_usage_kept() -> None:
     tap = StreamTap()
     out = tap.feed(ordinary + b"data: " + _compact(final) + b"\n\ndata: [DONE]\n\n")
     assert out == ordinary
-    assert tap.usage == final["usage"]
+    assert tap.usage == read_usage(final["usage"])
     assert_comment_closing(tap.finish(dict(ENERGY), False))
 
 
@@ -259,7 +264,7 @@ def test_tgi_style_data_without_space() -> None:
     out = tap.feed(ordinary + b"data:" + _compact(usage_obj) + b"\n\ndata:[DONE]\n\n")
     assert out == ordinary  # neither the usage chunk nor [DONE] forwarded early
     assert tap.delta_chunks == 2
-    assert tap.usage == USAGE
+    assert tap.usage == read_usage(USAGE)
     assert tap.done
     assert_usage_closing(tap.finish(dict(ENERGY), True), usage_obj)
 
@@ -355,3 +360,169 @@ def test_comments_and_keepalives_pass_through() -> None:
     tap = StreamTap()
     assert tap.feed(stream) == stream
     assert tap.delta_chunks == 1
+
+
+# -- every answer shape -------------------------------------------------------------------------------
+
+
+def raw_chunk(delta: dict | None = None, text: str | None = None, usage: dict | None = None,
+          choices: bool = True) -> bytes:
+    """One chat (delta) or completion (text) chunk as an engine sends it."""
+    obj: dict = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
+    if choices:
+        choice: dict = {"index": 0, "finish_reason": None}
+        if delta is not None:
+            choice["delta"] = delta
+        if text is not None:
+            choice["text"] = text
+        obj["choices"] = [choice]
+    else:
+        obj["choices"] = []
+    if usage is not None:
+        obj["usage"] = usage
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def resp_event(kind: str, **fields: object) -> bytes:
+    """One Responses API event: an `event:` line and its `data:` line."""
+    return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
+
+
+def feed_steps(tap: StreamTap, data: bytes, step: int) -> bytes:
+    return b"".join(tap.feed(data[i:i + step]) for i in range(0, len(data), step))
+
+
+CHAT_SHAPES = {
+    "content": [raw_chunk({"role": "assistant", "content": ""}), raw_chunk({"content": "Hi"}), raw_chunk({"content": " there"})],
+    "reasoning_content": [raw_chunk({"role": "assistant", "reasoning_content": "Let"}),
+                          raw_chunk({"reasoning_content": " me think"}), raw_chunk({"content": "Yes"})],
+    "reasoning": [raw_chunk({"reasoning": "hmm"}), raw_chunk({"reasoning": ""}), raw_chunk({"content": "ok"})],
+    "refusal": [raw_chunk({"role": "assistant", "refusal": "I"}), raw_chunk({"refusal": " can't"}),
+                raw_chunk({"content": None, "refusal": None})],
+    "tool_calls": [
+        raw_chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+        raw_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city"'}}]}),
+        raw_chunk({"tool_calls": [{"index": 0, "function": {"arguments": ': "Paris"}'}}]}),
+    ],
+    "completion": [raw_chunk(text="Once"), raw_chunk(text=""), raw_chunk(text=" upon")],
+}
+#: Generated tokens in each shape above: empty strings and nulls are none.
+CHAT_TOKENS = {"content": 2, "reasoning_content": 3, "reasoning": 2, "refusal": 2, "tool_calls": 2,
+               "completion": 2}
+
+
+@pytest.mark.parametrize("shape", sorted(CHAT_SHAPES))
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_every_delta_kind_counts_one_token(shape: str, step: int) -> None:
+    data = b"".join(CHAT_SHAPES[shape]) + b"data: [DONE]\n\n"
+    tap = StreamTap()
+    out = feed_steps(tap, data, step)
+    assert tap.delta_chunks == CHAT_TOKENS[shape]
+    assert tap.done and tap.usage is None
+    assert out + tap.finish(None, client_wants_usage=False) == data  # untouched, [DONE] last
+
+
+def test_spaced_json_and_crlf_boundaries_count_the_same() -> None:
+    data = (b'data: {"choices": [{"delta": {"reasoning_content": "a"}}]}\r\n\r\n'
+            b'data: {"choices": [{"delta": {"content": ""}}]}\r\n\r\n'
+            b'data: {"choices": [{"delta": {"content": "b"}}]}\r\n\r\ndata: [DONE]\r\n\r\n')
+    for step in (1, 3, len(data)):
+        tap = StreamTap()
+        out = feed_steps(tap, data, step)
+        assert tap.delta_chunks == 2 and tap.done
+        assert out + tap.finish(None, False) == data
+
+
+def test_text_that_looks_like_a_marker_is_no_token() -> None:
+    # Inside a JSON string quotes are escaped, so generated text never matches a marker.
+    tap = StreamTap()
+    tap.feed(raw_chunk({"content": 'say "content":"x" and "usage"'}))
+    assert tap.delta_chunks == 1 and tap.usage is None
+
+
+def test_usage_chunk_with_reasoning_tokens_is_held_back_and_read() -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20,
+             "completion_tokens_details": {"reasoning_tokens": 6}}
+    data = b"".join(CHAT_SHAPES["reasoning_content"]) + raw_chunk(usage=usage, choices=False) + b"data: [DONE]\n\n"
+    tap = StreamTap()
+    out = feed_steps(tap, data, 5)
+    assert b'"usage"' not in out
+    assert tap.usage == Usage(11, 9, 6)
+    closing = tap.finish({"joules": 1.0}, client_wants_usage=True)
+    assert closing.endswith(b"data: [DONE]\n\n") and b'"energy":{"joules":1.0}' in closing
+
+
+def responses_stream(final: str = "response.completed", usage: dict | None = None) -> list[bytes]:
+    response = {"id": "resp_1", "object": "response", "status": "completed", "output": [],
+                "usage": usage}
+    return [
+        resp_event("response.created", sequence_number=0, response={**response, "status": "in_progress", "usage": None}),
+        resp_event("response.reasoning_text.delta", sequence_number=1, item_id="rs_1", output_index=0,
+              content_index=0, delta="Think"),
+        resp_event("response.reasoning_summary_text.delta", sequence_number=2, item_id="rs_1", output_index=0,
+              summary_index=0, delta="Sum"),
+        resp_event("response.content_part.added", sequence_number=3, item_id="msg_1", output_index=1,
+              content_index=0, part={"type": "output_text", "text": "", "annotations": []}),
+        resp_event("response.output_text.delta", sequence_number=4, item_id="msg_1", output_index=1,
+              content_index=0, delta="Hello", logprobs=[]),
+        resp_event("response.output_text.delta", sequence_number=5, item_id="msg_1", output_index=1,
+              content_index=0, delta="", logprobs=[]),
+        resp_event("response.function_call_arguments.delta", sequence_number=6, item_id="fc_1", output_index=2,
+              delta='{"a":1}'),
+        resp_event("response.refusal.delta", sequence_number=7, item_id="msg_1", output_index=1, content_index=1,
+              delta="No"),
+        resp_event("response.output_text.done", sequence_number=8, item_id="msg_1", output_index=1,
+              content_index=0, text="Hello", logprobs=[]),
+        resp_event(final, sequence_number=9, response=response),
+    ]
+
+
+@pytest.mark.parametrize("final", ["response.completed", "response.failed", "response.incomplete"])
+def test_responses_stream_ends_with_its_final_resp_event(final: str) -> None:
+    usage = {"input_tokens": 12, "output_tokens": 30, "total_tokens": 42,
+             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 20}}
+    data = b"".join(responses_stream(final, usage))
+    for step in (1, 13, len(data)):
+        tap = StreamTap(responses=True)
+        out = feed_steps(tap, data, step)
+        assert out == data  # every event forwarded, the final one too
+        assert tap.delta_chunks == 5  # reasoning, summary, text, arguments, refusal; not "" nor .done
+        assert tap.done and tap.usage == Usage(12, 30, 20)
+        closing = tap.finish({"joules": 2.5, "method": "measured"}, client_wants_usage=False)
+        assert closing == b': energy {"joules":2.5,"method":"measured"}\n\n'  # no [DONE] invented
+
+
+def test_responses_stream_cut_before_its_final_event_is_not_done() -> None:
+    tap = StreamTap(responses=True)
+    feed_steps(tap, b"".join(responses_stream()[:-1]), 64)
+    assert not tap.done and tap.usage is None and tap.delta_chunks == 5
+
+
+def test_an_endless_event_is_cut_at_the_limit_in_linear_time() -> None:
+    limit = 1 << 20
+    tap = StreamTap(max_event_bytes=limit)
+    assert tap.feed(raw_chunk({"content": "a"})) != b""
+    fragment = b"data: " + b"x" * 1018  # 1 KiB, never a boundary
+    sent = 0
+    with pytest.raises(StreamOverflow):
+        for _ in range(4096):  # 4 MiB
+            sent += len(fragment)
+            tap.feed(fragment)
+    assert tap.overflow and limit < sent <= limit + len(fragment)  # cut by the first fragment past it
+    assert tap.delta_chunks == 1
+
+
+def test_a_long_event_costs_linear_time() -> None:
+    """16 MiB in 1 KiB fragments, then a boundary: re-joining the tail per fragment (quadratic)
+    would copy ~128 GiB; a linear buffer copies it once."""
+    tap = StreamTap(max_event_bytes=64 << 20)
+    fragment = b"y" * 1024
+    started = time.perf_counter()
+    tap.feed(b'data: {"choices":[{"delta":{"content":"')
+    for _ in range(16 * 1024):
+        assert tap.feed(fragment) == b""
+    out = tap.feed(b'"}}]}\n\n')
+    elapsed_s = time.perf_counter() - started
+    assert len(out) > 16 << 20 and out.endswith(b"\n\n") and tap.delta_chunks == 1
+    assert elapsed_s < 5.0, elapsed_s

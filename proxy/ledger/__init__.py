@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
 from proxy.ledger.base import Ledger, LedgerRecord, LedgerStats
 from proxy.ledger.usage import GROUP_KEYS, UsageRow, hour_floor_s, hour_iso
+from proxy.redact import redact_url
 
 __all__ = [
     "GROUP_KEYS", "Ledger", "LedgerRecord", "LedgerStats", "UsageRow", "hour_floor_s", "hour_iso",
@@ -77,18 +78,8 @@ def ledger_options(url: str) -> tuple[str, dict[str, Any]]:
 
 
 def redacted_url(url: str) -> str:
-    """`url` fit to print: a password in it (redis://:PASSWORD@host) becomes `***`."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:  # not parseable (a bad port): show only the scheme
-        return url.split(":", 1)[0] + "://***"
+    """`url` fit to print: no userinfo (redis://:PASSWORD@host), no query values."""
+    return redact_url(url)
 
 
 def open_ledger(url: str, *, base_dir: str | None = None, **opts: Any) -> Ledger:

@@ -33,6 +33,7 @@ from proxy.ledger.usage import (
     joules_to_uj,
     validate_group_by,
 )
+from proxy.redact import redact_text
 
 if TYPE_CHECKING:
     from proxy.ledger.sqlite import Journal
@@ -66,6 +67,7 @@ class LedgerRecord:
     end_s: float
     status: int = 200
     key: str = ""  # the proxy's unique id for the request (RequestRecord.key); "" if none
+    reasoning_tokens: int = 0  # of completion_tokens, where the engine reported them
 
     @property
     def uid(self) -> str:
@@ -86,14 +88,15 @@ class LedgerRecord:
         """A compact JSON-able form, used by the journal and the Redis store."""
         return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
                 self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status, self.key]
+                self.status, self.key, self.reasoning_tokens]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
-        """From `to_row`'s form; rows written before keys existed have 11 fields."""
+        """From `to_row`'s form; rows written before keys existed have 11 fields, before
+        reasoning tokens 12."""
         return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
                    float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
-                   str(row[11]) if len(row) > 11 else "")
+                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,18 @@ class Ledger(ABC):
     def stats(self) -> LedgerStats:
         """Buffer size, flush lag and failures."""
 
+    @abstractmethod
+    async def reserve(self, tenant: str, key: str, uj: int, since_s: float, budget_uj: int,
+                      ttl_s: float) -> tuple[bool, int]:
+        """Atomically in the store: if `tenant`'s stored µJ since the hour of `since_s` plus its
+        live reservations are under `budget_uj`, hold `uj` more under `key` for `ttl_s`.
+        Returns (reserved, µJ used before this one). The hold ends when the record with this
+        `key` is written (its actual joules replace it), on `release`, or when it expires."""
+
+    @abstractmethod
+    async def release(self, tenant: str, key: str) -> None:
+        """Drop the hold `key` (the request never reached a GPU); idempotent."""
+
 
 class BufferedLedger(Ledger):
     """Batching, flushing, journaling and budget bookkeeping; stores implement the `_` hooks.
@@ -206,6 +221,7 @@ class BufferedLedger(Ledger):
         self._refreshing: set[tuple[str, int]] = set()
         self._refresh_tasks: set[asyncio.Task[None]] = set()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger")
+        self._held: dict[str, str] = {}  # budget holds this process made: key -> tenant
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +268,20 @@ class BufferedLedger(Ledger):
     async def _prune(self, cutoff_s: float) -> int:
         """Delete per-request rows written before cutoff_s (wall clock); aggregates stay."""
         return 0
+
+    @abstractmethod
+    async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
+                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+        """`reserve` in the store, as one atomic step."""
+
+    @abstractmethod
+    async def _release_store(self, tenant: str, key: str) -> None: ...
+
+    def _holds(self, records: Iterable[LedgerRecord]) -> list[tuple[str, str]]:
+        """(tenant, key) of the budget holds these records settle: a store's write drops them
+        in the same atomic step that adds the records' joules."""
+        held = self._held
+        return [(rec.tenant, rec.key) for rec in records if rec.key in held]
 
     def _make_journal(self, path: str) -> Journal:
         from proxy.ledger.sqlite import Journal  # sqlite.py imports this module
@@ -372,6 +402,7 @@ class BufferedLedger(Ledger):
                     self._settle(chunk)
                     for rec in chunk:
                         del self._inflight[rec.uid]
+                        self._held.pop(rec.key, None)
             except BaseException as exc:
                 self._restore_inflight()
                 if not isinstance(exc, Exception):
@@ -419,7 +450,7 @@ class BufferedLedger(Ledger):
 
     def _note_failure(self, exc: Exception) -> None:
         self._flush_failures += 1
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error = redact_text(f"{type(exc).__name__}: {exc}")
         if not self._failing:
             log.warning("ledger flush failed (%s); %d records kept for retry",
                         self._last_error, len(self._buffer))
@@ -462,6 +493,7 @@ class BufferedLedger(Ledger):
                     break
                 written += await self._write_chunk(records)
                 for rec in records:  # from the journal's share to the store's
+                    self._held.pop(rec.key, None)
                     self._note_stored((rec.tenant, hour_floor_s(rec.end_s)), joules_to_uj(rec.joules))
                 await self._run_io(self._journal.delete_through, seq)
         finally:
@@ -476,6 +508,24 @@ class BufferedLedger(Ledger):
         self._journaled, self._journal_pending = await self._run_io(self._journal.pending)
         if self._journaled and self._journal_since is None:
             self._journal_since = time.monotonic()
+
+    # ---- budget holds -------------------------------------------------------------------------
+    async def reserve(self, tenant: str, key: str, uj: int, since_s: float, budget_uj: int,
+                      ttl_s: float) -> tuple[bool, int]:
+        self._held[key] = tenant  # before the await: a write racing this one must drop it too
+        try:
+            reserved, used = await self._reserve_store(tenant, key, uj, hour_floor_s(since_s),
+                                                       budget_uj, ttl_s)
+        except BaseException:
+            self._held.pop(key, None)
+            raise
+        if not reserved:
+            self._held.pop(key, None)
+        return reserved, used
+
+    async def release(self, tenant: str, key: str) -> None:
+        self._held.pop(key, None)
+        await self._release_store(tenant, key)
 
     # ---- reads --------------------------------------------------------------------------------
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,

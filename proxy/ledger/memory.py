@@ -19,13 +19,18 @@ class MemoryLedger(BufferedLedger):
         # uid -> (record, wall-clock second it was written): retention counts from the write
         self._requests: dict[str, tuple[LedgerRecord, float]] = {}
         self._uids: dict[str, list[str]] = {}  # client-visible request id -> uids, oldest first
-        # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj]
+        # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj,
+        # reasoning_tokens]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
         self._tenant_hour_uj: dict[tuple[str, int], int] = {}
+        # Budget holds: tenant -> key -> (µJ, monotonic expiry); no await between read and write.
+        self._holds_uj: dict[str, dict[str, tuple[int, float]]] = {}
 
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
         new = 0
         now = time.time()
+        for tenant, key in self._holds(records):
+            self._holds_uj.get(tenant, {}).pop(key, None)
         for rec in records:
             if rec.uid in self._requests:
                 continue
@@ -34,11 +39,12 @@ class MemoryLedger(BufferedLedger):
             new += 1
             hour = rec.hour_s
             uj = joules_to_uj(rec.joules)
-            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0])
+            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0, 0])
             cell[0] += 1
             cell[1] += rec.prompt_tokens
             cell[2] += rec.completion_tokens
             cell[3] += uj
+            cell[4] += rec.reasoning_tokens
             key = (rec.tenant, hour)
             self._tenant_hour_uj[key] = self._tenant_hour_uj.get(key, 0) + uj
         return new
@@ -58,6 +64,22 @@ class MemoryLedger(BufferedLedger):
     async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
         return sum(uj for (t, h), uj in self._tenant_hour_uj.items()
                    if t == tenant and h >= since_hour_s)
+
+    async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
+                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+        now = time.monotonic()
+        holds = self._holds_uj.setdefault(tenant, {})
+        for old in [k for k, (_, expires) in holds.items() if expires <= now]:
+            del holds[old]
+        used = sum(held for held, _ in holds.values()) + sum(
+            spent for (t, h), spent in self._tenant_hour_uj.items() if t == tenant and h >= since_hour_s)
+        if used >= budget_uj:
+            return False, used
+        holds[key] = (uj, now + ttl_s)
+        return True, used
+
+    async def _release_store(self, tenant: str, key: str) -> None:
+        self._holds_uj.get(tenant, {}).pop(key, None)
 
     async def _prune(self, cutoff_s: float) -> int:
         old = [rid for rid, (_, written_s) in self._requests.items() if written_s < cutoff_s]

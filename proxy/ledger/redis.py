@@ -6,9 +6,13 @@ Keys, under `key_prefix` (default `joulegate:`):
 - `ids:<request id>`: a sorted set of the uids under one client-visible id (score = the write's
   wall clock, ms), trimmed to `retention_s` on each write: lookups by id without a scan.
 - `agg:<hour_s>`: a hash per UTC hour; field `<m>:<json [tenant, model, backend]>` with m one of
-  r (requests), p (prompt tokens), c (completion tokens), j (micro-joules).
+  r (requests), p (prompt tokens), c (completion tokens), j (micro-joules), x (reasoning
+  tokens, absent in hours written before they were recorded).
 - `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
-- `tj:<tenant>`: a hash hour_s -> micro-joules, so a budget check is one HGETALL.
+- `tj:<tenant>`: a hash hour_s -> micro-joules; a budget check reads only its period's hours.
+- `hold:<tenant>` / `holdx:<tenant>`: budget holds of requests in flight (key -> micro-joules)
+  and their expiry (sorted set, score = ms). RESERVE_SCRIPT checks and holds in one step; the
+  write script drops a request's hold in the step that adds its joules to `tj:`.
 
 Idempotency: each chunk is one Lua script. For every record it does `SET req:<uid> ... NX PX`
 and adds the record to the aggregates only if that SET created the key; it then applies the
@@ -38,7 +42,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.ledger.base import BufferedLedger, LedgerRecord, latest
-from proxy.ledger.usage import Bucket, joules_to_uj
+from proxy.ledger.usage import Bucket, hour_floor_s, joules_to_uj
+
+HOUR_S = 3600
 
 WRITE_SCRIPT = """
 local p = ARGV[1]
@@ -65,11 +71,13 @@ while i <= #ARGV do
     h['p:' .. group] = (h['p:' .. group] or 0) + tonumber(ARGV[i + 6])
     h['c:' .. group] = (h['c:' .. group] or 0) + tonumber(ARGV[i + 7])
     h['j:' .. group] = (h['j:' .. group] or 0) + uj
+    local x = tonumber(ARGV[i + 10])
+    if x > 0 then h['x:' .. group] = (h['x:' .. group] or 0) + x end
     local t = spend[tenant]
     if not t then t = {}; spend[tenant] = t end
     t[hour] = (t[hour] or 0) + uj
   end
-  i = i + 10
+  i = i + 11
 end
 for hour, fields in pairs(cells) do
   redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
@@ -82,7 +90,37 @@ for tenant, hours in pairs(spend) do
     redis.call('HINCRBY', p .. 'tj:' .. tenant, hour, string.format('%.0f', delta))
   end
 end
+for j = 1, #KEYS, 2 do  -- budget holds these records settle: their joules are in tj: now
+  redis.call('HDEL', p .. 'hold:' .. KEYS[j], KEYS[j + 1])
+  redis.call('ZREM', p .. 'holdx:' .. KEYS[j], KEYS[j + 1])
+end
 return new
+"""
+
+#: A budget hold: ARGV prefix, tenant, key, µJ, first hour_s, budget µJ, now ms, ttl ms.
+#: Drops the tenant's expired holds, sums its spend (tj: over the period's hours only) and live
+#: holds, and holds the µJ if that sum is under the budget. Returns {reserved 0/1, used µJ}.
+RESERVE_SCRIPT = """
+local p, tenant, key = ARGV[1], ARGV[2], ARGV[3]
+local uj, since, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local holds, expiry = p .. 'hold:' .. tenant, p .. 'holdx:' .. tenant
+local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+for _, old in ipairs(expired) do redis.call('HDEL', holds, old) end
+redis.call('ZREMRANGEBYSCORE', expiry, '-inf', now)
+local used = 0
+for _, v in ipairs(redis.call('HVALS', holds)) do used = used + tonumber(v) end
+local hours = {}
+for h = since, math.floor(now / 3600000) * 3600 + 3600, 3600 do hours[#hours + 1] = h end
+for _, v in ipairs(redis.call('HMGET', p .. 'tj:' .. tenant, unpack(hours))) do
+  if v then used = used + tonumber(v) end
+end
+if used >= budget then return {0, used} end
+redis.call('HSET', holds, key, uj)
+redis.call('ZADD', expiry, now + ttl, key)
+redis.call('PEXPIRE', holds, ttl)
+redis.call('PEXPIRE', expiry, ttl)
+return {1, used}
 """
 # Lua numbers are doubles: exact up to 2**53 micro-joules (~9 GJ) per chunk, far above any chunk.
 
@@ -107,6 +145,7 @@ class RedisLedger(BufferedLedger):
         self._socket_timeout_s = socket_timeout_s
         self._redis: Redis | None = None
         self._script: Any = None
+        self._reserve_script: Any = None
 
     async def _open(self) -> None:
         # One quick retry covers a pooled connection that died with a Redis restart; longer
@@ -116,6 +155,7 @@ class RedisLedger(BufferedLedger):
             socket_connect_timeout=self._socket_timeout_s, retry=Retry(NoBackoff(), 1),
         )
         self._script = self._redis.register_script(WRITE_SCRIPT)
+        self._reserve_script = self._redis.register_script(RESERVE_SCRIPT)
 
     async def _close_store(self) -> None:
         if self._redis is not None:
@@ -135,9 +175,10 @@ class RedisLedger(BufferedLedger):
             group = orjson.dumps([rec.tenant, rec.model, rec.backend])
             args += (rec.uid, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
                      rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules),
-                     rec.request_id)
+                     rec.request_id, rec.reasoning_tokens)
         self._client()  # raises if not started
-        return int(await self._script(keys=[], args=args))
+        holds = [part for hold in self._holds(records) for part in hold]
+        return int(await self._script(keys=holds, args=args))
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,
                        until_s: float | None) -> list[Bucket]:
@@ -151,15 +192,17 @@ class RedisLedger(BufferedLedger):
         for hour in hours:
             pipe.hgetall(self._prefix_b + b"agg:" + str(hour).encode())
         cells: dict[tuple[str, str, str, int], list[int]] = {}
-        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3}
+        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3, b"x": 4}
         for hour, fields in zip(hours, await pipe.execute(), strict=True):
             for field, value in fields.items():
                 metric, _, group = field.partition(b":")
                 t, m, b = orjson.loads(group)
                 if tenant is not None and t != tenant:
                     continue
-                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0])
-                cell[index[metric]] += int(value)
+                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0, 0])
+                slot = index.get(metric)
+                if slot is not None:  # a field a newer version added: not ours to sum
+                    cell[slot] += int(value)
         return [Bucket(*key, *sums) for key, sums in cells.items()]
 
     async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
@@ -172,7 +215,24 @@ class RedisLedger(BufferedLedger):
         return latest(rec for rec in found if tenant is None or rec.tenant == tenant)
 
     async def _stored_tenant_uj(self, tenant: str, since_hour_s: int) -> int:
-        spend = await self._client().hgetall(self._prefix_b + b"tj:" + tenant.encode())
-        return sum(int(uj) for hour, uj in spend.items() if int(hour) >= since_hour_s)
+        # Only the hours asked for (to the next one, for clock skew): the cost of a budget read
+        # does not grow with the tenant's history.
+        hours = range(since_hour_s, hour_floor_s(time.time()) + 2 * HOUR_S, HOUR_S)
+        spend = await self._client().hmget(self._prefix_b + b"tj:" + tenant.encode(), list(hours))
+        return sum(int(uj) for uj in spend if uj is not None)
+
+    async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
+                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+        self._client()
+        reserved, used = await self._reserve_script(keys=[], args=[
+            self.key_prefix, tenant, key, uj, since_hour_s, budget_uj, round(time.time() * 1000),
+            max(1, round(ttl_s * 1000))])
+        return bool(reserved), int(used)
+
+    async def _release_store(self, tenant: str, key: str) -> None:
+        pipe = self._client().pipeline(transaction=True)
+        pipe.hdel(self._prefix_b + b"hold:" + tenant.encode(), key)
+        pipe.zrem(self._prefix_b + b"holdx:" + tenant.encode(), key)
+        await pipe.execute()
 
     # Per-request keys expire by TTL, so there is nothing to prune.

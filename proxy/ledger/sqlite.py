@@ -19,10 +19,12 @@ the last flushes (use `synchronous="FULL"` to trade write speed for that).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -37,34 +39,48 @@ CREATE TABLE IF NOT EXISTS requests (
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     joules REAL NOT NULL, joules_uj INTEGER NOT NULL, method TEXT NOT NULL,
     start_s REAL NOT NULL, end_s REAL NOT NULL, status INTEGER NOT NULL,
-    written_s REAL NOT NULL  -- wall clock of the flush; retention counts from here
+    written_s REAL NOT NULL,  -- wall clock of the flush; retention counts from here
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_written_s ON requests (written_s);
 CREATE TABLE IF NOT EXISTS aggregates (
     tenant TEXT NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL, hour_s INTEGER NOT NULL,
     requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, joules_uj INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, model, backend, hour_s)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS aggregates_tenant_hour ON aggregates (tenant, hour_s);
+-- Budget holds of requests in flight (accounting.py); a flush deletes a request's hold in the
+-- transaction that adds its joules, so the two never count twice or not at all.
+CREATE TABLE IF NOT EXISTS holds (
+    key TEXT PRIMARY KEY, tenant TEXT NOT NULL, joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
 """
 
 INSERT_REQUEST = (
     "INSERT OR IGNORE INTO requests (request_id, tenant, model, backend, prompt_tokens,"
-    " completion_tokens, joules, joules_uj, method, start_s, end_s, status, written_s)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " completion_tokens, joules, joules_uj, method, start_s, end_s, status, written_s, reasoning_tokens)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 UPSERT_CELL = (
     "INSERT INTO aggregates (tenant, model, backend, hour_s, requests, prompt_tokens,"
-    " completion_tokens, joules_uj) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " completion_tokens, joules_uj, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, model, backend, hour_s) DO UPDATE SET"
     " requests = requests + excluded.requests,"
     " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " joules_uj = joules_uj + excluded.joules_uj"
+    " joules_uj = joules_uj + excluded.joules_uj,"
+    " reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens"
 )
 REQUEST_COLUMNS = ("request_id, tenant, model, backend, prompt_tokens, completion_tokens, joules,"
-                   " method, start_s, end_s, status")
+                   " method, start_s, end_s, status, '', reasoning_tokens")
+#: Columns added since the first schema, with their definitions (ALTER TABLE on open).
+MIGRATIONS = (
+    ("requests", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("aggregates", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
+)
 PRUNE_BATCH = 5000  # rows per delete transaction, so a prune never holds the write lock long
 
 
@@ -91,11 +107,16 @@ class SqliteLedger(BufferedLedger):
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
+        # Budget holds on a thread and connection of their own, so a reservation never waits
+        # behind a flush's disk I/O queued on `_io` (only behind its short write lock).
+        self._holds_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-holds")
+        self._holds_conn: sqlite3.Connection | None = None
 
     # Everything named `_..._sync` runs on the I/O thread.
     def _open_sync(self) -> None:
         conn = connect(self.path, busy_timeout_s=self._busy_timeout_s, synchronous=self._synchronous)
         conn.executescript(SCHEMA)
+        migrate(conn)
         self._conn = conn
 
     def _db(self) -> sqlite3.Connection:
@@ -106,6 +127,44 @@ class SqliteLedger(BufferedLedger):
 
     async def _open(self) -> None:
         await self._run_io(self._open_sync)
+        await self._run_holds(self._holds_db)
+
+    async def _run_holds(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._holds_io, fn, *args)
+
+    def _holds_db(self) -> sqlite3.Connection:
+        if self._holds_conn is None:
+            self._holds_conn = connect(self.path, busy_timeout_s=self._busy_timeout_s,
+                                       synchronous=self._synchronous)
+        return self._holds_conn
+
+    def _reserve_sync(self, tenant: str, key: str, uj: int, since_hour_s: int, budget_uj: int,
+                      ttl_s: float) -> tuple[bool, int]:
+        conn = self._holds_db()
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")  # the write lock first: the read and the insert are one step
+        try:
+            conn.execute("DELETE FROM holds WHERE tenant = ? AND expires_s <= ?", (tenant, now))
+            used = int(conn.execute(
+                "SELECT (SELECT COALESCE(SUM(joules_uj), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?)"
+                " + (SELECT COALESCE(SUM(joules_uj), 0) FROM holds WHERE tenant = ?)",
+                (tenant, since_hour_s, tenant)).fetchone()[0])
+            reserved = used < budget_uj
+            if reserved:
+                conn.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (key, tenant, uj, now + ttl_s))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return reserved, used
+
+    async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
+                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+        return await self._run_holds(self._reserve_sync, tenant, key, uj, since_hour_s, budget_uj, ttl_s)
+
+    async def _release_store(self, tenant: str, key: str) -> None:
+        await self._run_holds(lambda: self._holds_db().execute("DELETE FROM holds WHERE key = ?", (key,)))
 
     async def _close_store(self) -> None:
         def close() -> None:
@@ -113,9 +172,16 @@ class SqliteLedger(BufferedLedger):
                 self._conn.close()
                 self._conn = None
 
-        await self._run_io(close)
+        def close_holds() -> None:
+            if self._holds_conn is not None:
+                self._holds_conn.close()
+                self._holds_conn = None
 
-    def _write_sync(self, records: Sequence[LedgerRecord]) -> int:
+        await self._run_io(close)
+        await self._run_holds(close_holds)
+        self._holds_io.shutdown(wait=True)
+
+    def _write_sync(self, records: Sequence[LedgerRecord], holds: Sequence[tuple[str, str]] = ()) -> int:
         conn = self._db()
         cells: dict[tuple[str, str, str, int], list[int]] = {}
         now = time.time()
@@ -126,15 +192,17 @@ class SqliteLedger(BufferedLedger):
                 cur = conn.execute(INSERT_REQUEST, (
                     rec.uid, rec.tenant, rec.model, rec.backend, rec.prompt_tokens,
                     rec.completion_tokens, rec.joules, uj, rec.method, rec.start_s, rec.end_s,
-                    rec.status, now))
+                    rec.status, now, rec.reasoning_tokens))
                 if cur.rowcount != 1:
                     continue  # seen before: the aggregates already hold it
-                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0, 0, 0, 0])
+                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0, 0, 0, 0, 0])
                 cell[0] += 1
                 cell[1] += rec.prompt_tokens
                 cell[2] += rec.completion_tokens
                 cell[3] += uj
+                cell[4] += rec.reasoning_tokens
             conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
+            conn.executemany("DELETE FROM holds WHERE key = ?", [(key,) for _, key in holds])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -143,14 +211,14 @@ class SqliteLedger(BufferedLedger):
         return sum(cell[0] for cell in cells.values())
 
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
-        return await self._run_io(self._write_sync, records)
+        return await self._run_io(self._write_sync, records, self._holds(records))
 
     def _grouped_sync(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
                       group_by: tuple[str, ...]) -> list[UsageRow]:
         cols = [("hour_s" if key == "hour" else key) for key in group_by]
         where, args = _where(tenant, since_hour_s, until_s)
         sql = (f"SELECT {', '.join([*cols, ''])}SUM(requests), SUM(prompt_tokens),"
-               f" SUM(completion_tokens), SUM(joules_uj) FROM aggregates{where}")
+               f" SUM(completion_tokens), SUM(joules_uj), SUM(reasoning_tokens) FROM aggregates{where}")
         if cols:
             sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
         rows: list[UsageRow] = []
@@ -163,7 +231,7 @@ class SqliteLedger(BufferedLedger):
                 keys["hour"] = hour_iso(keys["hour"])
             rows.append(UsageRow(requests=row[n], prompt_tokens=row[n + 1],
                                  completion_tokens=row[n + 2], joules_uj=row[n + 3],
-                                 joules=row[n + 3] / UJ_PER_J, **keys))
+                                 joules=row[n + 3] / UJ_PER_J, reasoning_tokens=row[n + 4], **keys))
         return rows
 
     async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
@@ -176,7 +244,7 @@ class SqliteLedger(BufferedLedger):
         where, args = _where(tenant, since_hour_s, until_s)
         return [Bucket(*row) for row in self._db().execute(
             "SELECT tenant, model, backend, hour_s, requests, prompt_tokens, completion_tokens,"
-            f" joules_uj FROM aggregates{where}", args)]
+            f" joules_uj, reasoning_tokens FROM aggregates{where}", args)]
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,
                        until_s: float | None) -> list[Bucket]:
@@ -220,10 +288,24 @@ class SqliteLedger(BufferedLedger):
         return await self._run_io(self._prune_sync, cutoff_s)
 
 
+def migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a ledger file made by an older version lacks (their default: 0)."""
+    for table, column, definition in MIGRATIONS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process migrated it just now
+                raise
+
+
 def _record(row: Sequence[Any]) -> LedgerRecord:
-    """A `requests` row (REQUEST_COLUMNS) as a record; its first column holds the uid."""
+    """A `requests` row (REQUEST_COLUMNS: the key's slot is empty) as a record; its first
+    column holds the uid."""
     request_id, key = split_uid(row[0])
-    return LedgerRecord.from_row([request_id, *row[1:], key])
+    return LedgerRecord.from_row([request_id, *row[1:11], key, row[12]])
 
 
 def _where(tenant: str | None, since_hour_s: int | None,

@@ -48,6 +48,7 @@ class Bucket:
     prompt_tokens: int
     completion_tokens: int
     joules_uj: int
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +64,14 @@ class UsageRow:
     model: str | None = None
     backend: str | None = None
     hour: str | None = None  # UTC hour start, "2026-11-27T04:00:00Z"
+    reasoning_tokens: int = 0  # of completion_tokens
 
     def to_dict(self, group_by: Sequence[str]) -> dict[str, Any]:
         """The contract's row object: the grouping keys asked for, then the sums."""
         out: dict[str, Any] = {key: getattr(self, key) for key in GROUP_KEYS if key in group_by}
         out.update(requests=self.requests, prompt_tokens=self.prompt_tokens,
-                   completion_tokens=self.completion_tokens, joules=self.joules)
+                   completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
+                   joules=self.joules)
         return out
 
 
@@ -82,7 +85,7 @@ def validate_group_by(group_by: Iterable[str]) -> tuple[str, ...]:
     return tuple(key for key in GROUP_KEYS if key in wanted)
 
 
-SUM_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "joules")
+SUM_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "joules")
 
 
 
@@ -136,7 +139,7 @@ def _row(key: tuple[Any, ...], group_by: tuple[str, ...], sums: list[int]) -> Us
     if "hour" in keys:
         keys["hour"] = hour_iso(keys["hour"])
     return UsageRow(requests=sums[0], prompt_tokens=sums[1], completion_tokens=sums[2],
-                    joules_uj=sums[3], joules=sums[3] / UJ_PER_J, **keys)
+                    joules_uj=sums[3], joules=sums[3] / UJ_PER_J, reasoning_tokens=sums[4], **keys)
 
 
 def group_buckets(buckets: Iterable[Bucket], group_by: Sequence[str]) -> list[UsageRow]:
@@ -149,24 +152,27 @@ def group_buckets(buckets: Iterable[Bucket], group_by: Sequence[str]) -> list[Us
         key = tuple(getattr(b, attr) for attr in attrs)
         acc = sums.get(key)
         if acc is None:
-            sums[key] = [b.requests, b.prompt_tokens, b.completion_tokens, b.joules_uj]
+            sums[key] = [b.requests, b.prompt_tokens, b.completion_tokens, b.joules_uj, b.reasoning_tokens]
         else:
             acc[0] += b.requests
             acc[1] += b.prompt_tokens
             acc[2] += b.completion_tokens
             acc[3] += b.joules_uj
+            acc[4] += b.reasoning_tokens
     return [_row(key, keys, sums[key]) for key in sorted(sums)]
 
 
 def totals(rows: Iterable[UsageRow]) -> dict[str, Any]:
     """The contract's `total` object: exact sums over rows."""
-    req = pt = ct = uj = 0
+    req = pt = ct = rt = uj = 0
     for row in rows:
         req += row.requests
         pt += row.prompt_tokens
         ct += row.completion_tokens
+        rt += row.reasoning_tokens
         uj += row.joules_uj
-    return {"requests": req, "prompt_tokens": pt, "completion_tokens": ct, "joules": uj / UJ_PER_J}
+    return {"requests": req, "prompt_tokens": pt, "completion_tokens": ct, "reasoning_tokens": rt,
+            "joules": uj / UJ_PER_J}
 
 
 def usage_payload(rows: Sequence[UsageRow], group_by: Sequence[str]) -> dict[str, Any]:
@@ -184,14 +190,14 @@ def format_uj(joules_uj: int) -> str:
 
 def rows_to_csv(rows: Iterable[UsageRow], group_by: Sequence[str]) -> str:
     """CSV with a header: the grouping keys, then requests, prompt_tokens, completion_tokens,
-    joules (exact to the micro-joule)."""
+    reasoning_tokens, joules (exact to the micro-joule)."""
     keys = validate_group_by(group_by)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*keys, *SUM_FIELDS])
     for row in rows:
         writer.writerow([*(getattr(row, key) for key in keys), row.requests, row.prompt_tokens,
-                         row.completion_tokens, format_uj(row.joules_uj)])
+                         row.completion_tokens, row.reasoning_tokens, format_uj(row.joules_uj)])
     return out.getvalue()
 
 
@@ -200,11 +206,12 @@ def format_table(rows: Sequence[UsageRow], group_by: Sequence[str]) -> str:
     keys = validate_group_by(group_by)
     header = [*keys, *SUM_FIELDS]
     body = [[*(str(getattr(row, key)) for key in keys), str(row.requests), str(row.prompt_tokens),
-             str(row.completion_tokens), f"{row.joules_uj / UJ_PER_J:.3f}"] for row in rows]
+             str(row.completion_tokens), str(row.reasoning_tokens), f"{row.joules_uj / UJ_PER_J:.3f}"]
+            for row in rows]
     total = totals(rows)
     label = ["TOTAL", *([""] * (len(keys) - 1))] if keys else []
     body.append([*label, str(total["requests"]), str(total["prompt_tokens"]),
-                 str(total["completion_tokens"]), f"{total['joules']:.3f}"])
+                 str(total["completion_tokens"]), str(total["reasoning_tokens"]), f"{total['joules']:.3f}"])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     numeric = [False] * len(keys) + [True] * len(SUM_FIELDS)
 

@@ -1,7 +1,15 @@
 """OpenAI request parsing and response shapes for the simulated backend.
 
 Token counts are a deterministic approximation, not a tokenizer: ceil(chars / 4) per text part,
-plus 3 per chat message; token-id prompts count one token per id.
+plus 3 per chat message; token-id prompts count one token per id; media parts a fixed number
+each (MEDIA_TOKENS), as engines count an image by its resolution, not its bytes.
+
+Answer shapes (`sim_shape` in the body, or the `x-sim-shape` header; comma-separated), to test
+clients and proxies against what real engines send:
+- `reasoning`: chat answers think first, half the tokens as `reasoning_content` deltas (vLLM's
+  reasoning parsers), and usage counts them in `completion_tokens_details.reasoning_tokens`;
+- `tools`: chat answers are one tool call, each token an `arguments` delta;
+- `no-usage`: streams ignore `stream_options` (no usage chunk), as several engines do.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import orjson
 from aiohttp import web
 
 __all__ = ["ApiError", "EmbeddingParams", "GenerationParams", "StreamShaper", "check_model", "completion_body",
-           "embedding_data", "parse_embeddings", "parse_generation", "read_json"]
+           "content_tokens", "embedding_data", "output_tokens", "parse_embeddings", "parse_generation",
+           "parse_shape", "read_json", "usage_json"]
 
 WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " consectetur", " adipiscing", " elit")
 _WORDS_B = tuple(w.encode() for w in WORDS)
@@ -34,6 +43,12 @@ MAX_EMBEDDING_INPUTS = 2048
 MAX_EMBEDDING_NUMBERS = 1 << 20
 # Output length when the client gives no max_tokens: log-normal, median 128, capped at 1024.
 OUTPUT_MEDIAN_TOKENS, OUTPUT_SIGMA, OUTPUT_CAP_TOKENS = 128, 0.9, 1024
+#: Prompt tokens per media part: a 1024 px image at OpenAI's high detail (85 + 4 x 170), a few
+#: seconds of audio, a short document. Deliberately not the proxy's estimate, so tests see the
+#: engine's count replace it.
+MEDIA_TOKENS = {"image_url": 765, "input_image": 765, "input_audio": 300, "file": 1000, "input_file": 1000}
+SHAPES = frozenset({"reasoning", "tools", "no-usage"})
+TOOL_NAME = "lookup"
 
 
 class ApiError(Exception):
@@ -96,18 +111,25 @@ def _chat_prompt_tokens(messages: Any) -> int:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages.{i}")
-        content = msg.get("content")
-        total += 3
-        if isinstance(content, str):
-            total += _text_tokens(content)
-        elif isinstance(content, list):
-            for part in content:
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise ApiError(400, f"invalid content part in messages[{i}]", param=f"messages.{i}.content")
-                if isinstance(part.get("text"), str):
-                    total += _text_tokens(part["text"])
-        elif content is not None:
-            raise ApiError(400, f"invalid type for messages[{i}].content", param=f"messages.{i}.content")
+        total += 3 + content_tokens(msg.get("content"), f"messages[{i}]", f"messages.{i}.content")
+    return total
+
+
+def content_tokens(content: Any, where: str, param: str) -> int:
+    """A message's content: a string, or parts (text counted, media a fixed number each)."""
+    if isinstance(content, str):
+        return _text_tokens(content)
+    if content is None:
+        return 0
+    if not isinstance(content, list):
+        raise ApiError(400, f"invalid type for {where}.content", param=param)
+    total = 0
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ApiError(400, f"invalid content part in {where}", param=param)
+        if isinstance(part.get("text"), str):
+            total += _text_tokens(part["text"])
+        total += MEDIA_TOKENS.get(part["type"], 0)
     return total
 
 
@@ -135,10 +157,25 @@ class GenerationParams:
     finish_reason: str
     stream: bool
     include_usage: bool
+    reasoning_tokens: int = 0  # the first ones of completion_tokens (shape `reasoning`)
+    tools: bool = False  # the answer is one tool call (shape `tools`)
+
+
+def parse_shape(value: Any) -> frozenset[str]:
+    """A `sim_shape` / `x-sim-shape` value: comma-separated names from SHAPES."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, str):
+        raise ApiError(400, "'sim_shape' must be a string", param="sim_shape")
+    names = frozenset(v.strip() for v in value.split(",") if v.strip())
+    if names - SHAPES:
+        raise ApiError(400, f"unknown sim_shape {sorted(names - SHAPES)}; expected some of {sorted(SHAPES)}",
+                       param="sim_shape")
+    return names
 
 
 def parse_generation(body: dict[str, Any], chat: bool, rng: random.Random,
-                     max_context_tokens: int) -> GenerationParams:
+                     max_context_tokens: int, shape: frozenset[str] = frozenset()) -> GenerationParams:
     """Token counts and streaming options; exactly max(_completion)_tokens when given, else a
     seeded log-normal draw. A list of prompts counts as one request (one choice)."""
     if chat:
@@ -153,23 +190,45 @@ def parse_generation(body: dict[str, Any], chat: bool, rng: random.Random,
     n = _field(body, "n", int)
     if n is not None and n != 1:
         raise ApiError(400, "only n=1 is supported by the simulator", param="n")
-    if limit is not None:
-        tokens = limit
-    else:
-        draw = rng.lognormvariate(math.log(OUTPUT_MEDIAN_TOKENS), OUTPUT_SIGMA)
-        tokens = min(OUTPUT_CAP_TOKENS, max(1, round(draw)))
+    tokens = output_tokens(limit, rng)
     if prompt_tokens + tokens > max_context_tokens:
         raise ApiError(400, f"This model's maximum context length is {max_context_tokens} tokens; the "
                        f"request has {prompt_tokens} prompt and {tokens} completion tokens",
                        param="messages" if chat else "prompt", code="context_length_exceeded")
     stream = bool(_field(body, "stream", bool))
     opts = _field(body, "stream_options", dict) or {}
-    return GenerationParams(prompt_tokens, tokens, "length" if limit is not None else "stop",
-                            stream, stream and opts.get("include_usage") is True)
+    tools = chat and "tools" in shape
+    finish = "tool_calls" if tools else "length" if limit is not None else "stop"
+    return GenerationParams(prompt_tokens, tokens, finish, stream,
+                            stream and opts.get("include_usage") is True and "no-usage" not in shape,
+                            tokens // 2 if chat and "reasoning" in shape else 0, tools)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def output_tokens(limit: int | None, rng: random.Random) -> int:
+    """Exactly `limit` when given, else a seeded log-normal draw."""
+    if limit is not None:
+        return limit
+    draw = rng.lognormvariate(math.log(OUTPUT_MEDIAN_TOKENS), OUTPUT_SIGMA)
+    return min(OUTPUT_CAP_TOKENS, max(1, round(draw)))
+
+
+def usage_json(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
+    """Chat/completions usage; the reasoning part as OpenAI reports it, when there is one."""
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
+def _words(start: int, stop: int) -> str:
+    return "".join(WORDS[i % len(WORDS)] for i in range(start, stop))
+
+
+def _tool_call(arguments: str | None) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": 0, "id": "call_sim0", "type": "function",
+                            "function": {"name": TOOL_NAME, "arguments": arguments}}
+    return call
 
 
 def _base(chat: bool, model: str) -> dict[str, Any]:
@@ -180,22 +239,32 @@ def _base(chat: bool, model: str) -> dict[str, Any]:
 
 def completion_body(chat: bool, model: str, p: GenerationParams) -> bytes:
     """A non-streamed chat.completion / text_completion with `p.completion_tokens` filler words."""
-    text = "".join(WORDS[i % len(WORDS)] for i in range(p.completion_tokens))
+    r = p.reasoning_tokens
+    text = _words(r, p.completion_tokens)
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": p.finish_reason}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": None if p.tools else text}
+        if r:
+            message["reasoning_content"] = _words(0, r)
+        if p.tools:
+            tool = _tool_call(text)
+            del tool["index"]
+            message["tool_calls"] = [tool]
+        choice["message"] = message
     else:
         choice["text"] = text
     return orjson.dumps({**_base(chat, model), "choices": [choice],
-                         "usage": _usage(p.prompt_tokens, p.completion_tokens)})
+                         "usage": usage_json(p.prompt_tokens, p.completion_tokens, r)})
 
 
 class StreamShaper:
     """SSE bytes for one streamed request: one chunk per token, the first carrying the role and
     the last the finish_reason, then the usage chunk (if asked) and `[DONE]`. Chunks are
-    pre-serialised around a marker so each token costs one bytes join."""
+    pre-serialised around a marker so each token costs one bytes join. Shapes: the first
+    `reasoning_tokens` are `reasoning_content` deltas; with `tools`, a chunk naming the call
+    comes first and each token is an `arguments` delta."""
 
-    __slots__ = ("_base", "_ends", "_mid", "_params", "sent")
+    __slots__ = ("_base", "_ends", "_mid", "_mid_reasoning", "_header", "_params", "sent")
 
     def __init__(self, chat: bool, model: str, p: GenerationParams) -> None:
         base = _base(chat, model)
@@ -203,33 +272,50 @@ class StreamShaper:
         if p.include_usage:
             base["usage"] = None  # as OpenAI does on every chunk but the usage one
         self._base, self._params, self.sent = base, p, 0
-        last = p.completion_tokens - 1
+        last, r = p.completion_tokens - 1, p.reasoning_tokens
 
-        def template(first: bool, final: bool) -> tuple[bytes, bytes]:
-            choice: dict[str, Any] = {"index": 0}
-            if chat:
-                choice["delta"] = {"role": "assistant", "content": _MARK} if first else {"content": _MARK}
+        def chunk(delta: dict[str, Any], final: bool) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": p.finish_reason if final else None}
+            return orjson.dumps({**base, "choices": [choice]})
+
+        def template(i: int) -> tuple[bytes, bytes]:
+            role = {"role": "assistant"} if i == 0 and not (p.tools and r == 0) else {}
+            final = i == last
+            if not chat:
+                choice = {"index": 0, "text": _MARK, "logprobs": None,
+                          "finish_reason": p.finish_reason if final else None}
+                data = orjson.dumps({**base, "choices": [choice]})
+            elif i < r:
+                data = chunk({**role, "reasoning_content": _MARK}, final)
+            elif p.tools:
+                data = chunk({"tool_calls": [{"index": 0, "function": {"arguments": _MARK}}]}, final)
             else:
-                choice["text"] = _MARK
-            choice.update(logprobs=None, finish_reason=p.finish_reason if final else None)
-            pre, post = orjson.dumps({**base, "choices": [choice]}).split(_MARK_JSON)
+                data = chunk({**role, "content": _MARK}, final)
+            pre, post = data.split(_MARK_JSON)
             return b"data: " + pre, post + b"\n\n"
 
-        self._mid = template(False, False)
-        self._ends = {last: template(last == 0, True), 0: template(True, last == 0)}
+        self._mid = template(max(r, 1) if last > r else last)
+        self._mid_reasoning = template(1) if r > 1 else self._mid
+        self._ends = {i: template(i) for i in {0, last, r - 1, r} if 0 <= i <= last}
+        self._header = b""
+        if p.tools:  # the call's id and name, with empty arguments, before its first token
+            head = {"role": "assistant"} if r == 0 else {}
+            self._header = b"data: " + chunk({**head, "content": None, "tool_calls": [_tool_call("")]}, False) + b"\n\n"
 
     def render(self, tokens: int, done: bool) -> bytes:
         """The next `tokens` chunks, and the trailer when `done`."""
         parts: list[bytes] = []
-        ends, mid = self._ends, self._mid
+        ends, mid, mid_r, r = self._ends, self._mid, self._mid_reasoning, self._params.reasoning_tokens
         for i in range(self.sent, self.sent + tokens):
-            pre, post = ends.get(i, mid)
+            if i == r and self._header:
+                parts.append(self._header)
+            pre, post = ends.get(i) or (mid_r if i < r else mid)
             parts += (pre, _WORDS_B[i % len(_WORDS_B)], post)
         self.sent += tokens
         if done:
             if self._params.include_usage:
-                usage = {**self._base, "choices": [], "usage": _usage(self._params.prompt_tokens, self.sent)}
-                parts += (b"data: ", orjson.dumps(usage), b"\n\n")
+                usage = usage_json(self._params.prompt_tokens, self.sent, min(r, self.sent))
+                parts += (b"data: ", orjson.dumps({**self._base, "choices": [], "usage": usage}), b"\n\n")
             parts.append(b"data: [DONE]\n\n")
         return b"".join(parts)
 

@@ -32,10 +32,12 @@ from proxy.sim.api import (
     embedding_data,
     parse_embeddings,
     parse_generation,
+    parse_shape,
     read_json,
 )
 from proxy.sim.engine import Engine, Request, RequestRecord
 from proxy.sim.profiles import get_profile
+from proxy.sim.responses import ResponsesStream, parse_response
 
 __all__ = ["SimState", "STATE", "make_app", "run"]
 
@@ -181,7 +183,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
     check_model(body, state.model)
-    p = parse_generation(body, chat, state.rng, state.profile.max_context_tokens)
+    p = parse_generation(body, chat, state.rng, state.profile.max_context_tokens, _shape(request, body))
     rid: str = request[RID]
     sink = state.submit(Request(rid, p.prompt_tokens, p.completion_tokens), p.stream)
     try:
@@ -189,16 +191,44 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             await sink.wait()
             return web.Response(body=completion_body(chat, state.model, p), content_type="application/json",
                                 headers={"x-request-id": rid})
-        shaper = StreamShaper(chat, state.model, p)
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": rid})
-        await resp.prepare(request)
-        done = False
-        while not done:
-            tokens, done = await sink.wait()
-            await resp.write(shaper.render(tokens, done))
-        await resp.write_eof()
-        return resp
+        return await _stream(request, sink, StreamShaper(chat, state.model, p))
+    finally:
+        state.release(rid, sink)
+
+
+def _shape(request: web.Request, body: dict[str, Any]) -> frozenset[str]:
+    """The answer shape asked for: `sim_shape` in the body, else the `x-sim-shape` header."""
+    return parse_shape(body.get("sim_shape", request.headers.get("x-sim-shape")))
+
+
+async def _stream(request: web.Request, sink: _Sink, shaper: StreamShaper | ResponsesStream) -> web.StreamResponse:
+    """Write the shaper's bytes as the engine produces tokens, until the request is done."""
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": request[RID]})
+    await resp.prepare(request)
+    done = False
+    while not done:
+        tokens, done = await sink.wait()
+        await resp.write(shaper.render(tokens, done))
+    await resp.write_eof()
+    return resp
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`: billed and batched like a chat completion."""
+    state = request.app[STATE]
+    body = await read_json(request)
+    check_model(body, state.model)
+    p = parse_response(body, state.rng, state.profile.max_context_tokens, _shape(request, body))
+    rid: str = request[RID]
+    sink = state.submit(Request(rid, p.prompt_tokens, p.completion_tokens), p.stream)
+    try:
+        shaper = ResponsesStream(state.model, p)
+        if not p.stream:
+            await sink.wait()
+            return web.Response(body=orjson.dumps(shaper.response(True)), content_type="application/json",
+                                headers={"x-request-id": rid})
+        return await _stream(request, sink, shaper)
     finally:
         state.release(rid, sink)
 
@@ -336,6 +366,7 @@ def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/power", power)
     app.router.add_get("/v1/power/stream", power_stream)

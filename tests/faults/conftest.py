@@ -82,3 +82,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in (head, *rows):
         terminalreporter.write_line("  ".join(str(x).rjust(w) if i else str(x).ljust(w)
                                               for i, (x, w) in enumerate(zip(line, widths, strict=True))))
+    for r in _ROWS.values():  # a scenario's measured figures (RSS, latency), or its first problem
+        if r.notes:
+            terminalreporter.write_line(f"{r.scenario}: {r.notes[0]}")

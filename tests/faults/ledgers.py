@@ -31,20 +31,23 @@ def flush_ledger(proxy: ProxyProc) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Booked:
-    """One ledger row: where the request ran, its tokens, its joules and how they were known."""
+    """One ledger row: where the request ran, its tokens, its joules and how they were known,
+    and the status it ended with (499: the client left; 502/504: the backend failed or was late)."""
 
     backend: str
     completion_tokens: int
     joules: float
     method: str
+    status: int = 200
+    prompt_tokens: int = 0
 
 
 def sqlite_ledger(path: Path) -> dict[str, Booked]:
     """Every request row of a SQLite ledger by request id, read-only (WAL: the writer may run)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = [(split_uid(uid)[0], Booked(b, c, j, m)) for uid, b, c, j, m in conn.execute(
-            "SELECT request_id, backend, completion_tokens, joules, method FROM requests")]
+        rows = [(split_uid(uid)[0], Booked(b, c, j, m, s, p)) for uid, b, c, j, m, s, p in conn.execute(
+            "SELECT request_id, backend, completion_tokens, joules, method, status, prompt_tokens FROM requests")]
     finally:
         conn.close()
     return _unique(rows)
@@ -58,7 +61,8 @@ def redis_ledger(url: str) -> dict[str, Booked]:
                 for key in client.scan_iter(match="joulegate:req:*", count=1000)]
     finally:
         client.close()
-    return _unique([(r.request_id, Booked(r.backend, r.completion_tokens, r.joules, r.method)) for r in rows])
+    return _unique([(r.request_id, Booked(r.backend, r.completion_tokens, r.joules, r.method, r.status,
+                                          r.prompt_tokens)) for r in rows])
 
 
 def _unique(rows: list[tuple[str, Booked]]) -> dict[str, Booked]:

@@ -13,7 +13,17 @@ serving MODEL; every POST gets the fault named by `mode`:
   in the middle of an HTTP chunk;
 - `cut_eof`: the same without chunked encoding (`Connection: close`): the body simply stops;
 - `flood`: a stream of FLOOD_EVENTS events of FLOOD_EVENT_BYTES each, written as fast as it is
-  read; `flood_sent` counts the events written, `flood_ended` says how it ended.
+  read; `flood_sent` counts the events written, `flood_ended` says how it ended;
+- `slow_stream`: SLOW_EVENTS one-token chunks SLOW_GAP_S apart, then usage and [DONE] (a healthy
+  stream that takes a while);
+- `stall_stream`: CUT_EVENTS chunks, then silence with the connection open (a wedged stream);
+- `stale_keepalive`: the first POST on a connection gets a proper answer (keep-alive); any later
+  one on it is read and the connection closed unanswered, as when an engine closes an idle
+  connection just as the proxy reuses it;
+- `big_json`: a non-streamed chat completion of about BIG_JSON_BYTES, with usage.
+
+`closed_s` has the time.monotonic() at which each POST's connection was seen closed by the
+proxy (`hang`, `slow_stream`, `stall_stream`): the test process shares that clock.
 
 `RestartableSim` is a simulated backend that can be SIGKILLed and started again on its port.
 """
@@ -24,17 +34,22 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 
 import httpx
 import orjson
 
 from tests.conftest import MODEL, Proc, SimBackend, free_port, wait_until
 
-MODES = ("hang", "not_http", "not_json", "sse_garbage", "cut_chunked", "cut_eof", "flood")
+MODES = ("hang", "not_http", "not_json", "sse_garbage", "cut_chunked", "cut_eof", "flood", "slow_stream",
+         "stall_stream", "stale_keepalive", "big_json")
 #: Complete chat chunks a cutting server sends before it breaks off, one token each.
 CUT_EVENTS = 3
 FLOOD_EVENT_BYTES = 16 * 1024
 FLOOD_EVENTS = 2000  # 32 MiB if it were all read: far more than any socket buffer
+SLOW_EVENTS = 30
+SLOW_GAP_S = 0.1
+BIG_JSON_BYTES = 24 * 1024 * 1024  # far more than the socket buffers between proxy and client
 
 
 def chat_chunk(i: int) -> bytes:
@@ -60,6 +75,8 @@ class FaultServer:
         self.posts = 0  # inference requests received; read from the test thread (an int: atomic)
         self.flood_sent = 0  # `flood`: events written so far
         self.flood_ended: str | None = None  # `flood`: "complete", or the error that ended it
+        self.closed_s: list[float] = []  # time.monotonic() when the proxy closed a POST's connection
+        self.answered = 0  # `stale_keepalive`: POSTs answered
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -93,6 +110,7 @@ class FaultServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        posts_here = 0  # POSTs on this connection
         try:
             while True:  # keep-alive: the proxy's pools reuse connections
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -110,6 +128,15 @@ class FaultServer:
                     await writer.drain()
                     continue
                 self.posts += 1
+                posts_here += 1
+                if self.mode == "stale_keepalive":
+                    if posts_here > 1:
+                        return  # closed while "idle": the request is read and never answered
+                    body = _completion(b"fresh", 1)
+                    writer.write(_head(200, "application/json", len(body)) + body)
+                    await writer.drain()
+                    self.answered += 1
+                    continue
                 if not await self._fault(reader, writer):
                     return
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
@@ -123,7 +150,16 @@ class FaultServer:
         """Misbehave on one POST; True if the connection may serve another request."""
         if self.mode == "hang":
             await reader.read()  # until the proxy gives up and closes (or stop())
+            self.closed_s.append(time.monotonic())
             return False
+        if self.mode in ("slow_stream", "stall_stream"):
+            await self._slow(reader, writer)
+            return False
+        if self.mode == "big_json":
+            body = _completion(b"x" * BIG_JSON_BYTES, 7)
+            writer.write(_head(200, "application/json", len(body)) + body)
+            await writer.drain()
+            return True
         if self.mode == "not_http":
             writer.write(os.urandom(512))
         elif self.mode == "not_json":
@@ -165,6 +201,42 @@ class FaultServer:
             self.flood_ended = "complete"
         except ConnectionError as exc:
             self.flood_ended = type(exc).__name__
+
+
+    async def _slow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """`slow_stream` / `stall_stream`: chunks with gaps, watching for the proxy to hang up."""
+        events = SLOW_EVENTS if self.mode == "slow_stream" else CUT_EVENTS
+        writer.write(_head(200, "text/event-stream", None, chunked=True))
+        for i in range(events):
+            writer.write(_chunk(chat_chunk(i)))
+            await writer.drain()
+            if await _hung_up(reader, SLOW_GAP_S):
+                self.closed_s.append(time.monotonic())
+                return
+        if self.mode == "stall_stream":
+            await reader.read()
+            self.closed_s.append(time.monotonic())
+            return
+        usage = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
+                 "usage": {"prompt_tokens": 9, "completion_tokens": events, "total_tokens": 9 + events}}
+        writer.write(_chunk(b"data: " + orjson.dumps(usage) + b"\n\n") + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+
+async def _hung_up(reader: asyncio.StreamReader, wait_s: float) -> bool:
+    """Wait up to `wait_s` for the peer to close; True if it did (it sends nothing else)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), wait_s) == b""
+    except TimeoutError:
+        return False
+
+
+def _completion(content: bytes, completion_tokens: int) -> bytes:
+    """A non-streamed chat completion whose message is `content`."""
+    return (b'{"id":"chatcmpl-fault","object":"chat.completion","created":1718000000,"model":"' + MODEL.encode()
+            + b'","choices":[{"index":0,"message":{"role":"assistant","content":"' + content
+            + b'"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":'
+            + str(completion_tokens).encode() + b',"total_tokens":' + str(9 + completion_tokens).encode() + b"}}")
 
 
 def _head(status: int, content_type: str, length: int | None, chunked: bool = False) -> bytes:

@@ -69,6 +69,7 @@ def test_stream_cut_mid_event(cutter: tuple[FaultServer, ProxyProc, Path], figur
     # Booked once each (the ledger keys rows by request id), with the tokens relayed.
     for outcome in [o for o, _, _ in raw] + [sdk]:
         assert booked[outcome.request_id].completion_tokens == CUT_EVENTS
+        assert booked[outcome.request_id].status == 502  # the ledger says how it ended
         assert booked[outcome.request_id].backend == server.mode  # the backend is named after its mode
     assert server.posts == N + 1
     figures.check()

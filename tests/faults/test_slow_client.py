@@ -102,7 +102,8 @@ def test_a_slow_sender_gets_408_and_frees_its_slot(h100: SimBackend, tmp_path: P
                          + b'{"model": ')
             # While it dawdles it holds the slot: others are shed, cleanly.
             busy = httpx.post(proxy.url + "/v1/chat/completions", json=chat, headers=auth, timeout=10)
-            assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded"
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+            assert busy.headers["retry-after"] == "1"
             answer = sock.recv(65536)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer[:200]

@@ -59,6 +59,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{/* The chart's own Secret, holding secrets.env, backends[].apiKey and redis.auth.password. */}}
+{{- define "joulegate.agentTokenSecret" -}}
+{{- .Values.agent.token.existingSecret | default (printf "%s-token" (include "joulegate.agentName" .)) }}
+{{- end }}
+
 {{- define "joulegate.secretName" -}}
 {{- include "joulegate.fullname" . }}
 {{- end }}
@@ -117,6 +121,9 @@ ${JOULEGATE_LEDGER_URL}
 {{- if and .Values.config.server (or (hasKey .Values.config.server "host") (hasKey .Values.config.server "port")) }}
 {{- fail "\n\nconfig.server.host/port: the chart listens on 0.0.0.0:<containerPort>; set containerPort instead" }}
 {{- end }}
+{{- if and .Values.metricsPort (eq (int .Values.metricsPort) (int .Values.containerPort)) }}
+{{- fail "\n\nmetricsPort: must differ from containerPort (0 serves /metrics on containerPort)" }}
+{{- end }}
 {{- range $i, $b := .Values.backends }}
 {{- if and $b.apiKey $b.apiKeySecretRef }}
 {{- fail (printf "\n\nbackends[%d]: set apiKey or apiKeySecretRef, not both" $i) }}
@@ -145,11 +152,15 @@ ${JOULEGATE_LEDGER_URL}
 {{- $server := deepCopy ($cfg.server | default dict) -}}
 {{- $_ := set $server "host" "0.0.0.0" -}}
 {{- $_ := set $server "port" (int .Values.containerPort) -}}
+{{- if .Values.metricsPort }}{{ $_ := set $server "metrics_port" (int .Values.metricsPort) }}{{ end -}}
 {{- $backends := list -}}
 {{- range $i, $b := .Values.backends -}}
 {{- $out := omit $b "apiKey" "apiKeySecretRef" -}}
 {{- if not $out.name }}{{ $_ := set $out "name" (printf "backend-%d" $i) }}{{ end -}}
 {{- if or $b.apiKey $b.apiKeySecretRef }}{{ $_ := set $out "api_key" (printf "${JOULEGATE_BACKEND_%d_API_KEY}" $i) }}{{ end -}}
+{{- if and $.Values.agent.enabled (eq (dig "power" "source" "" $b) "agent") (not (dig "power" "token_file" "" $b)) (not (dig "power" "token_env" "" $b)) -}}
+{{- $_ := set $out "power" (merge (dict "token_env" "JOULEGATE_AGENT_TOKEN") (deepCopy $b.power)) -}}
+{{- end -}}
 {{- $backends = append $backends $out -}}
 {{- end -}}
 # Rendered by the joulegate Helm chart from its values; `joulegate check-config` validates it.

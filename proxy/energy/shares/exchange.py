@@ -22,6 +22,7 @@ from proxy.energy.shares.metrics import ExchangeMetrics
 from proxy.energy.shares.peer_weights import Chunk, PeerWeights
 from proxy.energy.shares.wire import decode_chunks, encode_chunks, id_ms, xread_streams
 from proxy.engine_metrics import parse_engine_load
+from proxy.redact import redact_text
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -224,7 +225,7 @@ class WeightExchange:
             sources = sorted({"engine metrics" if b.metrics_url else "nothing"
                               for b in self.backends})
             log.warning("weight exchange: Redis unreachable (%s: %s); other replicas' weights "
-                        "from %s until it is back", type(exc).__name__, exc, " or ".join(sources))
+                        "from %s until it is back", type(exc).__name__, redact_text(str(exc)), " or ".join(sources))
         self.redis_ok = False
         self._retry_delay_s = min(2.0, max(0.25, 2 * self._retry_delay_s))
         self._retry_at_s = time.monotonic() + self._retry_delay_s

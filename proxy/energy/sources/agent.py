@@ -11,6 +11,11 @@ from round-trip probes, as NTP's clock filter does it: at start and every PROBE_
 of the probe with the smallest round trip within the last OFFSET_WINDOW_S, because the smallest
 round trip bounds the error best (|error| <= rtt / 2, and is ~0 when the path is symmetric).
 The stream waits for the first estimate, so no sample ever carries an uncorrected time.
+
+An agent listening beyond its host wants `Authorization: Bearer <token>`: the token comes from
+`power.token_file` or the variable `power.token_env`, read when the source starts (it waits,
+retrying, until the token is there; a rotated token needs a proxy restart). An https:// agent's certificate is checked against `power.ca_file`
+if given, else the system's CAs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -37,6 +44,7 @@ from proxy.energy.sources.base import (
     select_gpus,
     sum_or_none,
 )
+from proxy.redact import redact_url
 
 log = logging.getLogger("joulegate.power.agent")
 
@@ -111,6 +119,7 @@ class AgentSource(PowerSource):
         if not config.url:
             raise ValueError(f"the {self.kind} power source needs power.url")
         self.base_url = config.url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)  # the URL as logged and in errors
         self.offset = OffsetEstimator(self.OFFSET_WINDOW_S)
         self.offset_error: str | None = None
         self.events = 0
@@ -125,7 +134,16 @@ class AgentSource(PowerSource):
 
     async def _run(self) -> None:
         await self._release()  # a client left by a crashed earlier run
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.PROBE_TIMEOUT_S))
+        backoff = Backoff(1.0, 30.0)
+        while True:  # a token Secret may be mounted after start: wait for it
+            try:
+                headers, verify = self._auth_headers(), self._verify()
+                break
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                self._failed(f"agent credentials: {_describe(exc)}")
+                await asyncio.sleep(backoff.next_s())
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.PROBE_TIMEOUT_S), headers=headers,
+                                         verify=verify)
         prober = asyncio.create_task(self._probe_loop(), name=f"power-{self.kind}-offset")
         try:
             await self._stream_loop()
@@ -133,6 +151,27 @@ class AgentSource(PowerSource):
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await prober
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The bearer token header, if a token is configured (OSError/ValueError if unreadable)."""
+        if self.config.token_file:
+            with open(self.config.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+            if not token:
+                raise ValueError(f"power.token_file {self.config.token_file} is empty")
+        elif self.config.token_env:
+            token = os.environ.get(self.config.token_env, "")
+            if not token:
+                raise ValueError(f"${self.config.token_env} (power.token_env) is not set")
+        else:
+            return {}
+        return {"Authorization": f"Bearer {token}"}
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        """TLS verification: the CA file's context, else the system's CAs (httpx's default)."""
+        if self.config.ca_file:
+            return ssl.create_default_context(cafile=self.config.ca_file)
+        return True
 
     # -- clock offset -----------------------------------------------------------------------
 
@@ -156,7 +195,7 @@ class AgentSource(PowerSource):
             try:
                 await self.probe_round()
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                self.offset_error = f"clock probe of {self.base_url}/v1/power failed: {_describe(exc)}"
+                self.offset_error = f"clock probe of {self.shown_url}/v1/power failed: {_describe(exc)}"
                 if not self._offset_ready.is_set():
                     self._failed(self.offset_error)  # nothing can be stamped yet
                 else:
@@ -176,6 +215,7 @@ class AgentSource(PowerSource):
         read_timeout_s = max(5.0, 10.0 * self.interval_s)
         stale_after_s = max(3.0, 5.0 * self.interval_s)
         url = f"{self.base_url}/v1/power/stream"
+        shown = redact_url(url)
         while True:
             try:
                 async with self._client.stream(
@@ -187,14 +227,14 @@ class AgentSource(PowerSource):
                         if data is None:  # keep-alive: the agent has no fresh reading
                             last = self._last_data_mono_s
                             if last is None or time.monotonic() - last > stale_after_s:
-                                self._failed(f"{url} sends no readings")
+                                self._failed(f"{shown} sends no readings")
                             continue
                         self._last_data_mono_s = time.monotonic()
                         if self._handle(data):
                             backoff.reset()
                 raise httpx.RemoteProtocolError("the agent closed the stream")
             except (httpx.HTTPError, ValueError) as exc:
-                self._failed(f"power stream {url}: {_describe(exc)}")
+                self._failed(f"power stream {shown}: {_describe(exc)}")
             await asyncio.sleep(backoff.next_s())
 
     def _handle(self, data: str) -> bool:
@@ -207,7 +247,7 @@ class AgentSource(PowerSource):
             chosen = select_gpus(self.config.gpus, ((g.get("index"), g.get("uuid")) for g in gpus))
             if chosen is None or not chosen:
                 have = [(g.get("index"), g.get("uuid")) for g in gpus]
-                self._failed(f"the agent at {self.base_url} does not report GPU(s) "
+                self._failed(f"the agent at {self.shown_url} does not report GPU(s) "
                              f"{self.config.gpus} (it has {have})")
                 return False
             reads = [GpuRead(str(g.get("uuid") or g.get("index")), _num(g.get("energy_mj")),
@@ -216,10 +256,10 @@ class AgentSource(PowerSource):
             energy_mj = sum_or_none(r.energy_mj for r in reads)
             power_w = sum_or_none(r.power_w for r in reads)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self._failed(f"malformed power event from {self.base_url}: {_describe(exc)}")
+            self._failed(f"malformed power event from {self.shown_url}: {_describe(exc)}")
             return False
         if energy_mj is None and power_w is None:
-            self._failed(f"the agent at {self.base_url} reports neither energy nor power")
+            self._failed(f"the agent at {self.shown_url} reports neither energy nor power")
             return False
         offset_s = self.offset.offset_s
         assert offset_s is not None  # the stream starts after the first probe round

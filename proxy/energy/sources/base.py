@@ -26,6 +26,7 @@ from typing import ClassVar
 from proxy.config import PowerConfig
 from proxy.energy.sources.counters import GpuCounters, GpuRead
 from proxy.energy.sources.counters import sum_or_none as sum_or_none  # the sources' one import
+from proxy.redact import redact_text, redact_url
 
 log = logging.getLogger("joulegate.power")
 
@@ -221,6 +222,7 @@ class PowerSource(ABC):
             self.healthy = True
 
     def _failed(self, error: str) -> None:
+        error = redact_text(error)  # httpx and others quote URLs, which may hold secrets
         if self.healthy or error != self.last_error:
             log.warning("%s source %s: %s", self.kind, self._where(), error)
         self.healthy = False
@@ -236,7 +238,7 @@ class PowerSource(ABC):
         self.method = method
 
     def _where(self) -> str:
-        return self.config.url or ",".join(str(g) for g in self.config.gpus) or "all GPUs"
+        return redact_url(self.config.url) if self.config.url else ",".join(str(g) for g in self.config.gpus) or "all GPUs"
 
 
 def make_source(config: PowerConfig, on_sample: SampleCallback) -> PowerSource | None:

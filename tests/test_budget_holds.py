@@ -1,0 +1,150 @@
+"""Energy budgets are reserved, not only checked: a burst of concurrent requests overshoots a
+budget by at most one request's estimate, on SQLite and on a real Redis; and a ledger store that
+is stopped or paused lets budgeted requests through (`energy_budget_failure: open`) or refuses
+them (`closed`), counted either way, while tenants without a budget never wait on it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import KEYS, MODEL, ProxyProc, SimBackend, sha256, tenants_yaml
+from tests.redis_support import RedisServer, need_redis_server, usable_redis
+from tests.test_accounting import MESSAGES, finals, proxy_config, usage_total
+
+FRUGAL_KEY = "sk-test-frugal-0004"
+STRICT_KEY = "sk-test-strict-0005"
+BURST = 40
+MAX_TOKENS = 16
+
+
+def budget_tenants(budget_j: float, extra: str = "") -> str:
+    """The default tenants plus `frugal` (open) and `strict` (closed) on daily budgets."""
+    return tenants_yaml().replace("admin_api_keys_sha256", (
+        f"  - {{name: frugal, api_keys_sha256: ['{sha256(FRUGAL_KEY)}'], energy_budget: {{joules: {budget_j}}}}}\n"
+        f"  - {{name: strict, api_keys_sha256: ['{sha256(STRICT_KEY)}'], energy_budget: {{joules: {budget_j}}},"
+        " energy_budget_failure: closed}\nadmin_api_keys_sha256")) + extra
+
+
+def chat(proxy: ProxyProc, key: str) -> httpx.Response:
+    return httpx.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                      json={"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS})
+
+
+def counter(proxy: ProxyProc, name: str, label: str) -> float:
+    text = httpx.get(proxy.url + "/metrics", timeout=5).text
+    found = re.findall(rf'^{name}_total\{{[^}}]*{label}[^}}]*\}} (\S+)$', text, re.M)
+    return sum(float(v) for v in found)
+
+
+@pytest.fixture(scope="module")
+def joules_per_request(sims: dict[str, SimBackend], tmp_path_factory: pytest.TempPathFactory) -> float:
+    """What one request like the burst's costs on the simulated H100, measured alone."""
+    proxy = ProxyProc(proxy_config(sims["h100"], "memory://"), tmp_path_factory.mktemp("calibrate"))
+    try:
+        ids = [chat(proxy, KEYS["acme"]).headers["x-request-id"] for _ in range(3)]
+        return sum(f["joules"] for f in finals(proxy, ids).values()) / len(ids)
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with usable_redis(tmp_path_factory, "redis-holds") as url:
+        yield url
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_burst_overshoots_the_budget_by_at_most_one_estimate(
+        store: str, sims: dict[str, SimBackend], tmp_path: Path, joules_per_request: float,
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a Redis ledger's spill journal stays ours
+    if store == "redis":
+        prefix = f"jgtest-holds-{uuid.uuid4().hex[:8]}:"
+        ledger = f"{request.getfixturevalue('redis_url')}?key_prefix={prefix}"
+    else:
+        ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    budget_j = 5 * joules_per_request
+    # Closed: a hold the loaded machine answers late is refused, never let through unchecked.
+    tenants = budget_tenants(budget_j, "cluster: {enabled: false}\n")
+    proxy = ProxyProc(proxy_config(sims["h100"], ledger, tenants), tmp_path)
+    try:
+        # One request first: the hold estimate is the tenant's mean joules per request.
+        warm = chat(proxy, STRICT_KEY)
+        assert warm.status_code == 200, warm.text
+        estimate_j = finals(proxy, [warm.headers["x-request-id"]])[warm.headers["x-request-id"]]["joules"]
+
+        async def burst() -> list[tuple[int, str]]:
+            async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=STRICT_KEY, max_retries=0,
+                                          timeout=60) as client:
+                async def one() -> tuple[int, str]:
+                    try:
+                        raw = await client.chat.completions.with_raw_response.create(
+                            model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS)
+                        return 200, raw.headers["x-request-id"]
+                    except openai.APIStatusError as exc:
+                        return exc.status_code, str(exc.code)
+                return await asyncio.gather(*(one() for _ in range(BURST)))
+
+        answers = asyncio.run(burst())
+        accepted = [rid for status, rid in answers if status == 200]
+        refused = [code for status, code in answers if status == 429]
+        assert accepted and refused, answers
+        assert set(refused) == {"insufficient_quota"}
+        billed = finals(proxy, [warm.headers["x-request-id"], *accepted])
+        spent_j = sum(f["joules"] for f in billed.values())
+        assert usage_total(proxy, "?tenant=strict")["requests"] == len(billed)
+        # Without holds every one of the 40 passes the same check (spent_j ~ 40 requests).
+        print(f"{store}: budget {budget_j:.1f} J, estimate {estimate_j:.1f} J, {len(accepted)}/{BURST} accepted,"
+              f" billed {spent_j:.1f} J (overshoot {spent_j - budget_j:.1f} J)")
+        assert spent_j <= budget_j + estimate_j, (spent_j, budget_j, estimate_j, len(accepted))
+        assert counter(proxy, "joulegate_requests_refused", 'reason="insufficient_quota"') == len(refused)
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.parametrize("outage", ["stopped", "paused"])
+def test_store_failure_is_open_or_closed_per_tenant(
+        outage: str, sims: dict[str, SimBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need_redis_server("no redis-server to stop")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    server = RedisServer(tmp_path)
+    server.start()
+    tenants = budget_tenants(1e9, "cluster: {enabled: false}\n")
+    proxy = ProxyProc(proxy_config(sims["h100"], server.url, tenants), tmp_path)
+    paused = False
+    try:
+        for key in (FRUGAL_KEY, STRICT_KEY, KEYS["acme"]):
+            assert chat(proxy, key).status_code == 200
+        if outage == "stopped":
+            server.kill()
+        else:  # paused: connections stay open and nothing answers
+            assert server.popen is not None
+            os.kill(server.popen.pid, signal.SIGSTOP)
+            paused = True
+        open_, closed, free = chat(proxy, FRUGAL_KEY), chat(proxy, STRICT_KEY), chat(proxy, KEYS["acme"])
+        assert open_.status_code == 200, open_.text
+        assert "x-energy-budget-remaining-joules" not in open_.headers  # nothing was checked
+        assert closed.status_code == 503, closed.text
+        assert closed.json()["error"]["code"] == "energy_budget_unavailable"
+        assert free.status_code == 200  # no budget: never asks the store
+        assert counter(proxy, "joulegate_energy_budget_store_failures", 'mode="open"') >= 1
+        assert counter(proxy, "joulegate_energy_budget_store_failures", 'mode="closed"') >= 1
+        assert counter(proxy, "joulegate_requests_refused", 'reason="energy_budget_unavailable"') >= 1
+        assert "budget hold for tenant" in proxy.log()
+    finally:
+        if paused and server.popen is not None:
+            os.kill(server.popen.pid, signal.SIGCONT)
+        proxy.stop()
+        server.kill()
+    assert "Traceback" not in proxy.log()
