@@ -116,8 +116,8 @@ class SplitLearner:
 
     def tokens(self, request_id: str, t_s: float, count: int) -> None:
         r = self._reqs.get(request_id)
-        if r is None or r.end_s is not None or count <= 0:
-            return
+        if r is None or not r.stream or r.end_s is not None or count <= 0:
+            return  # like the attributor, only streams' arrivals place tokens in time
         if r.first_s is None:
             r.first_s = t_s
             n, ttft_s, sums = r.prompt / _KTOK, t_s - r.start_s, self._ttft
