@@ -261,6 +261,8 @@ class JouleGate:
                 "energy_modelled_j": meter.modelled_j if meter else None,
                 "power_w": meter.last_power_w if meter else None,
                 "idle_w": meter.idle_w() if meter else None,
+                # The learned split weights (energy.learn); admin keys only, like power and idle.
+                "split_weights": meter.learner.weights.as_dict() if meter and meter.learner else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.

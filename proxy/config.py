@@ -185,6 +185,10 @@ class EnergyConfig(_Strict):
     # the contract example's 0.1 over-billed long prompts (per-tenant error 4.4% vs 1.2%).
     prefill_weight: float = Field(0.05, ge=0, description=(
         "One prompt token's energy relative to one generated token (dimensionless)."))
+    # proxy/energy/learn.py: a decayed non-negative fit of busy energy per 1 s window.
+    learn: bool = Field(True, description=(
+        "Learn each backend's split weights online from its power samples (length-dependent prefill, "
+        "context-dependent decode), starting from prefill_weight; false: prefill_weight alone."))
 
 
 class EnergyBudget(_Strict):

@@ -159,6 +159,9 @@ def test_backends_endpoint_and_metrics(energy_proxy: ProxyProc, sims: dict[str, 
     data = {b["name"]: b for b in _get(energy_proxy, "/v1/energy/backends", ADMIN_KEY).json()["data"]}
     assert set(data) == set(sims)
     assert all(b["healthy"] and b["power_source"] == "sim" for b in data.values())
+    assert all(b["split_weights"]["prefill_weight"] >= 0 for b in data.values())  # energy.learn
+    tenant_view = _get(energy_proxy, "/v1/energy/backends", KEYS["acme"]).json()["data"]
+    assert all("split_weights" not in b for b in tenant_view)  # operators only
     # Different GPUs draw differently: an L4 never reaches an H100's idle power.
     assert data["l4"]["power_w"] < data["h100"]["power_w"] or data["l4"]["power_w"] < 100
     text = httpx.get(energy_proxy.url + "/metrics").text

@@ -84,13 +84,17 @@ def test_step_time_and_power_follow_profile(batch: int) -> None:
         eng.add(Request(f"r{i}", prompt_tokens=10, max_output_tokens=5), 0.0)
     prefill = eng.plan_step(0.0)
     assert prefill is not None and len(prefill.prefill) == batch and not prefill.decode
-    assert prefill.duration_s == pytest.approx(10 * batch * H100.prefill_s_per_token)
+    assert prefill.duration_s == pytest.approx(batch * H100.prefill_s(10))
     assert prefill.power_w == pytest.approx(H100.prefill_power_w)
     eng.finish_step(prefill)
     decode = eng.plan_step(0.0)
     assert decode is not None and len(decode.decode) == batch
     assert decode.start_s == prefill.end_s  # back to back, whatever now_s says
-    assert decode.duration_s == pytest.approx(H100.step_time_s(batch))
+    # The measured curve is the step at the reference context; these contexts (11 tokens) are
+    # shorter, so the step is a little quicker, by their KV reads only.
+    kv_s = H100.kv_s_per_context_token * (11 - H100.ref_context_tokens) * batch
+    assert decode.duration_s == pytest.approx(H100.step_time_s(batch) + kv_s)
+    assert 0.7 * H100.step_time_s(batch) < decode.duration_s < H100.step_time_s(batch)
     assert decode.power_w == pytest.approx(H100.power_w(batch))
 
 
@@ -101,7 +105,7 @@ def test_ttft_includes_prefill_and_waiting_for_the_step_boundary() -> None:
     assert step is not None
     eng.finish_step(step)
     a = eng.record("a")
-    assert a is not None and a.first_token_s == pytest.approx(1000 * H100.prefill_s_per_token)
+    assert a is not None and a.first_token_s == pytest.approx(H100.prefill_s(1000))
     # "b" arrives mid-step: it waits for the boundary, then shares a step with a's decode.
     step = eng.plan_step(step.end_s)
     assert step is not None
@@ -109,11 +113,11 @@ def test_ttft_includes_prefill_and_waiting_for_the_step_boundary() -> None:
     eng.finish_step(step)
     nxt = eng.plan_step(step.end_s)
     assert nxt is not None and [r.request_id for r in nxt.prefill] == ["b"]
-    assert nxt.duration_s == pytest.approx(500 * H100.prefill_s_per_token + H100.step_time_s(1))
+    assert nxt.duration_s == pytest.approx(H100.prefill_s(500) + H100.decode_costs_s([1002])[0])
     eng.finish_step(nxt)
     b = eng.record("b")
     assert b is not None and b.first_token_s == nxt.end_s and b.completion_tokens == 1
-    assert b.first_token_s - b.arrival_s > 500 * H100.prefill_s_per_token
+    assert b.first_token_s - b.arrival_s > H100.prefill_s(500)
 
 
 def test_full_batch_queues() -> None:
@@ -150,7 +154,7 @@ def test_embedding_is_prefill_only_and_idle_is_billed_to_nobody() -> None:
     assert [(e.request_id, e.tokens, e.finished) for e in events] == [("e", 0, True)]
     rec = eng.record("e")
     assert rec is not None and rec.completion_tokens == 0 and rec.finished
-    assert rec.joules == pytest.approx(400 * H100.prefill_j_per_token())
+    assert rec.joules == pytest.approx(H100.embed_s(400) * H100.embed_power_w)
     assert eng.idle_energy_j(10.0) == pytest.approx(H100.idle_w * (10.0 - step.duration_s))
     assert eng.energy_j(10.0) == pytest.approx(rec.joules + eng.idle_energy_j(10.0))
 
@@ -170,6 +174,54 @@ def test_abort_pays_for_its_steps_and_frees_the_slot() -> None:
     eng.add(Request("w", prompt_tokens=5, max_output_tokens=5), step.end_s)
     assert eng.abort("w", step.end_s) and eng.record("w").joules == 0.0  # type: ignore[union-attr]
     assert not eng.abort("nope", 0.0)
+
+
+def test_truth_follows_physical_cost_not_token_counts() -> None:
+    """Ground truth that token-count attribution cannot reproduce: prefill grows faster than
+    linearly with the prompt, a long context pays more per decode token, an embedding is not
+    priced like a prefill of the same size."""
+    eng = Engine(H100)
+    eng.add(Request("short", prompt_tokens=1000, max_output_tokens=40), 0.0)
+    eng.add(Request("long", prompt_tokens=7000, max_output_tokens=40), 0.0)
+    step = eng.plan_step(0.0)
+    assert step is not None and len(step.prefill) == 2
+    short_j, long_j = step.prefill_j
+    assert long_j > 1.15 * 7 * short_j  # attention's quadratic term
+    eng.finish_step(step)
+    before = {r: eng.record(r).joules for r in ("short", "long")}  # type: ignore[union-attr]
+    step = eng.plan_step(0.0)
+    assert step is not None and not step.prefill and len(step.decode) == 2
+    eng.finish_step(step)
+    paid = {r: eng.record(r).joules - before[r] for r in ("short", "long")}  # type: ignore[union-attr]
+    # The long one pays its extra KV-cache reads on top of an equal share.
+    extra_j = H100.kv_s_per_context_token * 6000 * H100.power_w(2)
+    assert paid["long"] - paid["short"] == pytest.approx(extra_j)
+    assert math.fsum(paid.values()) == pytest.approx(step.energy_j)
+    # At the reference context the decode step is the measured curve's.
+    ref = [int(H100.ref_context_tokens)] * 64
+    assert H100.decode_costs_s(ref)[0] == pytest.approx(H100.step_time_s(64), rel=1e-3)
+    emb = Engine(H100)
+    emb.add(Request("e", prompt_tokens=4000, max_output_tokens=0, is_embedding=True), 0.0)
+    e_step = emb.plan_step(0.0)
+    assert e_step is not None
+    e_j = e_step.prefill_j[0]
+    assert e_j != pytest.approx(H100.prefill_s(4000) * H100.prefill_power_w, rel=0.05)
+
+
+def test_prefill_runs_at_its_own_power_then_decode() -> None:
+    eng = Engine(H100)
+    eng.add(Request("a", prompt_tokens=100, max_output_tokens=50), 0.0)
+    eng.finish_step(eng.plan_step(0.0))  # type: ignore[arg-type]
+    eng.add(Request("b", prompt_tokens=6000, max_output_tokens=5), 0.0)
+    step = eng.plan_step(0.0)
+    assert step is not None and step.prefill and step.decode
+    mid_prefill = step.start_s + step.prefill_s / 2
+    mid_decode = (step.start_s + step.prefill_s + step.end_s) / 2
+    assert eng.power_w(mid_prefill) == pytest.approx(H100.prefill_power_w)
+    assert eng.power_w(mid_decode) == pytest.approx(H100.power_w(1))
+    e0 = eng.energy_j(step.start_s)
+    assert eng.energy_j(step.start_s + step.prefill_s) - e0 == pytest.approx(step.prefill_energy_j)
+    assert eng.energy_j(step.end_s) - e0 == pytest.approx(step.energy_j)
 
 
 def test_finished_records_are_bounded() -> None:
@@ -420,6 +472,29 @@ def test_ground_truth_adds_up_to_the_counter() -> None:
         assert c5["joules"] < 0.8 * 45 * H100.joules_per_token(1)
     finally:
         server.close()
+
+
+def test_power_api_clock_can_be_skewed() -> None:
+    loop = asyncio.new_event_loop()
+    app = make_app("h100-llama3.1-8b", clock_skew_s=2.5)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def read() -> tuple[float, float]:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with httpx.AsyncClient() as client:
+            before = time.time()
+            t = (await client.get(f"http://127.0.0.1:{port}/v1/power")).json()["t"]
+        await runner.cleanup()
+        return before, t
+
+    try:
+        before, t = loop.run_until_complete(read())
+    finally:
+        loop.close()
+    assert 2.4 < t - before < 3.0
 
 
 def test_run_serves_until_terminated() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from policies.model import EfficiencyModel
 from proxy.config import Config, PowerConfig
 from proxy.energy.attribution import Attributor, Final
+from proxy.energy.learn import SplitLearner
 from proxy.energy.sources import PowerSample, PowerSource, make_source
 from proxy.energy.timeline import EnergyTimeline
 
@@ -65,6 +66,7 @@ class BackendMeter:
             self.timeline, prefill_weight=config.energy.prefill_weight, idle=config.energy.idle,
         )
         self._on_final = on_final
+        self.learner = SplitLearner(config.energy.prefill_weight) if config.energy.learn else None
         self.source: PowerSource | None = make_source(power, self._on_sample)
         self.last_power_w: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_FINALS)
@@ -99,6 +101,9 @@ class BackendMeter:
                 and self.timeline.last_sample_s != prev_s:
             self._bridged = False
             self.attributor.mark_modelled(prev_s, self.timeline.last_sample_s or prev_s)
+        elif self.learner is not None and prev_s is not None and sample.t_s > prev_s:
+            self.learner.interval(prev_s, sample.t_s, self.timeline.joules_between(prev_s, sample.t_s))
+            self.learner.weights.apply_to(self.attributor)
         if self._last_sample_s is not None and sample.t_s > self._last_sample_s:
             self._note_gap(self._heard_s, sample.t_s - self._last_sample_s)
         self.last_power_w = sample.power_w if sample.power_w is not None else self.timeline.power_w_at(sample.t_s)
@@ -237,11 +242,15 @@ class EnergyMeter:
         meter = self.meters.get(backend)
         if meter is not None:
             meter.attributor.open(request_id, start_s, stream, prompt_tokens)
+            if meter.learner is not None:
+                meter.learner.open(request_id, start_s, stream, prompt_tokens)
 
     def tokens(self, backend: str, request_id: str, t_s: float, count: int) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
             meter.attributor.tokens(request_id, t_s, count)
+            if meter.learner is not None:
+                meter.learner.tokens(request_id, t_s, count)
 
     def abort(self, backend: str, request_id: str, t_s: float) -> None:
         """The request never reached the backend (connection refused): it takes no energy."""
@@ -250,6 +259,8 @@ class EnergyMeter:
             # A request with no tokens has no weight: it takes energy only from slices where it
             # was alone, which are microseconds long for a refused connection.
             meter.attributor.close(request_id, t_s, 0, 0)
+            if meter.learner is not None:
+                meter.learner.close(request_id, t_s, 0, 0)
 
     def close_request(self, backend: str, request_id: str, end_s: float, prompt_tokens: int,
                       completion_tokens: int, embedding: bool) -> EnergyResult | None:
@@ -258,5 +269,7 @@ class EnergyMeter:
         if meter is None:
             return None
         estimate = meter.attributor.close(request_id, end_s, prompt_tokens, completion_tokens)
+        if meter.learner is not None:
+            meter.learner.close(request_id, end_s, prompt_tokens, completion_tokens)
         tokens = prompt_tokens if embedding else completion_tokens
         return EnergyResult(estimate.joules, tokens_per_joule(tokens, estimate.joules), backend, estimate.method)

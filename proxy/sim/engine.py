@@ -18,6 +18,7 @@ not covered by a step is idle: it accrues `idle_w` to the counter and to no requ
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -65,8 +66,10 @@ class TokenEvent:
 
 @dataclass(slots=True)
 class Step:
-    """One engine iteration: prefill of newly admitted requests plus one decode token each for
-    the running ones. Power is constant across the step (energy_j / duration_s)."""
+    """One engine iteration: the prefill phase (prompts of newly admitted requests, and
+    embedding passes) at its own power, then one decode token each for the running requests at
+    the decode power. `prefill_j` / `decode_j` are each request's joules of this step, in the
+    order of `prefill` / `decode`; they sum to the phases' energies."""
 
     start_s: float
     end_s: float
@@ -75,7 +78,10 @@ class Step:
     prefill_tokens: int
     prefill_energy_j: float
     decode_energy_j: float
-    power_w: float = field(init=False)
+    prefill_s: float = 0.0  # the prefill phase is [start_s, start_s + prefill_s]
+    prefill_j: list[float] = field(default_factory=list)
+    decode_j: list[float] = field(default_factory=list)
+    power_w: float = field(init=False)  # mean over the step
 
     def __post_init__(self) -> None:
         dur_s = self.end_s - self.start_s
@@ -94,6 +100,25 @@ class Step:
     def batch(self) -> int:
         """Requests in this step, prefilling or decoding."""
         return len(self.prefill) + len(self.decode)
+
+    def power_at_w(self, at_s: float) -> float:
+        """Board power in W at `at_s` inside the step: the prefill phase's, then the decode's."""
+        split_s = self.start_s + self.prefill_s
+        if at_s < split_s and self.prefill_s > 0:
+            return self.prefill_energy_j / self.prefill_s
+        decode_s = self.end_s - split_s
+        return self.decode_energy_j / decode_s if decode_s > 0 else self.power_w
+
+    def energy_until_j(self, at_s: float) -> float:
+        """Joules of this step spent by `at_s` (piecewise linear over the two phases)."""
+        if at_s <= self.start_s:
+            return 0.0
+        if at_s >= self.end_s:
+            return self.energy_j
+        split_s = self.start_s + self.prefill_s
+        if at_s <= split_s:
+            return self.prefill_energy_j * (at_s - self.start_s) / self.prefill_s
+        return self.prefill_energy_j + self.decode_energy_j * (at_s - split_s) / (self.end_s - split_s)
 
 
 class Engine:
@@ -197,27 +222,39 @@ class Engine:
         for rec in prefill:
             self._running[rec.request_id] = rec
 
-        prefill_s = prefill_tokens * p.prefill_s_per_token
-        decode_s = p.step_time_s(len(decode)) if decode else 0.0
+        # Physical cost per request, not token counts: a prompt's prefill grows faster than
+        # linearly (attention), an embedding is an encoder pass at its own power, a decode
+        # token costs a share of the weights read plus its own context's KV-cache reads.
+        prefill_j: list[float] = []
+        prefill_s = 0.0
+        for rec in prefill:
+            if rec.is_embedding:
+                t_s = p.embed_s(rec.prompt_tokens)
+                prefill_j.append(t_s * p.embed_power_w)
+            else:
+                t_s = p.prefill_s(rec.prompt_tokens)
+                prefill_j.append(t_s * p.prefill_power_w)
+            prefill_s += t_s
+        decode_s, parts_s = p.decode_costs_s([r.prompt_tokens + r.completion_tokens for r in decode])
+        decode_w = p.power_w(len(decode)) if decode else 0.0
         step = Step(
             start_s=start_s,
             end_s=start_s + prefill_s + decode_s,
             prefill=prefill,
             decode=decode,
             prefill_tokens=prefill_tokens,
-            prefill_energy_j=prefill_s * p.prefill_power_w,
-            decode_energy_j=decode_s * p.power_w(len(decode)) if decode else 0.0,
+            prefill_energy_j=math.fsum(prefill_j),
+            decode_energy_j=decode_s * decode_w,
+            prefill_s=prefill_s,
+            prefill_j=prefill_j,
+            decode_j=[x * decode_w for x in parts_s],
         )
         self._step = step
         return step
 
     def finish_step(self, step: Step) -> list[TokenEvent]:
-        """Apply `step` at its end: split its energy, emit tokens, retire finished requests.
-
-        Prefill energy goes to the prefilling requests in proportion to their prompt tokens;
-        decode energy in equal shares to the decoding ones. Aborted requests pay their share
-        but get no event.
-        """
+        """Apply `step` at its end: bill each request its own joules of the step, emit tokens,
+        retire finished requests. Aborted requests pay their part but get no event."""
         if step is not self._step:
             raise RuntimeError("finish_step() takes the step returned by the last plan_step()")
         self._step = None
@@ -225,25 +262,21 @@ class Engine:
         self._clock_s = end_s
         self._energy_j += step.energy_j
         self._attributed_j += step.energy_j
-        self._last_power_w = step.power_w
+        self._last_power_w = step.power_at_w(end_s)
         events: list[TokenEvent] = []
-        if step.prefill:
-            per_token_j = step.prefill_energy_j / step.prefill_tokens
-            for rec in step.prefill:
-                rec.joules += per_token_j * rec.prompt_tokens
-                if rec.is_embedding:
-                    done = True
-                else:
-                    rec.completion_tokens = 1
-                    rec.first_token_s = end_s
-                    done = rec.max_output_tokens <= 1
-                self._emit(rec, done, end_s, events)
-        if step.decode:
-            share_j = step.decode_energy_j / len(step.decode)
-            for rec in step.decode:
-                rec.joules += share_j
-                rec.completion_tokens += 1
-                self._emit(rec, rec.completion_tokens >= rec.max_output_tokens, end_s, events)
+        for rec, joules in zip(step.prefill, step.prefill_j, strict=True):
+            rec.joules += joules
+            if rec.is_embedding:
+                done = True
+            else:
+                rec.completion_tokens = 1
+                rec.first_token_s = end_s
+                done = rec.max_output_tokens <= 1
+            self._emit(rec, done, end_s, events)
+        for rec, joules in zip(step.decode, step.decode_j, strict=True):
+            rec.joules += joules
+            rec.completion_tokens += 1
+            self._emit(rec, rec.completion_tokens >= rec.max_output_tokens, end_s, events)
         return events
 
     def _emit(self, rec: RequestRecord, done: bool, end_s: float, events: list[TokenEvent]) -> None:
@@ -289,8 +322,7 @@ class Engine:
         if step is not None:
             if at_s <= step.start_s or step.duration_s <= 0:
                 return 0.0, 0.0
-            frac = min(1.0, (at_s - step.start_s) / step.duration_s)
-            return step.energy_j * frac, 0.0
+            return step.energy_until_j(at_s), 0.0
         if self._running or at_s <= self._clock_s:
             return 0.0, 0.0  # between two back-to-back steps
         idle_j = (at_s - self._clock_s) * self.profile.idle_w
@@ -299,7 +331,8 @@ class Engine:
     def power_w(self, at_s: float) -> float:
         """Board power in W at `at_s`."""
         if self._step is not None:
-            return self._step.power_w if at_s >= self._step.start_s else self.profile.idle_w
+            step = self._step
+            return step.power_at_w(at_s) if at_s >= step.start_s else self.profile.idle_w
         return self._last_power_w if self._running else self.profile.idle_w
 
     @property

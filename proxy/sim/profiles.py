@@ -1,4 +1,9 @@
-"""GPU profiles for the simulator: decode step time and board power as functions of batch size.
+"""GPU profiles for the simulator: step time and board power per kind of work.
+
+Decode: a step's time is the weights read (shared by the batch) plus per-request work plus the
+KV-cache reads of every running request's context; power follows the measured curve, which
+saturates with batch. Prefill: linear plus quadratic (attention) in prompt length, at its own
+power. Embeddings: a bidirectional encoder pass, no decode, at its own power.
 
 Every number is either MEASURED (copied from shared/reference/mlenergy-v3-llama31.csv, the
 ML.ENERGY leaderboard v3 run of Llama-3.1-8B under vLLM 0.11.1) or DERIVED (from the measured
@@ -41,6 +46,27 @@ class GpuProfile:
     max_context_tokens: int = 131072
     measured: bool = False
     source: str = ""
+    # HBM bandwidth in bytes/s (vendor spec sheet): prices the KV-cache reads of decode.
+    hbm_bytes_per_s: float = 3.35e12
+    # DERIVED, Llama-3.1-8B architecture: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes.
+    kv_bytes_per_token: float = 131_072.0
+    # DERIVED: mean context (prompt + half the output) of a running request in the ML.ENERGY
+    # run the decode curve comes from. Its 389 output tokens per request are MEASURED
+    # (J_per_request / J_per_output_token, 176.8 / 0.4548 on H100); ~150-token prompts are an
+    # assumption for lm-arena-chat turns. The curve is the step time at this context.
+    ref_context_tokens: float = 350.0
+    # DERIVED: prompt length at which prefill's quadratic attention term equals its linear term.
+    # Linear: 2 x 8e9 FLOP per token; causal attention: 2 x 4096 x 32 x L FLOP per token
+    # (crossover ~61k tokens at equal efficiency); attention kernels run at about half the
+    # GEMMs' efficiency, so ~30k.
+    attention_crossover_tokens: float = 30_000.0
+    # DERIVED: an embedding pass skips the LM head (1.05 of 16 GFLOP per token) ...
+    embed_linear_ratio: float = 0.93
+    # ... and attends bidirectionally (twice the causal attention work: crossover halves).
+    embed_crossover_ratio: float = 0.5
+    # DERIVED: short encoder batches keep the GPU less busy than prefill: power above idle is
+    # this fraction of prefill's.
+    embed_power_ratio: float = 0.85
     _batches: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _log2_batches: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
@@ -91,12 +117,62 @@ class GpuProfile:
             p = p0 + (p1 - p0) * (math.log2(batch) - x0) / (x1 - x0)
         return min(max(p, self.idle_w), self.board_limit_w)
 
+    @property
+    def kv_s_per_context_token(self) -> float:
+        """Seconds one decode step spends reading one context token's KV cache."""
+        return self.kv_bytes_per_token / self.hbm_bytes_per_s
+
+    @property
+    def decode_s_per_request(self) -> float:
+        """Per-request decode work besides the KV reads (sampling, per-row GEMM work), in s:
+        the slope of the measured curve through its first two points, less the KV reads at
+        the reference context."""
+        (b0, t0, _), (b1, t1, _) = self.decode_points[0], self.decode_points[1]
+        return max(0.0, (t1 - t0) / (b1 - b0) - self.kv_s_per_context_token * self.ref_context_tokens)
+
+    def decode_costs_s(self, contexts: list[int]) -> tuple[float, list[float]]:
+        """One decode step over requests with these context lengths (tokens): its duration in s,
+        and each request's part of it (the shared weights read split equally, plus its own
+        per-request work and KV reads). The parts sum to the duration.
+
+        The duration is the measured curve at this batch, moved by the KV reads of the actual
+        contexts against the reference context, never below half the batch-1 step.
+        """
+        b = len(contexts)
+        if b == 0:
+            return 0.0, []
+        kv_s = self.kv_s_per_context_token
+        own = [self.decode_s_per_request + kv_s * c for c in contexts]
+        step_s = self.step_time_s(b) + kv_s * (sum(contexts) - b * self.ref_context_tokens)
+        step_s = max(step_s, 0.5 * self.step_time_s(1))
+        shared_s = step_s - math.fsum(own)
+        if shared_s < 0:  # very long contexts: the KV reads are the whole step
+            scale = step_s / math.fsum(own)
+            return step_s, [x * scale for x in own]
+        return step_s, [shared_s / b + x for x in own]
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        """Seconds to prefill one prompt: linear (GEMMs) plus quadratic (causal attention)."""
+        n = prompt_tokens
+        return self.prefill_s_per_token * (n + n * n / self.attention_crossover_tokens)
+
+    def embed_s(self, prompt_tokens: int) -> float:
+        """Seconds of one embedding (encoder) pass: no LM head, bidirectional attention."""
+        n = prompt_tokens
+        crossover = self.attention_crossover_tokens * self.embed_crossover_ratio
+        return self.prefill_s_per_token * self.embed_linear_ratio * (n + n * n / crossover)
+
+    @property
+    def embed_power_w(self) -> float:
+        """Board power in W during an embedding pass."""
+        return self.idle_w + self.embed_power_ratio * (self.prefill_power_w - self.idle_w)
+
     def joules_per_token(self, batch: float) -> float:
         """Decode energy per generated token in J at a steady batch size."""
         return self.power_w(batch) * self.step_time_s(batch) / batch
 
     def prefill_j_per_token(self) -> float:
-        """Prefill energy per prompt token in J."""
+        """Prefill energy per prompt token in J, linear part only (short prompts)."""
         return self.prefill_s_per_token * self.prefill_power_w
 
 
@@ -154,6 +230,7 @@ def _h100_8b() -> GpuProfile:
         prefill_power_w=650.0,
         decode_points=_from_mlenergy(H100_8B_MLENERGY),
         board_limit_w=700.0,
+        hbm_bytes_per_s=3.35e12,  # H100 SXM spec sheet
         measured=True,
         source="decode: ML.ENERGY v3 (measured); idle/prefill: derived",
     )
@@ -172,6 +249,7 @@ def _b200_8b() -> GpuProfile:
         prefill_power_w=700.0,
         decode_points=_from_mlenergy(B200_8B_MLENERGY),
         board_limit_w=1000.0,
+        hbm_bytes_per_s=8.0e12,  # B200 spec sheet
         measured=True,
         source="decode: ML.ENERGY v3 (measured); idle/prefill: derived",
     )
@@ -226,6 +304,7 @@ def _a100_8b() -> GpuProfile:
         prefill_power_w=400.0,
         decode_points=points,
         board_limit_w=cap_w,
+        hbm_bytes_per_s=2.04e12,  # A100 80GB SXM spec sheet
         source="derived from the H100 profile with SplitwiseSim A100/H100 ratios",
     )
 
@@ -251,6 +330,7 @@ def _l4_8b() -> GpuProfile:
         decode_points=points,
         board_limit_w=72.0,
         low_batch_w_per_halving=3.5,
+        hbm_bytes_per_s=0.3e12,  # L4 spec sheet
         # 8 GB left for KV cache after the weights: keep admission waves small.
         max_prefill_tokens=4096,
         source="derived: bandwidth/compute scaling of the H100 profile, L4 board limit",

@@ -3,7 +3,9 @@
 One driver task plans an engine step, sleeps until the step's absolute end (loop.time()
 deadlines, so lateness never accumulates), and hands the step's tokens to the waiting handlers.
 Engine time is `loop.time()`; the wall-clock times the API reports are engine time plus the
-offset to `time.time()` taken at startup.
+offset to `time.time()` taken at startup. The power API's `t` can be told to run off the true
+clock (`clock_skew_s`, or JOULEGATE_SIM_CLOCK_SKEW_S for `joulegate sim-backend`), like an
+agent on a host whose clock is wrong; everything else stays on the true clock.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -75,7 +78,8 @@ class _Sink:
 class SimState:
     """The engine, its driver task and the handlers' sinks for one simulated GPU."""
 
-    def __init__(self, profile_name: str, model: str | None, seed: int, gpu_uuid: str | None) -> None:
+    def __init__(self, profile_name: str, model: str | None, seed: int, gpu_uuid: str | None,
+                 clock_skew_s: float = 0.0) -> None:
         self.profile = get_profile(profile_name)
         self.model = model or self.profile.model_name
         self.uuid = gpu_uuid or f"SIM-{profile_name}-{seed}"
@@ -84,6 +88,7 @@ class SimState:
         self.engine = Engine(self.profile)
         self.sinks: dict[str, _Sink] = {}
         self.wall_offset_s = 0.0
+        self.clock_skew_s = clock_skew_s  # added to the power API's `t` only
         self.created = int(time.time())
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
@@ -269,7 +274,7 @@ async def health(request: web.Request) -> web.Response:
 
 def _power_reading(state: SimState) -> dict[str, Any]:
     now_s = state.now_s()
-    wall_s = time.time()
+    wall_s = time.time() + state.clock_skew_s
     return {"t": wall_s, "gpus": [{
         "index": 0, "uuid": state.uuid, "name": state.profile.gpu_name,
         "energy_mj": int(state.engine.energy_j(now_s) * 1000.0),
@@ -344,10 +349,11 @@ async def sim_energy(request: web.Request) -> web.Response:
 # -- app and entry point --------------------------------------------------------------------------
 
 def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
-             gpu_uuid: str | None = None) -> web.Application:
+             gpu_uuid: str | None = None, clock_skew_s: float = 0.0) -> web.Application:
     """The simulator app for `profile_name` serving `model` (default: the profile's model).
+    `clock_skew_s` puts the power API's clock that far ahead of the true one.
     Serve it with `handler_cancellation=True` so client disconnects abort requests."""
-    state = SimState(profile_name, model, seed, gpu_uuid)
+    state = SimState(profile_name, model, seed, gpu_uuid, clock_skew_s)
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
     app[STATE] = state
 
@@ -374,7 +380,8 @@ def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
 async def serve(profile: str, host: str, port: int, model: str | None, seed: int,
                 stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM). Prints one line with the bound URL."""
-    app = make_app(profile, model, seed)
+    skew_s = float(os.environ.get("JOULEGATE_SIM_CLOCK_SKEW_S") or 0.0)
+    app = make_app(profile, model, seed, clock_skew_s=skew_s)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:

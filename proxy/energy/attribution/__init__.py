@@ -9,6 +9,8 @@ piecewise-constant weight density (weight per second):
   - streamed, prefill:  prefill_weight * prompt / (first - start)   on [start, first]
   - streamed, decode:   tokens that arrived in (a, b] / decode time  on [first, end] within [a, b]
   - non-streamed:       (prefill_weight * prompt + completion) / (end - start) on [start, end]
+(weights.py adds optional length and context terms to these weights: a long prompt and a token
+over a long context weigh more; proxy/energy/learn.py learns them per backend.)
 A request's joules in [a, b] are the integral of P * rho_r / W (W = sum of densities), which one
 sweep over the interval's boundaries computes with a running integral of P / W, in
 O(k log k) for k requests overlapping the interval. Where requests are in flight but W is zero
@@ -42,6 +44,7 @@ pays for a night of idle.
 
 Where each part lives (one idea per module):
   request.py      one request's state while unsettled; `Estimate` and `Final`
+  weights.py      what a prompt and a generated token weigh
   unsettled.py    the unsettled requests and what is known of their weights
   weighing.py     phase one: the local weight densities of one interval
   split.py        phase two, the split rule: one interval's joules among requests, peers, idle

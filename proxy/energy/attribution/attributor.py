@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Literal
 
 from proxy.energy.attribution.books import Books
@@ -20,6 +21,7 @@ from proxy.energy.attribution.request import Estimate, Final, Method, RequestSta
 from proxy.energy.attribution.split import split_interval
 from proxy.energy.attribution.unsettled import UnsettledRequests
 from proxy.energy.attribution.weighing import WeighedInterval, weigh_interval
+from proxy.energy.attribution.weights import TokenWeights
 from proxy.energy.timeline import EnergyTimeline
 
 __all__ = ["Attributor", "IdleMode"]
@@ -45,11 +47,12 @@ class Attributor:
 
     Other replicas (see the package docstring): `set_foreign` and `foreign_until_s` take their
     weights in; `publish_local = True` makes `take_local` hand out this replica's own.
-    `prefill_weight` may be changed at any time: it applies to weights fixed from then on.
+    `prefill_weight` and `weights` (its length and context terms too, see weights.py) may be
+    changed at any time: they apply to weights fixed from then on.
     """
 
     __slots__ = (
-        "timeline", "prefill_weight", "idle", "learn_idle_power", "max_pending_s", "share_max_s",
+        "timeline", "weights", "idle", "learn_idle_power", "max_pending_s", "share_max_s",
         "books", "idle_w", "rates", "foreign", "foreign_until_s", "foreign_max_wait_s",
         "foreign_estimate_density", "publish_local", "local", "weighed_until_s", "_weighed_e_j",
         "_weighed", "unsettled", "_ready", "_horizon_s", "_modelled",
@@ -73,7 +76,7 @@ class Attributor:
         if not foreign_max_wait_s >= 0:
             raise ValueError("foreign_max_wait_s must be >= 0")
         self.timeline = timeline if timeline is not None else EnergyTimeline(max_pending_s + 60.0)
-        self.prefill_weight = prefill_weight
+        self.weights = TokenWeights(prefill_weight)
         self.idle: IdleMode = idle
         # Book the idle part of partly idle intervals at the learned idle power (see split.py).
         self.learn_idle_power = learn_idle_power
@@ -105,6 +108,15 @@ class Attributor:
         # Spans (a_s, b_s) whose joules a model guessed (the power source was down), oldest first.
         self._modelled: deque[tuple[float, float]] = deque()
 
+    @property
+    def prefill_weight(self) -> float:
+        """One prompt token's weight relative to one generated token (the flat term)."""
+        return self.weights.prefill_weight
+
+    @prefill_weight.setter
+    def prefill_weight(self, value: float) -> None:
+        self.weights = replace(self.weights, prefill_weight=value)
+
     # -- the relay's calls ---------------------------------------------------------------------
 
     def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0) -> None:
@@ -126,7 +138,7 @@ class Attributor:
             t_s = r.start_s
         if t_s > self._horizon_s:
             self._horizon_s = t_s
-        self.unsettled.tokens(r, t_s, count, self.prefill_weight)
+        self.unsettled.tokens(r, t_s, count, self.weights)
 
     def close(
         self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int
@@ -265,7 +277,7 @@ class Attributor:
         end_s = max(end_s, r.start_s, r.arrivals[-1][0] if r.arrivals else r.start_s)
         if end_s > self._horizon_s:
             self._horizon_s = end_s
-        self.unsettled.close(r, end_s, prompt_tokens, completion_tokens, self.prefill_weight)
+        self.unsettled.close(r, end_s, prompt_tokens, completion_tokens, self.weights)
         return r
 
     # The unsettled requests' tables, as tests read them.
@@ -282,7 +294,7 @@ class Attributor:
         return self.unsettled.alias
 
     def _provisional_density(self, r: RequestState) -> float:
-        return self.rates.provisional_density(r, self.prefill_weight, self._horizon_s)
+        return self.rates.provisional_density(r, self.weights, self._horizon_s)
 
     def _estimate_rest(self, r: RequestState) -> float:
         """Guess `r`'s joules after `finalized_until_s` (see provisional.estimate_rest)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.energy.attribution.request import RequestState
+from proxy.energy.attribution.weights import TokenWeights
 from proxy.energy.timeline import EnergyTimeline
 
 __all__ = ["LearnedRates", "estimate_rest"]
@@ -61,14 +62,14 @@ class LearnedRates:
         """Recent weight density per request in flight (weight/s; a default before)."""
         return self.w_per_flight or self.density_per_request
 
-    def provisional_density(self, r: RequestState, prefill_weight: float,
+    def provisional_density(self, r: RequestState, weights: TokenWeights,
                             horizon_s: float) -> float:
         """A guess at the weight/s of a request whose weights are unknown."""
         rate = self.tok_per_s or DEFAULT_RATE_TOK_PER_S
         if r.stream and r.first_token_s is not None and r.prompt_tokens == 0:
             return rate  # a prefill of unknown size: weigh it like a decoding request
         until_s = r.first_token_s if r.first_token_s is not None else horizon_s
-        prefill_w = prefill_weight * r.prompt_tokens / max(until_s - r.start_s, 1.0)
+        prefill_w = weights.prefill(r.prompt_tokens) / max(until_s - r.start_s, 1.0)
         return prefill_w if r.stream else prefill_w + rate
 
 

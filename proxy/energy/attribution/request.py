@@ -47,8 +47,9 @@ class RequestState:
     completion_tokens: int = 0
     prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
     flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open
-    arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # unsettled (t_s, count)
-    pending_tokens: int = 0  # sum of counts in `arrivals`
+    arrivals: deque[tuple[float, float]] = field(default_factory=deque)  # unsettled (t_s, weight)
+    pending_tokens: float = 0.0  # sum of weights in `arrivals`
+    emitted: int = 0  # tokens seen so far: the next one's context is prompt + this
     joules: float = 0.0  # settled share so far
     guessed: bool = False  # a forced interval used provisional weights for it
     key: str = ""  # its key in `Attributor._requests` (the id, unless a namesake is settling)

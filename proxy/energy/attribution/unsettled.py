@@ -15,6 +15,7 @@ from proxy.energy.attribution.books import Books
 from proxy.energy.attribution.provisional import LearnedRates
 from proxy.energy.attribution.request import RequestState
 from proxy.energy.attribution.weighing import density
+from proxy.energy.attribution.weights import TokenWeights
 
 __all__ = ["UnsettledRequests"]
 
@@ -71,21 +72,23 @@ class UnsettledRequests:
         r = self.by_key.get(key) if key is not None else None
         return r if r is not None and r.end_s is None else None
 
-    def tokens(self, r: RequestState, t_s: float, count: int, prefill_weight: float) -> None:
+    def tokens(self, r: RequestState, t_s: float, count: int, weights: TokenWeights) -> None:
         """Streamed `r` got `count` tokens at `t_s` (not before its start)."""
         if r.first_token_s is None:
             r.first_token_s = t_s
-            if prefill_weight == 0 or r.prompt_tokens > 0:
-                self._fix_prefill(r, prefill_weight)
+            if weights.prefill_weight == 0 or r.prompt_tokens > 0:
+                self._fix_prefill(r, weights)
             else:
                 self.unknown_prefills_n += 1
         if count > 0:
-            r.arrivals.append((t_s, count))
-            r.pending_tokens += count
-            self.pending_w += count
+            weight = weights.decode(r.prompt_tokens + r.emitted, count)
+            r.emitted += count
+            r.arrivals.append((t_s, weight))
+            r.pending_tokens += weight
+            self.pending_w += weight
 
     def close(self, r: RequestState, end_s: float, prompt_tokens: int, completion_tokens: int,
-              prefill_weight: float) -> None:
+              weights: TokenWeights) -> None:
         """`r` ended at `end_s` (not before its start or last token) with these exact counts."""
         if r.stream and r.first_token_s is not None and r.prefill_density is None:
             self.unknown_prefills_n -= 1  # it leaves `unknown` below
@@ -93,7 +96,7 @@ class UnsettledRequests:
         self.open_n -= 1
         r.prompt_tokens = max(prompt_tokens, 0)
         r.completion_tokens = max(completion_tokens, 0)
-        weight = prefill_weight * r.prompt_tokens + r.completion_tokens
+        weight = weights.prefill(r.prompt_tokens) + weights.decode(r.prompt_tokens, r.completion_tokens)
         self._rates.learn_request(weight, end_s - r.start_s)
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
             if r.completion_tokens > 0:
@@ -107,7 +110,7 @@ class UnsettledRequests:
                 r.first_token_s = end_s  # no tokens at all: prefill (or waiting) throughout
         if r.stream:
             if r.prefill_density is None:
-                self._fix_prefill(r, prefill_weight)
+                self._fix_prefill(r, weights)
         else:
             r.flat_density = density(weight, end_s - r.start_s)
             self._note_pending(r.flat_density, r.start_s, end_s)
@@ -128,11 +131,11 @@ class UnsettledRequests:
                     return True
         return False
 
-    def _fix_prefill(self, r: RequestState, prefill_weight: float) -> None:
+    def _fix_prefill(self, r: RequestState, weights: TokenWeights) -> None:
         """Fix a streamed request's prefill density (needs its first token time)."""
         first_s = r.first_token_s
         assert first_s is not None
-        weight = prefill_weight * r.prompt_tokens
+        weight = weights.prefill(r.prompt_tokens)
         self._rates.learn_prefill(weight)
         r.prefill_density = density(weight, first_s - r.start_s)
         self._note_pending(r.prefill_density, r.start_s, first_s)

@@ -1,0 +1,33 @@
+"""What a request's work weighs in the split, in generated tokens at zero context.
+
+A prompt of L tokens weighs `L * (prefill_weight + prefill_weight_sq * L)` (attention makes long
+prompts dearer per token); a generated token over c tokens of context weighs
+`1 + decode_context_weight * c` (KV-cache reads). With the two extra terms at 0 (the default)
+this is the flat rule: `prefill_weight` per prompt token, 1 per generated token.
+proxy/energy/learn.py learns all three per backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TokenWeights"]
+
+
+@dataclass(slots=True, frozen=True)
+class TokenWeights:
+    """Split weights; every term >= 0."""
+
+    prefill_weight: float = 0.1
+    prefill_weight_sq: float = 0.0  # per prompt token, per prompt token
+    decode_context_weight: float = 0.0  # per generated token, per context token
+
+    def prefill(self, prompt_tokens: int) -> float:
+        """The weight of prefilling a prompt of this many tokens."""
+        return prompt_tokens * (self.prefill_weight + self.prefill_weight_sq * prompt_tokens)
+
+    def decode(self, context_tokens: int, count: int) -> float:
+        """The weight of `count` generated tokens, the first over `context_tokens` of context."""
+        if not self.decode_context_weight:
+            return float(count)
+        return count * (1.0 + self.decode_context_weight * (context_tokens + (count - 1) / 2.0))

@@ -1,0 +1,161 @@
+"""The split-weight learner: pure, fed like the attributor, checked against the simulator's
+physics in virtual time (no sockets: the learner does no I/O)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from proxy.energy.attribution import Attributor
+from proxy.energy.learn import SplitLearner, SplitWeights
+from proxy.energy.timeline import EnergyTimeline
+from proxy.sim.engine import Engine, Request
+from proxy.sim.profiles import get_profile
+
+
+def drive(profile_name: str, seed: int, requests: int = 400, concurrency: int = 14,
+          interval_s: float = 0.1) -> tuple[SplitLearner, dict[str, float]]:
+    """Closed loop on a simulated engine: chat, long prompts and embeddings, 60% streamed; the
+    learner sees what a proxy sees (opens, token arrivals of streams, closes, a sample every
+    `interval_s`). Returns the learner and the weights the engine's physics imply at this batch."""
+    rng = random.Random(seed)
+    profile = get_profile(profile_name)
+    eng, learner = Engine(profile), SplitLearner(0.05)
+    t_s, next_sample_s, last_j, made, done = 0.0, interval_s, 0.0, 0, 0
+    streamed: dict[str, bool] = {}
+
+    def new() -> None:
+        nonlocal made
+        rid, u = f"r{made}", rng.random()
+        made += 1
+        if u < 0.1:
+            req = Request(rid, rng.randint(20, 2000), 0, is_embedding=True)
+        elif u < 0.3:
+            req = Request(rid, rng.randint(2000, 8000), rng.randint(8, 200))
+        else:
+            req = Request(rid, int(rng.lognormvariate(5, 1)) + 20, rng.randint(8, 300))
+        streamed[rid] = not req.is_embedding and rng.random() < 0.6
+        eng.add(req, t_s)
+        learner.open(rid, t_s, streamed[rid], req.prompt_tokens)
+
+    for _ in range(concurrency):
+        new()
+    while done < requests:
+        step = eng.plan_step(t_s)
+        assert step is not None
+        while next_sample_s <= step.end_s:
+            e_j = eng.energy_j(next_sample_s)
+            learner.interval(next_sample_s - interval_s, next_sample_s, e_j - last_j)
+            last_j, next_sample_s = e_j, next_sample_s + interval_s
+        events = eng.finish_step(step)
+        t_s = step.end_s
+        for ev in events:
+            if streamed[ev.request_id] and ev.tokens:
+                learner.tokens(ev.request_id, t_s, ev.tokens)
+            if ev.finished:
+                rec = eng.record(ev.request_id)
+                assert rec is not None
+                learner.close(ev.request_id, t_s, rec.prompt_tokens, rec.completion_tokens)
+                done += 1
+                new()
+    _, parts_s = profile.decode_costs_s([300] * concurrency)
+    token_j = parts_s[0] * profile.power_w(concurrency)
+    truth = {"prefill_weight": profile.prefill_j_per_token() / token_j,
+             "decode_context_weight": profile.kv_s_per_context_token * profile.power_w(concurrency) / token_j}
+    return learner, truth
+
+
+@pytest.mark.parametrize(("profile", "seed"), [("h100-llama3.1-8b", 1), ("h100-llama3.1-8b", 2),
+                                               ("a100-llama3.1-8b", 3)])
+def test_learns_length_and_context_terms_the_prior_lacks(profile: str, seed: int) -> None:
+    learner, truth = drive(profile, seed)
+    w = learner.weights
+    assert w.learned and w.intervals > 30  # one-second windows
+    # The prior (0.05, no length or context term) is far from the physics; the fit is close.
+    assert w.prefill_weight_sq > 0 and w.decode_context_weight > 0
+    assert 0.3 * truth["decode_context_weight"] < w.decode_context_weight < 2 * truth["decode_context_weight"]
+    # An 8k prompt's weight, all terms together, within a factor 1.5 of the physics'.
+    true_8k = 8000 * truth["prefill_weight"] * (1 + 8000 / get_profile(profile).attention_crossover_tokens)
+    learned_8k = 8000 * (w.prefill_weight + w.prefill_weight_sq * 8000)
+    assert true_8k / 1.5 < learned_8k < 1.5 * true_8k
+
+
+def test_prior_until_enough_busy_intervals() -> None:
+    learner = SplitLearner(0.07, min_intervals=5)
+    assert learner.weights == SplitWeights(0.07)
+    learner.open("a", 0.0, True, 100)
+    # Open requests hold their intervals back: nothing is learned, the prior stays.
+    for k in range(10):
+        assert learner.interval(0.1 * k, 0.1 * (k + 1), 50.0).prefill_weight == 0.07
+    assert learner.pending == 10
+    # An idle interval (nothing in flight for part of it) is never learned from.
+    learner.tokens("a", 0.2, 1)
+    learner.close("a", 0.5, 100, 1)
+    w = learner.interval(1.0, 1.1, 11.0)
+    assert learner.pending == 0 and not w.learned and w.prefill_weight == 0.07
+
+
+def test_unclosed_request_does_not_stall_learning_forever() -> None:
+    learner = SplitLearner(0.05, max_pending_s=5.0, min_intervals=1)
+    learner.open("stuck", 0.0, True, 10)
+    learner.interval(0.0, 0.1, 5.0)
+    learner.open("b", 10.0, False, 200)
+    learner.close("b", 10.5, 200, 20)
+    learner.interval(10.0, 10.5, 40.0)
+    assert learner.pending <= 1
+    learner.interval(20.0, 20.1, 1.0)
+    assert learner.pending == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1])
+def test_bad_prior_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError):
+        SplitLearner(bad)
+
+
+def _two_streams(weights: SplitWeights | None) -> dict[str, float]:
+    """Two streams side by side on an attributor, one over a 6000-token context: their joules."""
+    at = Attributor(EnergyTimeline(), prefill_weight=0.05)
+    if weights is not None:
+        weights.apply_to(at)
+    at.timeline.add_energy_sample(0.0, 0.0)
+    at.open("short", 0.0, True, 100)
+    at.open("long", 0.0, True, 6000)
+    for k in range(1, 21):
+        for rid in ("short", "long"):
+            at.tokens(rid, 0.05 * k, 1)
+        at.timeline.add_energy_sample(0.05 * k, 10.0 * k)
+    for rid, prompt in (("short", 100), ("long", 6000)):
+        at.close(rid, 1.0, prompt, 20)
+    at.timeline.add_energy_sample(1.1, 200.0)
+    return {f.request_id: f.joules for f in at.advance()}
+
+
+def test_learned_weights_reach_the_attributor() -> None:
+    flat = _two_streams(None)
+    learned = _two_streams(SplitWeights(0.05, prefill_weight_sq=3e-6, decode_context_weight=7e-5,
+                                        learned=True))
+    assert sum(flat.values()) == pytest.approx(sum(learned.values()))  # still conserving
+    # The long prompt's prefill weighs more (quadratic term), its tokens too (context term).
+    assert learned["long"] / learned["short"] > 1.2 * flat["long"] / flat["short"]
+
+
+def test_a_wild_fit_is_bounded() -> None:
+    """Windows where long-context tokens look 1000x dearer: the context term stops at its cap,
+    so no request can be billed many times its due from a few noisy windows."""
+    learner = SplitLearner(0.05, min_intervals=5)
+    t_s = 0.0
+    for k in range(30):
+        prompt = 8000 if k % 2 else 10
+        learner.open(f"r{k}", t_s, True, prompt)
+        for i in range(1, 11):
+            learner.tokens(f"r{k}", t_s + 0.1 * i, 1)
+        learner.close(f"r{k}", t_s + 1.0, prompt, 10)
+        learner.open(f"p{k}", t_s, False, 100)  # some prefill, so the fit may run
+        learner.close(f"p{k}", t_s + 1.0, 100, 0)
+        w = learner.interval(t_s, t_s + 1.0, 1000.0 if k % 2 else 1.0)
+        t_s += 1.0
+    assert w.learned
+    assert 0 < w.decode_context_weight <= 5e-4
+    assert 0.005 <= w.prefill_weight <= 0.5 and w.prefill_weight_sq <= w.prefill_weight / 1000
