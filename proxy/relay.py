@@ -194,6 +194,10 @@ class Relay:
             if not isinstance(value, types) or (field == "messages" and not value):
                 shape = "a non-empty array" if field == "messages" else "a string or an array"
                 raise bad_request(f"'{field}' must be {shape}.", param=field)
+        if kind == "response" and payload.get("background"):
+            # The engine would answer at once and generate afterwards: work outside
+            # max_in_flight, the budget and the booking, fetched by a route never relayed.
+            raise bad_request("'background' responses are not supported by this proxy.", param="background")
         for field in ("max_tokens", "max_completion_tokens", "n"):
             value = payload.get(field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

@@ -367,6 +367,8 @@ def test_responses_stream_ends_with_the_energy_comment(proxy: ProxyProc) -> None
     ({"model": MODEL}, "input"),
     ({"model": MODEL, "input": 42}, "input"),
     ({"model": MODEL, "input": "hi", "stream": "yes"}, "stream"),
+    # A background response runs on after its answer, outside max_in_flight and unbilled.
+    ({"model": MODEL, "input": "hi", "background": True}, "background"),
 ])
 def test_responses_bad_requests_are_openai_shaped(proxy: ProxyProc, body: dict[str, Any], param: str) -> None:
     resp = httpx.post(proxy.url + "/v1/responses", json=body, timeout=10,
