@@ -8,7 +8,8 @@ than `max_event_bytes` ends the stream (`StreamTap.overflow`).
 
 Generated tokens are counted from byte markers, never by parsing every chunk: in chat and
 completion chunks one token per non-empty `content`, `text`, `reasoning_content`, `reasoning`,
-`refusal` or tool-call `arguments` string; in Responses API events one per non-empty `delta`
+`refusal` or tool-call `arguments` string (`reasoning` and `reasoning_content` in one delta, as
+vLLM sends them, are one token); in Responses API events one per non-empty `delta`
 string (`response.output_text.delta`, `response.reasoning_text.delta`,
 `response.function_call_arguments.delta`, ...). `null` and `""` are no token.
 """
@@ -37,6 +38,22 @@ _RESP = _markers((b"delta",), b":", b'"') + _markers((b"delta",), b": ", b'"')
 _RESP_EMPTY = _markers((b"delta",), b":", b'""') + _markers((b"delta",), b": ", b'""')
 #: A Responses stream ends with one of these events (no `data: [DONE]`).
 _RESP_FINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
+
+
+def _chat_tokens_slow(complete: bytes) -> int:
+    """Chat/completion tokens in events with spaced JSON or an empty string (no token): per
+    field, the non-empty markers; the two reasoning fields count once, as in the fast path."""
+    count = complete.count
+    spaced = b'": "' in complete
+    empty = b'""' in complete
+    per_field = []
+    for i in range(len(_FIELDS)):
+        n = count(_CHAT[i]) + (count(_CHAT_SPACED[i]) if spaced else 0)
+        if empty:
+            n -= count(_CHAT_EMPTY[i]) + count(_CHAT_EMPTY[len(_FIELDS) + i])
+        per_field.append(n)
+    content, text, reasoning_content, reasoning, refusal, arguments = per_field
+    return content + text + max(reasoning_content, reasoning) + refusal + arguments
 
 
 class StreamOverflow(aiohttp.ClientPayloadError):
@@ -132,16 +149,14 @@ class StreamTap:
             tokens = count(_RESP[0]) + count(_RESP[1])
             if tokens and b'""' in complete:
                 tokens -= count(_RESP_EMPTY[0]) + count(_RESP_EMPTY[1])
+        elif b'": "' in complete or b'""' in complete:
+            tokens = _chat_tokens_slow(complete)
         else:
-            # Unrolled: this runs for every chunk of every stream.
+            # Unrolled: this runs for every chunk of every stream. vLLM sends the same text as
+            # both `reasoning` and `reasoning_content` in one delta: that is one token, not two.
             content, text, reasoning_content, reasoning, refusal, arguments = _CHAT
-            tokens = (count(content) + count(text) + count(reasoning_content) + count(reasoning)
+            tokens = (count(content) + count(text) + max(count(reasoning_content), count(reasoning))
                       + count(refusal) + count(arguments))
-            if b'": "' in complete:
-                tokens += sum(count(m) for m in _CHAT_SPACED)
-            # An empty string delta is no token.
-            if tokens and b'""' in complete:
-                tokens -= sum(count(m) for m in _CHAT_EMPTY)
         if tokens > 0:
             self.delta_chunks += tokens
             self.first_token_seen = True

@@ -406,10 +406,14 @@ CHAT_SHAPES = {
         raw_chunk({"tool_calls": [{"index": 0, "function": {"arguments": ': "Paris"}'}}]}),
     ],
     "completion": [raw_chunk(text="Once"), raw_chunk(text=""), raw_chunk(text=" upon")],
+    # vLLM (since `reasoning` replaced `reasoning_content`) sends both, same text, in each delta.
+    "reasoning_both": [raw_chunk({"role": "assistant", "reasoning": "", "reasoning_content": ""}),
+                       raw_chunk({"reasoning": "Let", "reasoning_content": "Let"}),
+                       raw_chunk({"reasoning": " me", "reasoning_content": " me"}), raw_chunk({"content": "Yes"})],
 }
 #: Generated tokens in each shape above: empty strings and nulls are none.
 CHAT_TOKENS = {"content": 2, "reasoning_content": 3, "reasoning": 2, "refusal": 2, "tool_calls": 2,
-               "completion": 2}
+               "completion": 2, "reasoning_both": 3}
 
 
 @pytest.mark.parametrize("shape", sorted(CHAT_SHAPES))
@@ -423,10 +427,17 @@ def test_every_delta_kind_counts_one_token(shape: str, step: int) -> None:
     assert out + tap.finish(None, client_wants_usage=False) == data  # untouched, [DONE] last
 
 
-def test_spaced_json_and_crlf_boundaries_count_the_same() -> None:
-    data = (b'data: {"choices": [{"delta": {"reasoning_content": "a"}}]}\r\n\r\n'
-            b'data: {"choices": [{"delta": {"content": ""}}]}\r\n\r\n'
-            b'data: {"choices": [{"delta": {"content": "b"}}]}\r\n\r\ndata: [DONE]\r\n\r\n')
+SPACED_CRLF = (b'data: {"choices": [{"delta": {"reasoning_content": "a"}}]}\r\n\r\n'
+               b'data: {"choices": [{"delta": {"content": ""}}]}\r\n\r\n'
+               b'data: {"choices": [{"delta": {"content": "b"}}]}\r\n\r\ndata: [DONE]\r\n\r\n')
+#: vLLM's two reasoning fields in spaced JSON: one token a delta, none for empty ones.
+SPACED_BOTH = (b'data: {"choices": [{"delta": {"reasoning": "", "reasoning_content": ""}}]}\n\n'
+               b'data: {"choices": [{"delta": {"reasoning": "a", "reasoning_content": "a"}}]}\n\n'
+               b'data: {"choices": [{"delta": {"content": "b"}}]}\n\ndata: [DONE]\n\n')
+
+
+@pytest.mark.parametrize("data", [SPACED_CRLF, SPACED_BOTH])
+def test_spaced_json_and_crlf_boundaries_count_the_same(data: bytes) -> None:
     for step in (1, 3, len(data)):
         tap = StreamTap()
         out = feed_steps(tap, data, step)
