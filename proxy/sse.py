@@ -40,6 +40,11 @@ _RESP_EMPTY = _markers((b"delta",), b":", b'""') + _markers((b"delta",), b": ", 
 _RESP_FINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 
 
+def _has_usage(events: bytes) -> bool:
+    """A `usage` object (not `null`) may be in `events`: only then is JSON parsed."""
+    return b'"usage":{' in events or b'"usage": {' in events
+
+
 def _chat_tokens_slow(complete: bytes) -> int:
     """Chat/completion tokens in events with spaced JSON or an empty string (no token): per
     field, the non-empty markers; the two reasoning fields count once, as in the fast path."""
@@ -134,8 +139,8 @@ class StreamTap:
                 self._final_event(complete)
             if b"[DONE]" not in complete:
                 return complete
-        elif b'"usage"' not in complete and b"[DONE]" not in complete:
-            return complete
+        elif (b'"usage"' not in complete or not _has_usage(complete)) and b"[DONE]" not in complete:
+            return complete  # OpenAI-style `"usage":null` on every chunk: nothing to parse
         out = self._hold_back(complete)
         if self._size > self._max_event_bytes:
             self.overflow = True
@@ -189,7 +194,7 @@ class StreamTap:
             if event.startswith(b"data:") and event[5:].strip() == b"[DONE]":
                 self.done = self._done_line = True
                 continue
-            if not self._responses and b'"usage"' in event and event.startswith(b"data:"):
+            if not self._responses and _has_usage(event) and event.startswith(b"data:"):
                 try:
                     obj = orjson.loads(event[5:])
                 except orjson.JSONDecodeError:

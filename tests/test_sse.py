@@ -237,6 +237,18 @@ def test_openai_style_usage_null_on_every_chunk_is_forwarded_untouched() -> None
         assert_usage_closing(tap.finish(dict(ENERGY), True), usage_obj)
 
 
+def test_usage_null_on_every_chunk_parses_no_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hot path parses JSON only where a usage object may be, never `"usage":null` chunks.
+    parsed: list[bytes] = []
+    loads = orjson.loads
+    monkeypatch.setattr("proxy.sse.orjson.loads", lambda b: parsed.append(bytes(b)) or loads(b))
+    tap = StreamTap()
+    for t in ["The", " sky", " is", " blue"]:
+        tap.feed(b"data: " + _compact(_chat_chunk({"content": t}, usage=None)) + b"\n\n")
+    tap.feed(b"data: " + _compact(_usage_chunk()) + b"\n\ndata: [DONE]\n\n")
+    assert len(parsed) == 1 and tap.usage == read_usage(USAGE) and tap.delta_chunks == 4
+
+
 def test_continuous_usage_stats_are_forwarded_and_the_last_usage_kept() -> None:
     """vLLM's continuous_usage_stats: usage on every content chunk, then the final usage chunk."""
     events = [
