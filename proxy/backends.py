@@ -189,7 +189,8 @@ class BackendPool:
         except (TimeoutError, httpx.TimeoutException):
             reason = "GET /models timed out"
         except Exception as exc:  # any transport or decoding failure: this backend is down
-            reason = redact_text(f"GET /models failed: {type(exc).__name__}: {str(exc)[:200]}")
+            # Redacted before it is cut: a URL cut inside its userinfo would keep the password.
+            reason = redact_text(f"GET /models failed: {type(exc).__name__}: {exc}")[:240]
         ok = reason is None
         if ok and not backend.healthy:
             log.info("backend %s is back", backend.name)
