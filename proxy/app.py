@@ -78,11 +78,13 @@ class JouleGate:
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
         # Other POST routes relayed upstream: an allowlist (config.DEFAULT_PASSTHROUGH), exact paths.
         self.passthrough = config.server.passthrough_paths()
+        # /v1/responses is on that allowlist too: removed there, it is not served either.
+        self._kinds = {p: k for p, k in _INFERENCE.items() if k != "response" or p in self.passthrough}
         self._metrics_listener: Any = None
         # The route table: exact paths first, then prefixes in order, then the pass-through
         # allowlist (POST only; other methods there are the 404 of an unknown path).
         self.routes: dict[str, Route] = {
-            **{path: Route(self._inference, ("POST",)) for path in _INFERENCE},
+            **{path: Route(self._inference, ("POST",)) for path in self._kinds},
             "/v1/models": Route(self._models),
             "/healthz": Route(self._healthz, ("GET", "HEAD")),
             "/readyz": Route(self._readyz, ("GET", "HEAD")),
@@ -124,7 +126,7 @@ class JouleGate:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        kind = _INFERENCE.get(path)
+        kind = self._kinds.get(path)
         if kind is not None and method == "POST" and len(scope.get("query_string", b"")) <= _MAX_QUERY_BYTES:
             await self.relay(scope, receive, send, kind)  # the hot path: it sets its own request id
             return

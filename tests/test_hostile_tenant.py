@@ -152,7 +152,7 @@ def edited(upstream: CaptureUpstream, new_key: dict[str, str], tmp_path_factory:
            ) -> Iterator[ProxyProc]:
     """`server.passthrough: {add, remove}`; the tenant `initech` holds the key `keys new` made."""
     initech = f"  - {{name: initech, api_keys_sha256: ['{new_key['sha256']}']}}\n"
-    config = ("server:\n  passthrough: {add: [/v1/custom/classify], remove: [/v1/rerank]}\nbackends:\n"
+    config = ("server:\n  passthrough: {add: [/v1/custom/classify], remove: [/v1/rerank, /v1/responses]}\nbackends:\n"
               + backend_yaml("cap", upstream.url, [MODEL], f", api_key: '{UPSTREAM_KEY}'")
               + tenants_yaml().replace("admin_api_keys_sha256", initech + "admin_api_keys_sha256", 1)
               + "ledger: 'memory://'\n")
@@ -168,6 +168,10 @@ def test_passthrough_config_narrows_and_extends(edited: ProxyProc, upstream: Cap
     assert post(edited.url, "/v1/custom/classify", KEYS["acme"]).status_code == 200
     assert received(upstream, "/v1/custom/classify")
     assert post(edited.url, "/v1/moderations", KEYS["acme"]).status_code == 200  # the rest stays
+    # The Responses API is on the allowlist like the others: removed, it is gone too.
+    before = len(received(upstream, "/v1/responses"))
+    assert_not_found(post(edited.url, "/v1/responses", KEYS["acme"]))
+    assert len(received(upstream, "/v1/responses")) == before
     assert_not_found(post(edited.url, "/v1/load_lora_adapter", KEYS["acme"]))
 
 
