@@ -148,9 +148,10 @@ class Relay:
             except TimeoutError:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
-            # Over budget: refused before any GPU sees it.
-            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
+            # Over budget: refused before any GPU sees it (and after validation: a bad request
+            # never costs a store round trip).
+            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
             record.status = exc.status

@@ -138,6 +138,10 @@ def test_store_failure_is_open_or_closed_per_tenant(
         assert closed.status_code == 503, closed.text
         assert closed.json()["error"]["code"] == "energy_budget_unavailable"
         assert free.status_code == 200  # no budget: never asks the store
+        # A bad request is a 400 without a store round trip: garbage never takes a hold.
+        bad = httpx.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {STRICT_KEY}"},
+                         content=b"{not json", timeout=30)
+        assert bad.status_code == 400, bad.text
         assert counter(proxy, "joulegate_energy_budget_store_failures", 'mode="open"') >= 1
         assert counter(proxy, "joulegate_energy_budget_store_failures", 'mode="closed"') >= 1
         assert counter(proxy, "joulegate_requests_refused", 'reason="energy_budget_unavailable"') >= 1
