@@ -448,9 +448,14 @@ class Relay:
                 data = ProxyError(502, "The backend answered with a body that is not valid JSON.",
                                   code="upstream_error").body()
                 content_type = _JSON
+        elif status == 200 and content_type.startswith(b"application/json"):
+            _take_usage(data, record)  # pass-through: the engine's usage where it gives one
         elif status >= 500 and not _looks_like_error(data):
             status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
             content_type = _JSON
+        if status == 200 and not record.usage_reported:
+            # No usage: the prompt's estimate, so the request still weighs in the energy split.
+            record.prompt_tokens = record.prompt_estimate
         self._book(hold, record, booked_status)
         energy = record.energy()
         headers = [(b"content-type", content_type), (b"x-request-id", record.request_id.encode())]

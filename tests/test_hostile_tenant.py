@@ -126,6 +126,17 @@ def test_allowlisted_routes_pass_with_the_backends_key(proxy: ProxyProc, upstrea
     assert httpx.get(proxy.url + "/v1/rerank", headers=auth(KEYS["acme"]), timeout=10).status_code == 404
 
 
+def test_allowlisted_route_books_the_engines_usage(proxy: ProxyProc, upstream: CaptureUpstream) -> None:
+    # A rerank/score/moderations answer booked with no tokens weighs nothing in the energy split:
+    # its GPU time would be billed to whoever ran beside it. The engine's usage counts.
+    rid = f"rerank-{uuid.uuid4().hex[:12]}"
+    resp = httpx.post(proxy.url + "/v1/rerank", headers={**auth(KEYS["acme"]), "x-request-id": rid}, timeout=10,
+                      json={"model": MODEL, "query": "q", "documents": ["a" * 400]})
+    assert resp.status_code == 200, resp.text
+    view = get(proxy, f"/v1/energy/requests/{rid}", KEYS["acme"]).json()
+    assert (view["prompt_tokens"], view["completion_tokens"]) == (3, 1)  # the capture upstream's usage
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="multipart bodies are parsed as JSON (400) and sent as application/json")
 def test_allowlisted_multipart_route_reaches_the_backend(proxy: ProxyProc, upstream: CaptureUpstream) -> None:
