@@ -53,10 +53,13 @@ class JouleGate:
         self.policy = make_policy(
             config.routing.policy, models={b.name: b.efficiency for b in self.pool.backends},
             slo_ttft_s=config.routing.slo.ttft_ms / 1e3, slo_tpot_s=config.routing.slo.tpot_ms / 1e3,
+            objective=config.routing.objective,
         )
         self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
         self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
         self.meter = EnergyMeter(config, self.accounting.measured)
+        for backend in self.pool.backends:  # its site's PUE and grid intensity, for routing
+            backend.site = self.accounting.carbon.site_of(backend.name)
         for backend in self.pool.backends:  # each power sample also teaches the backend's model
             if backend.name in self.meter.meters:
                 self.meter.meters[backend.name].efficiency = backend.efficiency
@@ -308,6 +311,8 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
     else:
         energy = record.energy() or {"joules": None, "tokens_per_joule": None, "backend": record.backend,
                                      "method": None}
+        if record.host_joules is not None:  # the all-in breakdown: host J, and where it ran
+            energy = {**energy, "host_joules": record.host_joules, "site": record.site}
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,

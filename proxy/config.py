@@ -102,6 +102,8 @@ class PowerConfig(_Strict):
     token_file: str | None = None
     token_env: str | None = None
     ca_file: str | None = None
+    # Host (CPU + DRAM) draw in W, billed like GPU energy where the agent reads no RAPL counters.
+    host_w: float | None = Field(None, ge=0)
 
     @property
     def stale_s(self) -> float:
@@ -125,6 +127,7 @@ class BackendConfig(_Strict):
     max_concurrency: int | None = Field(None, gt=0)
     metrics_url: str | None = None
     power: PowerConfig = Field(default_factory=PowerConfig)
+    site: str | None = None  # a name from `sites:`: its PUE and grid carbon intensity
 
     @field_validator("url")
     @classmethod
@@ -142,6 +145,8 @@ class SloConfig(_Strict):
 class RoutingConfig(_Strict):
     policy: Literal["round_robin", "least_loaded", "efficiency"] = "efficiency"
     slo: SloConfig = Field(default_factory=SloConfig)
+    # efficiency minimises GPU joules, or grams CO2e (joules x PUE x the site's grid now).
+    objective: Literal["joules", "carbon"] = "joules"
 
 
 class EnergyConfig(_Strict):
@@ -150,6 +155,32 @@ class EnergyConfig(_Strict):
     # simulated GPUs at 0.02-0.03 at small batches; 0.05 met every accuracy target there, where
     # the contract example's 0.1 over-billed long prompts (per-tenant error 4.4% vs 1.2%).
     prefill_weight: float = Field(0.05, ge=0)
+
+
+class SiteCarbonConfig(_Strict):
+    """Grid intensity source (proxy/carbon.py): exactly one of a constant, a CSV of
+    `timestamp,gco2e_per_kwh` rows, or a JSON endpoint polled every `interval_s`."""
+
+    gco2e_per_kwh: float | None = Field(None, ge=0)
+    csv: str | None = None
+    url: str | None = None
+    field: str = "carbonIntensity"  # dotted path to the number in the endpoint's JSON
+    interval_s: float = Field(300.0, ge=10)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SiteCarbonConfig:
+        given = [k for k in ("gco2e_per_kwh", "csv", "url") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of gco2e_per_kwh, csv, url")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class SiteConfig(_Strict):
+    name: str = Field(min_length=1)
+    pue: float = Field(1.0, ge=1.0, le=5.0)  # facility energy / IT energy
+    carbon: SiteCarbonConfig
 
 
 class EnergyBudget(_Strict):
@@ -219,6 +250,19 @@ class Config(_Strict):
     # A budget whose ledger store does not answer within 50 ms: let the request through (open)
     # or refuse it with 503 (closed). Per tenant too.
     energy_budget_failure: Literal["open", "closed"] = "open"
+    sites: list[SiteConfig] = Field(default_factory=list)  # data centres: PUE, grid intensity
+
+    @model_validator(mode="after")
+    def _sites_known(self) -> Config:
+        names = {s.name for s in self.sites}
+        if len(names) != len(self.sites):
+            raise ValueError("duplicate site name")
+        for b in self.backends:
+            if b.site is not None and b.site not in names:
+                raise ValueError(f"backend '{b.name}': site '{b.site}' is not in sites:")
+        if self.routing.objective == "carbon" and not any(b.site for b in self.backends):
+            raise ValueError("routing.objective carbon needs sites: and a site: per backend")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -396,6 +440,14 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     config = parse_config(text, str(path))
+    for site in config.sites:  # a relative CSV is read beside the config file, and checked now
+        if site.carbon.csv is not None:
+            from proxy.carbon import read_intensity_csv
+            site.carbon.csv = str(path.resolve().parent / site.carbon.csv)
+            try:
+                read_intensity_csv(site.carbon.csv)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: sites: {site.name}: {exc}") from None
     if config.ledger is None:
         config.ledger = f"sqlite:///{path.resolve().parent / 'joulegate-ledger.db'}"
     return config

@@ -41,7 +41,7 @@ def test_schedule_is_a_step_function_held_at_both_ends(tmp_path) -> None:
 @pytest.mark.parametrize("body, match", [
     ("t_s,kwh\n0,1\n", "header"),
     ("t_s,gco2e_per_kwh\n0,1\n0,2\n", "must increase"),
-    ("t_s,gco2e_per_kwh\n0,x\n", ":2: expected two numbers"),
+    ("t_s,gco2e_per_kwh\n0,x\n", ":2: expected a t_s and a number"),
     ("t_s,gco2e_per_kwh\n0,-1\n", ">= 0"),
     ("t_s,gco2e_per_kwh\n", "no rows"),
 ])

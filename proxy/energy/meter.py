@@ -42,6 +42,7 @@ class EnergyResult:
     tokens_per_joule: float
     backend: str
     method: str  # measured | estimated
+    host_joules: float = 0.0  # host (CPU, DRAM) share, split like the GPU's (proxy/carbon.py)
 
     def as_dict(self) -> dict[str, float | str]:
         return {
@@ -65,6 +66,10 @@ class BackendMeter:
             self.timeline, prefill_weight=config.energy.prefill_weight, idle=config.energy.idle,
         )
         self._on_final = on_final
+        # Host energy (power.host_w, constant), sampled at the GPU's sample times.
+        self.host_w = power.host_w
+        if self.host_w is not None:
+            self.attributor.host = EnergyTimeline()
         self.source: PowerSource | None = make_source(power, self._on_sample)
         self.last_power_w: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_FINALS)
@@ -88,6 +93,8 @@ class BackendMeter:
             self.timeline.add_power_sample(sample.t_s, sample.power_w)
         else:
             return
+        if self.host_w is not None and self.attributor.host is not None:
+            self.attributor.host.add_power_sample(sample.t_s, self.host_w)
         self._heard_s = time.time()
         if not self.source_up:
             self.source_up = True
@@ -259,4 +266,8 @@ class EnergyMeter:
             return None
         estimate = meter.attributor.close(request_id, end_s, prompt_tokens, completion_tokens)
         tokens = prompt_tokens if embedding else completion_tokens
-        return EnergyResult(estimate.joules, tokens_per_joule(tokens, estimate.joules), backend, estimate.method)
+        a = meter.attributor
+        host_j = estimate.joules * a.host_attributed_j / a.books.attributed_j \
+            if a.books.attributed_j > 0 else 0.0  # an estimate: the host/GPU ratio so far
+        return EnergyResult(estimate.joules, tokens_per_joule(tokens, estimate.joules), backend,
+                            estimate.method, host_j)

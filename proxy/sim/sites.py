@@ -13,12 +13,12 @@ Grams: energy in J x PUE x intensity in gCO2e/kWh / 3.6e6 (J per kWh).
 from __future__ import annotations
 
 import bisect
-import csv
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from proxy.carbon import read_csv_points
 
 __all__ = ["J_PER_KWH", "CarbonSchedule", "Site", "parse_sites", "read_schedule_csv",
            "CarbonBooks"]
@@ -61,29 +61,12 @@ class Site:
 
 
 def read_schedule_csv(path: str) -> CarbonSchedule:
-    """`t_s,gco2e_per_kwh` rows (header required) -> schedule; ValueError naming the line."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as exc:
-        raise _SiteError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not rows or [c.strip() for c in rows[0]] != ["t_s", "gco2e_per_kwh"]:
-        raise _SiteError(f"{path}: expected the header `t_s,gco2e_per_kwh`")
-    points: list[tuple[float, float]] = []
-    for n, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        try:
-            t_s, value = float(row[0]), float(row[1])
-        except (ValueError, IndexError):
-            raise _SiteError(f"{path}:{n}: expected two numbers") from None
-        if not (math.isfinite(t_s) and math.isfinite(value) and value >= 0):
-            raise _SiteError(f"{path}:{n}: values must be finite and >= 0")
-        if points and t_s <= points[-1][0]:
-            raise _SiteError(f"{path}:{n}: t_s must increase")
-        points.append((t_s, value))
-    if not points:
-        raise _SiteError(f"{path}: no rows")
+    """`t_s,gco2e_per_kwh` rows (header required, t_s increasing) -> schedule; ValueError
+    naming the line."""
+    points = read_csv_points(path, ("t_s", "gco2e_per_kwh"))
+    for n, (a, b) in enumerate(zip(points, points[1:], strict=False), start=3):
+        if b[0] <= a[0]:
+            raise _SiteError(f"{path}: row {n - 1}: t_s must increase")
     return CarbonSchedule(tuple(p[0] for p in points), tuple(p[1] for p in points))
 
 

@@ -32,6 +32,7 @@ class Final:
     end_s: float
     # `estimated` only where weights had to be guessed (forced) or samples never covered it.
     method: Method = "measured"
+    host_joules: float = 0.0  # host (CPU, DRAM) joules split like the GPU's; 0 without a host timeline
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class RequestState:
     arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # unsettled (t_s, count)
     pending_tokens: int = 0  # sum of counts in `arrivals`
     joules: float = 0.0  # settled share so far
+    host_joules: float = 0.0  # settled host share so far (Attributor.host)
     guessed: bool = False  # a forced interval used provisional weights for it
     key: str = ""  # its key in `Attributor._requests` (the id, unless a namesake is settling)
     final: Final | None = None  # once settled
