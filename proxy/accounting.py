@@ -235,6 +235,7 @@ class Accounting:
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, reasoning_tokens=record.reasoning_tokens,
             joules=record.joules or 0.0,
+            joules_all_in=record.joules_all_in or 0.0, gco2e=record.gco2e or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
             end_s=record.end_s or record.start_s, status=record.status,
         ))

@@ -69,6 +69,7 @@ class JouleGate:
         # Other POST routes relayed upstream: an allowlist (proxy/passthrough.py), exact paths.
         self.passthrough = config.server.passthrough_paths()
         self._metrics_listener: Any = None
+        self.site_of = {b.name: b.site for b in config.backends if b.site}  # usage group_by=site
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -197,7 +198,7 @@ class JouleGate:
             raise ProxyError(403, "Only an admin key can read another tenant's usage.", code="forbidden")
         try:
             rows = await self.accounting.ledger.usage(tenant=tenant, since_s=since_s, until_s=until_s,
-                                                      group_by=group_by)
+                                                      group_by=group_by, site_of=self.site_of)
         except Exception as exc:  # any store failure (redis-py's errors are not OSErrors)
             raise ProxyError(503, f"The ledger is unavailable: {type(exc).__name__}.", code="ledger_unavailable") from None
         if arg.get("format") == "csv":
@@ -307,6 +308,7 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
         energy: dict[str, Any] = {
             "joules": record.joules, "tokens_per_joule": tokens / record.joules if record.joules > 0 else 0.0,
             "backend": record.backend, "method": record.method,
+            "joules_all_in": record.joules_all_in, "gco2e": record.gco2e,
         }
     else:
         energy = record.energy() or {"joules": None, "tokens_per_joule": None, "backend": record.backend,

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant", help="one tenant (default: all)")
     usage.add_argument("--since", help="ISO 8601 time or epoch seconds (rounded down to the hour)")
     usage.add_argument("--until", help="ISO 8601 time or epoch seconds (rounded up to the hour)")
-    usage.add_argument("--group-by", default="tenant,model", help="any of tenant,model,backend,hour")
+    usage.add_argument("--group-by", default="tenant,model", help="any of tenant,model,backend,hour,site")
     usage.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -215,7 +215,8 @@ def _usage(args: argparse.Namespace) -> int:
         ledger = open_ledger(config.ledger or "memory://")
         await ledger.start()
         try:
-            return await ledger.usage(tenant=args.tenant, since_s=since_s, until_s=until_s, group_by=group_by)
+            return await ledger.usage(tenant=args.tenant, since_s=since_s, until_s=until_s, group_by=group_by,
+                                      site_of={b.name: b.site for b in config.backends if b.site})
         finally:
             await ledger.close()
 

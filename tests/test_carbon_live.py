@@ -271,3 +271,20 @@ def test_grams_reach_the_metrics(carbon_proxy) -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("joulegate_energy_gco2e_total{")]
     assert any('backend="clean"' in ln and float(ln.split()[-1]) > 0 for ln in lines), lines
     assert "joulegate_energy_joules_all_in_total{" in text
+
+
+def test_usage_groups_by_site_with_grams(carbon_proxy) -> None:
+    proxy, _ = carbon_proxy
+    c = sdk_client(proxy)
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=6)
+    _final(proxy, raw.headers["x-request-id"])  # booked with its final figures
+
+    def usage() -> dict:
+        return httpx.get(proxy.url + "/v1/energy/usage", params={"group_by": "site,tenant"},
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+
+    body = usage()
+    rows = {(r["site"], r["tenant"]): r for r in body["data"]}
+    windy = rows[("windy", "acme")]
+    assert windy["gco2e"] > 0 and windy["joules_all_in"] > windy["joules"] > 0
+    assert body["total"]["gco2e"] == pytest.approx(sum(r["gco2e"] for r in body["data"]), abs=1e-6)

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,8 @@ class LedgerRecord:
     status: int = 200
     key: str = ""  # the proxy's unique id for the request (RequestRecord.key); "" if none
     reasoning_tokens: int = 0  # of completion_tokens, where the engine reported them
+    joules_all_in: float = 0.0  # (GPU + host) x PUE (proxy/carbon.py); 0 where not recorded
+    gco2e: float = 0.0  # grams CO2e of joules_all_in at the site's grid intensity
 
     @property
     def uid(self) -> str:
@@ -88,15 +90,17 @@ class LedgerRecord:
         """A compact JSON-able form, used by the journal and the Redis store."""
         return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
                 self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status, self.key, self.reasoning_tokens]
+                self.status, self.key, self.reasoning_tokens, self.joules_all_in, self.gco2e]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
         """From `to_row`'s form; rows written before keys existed have 11 fields, before
-        reasoning tokens 12."""
+        reasoning tokens 12, before carbon 13."""
         return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
                    float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
-                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0)
+                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0,
+                   float(row[13] or 0.0) if len(row) > 13 else 0.0,
+                   float(row[14] or 0.0) if len(row) > 14 else 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +152,10 @@ class Ledger(ABC):
 
     @abstractmethod
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
-                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
-        """Sums per group; `tenant` None means all tenants.
+                    until_s: float | None = None, group_by: Sequence[str] = (),
+                    site_of: Mapping[str, str] | None = None) -> list[UsageRow]:
+        """Sums per group; `tenant` None means all tenants. Grouping by `site` maps each
+        cell's backend through `site_of` (the config's `site:` per backend).
 
         Answered from the hourly aggregates, so the range is whole hours: an hour counts when it
         overlaps [since_s, until_s) -- since_s is rounded down and until_s up to the hour.
@@ -529,12 +535,15 @@ class BufferedLedger(Ledger):
 
     # ---- reads --------------------------------------------------------------------------------
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
-                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
+                    until_s: float | None = None, group_by: Sequence[str] = (),
+                    site_of: Mapping[str, str] | None = None) -> list[UsageRow]:
         keys = validate_group_by(group_by)
         # Flushing first makes usage include everything this process has recorded; the flush
         # is idempotent and cheap, and a store that cannot be written cannot be read either.
         await self.flush()
         since_hour = None if since_s is None else hour_floor_s(since_s)
+        if "site" in keys:  # not a stored key: cells are grouped here, by their backend's site
+            return group_buckets(await self._buckets(tenant, since_hour, until_s), keys, site_of)
         return await self._grouped(tenant, since_hour, until_s, keys)
 
     async def get_request(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:
