@@ -93,7 +93,12 @@ class BackendMeter:
             self.timeline.add_power_sample(sample.t_s, sample.power_w)
         else:
             return
-        if self.host_w is not None and self.attributor.host is not None:
+        if sample.host_energy_j is not None:  # the agent's RAPL counter beats a constant
+            if self.attributor.host is None or self.attributor.host.kind == "power":
+                self.attributor.host = EnergyTimeline()
+            self.attributor.host.add_energy_sample(sample.t_s, sample.host_energy_j)
+        elif self.host_w is not None and self.attributor.host is not None \
+                and self.attributor.host.kind != "energy":
             self.attributor.host.add_power_sample(sample.t_s, self.host_w)
         self._heard_s = time.time()
         if not self.source_up:
