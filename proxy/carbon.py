@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from proxy.redact import redact_text
+
 if TYPE_CHECKING:
     from proxy.config import Config, SiteConfig
     from proxy.records import RequestRecord
@@ -151,7 +153,8 @@ class HttpIntensity:
             resp.raise_for_status()
             value = _dig(resp.json(), self.field)
         except (httpx.HTTPError, ValueError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            # httpx puts the URL in its messages; a token in its query must not reach the log.
+            self.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:200]
             return False
         if value is None:
             self.last_error = f"no number >= 0 at `{self.field}` in the answer"
@@ -196,7 +199,7 @@ class Site:
             source = CsvIntensity(c.csv)
         else:
             assert c.url is not None
-            source = HttpIntensity(c.url, c.field, c.interval_s)
+            source = HttpIntensity(c.url, c.field, c.interval_s, c.headers)
         return cls(site.name, site.pue, source)
 
     def gco2e_per_kwh(self, t_s: float | None = None) -> float | None:

@@ -165,6 +165,7 @@ class SiteCarbonConfig(_Strict):
     csv: str | None = None
     url: str | None = None
     field: str = "carbonIntensity"  # dotted path to the number in the endpoint's JSON
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. {auth-token: "${EM_TOKEN}"}; never logged
     interval_s: float = Field(300.0, ge=10)
 
     @model_validator(mode="after")
