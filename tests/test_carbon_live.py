@@ -288,3 +288,65 @@ def test_usage_groups_by_site_with_grams(carbon_proxy) -> None:
     windy = rows[("windy", "acme")]
     assert windy["gco2e"] > 0 and windy["joules_all_in"] > windy["joules"] > 0
     assert body["total"]["gco2e"] == pytest.approx(sum(r["gco2e"] for r in body["data"]), abs=1e-6)
+
+
+def test_fill_marks_stale_final_figures_estimated() -> None:
+    from proxy.carbon import CarbonBook, ConstantIntensity, Site
+    from proxy.records import RequestRecord
+
+    stale = HttpIntensity("http://127.0.0.1:9/x", "v", interval_s=60)
+    stale.value, stale.fetched_s = 200.0, time.time() - 3600  # an hour without a good poll
+    book = CarbonBook({"s": Site("s", 1.5, stale), "c": Site("c", 1.0, ConstantIntensity(100))},
+                      {"a": "s", "b": "c"})
+
+    def record(backend: str | None) -> RequestRecord:
+        rec = RequestRecord("r", "t", MODEL, "chat", False, time.time() - 1, backend=backend,
+                            end_s=time.time(), joules=10.0, energy_method="measured")
+        return rec
+
+    early = record("a")
+    book.fill(early, 2.0)  # the response's estimate: left as the relay set it
+    assert early.energy_method == "measured" and early.joules_all_in == pytest.approx(18.0)
+    final = record("a")
+    book.fill(final, 2.0, final=True)
+    assert final.energy_method == "estimated" and final.gco2e == pytest.approx(grams(18.0, 200.0))
+    fresh = record("b")
+    book.fill(fresh, 2.0, final=True)
+    assert fresh.energy_method == "measured" and fresh.gco2e == pytest.approx(grams(12.0, 100.0))
+    nowhere = record("z")  # no site: PUE 1, no grams
+    book.fill(nowhere, 2.0, final=True)
+    assert nowhere.joules_all_in == 12.0 and nowhere.gco2e is None and nowhere.site is None
+
+
+def test_usage_cli_groups_by_site(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from proxy.ledger import LedgerRecord, open_ledger
+
+    db = tmp_path / "ledger.db"
+    config = tmp_path / "c.yaml"
+    config.write_text("backends:\n  - {name: a, url: 'http://x', site: east}\n"
+                      "  - {name: b, url: 'http://y', site: west}\n  - {name: c, url: 'http://z'}\n"
+                      "sites:\n  - {name: east, carbon: {gco2e_per_kwh: 100}}\n"
+                      "  - {name: west, carbon: {gco2e_per_kwh: 300}}\n"
+                      f"ledger: sqlite:///{db}\n")
+
+    async def write() -> None:
+        ledger = open_ledger(f"sqlite:///{db}")
+        await ledger.start()
+        for i, (backend, g) in enumerate([("a", 0.5), ("a", 0.25), ("b", 2.0), ("c", 0.0)]):
+            ledger.record(LedgerRecord(f"r{i}", "acme", MODEL, backend, 3, 4, 10.0, "measured",
+                                       1e9, 1e9 + 1, joules_all_in=12.0, gco2e=g))
+        await ledger.close()
+
+    asyncio.run(write())
+    done = subprocess.run([sys.executable, "-m", "proxy", "usage", "-c", str(config), "--group-by",
+                           "site", "--format", "json"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    by_site = {r["site"]: r for r in body["data"]}
+    assert by_site["east"]["gco2e"] == 0.75 and by_site["east"]["requests"] == 2
+    assert by_site["west"]["gco2e"] == 2.0 and by_site[""]["joules_all_in"] == 12.0
+    assert body["total"]["gco2e"] == 2.75 and body["total"]["joules_all_in"] == 48.0
