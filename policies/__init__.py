@@ -14,11 +14,14 @@ POLICIES: dict[str, type] = {
 
 
 def make_policy(name: str, *, models: Mapping[str, EfficiencyModel] | None = None,
-                slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.2) -> Policy:
+                slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.2,
+                objective: str = "joules") -> Policy:
     """A fresh policy by its config name. `efficiency` routes on `models` (backend name ->
-    its learned model, fed by the caller) against the SLO; unknown names get least_loaded."""
+    its learned model, fed by the caller) against the SLO, minimising `objective` (`joules`
+    or `carbon`); unknown names get least_loaded."""
     if name == "efficiency":
-        return Efficiency(models, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+        return Efficiency(models, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
+                          objective=objective)
     return POLICIES.get(name, LeastLoaded)()
 
 

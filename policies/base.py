@@ -31,6 +31,10 @@ class BackendView:
     queued: int = 0
     running: int | None = None
     max_concurrency: int | None = None
+    # Where it runs, for carbon routing: facility / IT energy, and the grid's gCO2e/kWh now
+    # (None: unknown).
+    pue: float = 1.0
+    gco2e_per_kwh: float | None = None
 
     @property
     def load(self) -> int:

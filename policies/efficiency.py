@@ -22,6 +22,12 @@ a few hundredths of a joule. An idle GPU still draws idle power, whichever polic
 concentrating load saves exactly the difference between the busy GPUs' concave curves and
 the spread-out operating points; the SLO guard decides how far packing may go.
 
+Carbon objective. With `objective="carbon"` a backend's cost is that marginal joules per token
+x its site's PUE x its grid's gCO2e/kWh now (`BackendView.pue`, `.gco2e_per_kwh`): grams per
+token, under the same SLO guard. A backend whose intensity is unknown is priced at the highest
+intensity among the candidates (never preferred for being unmeasured); if none is known, PUE
+alone weighs the joules.
+
 Pure: no I/O, no clock reads.
 """
 
@@ -66,7 +72,11 @@ class Efficiency:
         ttft_margin: float = 1.0,
         tpot_margin: float = 1.0,
         max_wait_fraction: float = 0.3,
+        objective: str = "joules",
     ) -> None:
+        if objective not in ("joules", "carbon"):
+            raise ValueError("objective must be joules or carbon")
+        self.objective = objective
         if slo_ttft_s <= 0 or slo_tpot_s <= 0:
             raise ValueError("SLO limits must be positive")
         if not (0 < ttft_margin <= 1 and 0 < tpot_margin <= 1):
@@ -108,6 +118,10 @@ class Efficiency:
                 n = engine
             loads.append(n)
             delta += n
+        carbon = self.objective == "carbon"
+        if carbon:
+            known = [v.gco2e_per_kwh for v in views if v.gco2e_per_kwh is not None]
+            unknown_kwh = max(known) if known else 1.0
         best: str | None = None
         best_cost = _INF
         spill: str | None = None
@@ -135,6 +149,9 @@ class Efficiency:
             if n + 1 <= cap and q + 1 <= wait_cap and (
                     model.waiting == 0 or model.oldest_wait_s(now_s) <= max_wait_s):
                 cost = plan.cost(n, delta)
+                if carbon:
+                    kwh = v.gco2e_per_kwh
+                    cost *= v.pue * (unknown_kwh if kwh is None else kwh)
                 if cost < best_cost:  # ties go to the first listed
                     best, best_cost = name, cost
             elif best is None:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy.carbon import CarbonBook
 from proxy.config import Config, EnergyBudget
 from proxy.energy.attribution import Final
 from proxy.errors import ProxyError
@@ -59,6 +60,7 @@ class Accounting:
         self.ledger = ledger
         self.metrics = metrics
         self.final_timeout_s = final_timeout_s
+        self.carbon = CarbonBook.from_config(config)  # all-in joules and grams per request
         self.budgets: dict[str, EnergyBudget] = {
             t.name: t.energy_budget for t in config.tenants if t.energy_budget is not None
         }
@@ -84,10 +86,12 @@ class Accounting:
 
     async def start(self) -> None:
         await self.ledger.start()
+        await self.carbon.start()
         self._task = asyncio.create_task(self._sweep_loop(), name="joulegate-accounting")
 
     async def close(self) -> None:
         """Book everything still waiting (with its estimate), then flush the ledger."""
+        await self.carbon.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -128,6 +132,7 @@ class Accounting:
         del self._awaiting[final.request_id]
         record.joules = final.joules
         record.energy_method = final.method
+        self.carbon.fill(record, final.host_joules, final=True)
         self._book(record)
 
     async def reserve_budget(self, tenant: str, key: str) -> float | None:
@@ -232,6 +237,7 @@ class Accounting:
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, reasoning_tokens=record.reasoning_tokens,
             joules=record.joules or 0.0,
+            joules_all_in=record.joules_all_in or 0.0, gco2e=record.gco2e or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
             end_s=record.end_s or record.start_s, status=record.status,
         ))

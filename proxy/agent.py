@@ -13,6 +13,9 @@ on a dedicated thread and keeps the latest reading. Endpoints:
                            DCGM_FI_DEV_POWER_USAGE_INSTANT W, DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION
                            mJ; labels gpu, UUID, device, modelName)
   GET /healthz          -> 200 while reads succeed, else 503
+Where the host's RAPL counters are readable (`--rapl-root`, default /sys/class/powercap; see
+proxy/energy/rapl.py), readings also hold `"host": {"energy_mj", "power_w"}`: CPU package + DRAM
+energy since the agent started (mJ) and its power over the last interval (W; null at first).
 Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
 $JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
 otherwise); `--tls-cert`/`--tls-key` serve https.
@@ -38,6 +41,7 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
+from proxy.energy.rapl import DEFAULT_ROOT, RaplReader
 from proxy.energy.sources.base import select_gpus
 from proxy.energy.sources.nvml import POWER_INSTANT, GpuReading, NvmlError, NvmlReader, timed_read
 
@@ -74,6 +78,7 @@ class AgentState:
         self.read_errors = 0
         self.new_reading = asyncio.Event()
         self.closing = False
+        self.rapl: RaplReader | None = None  # host CPU + DRAM energy, where readable
 
     def close_streams(self) -> None:
         """End every stream now (on shutdown, so that it does not wait for them)."""
@@ -84,7 +89,13 @@ class AgentState:
         """A fresh reading as the API's JSON object (runs NVML on the agent's thread)."""
         loop = asyncio.get_running_loop()
         t_s, readings = await loop.run_in_executor(self.executor, timed_read, self.reader, _now)
-        return reading_json(t_s, self._select(readings))
+        obj = reading_json(t_s, self._select(readings))
+        if self.rapl is not None:
+            energy_j = await loop.run_in_executor(self.executor, self.rapl.read, t_s)
+            power_w = self.rapl.power_w
+            obj["host"] = {"energy_mj": round(energy_j * 1e3, 3),
+                           "power_w": None if power_w is None else round(power_w, 3)}
+        return obj
 
     def _select(self, readings: list[GpuReading]) -> list[GpuReading]:
         chosen = select_gpus(self.selectors, ((r.index, r.uuid) for r in readings))
@@ -255,7 +266,7 @@ def _bearer_auth(token: str) -> Any:
 
 
 def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: float,
-             token: str | None = None) -> web.Application:
+             token: str | None = None, rapl_root: str | None = DEFAULT_ROOT) -> web.Application:
     """The agent's aiohttp app. `reader` is an NvmlReader (initialised or not: the sampler
     initialises it, retrying); `gpus` selects among its GPUs (indices or UUIDs, None = all);
     with `token`, every route needs `Authorization: Bearer <token>`."""
@@ -265,6 +276,7 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         state = AgentState(reader, gpus, interval_s)
+        state.rapl = RaplReader.open(rapl_root) if rapl_root else None
         app[STATE] = state
         task = asyncio.create_task(_sampler(state), name="joulegate-agent-sampler")
         yield
@@ -339,7 +351,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, token: str | None = None,
-        tls: ssl.SSLContext | None = None) -> None:
+        tls: ssl.SSLContext | None = None, rapl_root: str | None = DEFAULT_ROOT) -> None:
     """Serve the agent until SIGINT/SIGTERM (blocking).
 
     If NVML cannot initialise (no GPU or driver, a bad GPU selection), the port cannot be
@@ -364,7 +376,7 @@ def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, t
              gpu_list, reader.counters, reader.power_methods, interval_s, "https" if tls else "http", host,
              port, " (bearer token required)" if token else "")
     try:
-        web.run_app(make_app(reader, gpus, interval_s, token), host=host, port=port, access_log=None,
+        web.run_app(make_app(reader, gpus, interval_s, token, rapl_root), host=host, port=port, access_log=None,
                     print=None, shutdown_timeout=2.0, ssl_context=tls)
     except OSError as exc:
         _die(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
@@ -398,12 +410,14 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"file whose first line is the bearer token clients must send (default ${TOKEN_ENV})")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--rapl-root", default=DEFAULT_ROOT,
+                        help="powercap directory for host CPU/DRAM energy ('' to skip; default %(default)s)")
 
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run with parsed `add_agent_arguments` flags."""
     run(args.host, args.port, parse_gpus(args.gpus), args.interval_s, token=read_token(args.token_file),
-        tls=tls_context(args.tls_cert, args.tls_key))
+        tls=tls_context(args.tls_cert, args.tls_key), rapl_root=args.rapl_root or None)
 
 
 if __name__ == "__main__":

@@ -66,10 +66,13 @@ class JouleGate:
         self.policy = make_policy(
             config.routing.policy, models={b.name: b.efficiency for b in self.pool.backends},
             slo_ttft_s=config.routing.slo.ttft_ms / 1e3, slo_tpot_s=config.routing.slo.tpot_ms / 1e3,
+            objective=config.routing.objective,
         )
         self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
         self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
         self.meter = EnergyMeter(config, self.accounting.measured)
+        for backend in self.pool.backends:  # its site's PUE and grid intensity, for routing
+            backend.site = self.accounting.carbon.site_of(backend.name)
         for backend in self.pool.backends:  # each power sample also teaches the backend's model
             if backend.name in self.meter.meters:
                 self.meter.meters[backend.name].efficiency = backend.efficiency
@@ -81,6 +84,7 @@ class JouleGate:
         # /v1/responses is on that allowlist too: removed there, it is not served either.
         self._kinds = {p: k for p, k in _INFERENCE.items() if k != "response" or p in self.passthrough}
         self._metrics_listener: Any = None
+        self.site_of = {b.name: b.site for b in config.backends if b.site}  # usage group_by=site
         # The route table: exact paths first, then prefixes in order, then the pass-through
         # allowlist (POST only; other methods there are the 404 of an unknown path).
         self.routes: dict[str, Route] = {
@@ -237,7 +241,7 @@ class JouleGate:
             raise ProxyError(403, "Only an admin key can read another tenant's usage.", code="forbidden")
         try:
             rows = await self.accounting.ledger.usage(tenant=tenant, since_s=since_s, until_s=until_s,
-                                                      group_by=group_by)
+                                                      group_by=group_by, site_of=self.site_of)
         except Exception as exc:  # any store failure (redis-py's errors are not OSErrors)
             raise ProxyError(503, f"The ledger is unavailable: {type(exc).__name__}.", code="ledger_unavailable") from None
         if arg.get("format") == "csv":
@@ -350,10 +354,13 @@ def request_view(record: RequestRecord | LedgerRecord) -> dict[str, Any]:
         energy: dict[str, Any] = {
             "joules": record.joules, "tokens_per_joule": tokens / record.joules if record.joules > 0 else 0.0,
             "backend": record.backend, "method": record.method,
+            "joules_all_in": record.joules_all_in, "gco2e": record.gco2e,
         }
     else:
         energy = record.energy() or {"joules": None, "tokens_per_joule": None, "backend": record.backend,
                                      "method": None}
+        if record.host_joules is not None:  # the all-in breakdown: host J, and where it ran
+            energy = {**energy, "host_joules": record.host_joules, "site": record.site}
     return {
         "request_id": record.request_id, **energy, "tenant": record.tenant, "model": record.model,
         "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,

@@ -17,6 +17,7 @@ import orjson
 
 from policies import BackendView
 from policies.model import EfficiencyModel
+from proxy.carbon import Site
 from proxy.config import BackendConfig, Config
 from proxy.engine_metrics import EngineLoad, parse_engine_load
 from proxy.redact import redact_text
@@ -49,6 +50,7 @@ class Backend:
         # meter (time.time() seconds), read by the efficiency policy.
         self.efficiency = EfficiencyModel()
         self.engine_load: EngineLoad | None = None
+        self.site: Site | None = None  # set by the app: PUE and grid intensity (carbon routing)
         self.last_error: str | None = None
         self.last_check_s: float | None = None
         self.upstream_headers: dict[str, str] = {"Content-Type": "application/json"}
@@ -65,6 +67,7 @@ class Backend:
             queued=load.waiting if load else 0,
             running=load.running if load else None,
             max_concurrency=self.config.max_concurrency,
+            **({"pue": self.site.pue, "gco2e_per_kwh": self.site.gco2e_per_kwh()} if self.site else {}),
         )
 
     def circuit_open(self) -> bool:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant", help="one tenant (default: all)")
     usage.add_argument("--since", help="ISO 8601 time or epoch seconds (rounded down to the hour)")
     usage.add_argument("--until", help="ISO 8601 time or epoch seconds (rounded up to the hour)")
-    usage.add_argument("--group-by", default="tenant,model", help="any of tenant,model,backend,hour")
+    usage.add_argument("--group-by", default="tenant,model", help="any of tenant,model,backend,hour,site")
     usage.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -102,13 +102,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def load_checked_config(path: str) -> Config:
+    """`load_config`, plus the files the config names (sites' CSV schedules) read once now."""
+    from proxy.carbon import check_site_files
+
+    config = load_config(path)
+    try:
+        check_site_files(config)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if not args.config:
         print("joulegate: error: no config: pass -c CONFIG or set $JOULEGATE_CONFIG", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = load_checked_config(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     server = config.server.model_copy(update=overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -204,7 +216,7 @@ def _usage(args: argparse.Namespace) -> int:
     if not args.config:
         print("joulegate: error: no config: pass -c CONFIG or set $JOULEGATE_CONFIG", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = load_checked_config(args.config)
     try:
         group_by = parse_group_by(args.group_by)
         since_s, until_s = parse_time_s(args.since), parse_time_s(args.until)
@@ -217,7 +229,8 @@ def _usage(args: argparse.Namespace) -> int:
         ledger = open_ledger(config.ledger or "memory://")
         await ledger.start()
         try:
-            return await ledger.usage(tenant=args.tenant, since_s=since_s, until_s=until_s, group_by=group_by)
+            return await ledger.usage(tenant=args.tenant, since_s=since_s, until_s=until_s, group_by=group_by,
+                                      site_of={b.name: b.site for b in config.backends if b.site})
         finally:
             await ledger.close()
 
@@ -251,7 +264,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_checked_config(args.config)
     names = ", ".join(b.name for b in config.backends)
     print(f"{args.config}: OK ({len(config.backends)} backends: {names}; policy {config.routing.policy})")
     return 0

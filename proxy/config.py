@@ -124,6 +124,9 @@ class PowerConfig(_Strict):
     ca_file: str | None = Field(None, description=(
         "source agent: CA bundle (PEM) to verify an https:// agent's certificate; null: the system's "
         "CAs."))
+    host_w: float | None = Field(None, ge=0, description=(
+        "Constant host (CPU + DRAM) draw in watts, split like GPU energy, where the agent reads no "
+        "RAPL counters; null: no host energy."))
 
     @property
     def stale_s(self) -> float:
@@ -152,6 +155,8 @@ class BackendConfig(_Strict):
     metrics_url: str | None = Field(None, description=(
         "The engine's Prometheus endpoint (load signals, and weights between replicas without Redis)."))
     power: PowerConfig = Field(default_factory=PowerConfig, description="The backend's power source.")
+    site: str | None = Field(None, description=(
+        "A name from `sites:`: the backend's data centre (its PUE and grid carbon intensity)."))
 
     @field_validator("url")
     @classmethod
@@ -174,6 +179,9 @@ class RoutingConfig(_Strict):
         "SLO)."))
     slo: SloConfig = Field(default_factory=SloConfig, description=(
         "Latency targets the efficiency policy must predict to meet."))
+    objective: Literal["joules", "carbon"] = Field("joules", description=(
+        "What the efficiency policy minimises: GPU joules per token, or grams CO2e per token "
+        "(joules x PUE x the site's grid intensity now)."))
 
 
 class EnergyConfig(_Strict):
@@ -189,6 +197,41 @@ class EnergyConfig(_Strict):
     learn: bool = Field(True, description=(
         "Learn each backend's split weights online from its power samples (length-dependent prefill, "
         "context-dependent decode), starting from prefill_weight; false: prefill_weight alone."))
+
+
+class SiteCarbonConfig(_Strict):
+    """Grid intensity source (proxy/carbon.py): exactly one of a constant, a CSV of
+    `timestamp,gco2e_per_kwh` rows, or a JSON endpoint polled every `interval_s`."""
+
+    gco2e_per_kwh: float | None = Field(None, ge=0, description=(
+        "A constant grid intensity, in grams CO2e per kWh."))
+    csv: str | None = Field(None, description=(
+        "A CSV schedule of `timestamp,gco2e_per_kwh` rows (ISO 8601 or epoch seconds); a relative "
+        "path is read beside the config."))
+    url: str | None = Field(None, description=(
+        "An HTTP(S) endpoint answering JSON, polled every interval_s; the last good value is kept "
+        "and figures are `estimated` while it is stale."))
+    field: str = Field("carbonIntensity", description=(
+        "Dotted path to the intensity (gCO2e/kWh) in the endpoint's JSON."))
+    headers: dict[str, str] = Field(default_factory=dict, description=(
+        "Headers sent to the endpoint (e.g. an auth token from ${ENV}); never logged."))
+    interval_s: float = Field(300.0, ge=10, description="Seconds between polls of the endpoint.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SiteCarbonConfig:
+        given = [k for k in ("gco2e_per_kwh", "csv", "url") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of gco2e_per_kwh, csv, url")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class SiteConfig(_Strict):
+    name: str = Field(min_length=1, description="Site name, named by backends' `site:`.")
+    pue: float = Field(1.0, ge=1.0, le=5.0, description=(
+        "Power usage effectiveness: facility energy / IT energy (dimensionless)."))
+    carbon: SiteCarbonConfig = Field(description="The site's grid carbon intensity source.")
 
 
 class EnergyBudget(_Strict):
@@ -276,6 +319,21 @@ class Config(_Strict):
     energy_budget_failure: Literal["open", "closed"] = Field("open", description=(
         "A budget whose ledger store does not answer within 50 ms: open lets the request through, "
         "closed refuses it with 503 `energy_budget_unavailable`."))
+    # Host and facility overhead and grid carbon: proxy/carbon.py.
+    sites: list[SiteConfig] = Field(default_factory=list, description=(
+        "Data centres: name, PUE and grid carbon intensity; backends name theirs with `site:`."))
+
+    @model_validator(mode="after")
+    def _sites_known(self) -> Config:
+        names = {s.name for s in self.sites}
+        if len(names) != len(self.sites):
+            raise ValueError("duplicate site name")
+        for b in self.backends:
+            if b.site is not None and b.site not in names:
+                raise ValueError(f"backend '{b.name}': site '{b.site}' is not in sites:")
+        if self.routing.objective == "carbon" and not any(b.site for b in self.backends):
+            raise ValueError("routing.objective carbon needs sites: and a site: per backend")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -453,6 +511,9 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     config = parse_config(text, str(path))
+    for site in config.sites:  # a relative CSV is read beside the config file
+        if site.carbon.csv is not None:
+            site.carbon.csv = str(path.resolve().parent / site.carbon.csv)
     if config.ledger is None:
         config.ledger = f"sqlite:///{path.resolve().parent / 'joulegate-ledger.db'}"
     return config

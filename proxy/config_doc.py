@@ -44,9 +44,12 @@ admin_api_keys_sha256: []
 anonymous_tenant: null                  # a name bills keyless requests to it; null -> 401 without a key
 ledger: sqlite:///var/lib/joulegate/ledger.db   # or redis://host:6379/0, or memory://
 energy_budget_failure: open             # open | closed
+sites:                                  # optional: PUE and grid carbon per data centre
+  - {name: north, pue: 1.2, carbon: {gco2e_per_kwh: 350}}   # backends add `site: north`
 """
 
-_MINIMAL = {"backends": [{"name": "b", "url": "http://b"}], "tenants": [{"name": "t"}]}
+_MINIMAL = {"backends": [{"name": "b", "url": "http://b"}], "tenants": [{"name": "t"}],
+            "sites": [{"name": "s", "carbon": {"gco2e_per_kwh": 1}}]}
 
 
 _BOUNDS = (("exclusiveMinimum", ">"), ("minimum", ">="), ("exclusiveMaximum", "<"), ("maximum", "<="))
@@ -91,7 +94,10 @@ def _default(path: str, node: dict[str, Any], instance: Any, required: bool) -> 
     else:  # a default_factory: read it off a minimal validated config
         value = instance
         for part in path.replace("[]", ".0").split("."):
-            value = value[int(part)] if isinstance(value, list) else value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, list):
+                value = value[int(part)] if int(part) < len(value) else None
+            else:
+                value = value.get(part) if isinstance(value, dict) else None
     if value is None and node.get("type") == "array":
         value = []  # a list field of an optional object: its factory's empty list
     if isinstance(value, dict):

@@ -112,6 +112,15 @@ class Metrics:
             ["backend"], registry=r,
         )
         self._power_counted: dict[tuple[str, str], int] = {}
+        # Carbon (proxy/carbon.py): all-in joules ((GPU + host) x PUE) and their grams CO2e.
+        self.energy_all_in_j = Counter(
+            "joulegate_energy_joules_all_in", "All-in joules ((GPU + host) x PUE) of requests, by backend.",
+            ["backend"], registry=r,
+        )
+        self.energy_gco2e = Counter(
+            "joulegate_energy_gco2e", "Grams CO2e of requests' all-in energy at their site's grid, by backend.",
+            ["backend"], registry=r,
+        )
 
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's booked joules (and whether they were estimated)."""
@@ -120,6 +129,10 @@ class Metrics:
             self.energy_j.labels(record.backend or "none", record.model, *t).inc(record.joules)
             if record.energy_method == "estimated":
                 self.energy_estimated.labels(record.backend or "none").inc()
+            if record.joules_all_in is not None:
+                self.energy_all_in_j.labels(record.backend or "none").inc(record.joules_all_in)
+            if record.gco2e is not None:
+                self.energy_gco2e.labels(record.backend or "none").inc(record.gco2e)
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""

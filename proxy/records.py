@@ -29,6 +29,12 @@ class RequestRecord:
     joules: float | None = None  # attributed energy; None where the backend has no power source
     energy_method: str | None = None  # measured | estimated
     budget_left_j: float | None = None  # the tenant's budget left when the request started
+    # Carbon (proxy/carbon.py): host J billed like GPU J, (GPU + host) x PUE, and grams CO2e
+    # of that at the site's grid intensity; None where unknown.
+    host_joules: float | None = None
+    joules_all_in: float | None = None
+    gco2e: float | None = None
+    site: str | None = None
     # The proxy's own id for this request, unique per request served: the meter's, the
     # accounting's and the ledger's key. `request_id` is the client's x-request-id when it sent
     # one, which any client may repeat or copy from another tenant, so it keys nothing inside.
@@ -44,5 +50,10 @@ class RequestRecord:
         if self.joules is None or self.energy_method is None:
             return None
         tpj = self.billed_tokens / self.joules if self.joules > 0 else 0.0
-        return {"joules": self.joules, "tokens_per_joule": tpj, "backend": self.backend or "",
-                "method": self.energy_method}
+        out: dict[str, float | str] = {"joules": self.joules, "tokens_per_joule": tpj,
+                                       "backend": self.backend or "", "method": self.energy_method}
+        if self.joules_all_in is not None:
+            out["joules_all_in"] = self.joules_all_in
+        if self.gco2e is not None:
+            out["gco2e"] = self.gco2e
+        return out

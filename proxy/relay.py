@@ -432,6 +432,7 @@ class Relay:
         if result is not None:
             record.joules = result.joules
             record.energy_method = result.method
+            self.accounting.carbon.fill(record, result.host_joules)
 
     async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, data: bytes, record: RequestRecord,
                            hold: _Hold) -> None:
@@ -470,6 +471,10 @@ class Relay:
                 (b"x-energy-tokens-per-joule", repr(energy["tokens_per_joule"]).encode()),
                 (b"x-energy-method", energy["method"].encode()),
             ]
+            if record.joules_all_in is not None:  # (GPU + host) x PUE, and its grams CO2e
+                headers.append((b"x-energy-joules-all-in", repr(record.joules_all_in).encode()))
+            if record.gco2e is not None:
+                headers.append((b"x-energy-gco2e", repr(record.gco2e).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 

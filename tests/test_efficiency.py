@@ -342,7 +342,7 @@ def test_simulate_cli_writes_the_contract_json_and_a_plot(tmp_path) -> None:
     entry = data["policies"]["efficiency"]
     assert set(entry) == {"output_tokens_per_joule", "joules_per_request", "idle_energy_share",
                           "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p99_ms",
-                          "requests", "backends"}
+                          "requests", "backends", "gco2e_total", "gco2e_per_1k_output_tokens"}
     assert set(entry["backends"]) == {"h100", "l4-0", "l4-1"}
     assert set(entry["backends"]["h100"]) == {"utilisation", "requests", "joules"}
     assert 0 <= entry["slo_attainment"] <= 1

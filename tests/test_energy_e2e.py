@@ -82,7 +82,7 @@ def test_streamed_energy_in_the_usage_chunk(energy_proxy: ProxyProc) -> None:
     usage = orjson.loads(events[-1][6:])["usage"]
     assert usage["completion_tokens"] == 12
     energy = usage["energy"]
-    assert set(energy) == {"joules", "tokens_per_joule", "backend", "method"}
+    assert set(energy) == {"joules", "tokens_per_joule", "backend", "method", "joules_all_in"}
     assert energy["joules"] > 0
     assert b": energy" not in body
 

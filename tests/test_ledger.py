@@ -28,6 +28,7 @@ import redis
 from proxy.ledger import GROUP_KEYS, Ledger, LedgerRecord, hour_floor_s, hour_iso, open_ledger
 from proxy.ledger.usage import (
     format_table,
+    grams_to_ug,
     joules_to_uj,
     parse_group_by,
     parse_time_s,
@@ -119,7 +120,13 @@ def make_records(n: int, *, seed: int = 1, hours: int = 3, base_s: float = T0,
             start_s=end - rng.uniform(0.05, 30), end_s=end))
     # Some answers had reasoning tokens (a part of their completion tokens); the draw above is
     # left as it was so every seed gives the records it always gave.
-    return [replace(r, reasoning_tokens=r.completion_tokens // 3 if i % 2 else 0) for i, r in enumerate(out)]
+    # Carbon: all-in joules and grams, derived without new draws for the same reason.
+    return [replace(r, reasoning_tokens=r.completion_tokens // 3 if i % 2 else 0,
+                    joules_all_in=1.4 * r.joules, gco2e=1.4 * r.joules / 3.6e6 * (100 + i % 400))
+            for i, r in enumerate(out)]
+
+
+SITE_OF = {"h100-a": "solar"}  # l4-b has no site: it groups under ""
 
 
 def expected(records: list[LedgerRecord], group_by: tuple[str, ...],
@@ -129,23 +136,26 @@ def expected(records: list[LedgerRecord], group_by: tuple[str, ...],
         if tenant is not None and r.tenant != tenant:
             continue
         values = {"tenant": r.tenant, "model": r.model, "backend": r.backend,
-                  "hour": hour_iso(hour_floor_s(r.end_s))}
-        acc = sums.setdefault(tuple(values[k] for k in group_by), [0, 0, 0, 0, 0])
+                  "hour": hour_iso(hour_floor_s(r.end_s)), "site": SITE_OF.get(r.backend, "")}
+        acc = sums.setdefault(tuple(values[k] for k in group_by), [0] * 7)
         acc[0] += 1
         acc[1] += r.prompt_tokens
         acc[2] += r.completion_tokens
         acc[3] += joules_to_uj(r.joules)
         acc[4] += r.reasoning_tokens
+        acc[5] += joules_to_uj(r.joules_all_in)
+        acc[6] += grams_to_ug(r.gco2e)
     return {k: tuple(v) for k, v in sums.items()}
 
 
 async def actual(ledger: Ledger, group_by: tuple[str, ...], **query: Any) -> dict[tuple[Any, ...], tuple[int, ...]]:
-    rows = await ledger.usage(group_by=group_by, **{"tenant": None, **query})
+    rows = await ledger.usage(group_by=group_by, **{"tenant": None, "site_of": SITE_OF, **query})
     out = {}
     for row in rows:
         assert row.joules == row.joules_uj / 1e6
         out[tuple(getattr(row, k) for k in group_by)] = (
-            row.requests, row.prompt_tokens, row.completion_tokens, row.joules_uj, row.reasoning_tokens)
+            row.requests, row.prompt_tokens, row.completion_tokens, row.joules_uj, row.reasoning_tokens,
+            row.joules_all_in_uj, row.gco2e_ug)
     return out
 
 
@@ -169,16 +179,19 @@ def test_totals_exact_for_every_grouping(store: Store) -> None:
             for group_by in ALL_GROUPINGS:
                 assert await actual(ledger, group_by) == expected(records, group_by), group_by
                 # CSV parses back to the same integers (joules exact to the micro-joule).
-                rows = await ledger.usage(tenant=None, since_s=None, until_s=None, group_by=group_by)
+                rows = await ledger.usage(tenant=None, since_s=None, until_s=None, group_by=group_by,
+                                          site_of=SITE_OF)
                 parsed = {tuple(line[k] for k in group_by): (
                     int(line["requests"]), int(line["prompt_tokens"]),
                     int(line["completion_tokens"]), int(Decimal(line["joules"]) * 1_000_000),
-                    int(line["reasoning_tokens"]))
+                    int(line["reasoning_tokens"]), int(Decimal(line["joules_all_in"]) * 1_000_000),
+                    int(Decimal(line["gco2e"]) * 1_000_000))
                     for line in csv.DictReader(io.StringIO(rows_to_csv(rows, group_by)))}
                 assert parsed == expected(records, group_by)
             payload = usage_payload(await ledger.usage(group_by=("model",)), ("model",))
             assert set(payload["data"][0]) == {"model", "requests", "prompt_tokens",
-                                               "completion_tokens", "reasoning_tokens", "joules"}
+                                               "completion_tokens", "reasoning_tokens", "joules",
+                                               "joules_all_in", "gco2e"}
             assert payload["total"]["requests"] == 1000
             assert payload["total"]["joules"] == sum(joules_to_uj(r.joules) for r in records) / 1e6
             # One tenant, and a range that overlaps only the middle hour.
@@ -420,7 +433,7 @@ def test_retention_prunes_request_rows_not_aggregates(store: Store) -> None:
             ledger.record(fresh)
             await ledger.flush()
             assert await ledger.get_request("fresh-1") == fresh
-            assert await actual(ledger, ()) == {(): (2, 10, 14, 7_000_000, 0)}
+            assert await actual(ledger, ()) == {(): (2, 10, 14, 7_000_000, 0, 0, 0)}
         finally:
             await ledger.close()
 
@@ -512,7 +525,7 @@ def test_record_never_raises() -> None:
         ledger.record(LedgerRecord("nan", "acme", "m", "b", 1, 2, float("nan"), "none", T0, T0 + 1))
         assert ledger.stats.record_errors == 1
         await ledger.flush()
-        assert await actual(ledger, ()) == {(): (1, 1, 2, 0, 0)}
+        assert await actual(ledger, ()) == {(): (1, 1, 2, 0, 0, 0, 0)}
         await ledger.close()
 
     run(body)
@@ -534,7 +547,8 @@ def test_urls_and_helpers(tmp_path: Path) -> None:
     rows = run(lambda: _usage_of(make_records(20, seed=9)))
     table = format_table(rows, ("tenant",))
     assert table.splitlines()[0].split() == ["tenant", "requests", "prompt_tokens",
-                                             "completion_tokens", "reasoning_tokens", "joules"]
+                                             "completion_tokens", "reasoning_tokens", "joules",
+                                             "joules_all_in", "gco2e"]
     assert "TOTAL" in table and " 20 " in table.splitlines()[-1]
 
 
@@ -634,7 +648,7 @@ CREATE TABLE aggregates (
 #: A record with reasoning tokens, billed next to one written by an older version.
 _NEW = LedgerRecord(request_id="new-1", tenant="acme", model="m", backend="b", prompt_tokens=3,
                     completion_tokens=40, reasoning_tokens=30, joules=1.0, method="measured",
-                    start_s=T0 + 2, end_s=T0 + 3)
+                    start_s=T0 + 2, end_s=T0 + 3, joules_all_in=1.5, gco2e=0.25)
 
 
 def test_sqlite_ledger_from_before_reasoning_tokens_is_migrated(tmp_path: Path) -> None:
@@ -655,7 +669,7 @@ def test_sqlite_ledger_from_before_reasoning_tokens_is_migrated(tmp_path: Path) 
             ledger.record(new)
             await ledger.flush()
             assert await ledger.get_request("new-1") == new
-            assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30)}
+            assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
         finally:
             await ledger.close()
 
@@ -666,8 +680,11 @@ def test_rows_from_before_reasoning_tokens_are_read() -> None:
     rec = make_records(2, seed=12)[1]
     assert rec.reasoning_tokens > 0
     assert LedgerRecord.from_row(rec.to_row()) == rec
-    assert LedgerRecord.from_row(rec.to_row()[:12]) == replace(rec, reasoning_tokens=0)
-    assert LedgerRecord.from_row(rec.to_row()[:11]) == replace(rec, reasoning_tokens=0, key="")
+    old = replace(rec, reasoning_tokens=0, joules_all_in=0.0, gco2e=0.0)
+    assert LedgerRecord.from_row(rec.to_row()[:12]) == old
+    assert LedgerRecord.from_row(rec.to_row()[:11]) == replace(old, key="")
+    # Rows from before carbon was recorded: all-in joules and grams read as 0.
+    assert LedgerRecord.from_row(rec.to_row()[:13]) == replace(rec, joules_all_in=0.0, gco2e=0.0)
 
 
 @pytest.mark.parametrize("store", ["redis"], indirect=True)
@@ -692,7 +709,7 @@ def test_redis_hours_from_before_reasoning_tokens_sum(store: Store) -> None:
         try:
             ledger.record(new)
             await ledger.flush()
-            assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30)}
+            assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
             assert await ledger.get_request("new-1") == new
         finally:
             await ledger.close()

@@ -43,6 +43,7 @@ class EnergyResult:
     tokens_per_joule: float
     backend: str
     method: str  # measured | estimated
+    host_joules: float = 0.0  # host (CPU, DRAM) share, split like the GPU's (proxy/carbon.py)
 
     def as_dict(self) -> dict[str, float | str]:
         return {
@@ -67,6 +68,10 @@ class BackendMeter:
         )
         self._on_final = on_final
         self.learner = SplitLearner(config.energy.prefill_weight) if config.energy.learn else None
+        # Host energy (power.host_w, constant), sampled at the GPU's sample times.
+        self.host_w = power.host_w
+        if self.host_w is not None:
+            self.attributor.host = EnergyTimeline()
         self.source: PowerSource | None = make_source(power, self._on_sample)
         self.last_power_w: float | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_FINALS)
@@ -90,6 +95,13 @@ class BackendMeter:
             self.timeline.add_power_sample(sample.t_s, sample.power_w)
         else:
             return
+        if sample.host_energy_j is not None:  # the agent's RAPL counter beats a constant
+            if self.attributor.host is None or self.attributor.host.kind == "power":
+                self.attributor.host = EnergyTimeline()
+            self.attributor.host.add_energy_sample(sample.t_s, sample.host_energy_j)
+        elif self.host_w is not None and self.attributor.host is not None \
+                and self.attributor.host.kind != "energy":
+            self.attributor.host.add_power_sample(sample.t_s, self.host_w)
         self._heard_s = time.time()
         if not self.source_up:
             self.source_up = True
@@ -272,4 +284,8 @@ class EnergyMeter:
         if meter.learner is not None:
             meter.learner.close(request_id, end_s, prompt_tokens, completion_tokens)
         tokens = prompt_tokens if embedding else completion_tokens
-        return EnergyResult(estimate.joules, tokens_per_joule(tokens, estimate.joules), backend, estimate.method)
+        a = meter.attributor
+        host_j = estimate.joules * a.host_attributed_j / a.books.attributed_j \
+            if a.books.attributed_j > 0 else 0.0  # an estimate: the host/GPU ratio so far
+        return EnergyResult(estimate.joules, tokens_per_joule(tokens, estimate.joules), backend,
+                            estimate.method, host_j)

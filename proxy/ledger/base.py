@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -67,8 +67,10 @@ class Ledger(ABC):
 
     @abstractmethod
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
-                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
-        """Sums per group; `tenant` None means all tenants.
+                    until_s: float | None = None, group_by: Sequence[str] = (),
+                    site_of: Mapping[str, str] | None = None) -> list[UsageRow]:
+        """Sums per group; `tenant` None means all tenants. Grouping by `site` maps each
+        cell's backend through `site_of` (the config's `site:` per backend).
 
         Answered from the hourly aggregates, so the range is whole hours: an hour counts when it
         overlaps [since_s, until_s) -- since_s is rounded down and until_s up to the hour.
@@ -414,12 +416,15 @@ class BufferedLedger(Ledger):
 
     # ---- reads --------------------------------------------------------------------------------
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,
-                    until_s: float | None = None, group_by: Sequence[str] = ()) -> list[UsageRow]:
+                    until_s: float | None = None, group_by: Sequence[str] = (),
+                    site_of: Mapping[str, str] | None = None) -> list[UsageRow]:
         keys = validate_group_by(group_by)
         # Flushing first makes usage include everything this process has recorded; the flush
         # is idempotent and cheap, and a store that cannot be written cannot be read either.
         await self.flush()
         since_hour = None if since_s is None else hour_floor_s(since_s)
+        if "site" in keys:  # not a stored key: cells are grouped here, by their backend's site
+            return group_buckets(await self._buckets(tenant, since_hour, until_s), keys, site_of)
         return await self._grouped(tenant, since_hour, until_s, keys)
 
     async def get_request(self, request_id: str, tenant: str | None = None) -> LedgerRecord | None:

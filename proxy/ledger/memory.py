@@ -9,7 +9,7 @@ from typing import Any
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
-from proxy.ledger.usage import Bucket, joules_to_uj
+from proxy.ledger.usage import Bucket, grams_to_ug, joules_to_uj
 
 
 class MemoryLedger(BufferedLedger):
@@ -21,7 +21,7 @@ class MemoryLedger(BufferedLedger):
         self._requests: dict[str, tuple[LedgerRecord, float]] = {}
         self._uids: dict[str, list[str]] = {}  # client-visible request id -> uids, oldest first
         # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj,
-        # reasoning_tokens]
+        # reasoning_tokens, all-in µJ, µg CO2e]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
         self._tenant_hour_uj: dict[tuple[str, int], int] = {}
         # Budget holds: tenant -> key -> (µJ, monotonic expiry); no await between read and write.
@@ -40,12 +40,14 @@ class MemoryLedger(BufferedLedger):
             new += 1
             hour = rec.hour_s
             uj = joules_to_uj(rec.joules)
-            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0, 0, 0, 0, 0])
+            cell = self._cells.setdefault((rec.tenant, rec.model, rec.backend, hour), [0] * 7)
             cell[0] += 1
             cell[1] += rec.prompt_tokens
             cell[2] += rec.completion_tokens
             cell[3] += uj
             cell[4] += rec.reasoning_tokens
+            cell[5] += joules_to_uj(rec.joules_all_in)
+            cell[6] += grams_to_ug(rec.gco2e)
             key = (rec.tenant, hour)
             self._tenant_hour_uj[key] = self._tenant_hour_uj.get(key, 0) + uj
         return new

@@ -33,6 +33,8 @@ class LedgerRecord:
     status: int = 200
     key: str = ""  # the proxy's unique id for the request (RequestRecord.key); "" if none
     reasoning_tokens: int = 0  # of completion_tokens, where the engine reported them
+    joules_all_in: float = 0.0  # (GPU + host) x PUE (proxy/carbon.py); 0 where not recorded
+    gco2e: float = 0.0  # grams CO2e of joules_all_in at the site's grid intensity
 
     @property
     def uid(self) -> str:
@@ -53,15 +55,17 @@ class LedgerRecord:
         """A compact JSON-able form, used by the journal and the Redis store."""
         return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
                 self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status, self.key, self.reasoning_tokens]
+                self.status, self.key, self.reasoning_tokens, self.joules_all_in, self.gco2e]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
         """From `to_row`'s form; rows written before keys existed have 11 fields, before
-        reasoning tokens 12."""
+        reasoning tokens 12, before carbon 13."""
         return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
                    float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
-                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0)
+                   str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0,
+                   float(row[13] or 0.0) if len(row) > 13 else 0.0,
+                   float(row[14] or 0.0) if len(row) > 14 else 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ Keys, under `key_prefix` (default `joulegate:`):
   wall clock, ms), trimmed to `retention_s` on each write: lookups by id without a scan.
 - `agg:<hour_s>`: a hash per UTC hour; field `<m>:<json [tenant, model, backend]>` with m one of
   r (requests), p (prompt tokens), c (completion tokens), j (micro-joules), x (reasoning
-  tokens, absent in hours written before they were recorded).
+  tokens, absent in hours written before they were recorded), a (all-in micro-joules) and
+  g (micrograms CO2e), absent (read as 0) in hours written before carbon was recorded.
 - `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
 - `tj:<tenant>`: a hash hour_s -> micro-joules; a budget check reads only its period's hours.
 - `hold:<tenant>` / `holdx:<tenant>`: budget holds of requests in flight (key -> micro-joules)
@@ -43,7 +44,7 @@ from redis.backoff import NoBackoff
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
-from proxy.ledger.usage import Bucket, hour_floor_s, joules_to_uj
+from proxy.ledger.usage import Bucket, grams_to_ug, hour_floor_s, joules_to_uj
 
 HOUR_S = 3600
 
@@ -74,11 +75,14 @@ while i <= #ARGV do
     h['j:' .. group] = (h['j:' .. group] or 0) + uj
     local x = tonumber(ARGV[i + 10])
     if x > 0 then h['x:' .. group] = (h['x:' .. group] or 0) + x end
+    local a, g = tonumber(ARGV[i + 11]), tonumber(ARGV[i + 12])
+    if a > 0 then h['a:' .. group] = (h['a:' .. group] or 0) + a end
+    if g > 0 then h['g:' .. group] = (h['g:' .. group] or 0) + g end
     local t = spend[tenant]
     if not t then t = {}; spend[tenant] = t end
     t[hour] = (t[hour] or 0) + uj
   end
-  i = i + 11
+  i = i + 13
 end
 for hour, fields in pairs(cells) do
   redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
@@ -176,7 +180,8 @@ class RedisLedger(BufferedLedger):
             group = orjson.dumps([rec.tenant, rec.model, rec.backend])
             args += (rec.uid, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
                      rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules),
-                     rec.request_id, rec.reasoning_tokens)
+                     rec.request_id, rec.reasoning_tokens, joules_to_uj(rec.joules_all_in),
+                     grams_to_ug(rec.gco2e))
         self._client()  # raises if not started
         holds = [part for hold in self._holds(records) for part in hold]
         return int(await self._script(keys=holds, args=args))
@@ -193,14 +198,14 @@ class RedisLedger(BufferedLedger):
         for hour in hours:
             pipe.hgetall(self._prefix_b + b"agg:" + str(hour).encode())
         cells: dict[tuple[str, str, str, int], list[int]] = {}
-        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3, b"x": 4}
+        index = {b"r": 0, b"p": 1, b"c": 2, b"j": 3, b"x": 4, b"a": 5, b"g": 6}
         for hour, fields in zip(hours, await pipe.execute(), strict=True):
             for field, value in fields.items():
                 metric, _, group = field.partition(b":")
                 t, m, b = orjson.loads(group)
                 if tenant is not None and t != tenant:
                     continue
-                cell = cells.setdefault((t, m, b, hour), [0, 0, 0, 0, 0])
+                cell = cells.setdefault((t, m, b, hour), [0] * 7)
                 slot = index.get(metric)
                 if slot is not None:  # a field a newer version added: not ours to sum
                     cell[slot] += int(value)

@@ -29,7 +29,7 @@ from typing import Any
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.journal import connect
 from proxy.ledger.record import UID_SEP, LedgerRecord, latest, split_uid
-from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, hour_iso, joules_to_uj
+from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, grams_to_ug, hour_iso, joules_to_uj
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS requests (
     joules REAL NOT NULL, joules_uj INTEGER NOT NULL, method TEXT NOT NULL,
     start_s REAL NOT NULL, end_s REAL NOT NULL, status INTEGER NOT NULL,
     written_s REAL NOT NULL,  -- wall clock of the flush; retention counts from here
-    reasoning_tokens INTEGER NOT NULL DEFAULT 0
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    joules_all_in REAL NOT NULL DEFAULT 0, gco2e REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_written_s ON requests (written_s);
 CREATE TABLE IF NOT EXISTS aggregates (
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS aggregates (
     requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, joules_uj INTEGER NOT NULL,
     reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    joules_all_in_uj INTEGER NOT NULL DEFAULT 0, gco2e_ug INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, model, backend, hour_s)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS aggregates_tenant_hour ON aggregates (tenant, hour_s);
@@ -60,25 +62,32 @@ CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
 
 INSERT_REQUEST = (
     "INSERT OR IGNORE INTO requests (request_id, tenant, model, backend, prompt_tokens,"
-    " completion_tokens, joules, joules_uj, method, start_s, end_s, status, written_s, reasoning_tokens)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " completion_tokens, joules, joules_uj, method, start_s, end_s, status, written_s, reasoning_tokens,"
+    " joules_all_in, gco2e) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 UPSERT_CELL = (
     "INSERT INTO aggregates (tenant, model, backend, hour_s, requests, prompt_tokens,"
-    " completion_tokens, joules_uj, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " completion_tokens, joules_uj, reasoning_tokens, joules_all_in_uj, gco2e_ug)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, model, backend, hour_s) DO UPDATE SET"
     " requests = requests + excluded.requests,"
     " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
     " joules_uj = joules_uj + excluded.joules_uj,"
-    " reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens"
+    " reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,"
+    " joules_all_in_uj = joules_all_in_uj + excluded.joules_all_in_uj,"
+    " gco2e_ug = gco2e_ug + excluded.gco2e_ug"
 )
 REQUEST_COLUMNS = ("request_id, tenant, model, backend, prompt_tokens, completion_tokens, joules,"
-                   " method, start_s, end_s, status, '', reasoning_tokens")
+                   " method, start_s, end_s, status, '', reasoning_tokens, joules_all_in, gco2e")
 #: Columns added since the first schema, with their definitions (ALTER TABLE on open).
 MIGRATIONS = (
     ("requests", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("aggregates", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("requests", "joules_all_in", "REAL NOT NULL DEFAULT 0"),
+    ("requests", "gco2e", "REAL NOT NULL DEFAULT 0"),
+    ("aggregates", "joules_all_in_uj", "INTEGER NOT NULL DEFAULT 0"),
+    ("aggregates", "gco2e_ug", "INTEGER NOT NULL DEFAULT 0"),
 )
 PRUNE_BATCH = 5000  # rows per delete transaction, so a prune never holds the write lock long
 
@@ -181,15 +190,17 @@ class SqliteLedger(BufferedLedger):
                 cur = conn.execute(INSERT_REQUEST, (
                     rec.uid, rec.tenant, rec.model, rec.backend, rec.prompt_tokens,
                     rec.completion_tokens, rec.joules, uj, rec.method, rec.start_s, rec.end_s,
-                    rec.status, now, rec.reasoning_tokens))
+                    rec.status, now, rec.reasoning_tokens, rec.joules_all_in, rec.gco2e))
                 if cur.rowcount != 1:
                     continue  # seen before: the aggregates already hold it
-                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0, 0, 0, 0, 0])
+                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0] * 7)
                 cell[0] += 1
                 cell[1] += rec.prompt_tokens
                 cell[2] += rec.completion_tokens
                 cell[3] += uj
                 cell[4] += rec.reasoning_tokens
+                cell[5] += joules_to_uj(rec.joules_all_in)
+                cell[6] += grams_to_ug(rec.gco2e)
             conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
             conn.executemany("DELETE FROM holds WHERE key = ?", [(key,) for _, key in holds])
             conn.execute("COMMIT")
@@ -207,7 +218,8 @@ class SqliteLedger(BufferedLedger):
         cols = [("hour_s" if key == "hour" else key) for key in group_by]
         where, args = _where(tenant, since_hour_s, until_s)
         sql = (f"SELECT {', '.join([*cols, ''])}SUM(requests), SUM(prompt_tokens),"
-               f" SUM(completion_tokens), SUM(joules_uj), SUM(reasoning_tokens) FROM aggregates{where}")
+               f" SUM(completion_tokens), SUM(joules_uj), SUM(reasoning_tokens), SUM(joules_all_in_uj),"
+               f" SUM(gco2e_ug) FROM aggregates{where}")
         if cols:
             sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
         rows: list[UsageRow] = []
@@ -220,7 +232,8 @@ class SqliteLedger(BufferedLedger):
                 keys["hour"] = hour_iso(keys["hour"])
             rows.append(UsageRow(requests=row[n], prompt_tokens=row[n + 1],
                                  completion_tokens=row[n + 2], joules_uj=row[n + 3],
-                                 joules=row[n + 3] / UJ_PER_J, reasoning_tokens=row[n + 4], **keys))
+                                 joules=row[n + 3] / UJ_PER_J, reasoning_tokens=row[n + 4],
+                                 joules_all_in_uj=row[n + 5], gco2e_ug=row[n + 6], **keys))
         return rows
 
     async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
@@ -233,7 +246,7 @@ class SqliteLedger(BufferedLedger):
         where, args = _where(tenant, since_hour_s, until_s)
         return [Bucket(*row) for row in self._db().execute(
             "SELECT tenant, model, backend, hour_s, requests, prompt_tokens, completion_tokens,"
-            f" joules_uj, reasoning_tokens FROM aggregates{where}", args)]
+            f" joules_uj, reasoning_tokens, joules_all_in_uj, gco2e_ug FROM aggregates{where}", args)]
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,
                        until_s: float | None) -> list[Bucket]:
@@ -294,7 +307,7 @@ def _record(row: Sequence[Any]) -> LedgerRecord:
     """A `requests` row (REQUEST_COLUMNS: the key's slot is empty) as a record; its first
     column holds the uid."""
     request_id, key = split_uid(row[0])
-    return LedgerRecord.from_row([request_id, *row[1:11], key, row[12]])
+    return LedgerRecord.from_row([request_id, *row[1:11], key, *row[12:]])
 
 
 def _where(tenant: str | None, since_hour_s: int | None,

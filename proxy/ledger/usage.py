@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-GROUP_KEYS: tuple[str, ...] = ("tenant", "model", "backend", "hour")
+GROUP_KEYS: tuple[str, ...] = ("tenant", "model", "backend", "hour", "site")
+UG_PER_G = 1_000_000  # grams CO2e are summed as integer micrograms, like joules in µJ
 HOUR_S = 3600
 UJ_PER_J = 1_000_000
 
@@ -24,6 +25,11 @@ UJ_PER_J = 1_000_000
 def joules_to_uj(joules: float) -> int:
     """Joules to integer micro-joules, rounded to nearest."""
     return round(joules * UJ_PER_J)
+
+
+def grams_to_ug(grams: float) -> int:
+    """Grams to integer micrograms, rounded to nearest."""
+    return round(grams * UG_PER_G)
 
 
 def hour_floor_s(t_s: float) -> int:
@@ -49,6 +55,8 @@ class Bucket:
     completion_tokens: int
     joules_uj: int
     reasoning_tokens: int = 0
+    joules_all_in_uj: int = 0  # (GPU + host) x PUE; 0 in cells written before it was recorded
+    gco2e_ug: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +73,24 @@ class UsageRow:
     backend: str | None = None
     hour: str | None = None  # UTC hour start, "2026-11-27T04:00:00Z"
     reasoning_tokens: int = 0  # of completion_tokens
+    joules_all_in_uj: int = 0
+    gco2e_ug: int = 0
+    site: str | None = None  # the backend's site in the config (proxy/carbon.py); "" if none
+
+    @property
+    def joules_all_in(self) -> float:
+        return self.joules_all_in_uj / UJ_PER_J
+
+    @property
+    def gco2e(self) -> float:
+        return self.gco2e_ug / UG_PER_G
 
     def to_dict(self, group_by: Sequence[str]) -> dict[str, Any]:
         """The contract's row object: the grouping keys asked for, then the sums."""
         out: dict[str, Any] = {key: getattr(self, key) for key in GROUP_KEYS if key in group_by}
         out.update(requests=self.requests, prompt_tokens=self.prompt_tokens,
                    completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
-                   joules=self.joules)
+                   joules=self.joules, joules_all_in=self.joules_all_in, gco2e=self.gco2e)
         return out
 
 
@@ -85,7 +104,8 @@ def validate_group_by(group_by: Iterable[str]) -> tuple[str, ...]:
     return tuple(key for key in GROUP_KEYS if key in wanted)
 
 
-SUM_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "joules")
+SUM_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "joules",
+              "joules_all_in", "gco2e")
 
 
 
@@ -139,40 +159,49 @@ def _row(key: tuple[Any, ...], group_by: tuple[str, ...], sums: list[int]) -> Us
     if "hour" in keys:
         keys["hour"] = hour_iso(keys["hour"])
     return UsageRow(requests=sums[0], prompt_tokens=sums[1], completion_tokens=sums[2],
-                    joules_uj=sums[3], joules=sums[3] / UJ_PER_J, reasoning_tokens=sums[4], **keys)
+                    joules_uj=sums[3], joules=sums[3] / UJ_PER_J, reasoning_tokens=sums[4],
+                    joules_all_in_uj=sums[5], gco2e_ug=sums[6], **keys)
 
 
-def group_buckets(buckets: Iterable[Bucket], group_by: Sequence[str]) -> list[UsageRow]:
+def group_buckets(buckets: Iterable[Bucket], group_by: Sequence[str],
+                  site_of: Mapping[str, str] | None = None) -> list[UsageRow]:
     """Sum aggregate cells per group; rows sorted by the grouping keys (hours in time order).
-    No cells -> no rows (also when group_by is empty)."""
+    No cells -> no rows (also when group_by is empty). `site` groups by `site_of[backend]`
+    ("" for a backend without one)."""
     keys = validate_group_by(group_by)
     attrs = tuple("hour_s" if key == "hour" else key for key in keys)
+    sites = site_of or {}
     sums: dict[tuple[Any, ...], list[int]] = {}
     for b in buckets:
-        key = tuple(getattr(b, attr) for attr in attrs)
+        key = tuple(sites.get(b.backend, "") if attr == "site" else getattr(b, attr) for attr in attrs)
         acc = sums.get(key)
         if acc is None:
-            sums[key] = [b.requests, b.prompt_tokens, b.completion_tokens, b.joules_uj, b.reasoning_tokens]
+            sums[key] = [b.requests, b.prompt_tokens, b.completion_tokens, b.joules_uj,
+                         b.reasoning_tokens, b.joules_all_in_uj, b.gco2e_ug]
         else:
             acc[0] += b.requests
             acc[1] += b.prompt_tokens
             acc[2] += b.completion_tokens
             acc[3] += b.joules_uj
             acc[4] += b.reasoning_tokens
+            acc[5] += b.joules_all_in_uj
+            acc[6] += b.gco2e_ug
     return [_row(key, keys, sums[key]) for key in sorted(sums)]
 
 
 def totals(rows: Iterable[UsageRow]) -> dict[str, Any]:
     """The contract's `total` object: exact sums over rows."""
-    req = pt = ct = rt = uj = 0
+    req = pt = ct = rt = uj = all_in_uj = ug = 0
     for row in rows:
         req += row.requests
         pt += row.prompt_tokens
         ct += row.completion_tokens
         rt += row.reasoning_tokens
         uj += row.joules_uj
+        all_in_uj += row.joules_all_in_uj
+        ug += row.gco2e_ug
     return {"requests": req, "prompt_tokens": pt, "completion_tokens": ct, "reasoning_tokens": rt,
-            "joules": uj / UJ_PER_J}
+            "joules": uj / UJ_PER_J, "joules_all_in": all_in_uj / UJ_PER_J, "gco2e": ug / UG_PER_G}
 
 
 def usage_payload(rows: Sequence[UsageRow], group_by: Sequence[str]) -> dict[str, Any]:
@@ -190,14 +219,15 @@ def format_uj(joules_uj: int) -> str:
 
 def rows_to_csv(rows: Iterable[UsageRow], group_by: Sequence[str]) -> str:
     """CSV with a header: the grouping keys, then requests, prompt_tokens, completion_tokens,
-    reasoning_tokens, joules (exact to the micro-joule)."""
+    reasoning_tokens, joules, joules_all_in, gco2e (exact to the micro-joule, microgram)."""
     keys = validate_group_by(group_by)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*keys, *SUM_FIELDS])
     for row in rows:
         writer.writerow([*(getattr(row, key) for key in keys), row.requests, row.prompt_tokens,
-                         row.completion_tokens, row.reasoning_tokens, format_uj(row.joules_uj)])
+                         row.completion_tokens, row.reasoning_tokens, format_uj(row.joules_uj),
+                         format_uj(row.joules_all_in_uj), format_uj(row.gco2e_ug)])
     return out.getvalue()
 
 
@@ -206,12 +236,14 @@ def format_table(rows: Sequence[UsageRow], group_by: Sequence[str]) -> str:
     keys = validate_group_by(group_by)
     header = [*keys, *SUM_FIELDS]
     body = [[*(str(getattr(row, key)) for key in keys), str(row.requests), str(row.prompt_tokens),
-             str(row.completion_tokens), str(row.reasoning_tokens), f"{row.joules_uj / UJ_PER_J:.3f}"]
+             str(row.completion_tokens), str(row.reasoning_tokens), f"{row.joules_uj / UJ_PER_J:.3f}",
+             f"{row.joules_all_in:.3f}", f"{row.gco2e:.4f}"]
             for row in rows]
     total = totals(rows)
     label = ["TOTAL", *([""] * (len(keys) - 1))] if keys else []
     body.append([*label, str(total["requests"]), str(total["prompt_tokens"]),
-                 str(total["completion_tokens"]), str(total["reasoning_tokens"]), f"{total['joules']:.3f}"])
+                 str(total["completion_tokens"]), str(total["reasoning_tokens"]), f"{total['joules']:.3f}",
+                 f"{total['joules_all_in']:.3f}", f"{total['gco2e']:.4f}"])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     numeric = [False] * len(keys) + [True] * len(SUM_FIELDS)
 

@@ -23,6 +23,7 @@ import argparse
 import heapq
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from proxy.energy.attribution import ScheduledRequest, attribute_schedule
 from proxy.sim.engine import Engine, Request, Step
 from proxy.sim.plot import svg_bars
 from proxy.sim.profiles import GpuProfile, get_profile, profile_names
+from proxy.sim.sites import CarbonBooks, Site, parse_sites
 from proxy.sim.traces import TraceError, TraceRequest, read_trace
 
 __all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_NAMES",
@@ -46,6 +48,7 @@ __all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_N
            "backend_capacity_rps", "add_simulate_parser", "run_simulate", "main_simulate"]
 
 POLICY_NAMES = ("round_robin", "least_loaded", "efficiency")
+OBJECTIVES = ("joules", "carbon")
 
 
 class FleetError(ValueError):
@@ -59,19 +62,27 @@ class FleetBackend:
     name: str
     profile: GpuProfile
     max_concurrency: int | None = None
+    site: Site | None = None  # PUE and grid intensity; None: no carbon figures
 
 
-def parse_fleet(data: Any, source: str = "fleet") -> list[FleetBackend]:
-    """`{backends: [{name, profile, count?, max_concurrency?}, ...]}` -> backends; `count: k`
-    expands `name` to `name-0` .. `name-(k-1)`."""
+def parse_fleet(data: Any, source: str = "fleet", base_dir: str = ".") -> list[FleetBackend]:
+    """`{backends: [{name, profile, count?, max_concurrency?, site?}, ...], sites?: [...]}` ->
+    backends; `count: k` expands `name` to `name-0` .. `name-(k-1)`. With `sites:` every
+    backend names one (`proxy/sim/sites.py`); a relative CSV is read from `base_dir`."""
     if not isinstance(data, dict) or not isinstance(data.get("backends"), list) or not data["backends"]:
         raise FleetError(f"{source}: expected `backends:` with a non-empty list")
+    sites: dict[str, Site] = {}
+    if "sites" in data:
+        try:
+            sites = parse_sites(data["sites"], source, base_dir)
+        except ValueError as exc:
+            raise FleetError(str(exc)) from None
     out: list[FleetBackend] = []
     for i, item in enumerate(data["backends"]):
         where = f"{source}: backends[{i}]"
         if not isinstance(item, dict):
             raise FleetError(f"{where}: expected a mapping with `profile`")
-        unknown = set(item) - {"name", "profile", "count", "max_concurrency"}
+        unknown = set(item) - {"name", "profile", "count", "max_concurrency", "site"}
         if unknown:
             raise FleetError(f"{where}: unknown field {sorted(unknown)[0]!r}")
         try:
@@ -84,8 +95,14 @@ def parse_fleet(data: Any, source: str = "fleet") -> list[FleetBackend]:
             raise FleetError(f"{where}: count must be an integer >= 1")
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise FleetError(f"{where}: max_concurrency must be an integer >= 1")
+        site = None
+        if sites or "site" in item:
+            site = sites.get(item.get("site"))  # type: ignore[arg-type]
+            if site is None:
+                raise FleetError(f"{where}: site must name one of `sites:` "
+                                 f"({', '.join(sites) or 'none declared'})")
         names = [name] if "count" not in item else [f"{name}-{j}" for j in range(count)]
-        out.extend(FleetBackend(n, profile, cap) for n in names)
+        out.extend(FleetBackend(n, profile, cap, site) for n in names)
     seen: set[str] = set()
     for b in out:
         if b.name in seen:
@@ -103,18 +120,19 @@ def load_fleet(path: str) -> list[FleetBackend]:
         raise FleetError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise FleetError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_fleet(data, path)
+    return parse_fleet(data, path, os.path.dirname(os.path.abspath(path)))
 
 
 def make_sim_policy(name: str, models: Mapping[str, EfficiencyModel], slo_ttft_s: float,
-                    slo_tpot_s: float) -> Policy:
+                    slo_tpot_s: float, objective: str = "joules") -> Policy:
     """A fresh policy by its config name, the way the proxy builds it."""
     if name == "round_robin":
         return RoundRobin()
     if name == "least_loaded":
         return LeastLoaded()
     if name == "efficiency":
-        return Efficiency(models, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+        return Efficiency(models, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
+                          objective=objective)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
 
 
@@ -166,6 +184,7 @@ class BackendResult:
     idle_joules: float
     output_tokens: int
     slo_met: int = 0  # of `requests`, those meeting both TTFT and TPOT
+    gco2e: float | None = None  # grams CO2e, idle and PUE included (None: no site)
 
 
 @dataclass(slots=True)
@@ -188,6 +207,17 @@ class SimResult:
     # |sum of the engines' per-request joules - (counters - idle)|: energy conservation.
     conservation_error_j: float = 0.0
     attribution: dict[str, float] | None = None  # the live Attributor's books, if asked
+    # Grams of CO2e over the same energy as `joules` (x PUE x the site's intensity then);
+    # None when the fleet declares no sites.
+    gco2e_total: float | None = None
+    idle_gco2e: float | None = None
+    objective: str = "joules"
+
+    @property
+    def gco2e_per_1k_output_tokens(self) -> float | None:
+        if self.gco2e_total is None:
+            return None
+        return 1e3 * self.gco2e_total / self.output_tokens if self.output_tokens else 0.0
 
     @property
     def output_tokens_per_joule(self) -> float:
@@ -215,6 +245,8 @@ class SimResult:
             "requests": self.requests,
             "backends": {b.name: {"utilisation": b.utilisation, "requests": b.requests,
                                   "joules": b.joules} for b in self.backends.values()},
+            "gco2e_total": self.gco2e_total,
+            "gco2e_per_1k_output_tokens": self.gco2e_per_1k_output_tokens,
         }
 
     def details_json(self) -> dict[str, Any]:
@@ -230,6 +262,10 @@ class SimResult:
         }
         if self.attribution is not None:
             out["attribution"] = self.attribution
+        if self.gco2e_total is not None:
+            out["objective"], out["idle_gco2e"] = self.objective, self.idle_gco2e
+            for b in self.backends.values():
+                out["backends"][b.name]["gco2e"] = b.gco2e
         return out
 
 
@@ -247,7 +283,8 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], policy: str, *,
              slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.2, sample_interval_s: float = 0.1,
              attribute: bool = False,
-             models: dict[str, EfficiencyModel] | None = None) -> SimResult:
+             models: dict[str, EfficiencyModel] | None = None,
+             objective: str = "joules") -> SimResult:
     """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
 
     `models`: the learned models to use and feed, by backend name (fresh ones by default;
@@ -255,7 +292,15 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
 
     `attribute`: also run the proxy's Attributor over each backend's 100 ms counter samples
     and token arrivals, and report its books (slower: keeps every token's time).
+
+    `objective`: what `efficiency` minimises, `joules` or `carbon` (joules x PUE x the
+    site's intensity at the arrival; needs every backend to have a site).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    sites = [b.site for b in fleet]
+    if objective == "carbon" and (not fleet or any(s is None for s in sites)):
+        raise ValueError("objective carbon needs `sites:` in the fleet and a `site:` per backend")
     n_b, n_req = len(fleet), len(trace)
     names = [b.name for b in fleet]
     index = {name: i for i, name in enumerate(names)}
@@ -266,7 +311,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     for b in fleet:
         models.setdefault(b.name, EfficiencyModel())
     model_list = [models[name] for name in names]
-    chooser = make_sim_policy(policy, models, slo_ttft_s, slo_tpot_s)
+    chooser = make_sim_policy(policy, models, slo_ttft_s, slo_tpot_s, objective)
+    books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
+    last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""
 
     in_flight = [0] * n_b
@@ -339,6 +386,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                 if attribute:
                     samples[b].append((t_s, e_j))
                 model_list[b].power_sample(t_s, power_w)
+            if books is not None:
+                books.advance(t_s, count_idle=t_s <= last_arrival_s)
             tick_n += 1
             next_tick_s = tick_n * sample_interval_s  # no drift over a long run
         else:
@@ -348,8 +397,10 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
             ai += 1
             if ai == n_req:  # the last arrival: the offered span ends; idle so far counts
                 idle_at_end_j = [eng.idle_energy_j(t_s) for eng in engines]
-            views = [BackendView(names[b], True, in_flight[b], max_concurrency=caps[b])
-                     for b in range(n_b)]
+                if books is not None:
+                    books.advance(t_s)
+            views = [BackendView(names[b], True, in_flight[b], max_concurrency=caps[b],
+                                 **_site_terms(sites[b], t_s)) for b in range(n_b)]
             choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
             if choice is None:
                 rejected += 1
@@ -370,13 +421,28 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                     heapq.heappush(heap, (step.end_s, b))
 
     end_run_s = max(t_s, trace[-1].arrival_s if trace else 0.0)
-    return _summarise(
+    if books is not None:
+        books.advance(end_run_s, count_idle=False)
+    result = _summarise(
         policy, fleet, trace, engines, end_run_s, busy_s, served, tokens_by_backend, first_s,
         end_s, owner, rejected, truth_j, idle_at_end_j, slo_ttft_s, slo_tpot_s,
         _attribution(fleet, trace, engines, samples, arrivals, owner, truth_by_req, end_s,
                      end_run_s)
         if attribute else None,
     )
+    result.objective = objective
+    if books is not None:
+        result.gco2e_total, result.idle_gco2e = sum(books.grams), sum(books.idle_grams)
+        for b, name in enumerate(names):
+            result.backends[name].gco2e = books.grams[b]
+    return result
+
+
+def _site_terms(site: Site | None, t_s: float) -> dict[str, Any]:
+    """BackendView's carbon fields for a backend at `site` at virtual time `t_s`."""
+    if site is None:
+        return {}
+    return {"pue": site.pue, "gco2e_per_kwh": site.carbon.at(t_s)}
 
 
 def _summarise(policy: str, fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
@@ -471,6 +537,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--policy", default=",".join(POLICY_NAMES),
                    help="comma-separated policies (default: all three)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="joules",
+                   help="what `efficiency` minimises: GPU joules, or grams CO2e (needs sites:)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
@@ -497,9 +565,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (FleetError, TraceError) as exc:
         print(f"joulegate: error: {exc}", file=sys.stderr)
         return 2
+    objective = getattr(args, "objective", "joules")
+    if objective == "carbon" and any(b.site is None for b in fleet):
+        print(f"joulegate: error: {args.fleet}: --objective carbon needs `sites:` and a `site:` "
+              "per backend", file=sys.stderr)
+        return 2
     slo_ttft_s, slo_tpot_s = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
     results = [simulate(fleet, trace, p, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
-                        attribute=args.check_attribution) for p in policies]
+                        attribute=args.check_attribution, objective=objective) for p in policies]
     capacity_rps = fleet_capacity_rps(fleet, trace, slo_tpot_s)
     print(format_results(results, capacity_rps, args.slo_ttft_ms, args.slo_tpot_ms))
     try:
@@ -507,7 +580,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             payload = {"policies": {r.policy: r.contract_json() for r in results},
                        "details": {r.policy: r.details_json() for r in results},
                        "capacity_rps": capacity_rps,
-                       "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}}
+                       "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+                       "objective": objective}
             with open(args.json_out, "w") as f:
                 json.dump(payload, f, indent=2)
         if args.plot_out:
@@ -541,6 +615,12 @@ def format_results(results: Sequence[SimResult], capacity_rps: float, slo_ttft_m
                      f"{100 * r.idle_energy_share:>7.1f}{100 * r.slo_attainment:>8.2f}"
                      f"{r.ttft_p50_ms:>8.0f}ms{r.ttft_p99_ms:>8.0f}ms{r.tpot_p99_ms:>8.0f}ms"
                      f"{r.makespan_s:>8.0f}")
+    if r0.gco2e_total is not None:
+        lines.append(f"carbon (objective {r0.objective}; idle and PUE included):")
+        for r in results:
+            lines.append(f"  {r.policy:<14}{r.gco2e_total:>10.2f} gCO2e  "
+                         f"{r.gco2e_per_1k_output_tokens:>8.4f} g/1k tok  "
+                         f"idle {r.idle_gco2e:.2f} g")
     lines.append("utilisation (busy share of the run), per backend:")
     for r in results:
         cells = "  ".join(f"{b.name} {100 * b.utilisation:.0f}%" for b in r.backends.values())

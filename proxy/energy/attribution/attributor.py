@@ -55,7 +55,8 @@ class Attributor:
         "timeline", "weights", "idle", "learn_idle_power", "max_pending_s", "share_max_s",
         "books", "idle_w", "rates", "foreign", "foreign_until_s", "foreign_max_wait_s",
         "foreign_estimate_density", "publish_local", "local", "weighed_until_s", "_weighed_e_j",
-        "_weighed", "unsettled", "_ready", "_horizon_s", "_modelled",
+        "_weighed", "unsettled", "_ready", "_horizon_s", "_modelled", "host", "host_measured_j",
+        "host_attributed_j",
     )
 
     def __init__(
@@ -107,6 +108,12 @@ class Attributor:
         self._horizon_s = -_INF  # latest time seen: events before it count as reported
         # Spans (a_s, b_s) whose joules a model guessed (the power source was down), oldest first.
         self._modelled: deque[tuple[float, float]] = deque()
+        # The host's (CPU + DRAM) energy, sampled at the GPU's sample times: each interval's host
+        # joules go to its requests in the proportions its GPU joules went, the rest (idle,
+        # other replicas) stays off the requests. Books: measured and attributed host joules.
+        self.host: EnergyTimeline | None = None
+        self.host_measured_j = 0.0
+        self.host_attributed_j = 0.0
 
     @property
     def prefill_weight(self) -> float:
@@ -392,6 +399,13 @@ class Attributor:
             self._learn_idle_power(iv.energy_j, iv.b_s - iv.a_s)
         for r, share_j in zip(iv.reqs, split.shares, strict=False):
             r.joules += share_j
+        if self.host is not None:
+            host_j = self.host.joules_between(iv.a_s, iv.b_s)
+            ratio = host_j / iv.energy_j if iv.energy_j > 0 else 0.0
+            self.host_measured_j += host_j
+            for r, share_j in zip(iv.reqs, split.shares, strict=False):
+                r.host_joules += share_j * ratio
+            self.host_attributed_j += split.attributed_j * ratio
         books.book(split, iv.b_s, iv.b_e_j)
         for r, count in iv.counts:
             r.pending_tokens -= count
@@ -415,5 +429,6 @@ class Attributor:
         """`r` is done: forget it and hand out its final value."""
         self.unsettled.forget(r)
         r.final = Final(r.request_id, joules, r.prompt_tokens, r.completion_tokens, r.start_s,
-                        r.first_token_s, r.end_s if r.end_s is not None else r.start_s, method)
+                        r.first_token_s, r.end_s if r.end_s is not None else r.start_s, method,
+                        r.host_joules)
         self._ready.append(r.final)

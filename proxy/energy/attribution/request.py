@@ -32,6 +32,7 @@ class Final:
     end_s: float
     # `estimated` only where weights had to be guessed (forced) or samples never covered it.
     method: Method = "measured"
+    host_joules: float = 0.0  # host (CPU, DRAM) joules split like the GPU's; 0 without a host timeline
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class RequestState:
     pending_tokens: float = 0.0  # sum of weights in `arrivals`
     emitted: int = 0  # tokens seen so far: the next one's context is prompt + this
     joules: float = 0.0  # settled share so far
+    host_joules: float = 0.0  # settled host share so far (Attributor.host)
     guessed: bool = False  # a forced interval used provisional weights for it
     key: str = ""  # its key in `Attributor._requests` (the id, unless a namesake is settling)
     final: Final | None = None  # once settled

@@ -255,6 +255,8 @@ class AgentSource(PowerSource):
                      for g in (gpus[i] for i in chosen)]
             energy_mj = sum_or_none(r.energy_mj for r in reads)
             power_w = sum_or_none(r.power_w for r in reads)
+            host = obj.get("host")  # RAPL CPU + DRAM, where the agent reads it
+            host_mj = _num(host.get("energy_mj")) if isinstance(host, dict) else None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._failed(f"malformed power event from {self.shown_url}: {_describe(exc)}")
             return False
@@ -265,7 +267,8 @@ class AgentSource(PowerSource):
         assert offset_s is not None  # the stream starts after the first probe round
         self._ok()
         self._set_method(METHOD_ENERGY_COUNTER if energy_mj is not None else METHOD_POWER_INSTANT)
-        return self._emit_reads(t_agent_s - offset_s, reads)
+        return self._emit_reads(t_agent_s - offset_s, reads,
+                                None if host_mj is None else host_mj / 1e3)
 
     async def _release(self) -> None:
         client, self._client = self._client, None

@@ -52,6 +52,7 @@ class PowerSample:
     energy_j: float | None
     power_w: float | None
     gap_before: bool = False
+    host_energy_j: float | None = None  # the host's CPU + DRAM counter (RAPL, via the agent), J
 
 
 SampleCallback = Callable[[PowerSample], None]
@@ -200,8 +201,9 @@ class PowerSource(ABC):
             log.exception("%s source: on_sample callback failed", self.kind)
         return True
 
-    def _emit_reads(self, t_s: float, reads: Sequence[GpuRead]) -> bool:
-        """Check per-GPU readings taken at `t_s` (s) and emit their continuous sum."""
+    def _emit_reads(self, t_s: float, reads: Sequence[GpuRead], host_energy_j: float | None = None) -> bool:
+        """Check per-GPU readings taken at `t_s` (s) and emit their continuous sum (with the
+        host's energy counter, J, where the source reads one)."""
         step = self.counters.step(t_s, reads)
         if step.resets:
             log.warning("%s source %s: %d GPU energy counter(s) restarted; counting on from their "
@@ -213,7 +215,7 @@ class PowerSource(ABC):
                             "interpolated and requests in it are estimated (further discards are "
                             "only counted)", self.kind, self._where(), step.reason)
             return False
-        return self._emit(PowerSample(t_s, step.energy_j, step.power_w, step.gap_before))
+        return self._emit(PowerSample(t_s, step.energy_j, step.power_w, step.gap_before, host_energy_j))
 
     def _ok(self) -> None:
         if not self.healthy:
