@@ -29,8 +29,6 @@ log = logging.getLogger("joulegate.accounting")
 _RECENT_LIMIT = 10_000
 #: How long an estimated request waits for its measured value before it is booked as is.
 FINAL_TIMEOUT_S = 120.0
-#: A budget hold the store has not answered in this long counts as a store failure.
-BUDGET_STORE_TIMEOUT_S = 0.05
 #: Weight of the newest request in a tenant's mean joules per request (the hold estimate).
 _MEAN_WEIGHT = 0.2
 #: Before any request was booked in this process, a hold is this share of the budget. A tenth
@@ -64,6 +62,8 @@ class Accounting:
         self.budgets: dict[str, EnergyBudget] = {
             t.name: t.energy_budget for t in config.tenants if t.energy_budget is not None
         }
+        # A hold the store has not answered in this long counts as a store failure.
+        self.budget_timeout_s = config.energy_budget_timeout_ms / 1e3
         self.budget_failure: dict[str, str] = {
             t.name: t.energy_budget_failure or config.energy_budget_failure for t in config.tenants
         }
@@ -147,7 +147,7 @@ class Accounting:
         budget_uj = joules_to_uj(budget.joules)
         estimate_uj = joules_to_uj(self.estimate_j(tenant, budget.joules))
         try:
-            async with asyncio.timeout(BUDGET_STORE_TIMEOUT_S):
+            async with asyncio.timeout(self.budget_timeout_s):
                 reserved, used_uj = await self.ledger.reserve(
                     tenant, key, estimate_uj, period_start_s(budget.per, now_s), budget_uj, self.hold_ttl_s)
         except Exception as exc:  # slow or down (redis-py's errors are not OSErrors)

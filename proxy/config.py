@@ -317,8 +317,11 @@ class Config(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus options.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Replicas sharing backends.")
     energy_budget_failure: Literal["open", "closed"] = Field("open", description=(
-        "A budget whose ledger store does not answer within 50 ms: open lets the request through, "
-        "closed refuses it with 503 `energy_budget_unavailable`."))
+        "A budget whose ledger store does not answer within energy_budget_timeout_ms: open lets the "
+        "request through, closed refuses it with 503 `energy_budget_unavailable`."))
+    energy_budget_timeout_ms: float = Field(50.0, gt=0, description=(
+        "Milliseconds a budget hold may wait for the ledger store before it counts as a store "
+        "failure (see energy_budget_failure)."))
     # Host and facility overhead and grid carbon: proxy/carbon.py.
     sites: list[SiteConfig] = Field(default_factory=list, description=(
         "Data centres: name, PUE and grid carbon intensity; backends name theirs with `site:`."))

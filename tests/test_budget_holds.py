@@ -74,8 +74,10 @@ def test_a_burst_overshoots_the_budget_by_at_most_one_estimate(
     else:
         ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
     budget_j = 5 * joules_per_request
-    # Closed: a hold the loaded machine answers late is refused, never let through unchecked.
-    tenants = budget_tenants(budget_j, "cluster: {enabled: false}\n")
+    # Closed: a hold the store answers late is refused, never let through unchecked; the store
+    # gets 2 s (energy_budget_timeout_ms), as this test is about overshoot, not a slow store
+    # (a loaded 2-core machine answered some holds after the default 50 ms).
+    tenants = budget_tenants(budget_j, "cluster: {enabled: false}\nenergy_budget_timeout_ms: 2000\n")
     proxy = ProxyProc(proxy_config(sims["h100"], ledger, tenants), tmp_path)
     try:
         # One request first: the hold estimate is the tenant's mean joules per request.
