@@ -849,6 +849,7 @@ def test_usage_cli_prints_the_api_totals(ledger_proxy: ProxyProc) -> None:
     numbers = total_line[0].split()[1:]
     t = api["total"]
     assert numbers == [str(t["requests"]), str(t["prompt_tokens"]), str(t["completion_tokens"]),
-                       str(t["reasoning_tokens"]), f"{t['joules']:.3f}"], table
+                       str(t["reasoning_tokens"]), f"{t['joules']:.3f}", f"{t['joules_all_in']:.3f}",
+                       f"{t['gco2e']:.4f}"], table
     for tenant in TENANTS:
         assert any(line.startswith(tenant) for line in table.splitlines()), table
