@@ -13,6 +13,10 @@ on a dedicated thread and keeps the latest reading. Endpoints:
                            DCGM_FI_DEV_POWER_USAGE_INSTANT W, DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION
                            mJ; labels gpu, UUID, device, modelName)
   GET /healthz          -> 200 while reads succeed, else 503
+  GET /v1/power/limits  -> {"gpus": [{"index", "uuid", "power_limit_w", "min_w", "max_w", "default_w"}]}
+  PUT /v1/power/limits  <- {"gpus": [{"index": 0, "power_limit_w": 420}]} (clamped to [min_w, max_w];
+                           null: default_w): only with a bearer token (403 without one, even on
+                           loopback); the limits found before the first PUT are restored on stop
 Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
 $JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
 otherwise); `--tls-cert`/`--tls-key` serve https.
@@ -40,6 +44,7 @@ from aiohttp import web
 
 from proxy.energy.sources.base import select_gpus
 from proxy.energy.sources.nvml import POWER_INSTANT, GpuReading, NvmlError, NvmlReader, timed_read
+from proxy.power_limits import PATH, GpuLimits, clamp_w, limits_json, parse_put
 
 log = logging.getLogger("joulegate.agent")
 
@@ -74,6 +79,8 @@ class AgentState:
         self.read_errors = 0
         self.new_reading = asyncio.Event()
         self.closing = False
+        self.can_set_limits = False  # only with a bearer token
+        self.original_limits_w: dict[int, float] = {}  # GPU index -> limit before our first PUT
 
     def close_streams(self) -> None:
         """End every stream now (on shutdown, so that it does not wait for them)."""
@@ -118,6 +125,62 @@ def reading_json(t_s: float, readings: list[GpuReading]) -> dict[str, Any]:
 
 
 STATE = web.AppKey("joulegate_agent_state", AgentState)
+
+
+def _selected_limits(state: AgentState) -> list[GpuLimits]:
+    """The selected GPUs' limits (on the NVML thread)."""
+    limits = state.reader.limits()
+    chosen = select_gpus(state.selectors, ((g.index, g.uuid) for g in limits))
+    if chosen is None:
+        raise NvmlError(f"GPU(s) {state.selectors} not among {[g.index for g in limits]}")
+    return [limits[i] for i in chosen]
+
+
+def _set_limits(state: AgentState, wanted: dict[int, float | None]) -> list[GpuLimits]:
+    """Apply {index: W or None} clamped to each GPU's range, remembering the first originals."""
+    by_index = {g.index: g for g in _selected_limits(state)}
+    for index, watts in wanted.items():
+        gpu = by_index[index]
+        target_w = clamp_w(watts, gpu)
+        state.original_limits_w.setdefault(index, gpu.power_limit_w)
+        if target_w != gpu.power_limit_w:
+            state.reader.set_limit_w(index, target_w)
+            log.info("GPU %d power limit %.0f W -> %.0f W", index, gpu.power_limit_w, target_w)
+    return _selected_limits(state)
+
+
+def _restore_limits(state: AgentState) -> None:
+    """Put back the limits found before the first PUT (on stop)."""
+    for index, watts in sorted(state.original_limits_w.items()):
+        try:
+            state.reader.set_limit_w(index, watts)
+            log.info("GPU %d power limit restored to %.0f W", index, watts)
+        except NvmlError as exc:
+            log.error("GPU %d: could not restore its power limit of %.0f W: %s", index, watts, exc)
+    state.original_limits_w.clear()
+
+
+async def power_limits(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    loop = asyncio.get_running_loop()
+    try:
+        if request.method == "GET":
+            gpus = await loop.run_in_executor(state.executor, _selected_limits, state)
+            return _json(limits_json(gpus))
+        if not state.can_set_limits:
+            return _json({"error": {"message": "Setting power limits needs an agent started with a bearer token "
+                                    "(--token-file or $JOULEGATE_AGENT_TOKEN).", "type": "permission_error",
+                                    "code": "token_required"}}, 403)
+        known = {g.index for g in await loop.run_in_executor(state.executor, _selected_limits, state)}
+        try:
+            wanted = parse_put(orjson.loads(await request.read()), known)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return _json({"error": {"message": str(exc).splitlines()[0], "type": "invalid_request_error",
+                                    "code": "invalid_power_limits"}}, 400)
+        gpus = await loop.run_in_executor(state.executor, _set_limits, state, wanted)
+        return _json(limits_json(gpus))
+    except NvmlError as exc:
+        return _json({"error": {"message": f"NVML: {exc}", "type": "unavailable"}}, 503)
 
 
 async def _sampler(state: AgentState) -> None:
@@ -265,6 +328,7 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         state = AgentState(reader, gpus, interval_s)
+        state.can_set_limits = bool(token)
         app[STATE] = state
         task = asyncio.create_task(_sampler(state), name="joulegate-agent-sampler")
         yield
@@ -273,6 +337,8 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
             await task
         except asyncio.CancelledError:
             pass
+        if state.original_limits_w:
+            await asyncio.get_running_loop().run_in_executor(state.executor, _restore_limits, state)
         state.executor.shutdown(wait=False)
 
     async def on_shutdown(app: web.Application) -> None:
@@ -284,6 +350,8 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
     app.router.add_get("/v1/power/stream", power_stream)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_route("GET", PATH, power_limits)
+    app.router.add_route("PUT", PATH, power_limits)
     return app
 
 

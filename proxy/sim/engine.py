@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from proxy.sim.capping import cap_step
 from proxy.sim.profiles import GpuProfile
 
 __all__ = ["Engine", "Request", "RequestRecord", "Step", "TokenEvent"]
@@ -112,6 +113,7 @@ class Engine:
         self._finished: OrderedDict[str, RequestRecord] = OrderedDict()
         self._step: Step | None = None
         self._last_power_w = profile.idle_w
+        self.power_cap_w: float | None = None  # a GPU power limit below the board's: proxy/sim/capping.py
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class Engine:
             prefill_energy_j=prefill_s * p.prefill_power_w,
             decode_energy_j=decode_s * p.power_w(len(decode)) if decode else 0.0,
         )
+        if self.power_cap_w is not None:
+            step = cap_step(step, prefill_s, decode_s, self.power_cap_w, p.idle_w)
         self._step = step
         return step
 
