@@ -19,6 +19,7 @@ from proxy.config import Config, load_config
 from proxy.energy.meter import EnergyMeter
 from proxy.energy.shares import make_exchange
 from proxy.errors import ProxyError, bad_request
+from proxy.governor.actuate import Governor
 from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
@@ -66,6 +67,7 @@ class JouleGate:
         # Other POST routes relayed upstream: an allowlist (proxy/passthrough.py), exact paths.
         self.passthrough = config.server.passthrough_paths()
         self._metrics_listener: Any = None
+        self.governor = Governor(config, self.pool, self.metrics)  # power caps: proxy/governor/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -224,6 +226,7 @@ class JouleGate:
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.
                 **self.meter.power_health(backend.name),
+                "governor": self.governor.view(backend.name),
             })
         return views
 
@@ -258,6 +261,7 @@ class JouleGate:
                     await self.accounting.start()
                     await self.pool.start()
                     await self.meter.start()
+                    await self.governor.start()
                     if self.exchange is not None:
                         await self.exchange.start()
                     if self.config.server.metrics_port is not None:
@@ -276,6 +280,7 @@ class JouleGate:
                     await self._metrics_listener.cleanup()
                 if self.exchange is not None:
                     await self.exchange.close()
+                await self.governor.close()  # puts back the power limits it changed
                 await self.relay.watchdog.close()
                 await self.meter.close()
                 await self.pool.close()

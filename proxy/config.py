@@ -252,6 +252,16 @@ class ClusterConfig(_Strict):
         return url
 
 
+class GovernorConfig(_Strict):
+    # GPU power caps chosen from load, SLO headroom and J/token (proxy/governor/).
+    mode: Literal["off", "advise", "apply"] = Field("advise", description=(
+        "off: no governor; advise: decisions (power caps, parking) logged and exported, nothing "
+        "changed; apply: caps set through the backends' power agents (power.source agent or sim) and "
+        "restored when the proxy stops."))
+    interval_s: float = Field(15.0, gt=0, description=(
+        "Seconds between decisions; a backend's cap changes at most once per interval."))
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description=(
         "The listener, limits and time-outs."))
@@ -274,6 +284,8 @@ class Config(_Strict):
     energy_budget_failure: Literal["open", "closed"] = Field("open", description=(
         "A budget whose ledger store does not answer within 50 ms: open lets the request through, "
         "closed refuses it with 503 `energy_budget_unavailable`."))
+    governor: GovernorConfig = Field(default_factory=GovernorConfig, description=(
+        "Power caps per backend (off, advise or apply)."))
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
