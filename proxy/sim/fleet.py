@@ -36,6 +36,7 @@ from policies.least_loaded import LeastLoaded
 from policies.model import EfficiencyModel, Ticket
 from policies.round_robin import RoundRobin
 from proxy.energy.attribution import ScheduledRequest, attribute_schedule
+from proxy.governor.virtual import VirtualGovernor
 from proxy.sim.engine import Engine, Request, Step
 from proxy.sim.plot import svg_bars
 from proxy.sim.profiles import GpuProfile, get_profile, profile_names
@@ -188,6 +189,7 @@ class SimResult:
     # |sum of the engines' per-request joules - (counters - idle)|: energy conservation.
     conservation_error_j: float = 0.0
     attribution: dict[str, float] | None = None  # the live Attributor's books, if asked
+    governor: dict[str, Any] | None = None  # `+governor`: per backend, time at each cap
 
     @property
     def output_tokens_per_joule(self) -> float:
@@ -230,6 +232,8 @@ class SimResult:
         }
         if self.attribution is not None:
             out["attribution"] = self.attribution
+        if self.governor is not None:
+            out["governor"] = self.governor
         return out
 
 
@@ -266,7 +270,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     for b in fleet:
         models.setdefault(b.name, EfficiencyModel())
     model_list = [models[name] for name in names]
-    chooser = make_sim_policy(policy, models, slo_ttft_s, slo_tpot_s)
+    base, _, extra = policy.partition("+")  # `efficiency+governor`: proxy/governor/virtual.py
+    chooser = make_sim_policy(base, models, slo_ttft_s, slo_tpot_s)
+    gov = VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s) if extra == "governor" else None
     model_name = fleet[0].profile.model_name if fleet else ""
 
     in_flight = [0] * n_b
@@ -339,6 +345,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                 if attribute:
                     samples[b].append((t_s, e_j))
                 model_list[b].power_sample(t_s, power_w)
+            if gov is not None:
+                gov.sample(t_s, in_flight, served, sample_interval_s)
             tick_n += 1
             next_tick_s = tick_n * sample_interval_s  # no drift over a long run
         else:
@@ -370,13 +378,15 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                     heapq.heappush(heap, (step.end_s, b))
 
     end_run_s = max(t_s, trace[-1].arrival_s if trace else 0.0)
-    return _summarise(
+    result = _summarise(
         policy, fleet, trace, engines, end_run_s, busy_s, served, tokens_by_backend, first_s,
         end_s, owner, rejected, truth_j, idle_at_end_j, slo_ttft_s, slo_tpot_s,
         _attribution(fleet, trace, engines, samples, arrivals, owner, truth_by_req, end_s,
                      end_run_s)
         if attribute else None,
     )
+    result.governor = gov.summary() if gov is not None else None
+    return result
 
 
 def _summarise(policy: str, fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
@@ -470,7 +480,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--fleet", required=True, help="FLEET.yaml: backends: [{name, profile, count}]")
     p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--policy", default=",".join(POLICY_NAMES),
-                   help="comma-separated policies (default: all three)")
+                   help="comma-separated policies (default: all three); NAME+governor adds power caps")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
@@ -483,7 +493,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 def run_simulate(args: argparse.Namespace) -> int:
     """Run a parsed `simulate` command: 0, or 2 with one line for bad input."""
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    bad = [p for p in policies if p not in POLICY_NAMES]
+    bad = [p for p in policies if p.partition("+")[0] not in POLICY_NAMES or p.partition("+")[2] not in ("", "governor")]
     if not policies or bad:
         print(f"joulegate: error: unknown policy {bad[0] if bad else '(none)'!r}; choose from "
               f"{', '.join(POLICY_NAMES)}", file=sys.stderr)
