@@ -261,6 +261,11 @@ class GovernorConfig(_Strict):
     interval_s: float = Field(15.0, gt=0, description=(
         "Seconds between decisions; a backend's cap changes at most once per interval."))
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
 
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description=(
