@@ -6,7 +6,9 @@ Per backend, from its load (requests in flight, recent arrival rate, mean reques
 learned efficiency model (policies/model.py: power, TTFT and TPOT vs load, as measured at the
 cap in force) and the SLO, choose the per-GPU power cap with the fewest predicted joules per
 output token among those whose predicted TTFT and TPOT, times (1 + `margin`), keep the SLO both
-at the current load and at the expected load (Little's law, times `burst`).
+at the current load and at the expected load (Little's law, times `burst`). Each load is
+scaled by the cap's decode slowdown (slower service, more in flight), and with the prefill
+slowdown must stay under `max_load_share` of the load the router trusts the backend with.
 
 How a cap changes the model's predictions follows the simulator's cap model
 (proxy/sim/capping.py, which cites the published shapes): under a cap c below the uncapped
@@ -53,6 +55,7 @@ class GovernorParams:
     deadband_w: float = 10.0  # smaller changes are not made
     min_gain: float = 0.02  # nor ones that save less than this share of the J/token
     grid: int = 24  # candidate caps between the GPU's minimum and maximum
+    max_load_share: float = 0.5  # a cap keeps the (stretched) load under this share of capacity
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,14 @@ def _keeps_slo(b: BackendInput, p: GovernorParams, cap_w: float, loads: Sequence
                predictors: Sequence[_Predictor]) -> str | None:
     """None if `cap_w` keeps the SLO at every load, else why not."""
     k = 1.0 + p.margin
-    for n, pred in zip(loads, predictors, strict=True):
+    capacity = _slo_capacity(b, p)
+    for n0, pred in zip(loads, predictors, strict=True):
+        # Little's law: requests served more slowly stay longer, so the same arrivals keep more
+        # of them in flight (a bigger batch, itself slower); and a slower prefill shrinks the load
+        # carried within the SLO further: queues' TTFT grows before the mean TTFT line says so.
+        n = n0 * pred.tpot_factor(cap_w)
+        if n * pred.ttft_factor(cap_w) > p.max_load_share * capacity:
+            return f"{n:.1f} in flight is near the capacity ({capacity:.0f}) at {cap_w:.0f} W"
         tpot_s = b.model.tpot_upper_s(max(n, 1.0)) * pred.tpot_factor(cap_w) * k
         if tpot_s > p.slo_tpot_s:
             return f"TPOT {tpot_s * 1e3:.0f} ms > {p.slo_tpot_s * 1e3:.0f} ms at {n:.1f} in flight"
@@ -184,8 +194,9 @@ def decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
 
 
 def _slo_capacity(b: BackendInput, p: GovernorParams) -> float:
-    """Requests in flight at which the predicted TPOT reaches the SLO."""
-    return b.model.plan(p.slo_ttft_s / (1 + p.margin), p.slo_tpot_s / (1 + p.margin)).slo_cap
+    """Requests in flight at which the predicted TPOT reaches the SLO (with margin), no further
+    than the loads the model has seen (x2 + 8), as the router trusts it."""
+    return b.model.plan(p.slo_ttft_s / (1 + p.margin), p.slo_tpot_s / (1 + p.margin)).cap
 
 
 def park_advice(backends: Sequence[BackendInput], p: GovernorParams) -> dict[str, str]:
