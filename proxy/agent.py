@@ -16,7 +16,8 @@ on a dedicated thread and keeps the latest reading. Endpoints:
   GET /v1/power/limits  -> {"gpus": [{"index", "uuid", "power_limit_w", "min_w", "max_w", "default_w"}]}
   PUT /v1/power/limits  <- {"gpus": [{"index": 0, "power_limit_w": 420}]} (clamped to [min_w, max_w];
                            null: default_w): only with a bearer token (403 without one, even on
-                           loopback); the limits found before the first PUT are restored on stop
+                           loopback); the limits found before the first PUT are restored on stop,
+                           and with --limits-lease-s L also when no PUT came for L seconds
 Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
 $JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
 otherwise); `--tls-cert`/`--tls-key` serve https.
@@ -81,6 +82,8 @@ class AgentState:
         self.closing = False
         self.can_set_limits = False  # only with a bearer token
         self.original_limits_w: dict[int, float] = {}  # GPU index -> limit before our first PUT
+        self.limits_lease_s = 0.0  # > 0: PUT limits revert unless a PUT renews them this often
+        self.lease_until_mono_s = 0.0
 
     def close_streams(self) -> None:
         """End every stream now (on shutdown, so that it does not wait for them)."""
@@ -178,6 +181,7 @@ async def power_limits(request: web.Request) -> web.Response:
             return _json({"error": {"message": str(exc).splitlines()[0], "type": "invalid_request_error",
                                     "code": "invalid_power_limits"}}, 400)
         gpus = await loop.run_in_executor(state.executor, _set_limits, state, wanted)
+        state.lease_until_mono_s = time.monotonic() + state.limits_lease_s
         return _json(limits_json(gpus))
     except NvmlError as exc:
         return _json({"error": {"message": f"NVML: {exc}", "type": "unavailable"}}, 503)
@@ -193,6 +197,9 @@ async def _sampler(state: AgentState) -> None:
                 await loop.run_in_executor(state.executor, state.reader.init)
             state.publish(await state.read())
             failures = 0
+            if state.original_limits_w and state.limits_lease_s > 0 and time.monotonic() > state.lease_until_mono_s:
+                log.warning("power limits lease of %g s ran out (no PUT renewed it): restoring", state.limits_lease_s)
+                await loop.run_in_executor(state.executor, _restore_limits, state)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - NvmlError, or a bug: the sampler must go on
@@ -318,7 +325,7 @@ def _bearer_auth(token: str) -> Any:
 
 
 def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: float,
-             token: str | None = None) -> web.Application:
+             token: str | None = None, limits_lease_s: float = 0.0) -> web.Application:
     """The agent's aiohttp app. `reader` is an NvmlReader (initialised or not: the sampler
     initialises it, retrying); `gpus` selects among its GPUs (indices or UUIDs, None = all);
     with `token`, every route needs `Authorization: Bearer <token>`."""
@@ -329,6 +336,7 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         state = AgentState(reader, gpus, interval_s)
         state.can_set_limits = bool(token)
+        state.limits_lease_s = limits_lease_s
         app[STATE] = state
         task = asyncio.create_task(_sampler(state), name="joulegate-agent-sampler")
         yield
@@ -407,7 +415,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, token: str | None = None,
-        tls: ssl.SSLContext | None = None) -> None:
+        tls: ssl.SSLContext | None = None, limits_lease_s: float = 0.0) -> None:
     """Serve the agent until SIGINT/SIGTERM (blocking).
 
     If NVML cannot initialise (no GPU or driver, a bad GPU selection), the port cannot be
@@ -418,6 +426,8 @@ def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, t
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not interval_s > 0:
         _die(f"--interval-s must be positive, not {interval_s}")
+    if not limits_lease_s >= 0:
+        _die(f"--limits-lease-s must be 0 or more, not {limits_lease_s}")
     if not token and not is_loopback(host):
         # Power readings reveal the load (and so the traffic) of every tenant on the host.
         _die(f"refusing to listen on {host} without a bearer token: pass --token-file FILE or set "
@@ -432,7 +442,7 @@ def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, t
              gpu_list, reader.counters, reader.power_methods, interval_s, "https" if tls else "http", host,
              port, " (bearer token required)" if token else "")
     try:
-        web.run_app(make_app(reader, gpus, interval_s, token), host=host, port=port, access_log=None,
+        web.run_app(make_app(reader, gpus, interval_s, token, limits_lease_s), host=host, port=port, access_log=None,
                     print=None, shutdown_timeout=2.0, ssl_context=tls)
     except OSError as exc:
         _die(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
@@ -466,12 +476,15 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"file whose first line is the bearer token clients must send (default ${TOKEN_ENV})")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--limits-lease-s", type=float, default=0.0,
+                        help="restore the original power limits when no PUT /v1/power/limits renewed them for "
+                             "this many s (a dead-man switch for a governor that vanished; default 0: never)")
 
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run with parsed `add_agent_arguments` flags."""
     run(args.host, args.port, parse_gpus(args.gpus), args.interval_s, token=read_token(args.token_file),
-        tls=tls_context(args.tls_cert, args.tls_key))
+        tls=tls_context(args.tls_cert, args.tls_key), limits_lease_s=args.limits_lease_s)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,11 @@ def _script() -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def agent(token: str | None) -> AsyncIterator[tuple[str, NvmlReader]]:
+async def agent(token: str | None, lease_s: float = 0.0) -> AsyncIterator[tuple[str, NvmlReader]]:
     FAKE.fake_reset()
     FAKE.fake_load(_script())
     reader = NvmlReader(nvml=FAKE)
-    runner = web.AppRunner(make_app(reader, None, 0.02, token=token))
+    runner = web.AppRunner(make_app(reader, None, 0.02, token=token, limits_lease_s=lease_s))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -107,6 +107,23 @@ def test_agent_without_token_refuses_put_even_on_loopback() -> None:
             assert resp.status_code == 403 and resp.json()["error"]["code"] == "token_required"
             assert TOKEN not in resp.text
         assert FAKE.set_calls == []
+    run(go)
+
+
+def test_agent_lease_restores_limits_nobody_renews() -> None:
+    async def go() -> None:
+        async with agent(TOKEN, lease_s=0.5) as (url, _), httpx.AsyncClient(timeout=5) as client:
+            put = {"gpus": [{"index": 0, "power_limit_w": 420}]}
+            assert (await client.put(url, headers=AUTH, json=put)).status_code == 200
+            for _ in range(4):  # renewed in time: it stays
+                await asyncio.sleep(0.2)
+                await client.put(url, headers=AUTH, json=put)
+                assert (await client.get(url, headers=AUTH)).json()["gpus"][0]["power_limit_w"] == 420.0
+            for _ in range(300):  # then silence: the lease runs out and the original comes back
+                if (await client.get(url, headers=AUTH)).json()["gpus"][0]["power_limit_w"] == 700.0:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await client.get(url, headers=AUTH)).json()["gpus"][0]["power_limit_w"] == 700.0
     run(go)
 
 

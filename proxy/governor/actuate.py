@@ -145,9 +145,9 @@ class Governor:
             error = f"power limits unreadable: {type(exc).__name__}: {str(exc)[:200]}"
             if error != t.error:
                 log.warning("governor: backend %s: %s", t.backend.name, error)
-            t.error = error
             if t.original_w:  # lost the agent: put the limits back if it still listens to PUTs
                 await self._restore(t, "its agent stopped answering")
+            t.error = error
             return False
         if t.applied_w is not None and any(g["power_limit_w"] != t.applied_w for g in gpus):
             # Someone else (or a restarted agent) set the limits: theirs are the originals now.
@@ -185,6 +185,8 @@ class Governor:
                 log.info("governor: backend %s could be parked (advice only): %s", name, d.park_reason)
         if d.action == HOLD:
             log.debug("governor: backend %s holds %.0f W: %s", name, d.cap_w, d.reason)
+            if self.mode == "apply" and t.applied_w is not None:
+                await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
         elif self.mode == "advise":
             log.info("governor: backend %s: advise %s to %.0f W (from %.0f W): %s", name, d.action, d.cap_w,
                      d.previous_cap_w, d.reason)
@@ -196,30 +198,32 @@ class Governor:
     async def _apply(self, t: _Target, d: Decision, now_s: float) -> None:
         assert t.client is not None and t.url is not None
         originals = {int(g["index"]): float(g["power_limit_w"]) for g in t.gpus}
-        body = {"gpus": [{"index": i, "power_limit_w": d.cap_w} for i in sorted(originals)]}
-        try:
-            resp = await t.client.put(t.url, json=body)
-            resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            t.error = f"setting the cap failed: {type(exc).__name__}: {str(exc)[:200]}"
-            log.warning("governor: backend %s: %s", t.backend.name, t.error)
+        answer = await self._put(t, {i: d.cap_w for i in originals})
+        if answer is None:
             return
         for index, watts in originals.items():
             t.original_w.setdefault(index, watts)
-        t.applied_w = max(float(g["power_limit_w"]) for g in resp.json()["gpus"])
+        t.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
         t.last_change_s = now_s
         log.info("governor: backend %s: %s cap to %.0f W (from %.0f W): %s", t.backend.name, d.action,
                  t.applied_w, d.previous_cap_w, d.reason)
 
-    async def _restore(self, t: _Target, why: str) -> None:
+    async def _put(self, t: _Target, limits_w: dict[int, float]) -> dict[str, Any] | None:
+        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in t.error)."""
         assert t.client is not None and t.url is not None
-        body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(t.original_w.items())]}
+        body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
         try:
             resp = await t.client.put(t.url, json=body)
             resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            log.warning("governor: backend %s: could not restore its power limits (%s): %s", t.backend.name, why,
-                        type(exc).__name__)
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            t.error = f"setting power limits failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("governor: backend %s: %s", t.backend.name, t.error)
+            return None
+
+    async def _restore(self, t: _Target, why: str) -> None:
+        if await self._put(t, t.original_w) is None:
+            log.warning("governor: backend %s: could not restore its power limits (%s)", t.backend.name, why)
             return
         log.info("governor: backend %s: power limits restored to %s W (%s)", t.backend.name,
                  sorted(t.original_w.values()), why)
