@@ -16,6 +16,11 @@ on a dedicated thread and keeps the latest reading. Endpoints:
 Where the host's RAPL counters are readable (`--rapl-root`, default /sys/class/powercap; see
 proxy/energy/rapl.py), readings also hold `"host": {"energy_mj", "power_w"}`: CPU package + DRAM
 energy since the agent started (mJ) and its power over the last interval (W; null at first).
+  GET /v1/power/limits  -> {"gpus": [{"index", "uuid", "power_limit_w", "min_w", "max_w", "default_w"}]}
+  PUT /v1/power/limits  <- {"gpus": [{"index": 0, "power_limit_w": 420}]} (clamped to [min_w, max_w];
+                           null: default_w): only with a bearer token (403 without one, even on
+                           loopback); the limits found before the first PUT are restored on stop,
+                           and with --limits-lease-s L also when no PUT came for L seconds
 Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
 $JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
 otherwise); `--tls-cert`/`--tls-key` serve https.
@@ -44,6 +49,7 @@ from aiohttp import web
 from proxy.energy.rapl import DEFAULT_ROOT, RaplReader
 from proxy.energy.sources.base import select_gpus
 from proxy.energy.sources.nvml import POWER_INSTANT, GpuReading, NvmlError, NvmlReader, timed_read
+from proxy.power_limits import PATH, GpuLimits, clamp_w, limits_json, parse_put
 
 log = logging.getLogger("joulegate.agent")
 
@@ -79,6 +85,10 @@ class AgentState:
         self.new_reading = asyncio.Event()
         self.closing = False
         self.rapl: RaplReader | None = None  # host CPU + DRAM energy, where readable
+        self.can_set_limits = False  # only with a bearer token
+        self.original_limits_w: dict[int, float] = {}  # GPU index -> limit before our first PUT
+        self.limits_lease_s = 0.0  # > 0: PUT limits revert unless a PUT renews them this often
+        self.lease_until_mono_s = 0.0
 
     def close_streams(self) -> None:
         """End every stream now (on shutdown, so that it does not wait for them)."""
@@ -131,6 +141,63 @@ def reading_json(t_s: float, readings: list[GpuReading]) -> dict[str, Any]:
 STATE = web.AppKey("joulegate_agent_state", AgentState)
 
 
+def _selected_limits(state: AgentState) -> list[GpuLimits]:
+    """The selected GPUs' limits (on the NVML thread)."""
+    limits = state.reader.limits()
+    chosen = select_gpus(state.selectors, ((g.index, g.uuid) for g in limits))
+    if chosen is None:
+        raise NvmlError(f"GPU(s) {state.selectors} not among {[g.index for g in limits]}")
+    return [limits[i] for i in chosen]
+
+
+def _set_limits(state: AgentState, wanted: dict[int, float | None]) -> list[GpuLimits]:
+    """Apply {index: W or None} clamped to each GPU's range, remembering the first originals."""
+    by_index = {g.index: g for g in _selected_limits(state)}
+    for index, watts in wanted.items():
+        gpu = by_index[index]
+        target_w = clamp_w(watts, gpu)
+        state.original_limits_w.setdefault(index, gpu.power_limit_w)
+        if target_w != gpu.power_limit_w:
+            state.reader.set_limit_w(index, target_w)
+            log.info("GPU %d power limit %.0f W -> %.0f W", index, gpu.power_limit_w, target_w)
+    return _selected_limits(state)
+
+
+def _restore_limits(state: AgentState) -> None:
+    """Put back the limits found before the first PUT (on stop)."""
+    for index, watts in sorted(state.original_limits_w.items()):
+        try:
+            state.reader.set_limit_w(index, watts)
+            log.info("GPU %d power limit restored to %.0f W", index, watts)
+        except NvmlError as exc:
+            log.error("GPU %d: could not restore its power limit of %.0f W: %s", index, watts, exc)
+    state.original_limits_w.clear()
+
+
+async def power_limits(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    loop = asyncio.get_running_loop()
+    try:
+        if request.method == "GET":
+            gpus = await loop.run_in_executor(state.executor, _selected_limits, state)
+            return _json(limits_json(gpus))
+        if not state.can_set_limits:
+            return _json({"error": {"message": "Setting power limits needs an agent started with a bearer token "
+                                    "(--token-file or $JOULEGATE_AGENT_TOKEN).", "type": "permission_error",
+                                    "code": "token_required"}}, 403)
+        known = {g.index for g in await loop.run_in_executor(state.executor, _selected_limits, state)}
+        try:
+            wanted = parse_put(orjson.loads(await request.read()), known)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return _json({"error": {"message": str(exc).splitlines()[0], "type": "invalid_request_error",
+                                    "code": "invalid_power_limits"}}, 400)
+        gpus = await loop.run_in_executor(state.executor, _set_limits, state, wanted)
+        state.lease_until_mono_s = time.monotonic() + state.limits_lease_s
+        return _json(limits_json(gpus))
+    except NvmlError as exc:
+        return _json({"error": {"message": f"NVML: {exc}", "type": "unavailable"}}, 503)
+
+
 async def _sampler(state: AgentState) -> None:
     loop = asyncio.get_running_loop()
     failures = 0
@@ -141,6 +208,9 @@ async def _sampler(state: AgentState) -> None:
                 await loop.run_in_executor(state.executor, state.reader.init)
             state.publish(await state.read())
             failures = 0
+            if state.original_limits_w and state.limits_lease_s > 0 and time.monotonic() > state.lease_until_mono_s:
+                log.warning("power limits lease of %g s ran out (no PUT renewed it): restoring", state.limits_lease_s)
+                await loop.run_in_executor(state.executor, _restore_limits, state)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - NvmlError, or a bug: the sampler must go on
@@ -266,7 +336,8 @@ def _bearer_auth(token: str) -> Any:
 
 
 def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: float,
-             token: str | None = None, rapl_root: str | None = DEFAULT_ROOT) -> web.Application:
+             token: str | None = None, rapl_root: str | None = DEFAULT_ROOT,
+             limits_lease_s: float = 0.0) -> web.Application:
     """The agent's aiohttp app. `reader` is an NvmlReader (initialised or not: the sampler
     initialises it, retrying); `gpus` selects among its GPUs (indices or UUIDs, None = all);
     with `token`, every route needs `Authorization: Bearer <token>`."""
@@ -277,6 +348,8 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         state = AgentState(reader, gpus, interval_s)
         state.rapl = RaplReader.open(rapl_root) if rapl_root else None
+        state.can_set_limits = bool(token)
+        state.limits_lease_s = limits_lease_s
         app[STATE] = state
         task = asyncio.create_task(_sampler(state), name="joulegate-agent-sampler")
         yield
@@ -285,6 +358,8 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
             await task
         except asyncio.CancelledError:
             pass
+        if state.original_limits_w:
+            await asyncio.get_running_loop().run_in_executor(state.executor, _restore_limits, state)
         state.executor.shutdown(wait=False)
 
     async def on_shutdown(app: web.Application) -> None:
@@ -296,6 +371,8 @@ def make_app(reader: NvmlReader, gpus: Sequence[int | str] | None, interval_s: f
     app.router.add_get("/v1/power/stream", power_stream)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_route("GET", PATH, power_limits)
+    app.router.add_route("PUT", PATH, power_limits)
     return app
 
 
@@ -351,7 +428,8 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, token: str | None = None,
-        tls: ssl.SSLContext | None = None, rapl_root: str | None = DEFAULT_ROOT) -> None:
+        tls: ssl.SSLContext | None = None, rapl_root: str | None = DEFAULT_ROOT,
+        limits_lease_s: float = 0.0) -> None:
     """Serve the agent until SIGINT/SIGTERM (blocking).
 
     If NVML cannot initialise (no GPU or driver, a bad GPU selection), the port cannot be
@@ -362,6 +440,8 @@ def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, t
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not interval_s > 0:
         _die(f"--interval-s must be positive, not {interval_s}")
+    if not limits_lease_s >= 0:
+        _die(f"--limits-lease-s must be 0 or more, not {limits_lease_s}")
     if not token and not is_loopback(host):
         # Power readings reveal the load (and so the traffic) of every tenant on the host.
         _die(f"refusing to listen on {host} without a bearer token: pass --token-file FILE or set "
@@ -376,7 +456,7 @@ def run(host: str, port: int, gpus: list[int | str] | None, interval_s: float, t
              gpu_list, reader.counters, reader.power_methods, interval_s, "https" if tls else "http", host,
              port, " (bearer token required)" if token else "")
     try:
-        web.run_app(make_app(reader, gpus, interval_s, token, rapl_root), host=host, port=port, access_log=None,
+        web.run_app(make_app(reader, gpus, interval_s, token, rapl_root, limits_lease_s), host=host, port=port, access_log=None,
                     print=None, shutdown_timeout=2.0, ssl_context=tls)
     except OSError as exc:
         _die(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
@@ -412,12 +492,16 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--rapl-root", default=DEFAULT_ROOT,
                         help="powercap directory for host CPU/DRAM energy ('' to skip; default %(default)s)")
+    parser.add_argument("--limits-lease-s", type=float, default=0.0,
+                        help="restore the original power limits when no PUT /v1/power/limits renewed them for "
+                             "this many s (a dead-man switch for a governor that vanished; default 0: never)")
 
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Run with parsed `add_agent_arguments` flags."""
     run(args.host, args.port, parse_gpus(args.gpus), args.interval_s, token=read_token(args.token_file),
-        tls=tls_context(args.tls_cert, args.tls_key), rapl_root=args.rapl_root or None)
+        tls=tls_context(args.tls_cert, args.tls_key), rapl_root=args.rapl_root or None,
+        limits_lease_s=args.limits_lease_s)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from proxy.config import Config, load_config
 from proxy.energy.meter import EnergyMeter
 from proxy.energy.shares import make_exchange
 from proxy.errors import ProxyError, bad_request
+from proxy.governor.actuate import Governor
 from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
@@ -101,6 +102,7 @@ class JouleGate:
             ("/v1/energy/", Route(self._energy_api, ("GET",))),
         )
         self.passthrough_route = Route(self._passthrough, ("POST",))
+        self.governor = Governor(config, self.pool, self.metrics)  # power caps: proxy/governor/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -273,6 +275,7 @@ class JouleGate:
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.
                 **self.meter.power_health(backend.name),
+                "governor": self.governor.view(backend.name),
             })
         return views
 
@@ -308,6 +311,7 @@ class JouleGate:
                     await self.accounting.start()
                     await self.pool.start()
                     await self.meter.start()
+                    await self.governor.start()
                     if self.exchange is not None:
                         await self.exchange.start()
                     if self.config.server.metrics_port is not None:
@@ -326,6 +330,7 @@ class JouleGate:
                     await self._metrics_listener.cleanup()
                 if self.exchange is not None:
                     await self.exchange.close()
+                await self.governor.close()  # puts back the power limits it changed
                 await self.relay.watchdog.close()
                 await self.meter.close()
                 await self.pool.close()

@@ -297,6 +297,21 @@ class ClusterConfig(_Strict):
         return url
 
 
+class GovernorConfig(_Strict):
+    # GPU power caps chosen from load, SLO headroom and J/token (proxy/governor/).
+    mode: Literal["off", "advise", "apply"] = Field("advise", description=(
+        "off: no governor; advise: decisions (power caps, parking) logged and exported, nothing "
+        "changed; apply: caps set through the backends' power agents (power.source agent or sim) and "
+        "restored when the proxy stops."))
+    interval_s: float = Field(15.0, gt=0, description=(
+        "Seconds between decisions; a backend's cap changes at most once per interval."))
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description=(
         "The listener, limits and time-outs."))
@@ -322,6 +337,8 @@ class Config(_Strict):
     energy_budget_timeout_ms: float = Field(50.0, gt=0, description=(
         "Milliseconds a budget hold may wait for the ledger store before it counts as a store "
         "failure (see energy_budget_failure)."))
+    governor: GovernorConfig = Field(default_factory=GovernorConfig, description=(
+        "Power caps per backend (off, advise or apply)."))
     # Host and facility overhead and grid carbon: proxy/carbon.py.
     sites: list[SiteConfig] = Field(default_factory=list, description=(
         "Data centres: name, PUE and grid carbon intensity; backends name theirs with `site:`."))

@@ -121,6 +121,15 @@ class Metrics:
             "joulegate_energy_gco2e", "Grams CO2e of requests' all-in energy at their site's grid, by backend.",
             ["backend"], registry=r,
         )
+        # The governor (proxy/governor/): its cap per backend, advised or applied by its mode.
+        self.governor_cap_w = Gauge(
+            "joulegate_governor_cap_watts", "Per-GPU power cap the governor advises (mode advise) or applied (apply).",
+            ["backend"], multiprocess_mode="livemax", registry=r,
+        )
+        self.governor_decisions = Counter(
+            "joulegate_governor_decisions", "Governor decisions, by backend and action (lower|raise|hold|park).",
+            ["backend", "action"], registry=r,
+        )
 
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's booked joules (and whether they were estimated)."""

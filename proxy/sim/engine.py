@@ -22,6 +22,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from proxy.sim.capping import cap_step
 from proxy.sim.profiles import GpuProfile
 
 __all__ = ["Engine", "Request", "RequestRecord", "Step", "TokenEvent"]
@@ -137,6 +138,7 @@ class Engine:
         self._finished: OrderedDict[str, RequestRecord] = OrderedDict()
         self._step: Step | None = None
         self._last_power_w = profile.idle_w
+        self.power_cap_w: float | None = None  # a GPU power limit below the board's: proxy/sim/capping.py
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -249,6 +251,8 @@ class Engine:
             prefill_j=prefill_j,
             decode_j=[x * decode_w for x in parts_s],
         )
+        if self.power_cap_w is not None:
+            step = cap_step(step, prefill_s, decode_s, self.power_cap_w, p.idle_w)
         self._step = step
         return step
 

@@ -38,6 +38,7 @@ from policies.model import EfficiencyModel, Ticket
 from policies.round_robin import RoundRobin
 from proxy.energy.attribution import ScheduledRequest, attribute_schedule
 from proxy.sim.engine import Engine, Request, Step
+from proxy.sim.governed import VirtualGovernor
 from proxy.sim.plot import svg_bars
 from proxy.sim.profiles import GpuProfile, get_profile, profile_names
 from proxy.sim.sites import CarbonBooks, Site, parse_sites
@@ -207,6 +208,7 @@ class SimResult:
     # |sum of the engines' per-request joules - (counters - idle)|: energy conservation.
     conservation_error_j: float = 0.0
     attribution: dict[str, float] | None = None  # the live Attributor's books, if asked
+    governor: dict[str, Any] | None = None  # `+governor`: per backend, time at each cap
     # Grams of CO2e over the same energy as `joules` (x PUE x the site's intensity then);
     # None when the fleet declares no sites.
     gco2e_total: float | None = None
@@ -266,6 +268,8 @@ class SimResult:
             out["objective"], out["idle_gco2e"] = self.objective, self.idle_gco2e
             for b in self.backends.values():
                 out["backends"][b.name]["gco2e"] = b.gco2e
+        if self.governor is not None:
+            out["governor"] = self.governor
         return out
 
 
@@ -311,7 +315,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     for b in fleet:
         models.setdefault(b.name, EfficiencyModel())
     model_list = [models[name] for name in names]
-    chooser = make_sim_policy(policy, models, slo_ttft_s, slo_tpot_s, objective)
+    base, _, extra = policy.partition("+")  # `efficiency+governor`: proxy/sim/governed.py
+    chooser = make_sim_policy(base, models, slo_ttft_s, slo_tpot_s, objective)
+    gov = VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s) if extra == "governor" else None
     books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
     last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""
@@ -388,6 +394,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                 model_list[b].power_sample(t_s, power_w)
             if books is not None:
                 books.advance(t_s, count_idle=t_s <= last_arrival_s)
+            if gov is not None:
+                gov.sample(t_s, in_flight, served, sample_interval_s)
             tick_n += 1
             next_tick_s = tick_n * sample_interval_s  # no drift over a long run
         else:
@@ -435,6 +443,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
         result.gco2e_total, result.idle_gco2e = sum(books.grams), sum(books.idle_grams)
         for b, name in enumerate(names):
             result.backends[name].gco2e = books.grams[b]
+    result.governor = gov.summary() if gov is not None else None
     return result
 
 
@@ -536,7 +545,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--fleet", required=True, help="FLEET.yaml: backends: [{name, profile, count}]")
     p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--policy", default=",".join(POLICY_NAMES),
-                   help="comma-separated policies (default: all three)")
+                   help="comma-separated policies (default: all three); NAME+governor adds power caps")
     p.add_argument("--objective", choices=OBJECTIVES, default="joules",
                    help="what `efficiency` minimises: GPU joules, or grams CO2e (needs sites:)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
@@ -551,7 +560,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 def run_simulate(args: argparse.Namespace) -> int:
     """Run a parsed `simulate` command: 0, or 2 with one line for bad input."""
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    bad = [p for p in policies if p not in POLICY_NAMES]
+    bad = [p for p in policies if p.partition("+")[0] not in POLICY_NAMES or p.partition("+")[2] not in ("", "governor")]
     if not policies or bad:
         print(f"joulegate: error: unknown policy {bad[0] if bad else '(none)'!r}; choose from "
               f"{', '.join(POLICY_NAMES)}", file=sys.stderr)

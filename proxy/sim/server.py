@@ -36,6 +36,7 @@ from proxy.sim.api import (
     read_json,
 )
 from proxy.sim.engine import Engine, Request, RequestRecord
+from proxy.sim.limits_api import add_routes as add_limit_routes
 from proxy.sim.profiles import get_profile
 from proxy.sim.responses import ResponsesStream, parse_response
 
@@ -278,7 +279,8 @@ def _power_reading(state: SimState) -> dict[str, Any]:
     return {"t": wall_s, "gpus": [{
         "index": 0, "uuid": state.uuid, "name": state.profile.gpu_name,
         "energy_mj": int(state.engine.energy_j(now_s) * 1000.0),
-        "power_w": round(state.engine.power_w(now_s), 3), "power_limit_w": state.profile.board_limit_w}]}
+        "power_w": round(state.engine.power_w(now_s), 3),
+        "power_limit_w": state.engine.power_cap_w or state.profile.board_limit_w}]}
 
 
 async def power(request: web.Request) -> web.Response:
@@ -374,6 +376,7 @@ def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
     app.router.add_get("/health", health)
     app.router.add_get("/sim/requests/{request_id}", sim_request)
     app.router.add_get("/sim/energy", sim_energy)
+    add_limit_routes(app, STATE)  # GET|PUT /v1/power/limits: proxy/sim/limits_api.py
     return app
 
 

@@ -154,6 +154,7 @@ def fake_reset() -> None:
         _shift_mj.clear()
         _glitches.clear()
         calls.clear()
+        set_calls.clear()
 
 
 def _count(name: str) -> None:
@@ -352,3 +353,50 @@ def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:  # noqa: N802
         return int(round(power_w_at(gpu, t_s) * 1000.0))
     avg_w = (energy_j_until(gpu, t_s) - energy_j_until(gpu, start_s)) / (t_s - start_s)
     return int(round(avg_w * 1000.0))
+
+
+# -- power management limits: the script's "power_limit_w" is the current (enforced) limit, and
+# "min_limit_w" / "max_limit_w" / "default_limit_w" its range (defaults 100 W, 1.0x and 1.0x it).
+
+def _limit_range_mw(gpu: dict[str, Any]) -> tuple[int, int, int]:
+    if gpu.get("power_limit_w") is None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    default_w = float(gpu.get("default_limit_w", gpu["power_limit_w"]))
+    return (int(round(float(gpu.get("min_limit_w", 100.0)) * 1000.0)),
+            int(round(float(gpu.get("max_limit_w", default_w)) * 1000.0)), int(round(default_w * 1000.0)))
+
+
+def nvmlDeviceGetPowerManagementLimit(handle: _Handle) -> int:  # noqa: N802
+    """mW: the limit set (the enforced one, here)."""
+    _count("nvmlDeviceGetPowerManagementLimit")
+    return nvmlDeviceGetEnforcedPowerLimit(handle)
+
+
+def nvmlDeviceGetPowerManagementLimitConstraints(handle: _Handle) -> list[int]:  # noqa: N802
+    """[min mW, max mW], as the real binding returns them."""
+    _count("nvmlDeviceGetPowerManagementLimitConstraints")
+    min_mw, max_mw, _ = _limit_range_mw(_gpu(handle))
+    return [min_mw, max_mw]
+
+
+def nvmlDeviceGetPowerManagementDefaultLimit(handle: _Handle) -> int:  # noqa: N802
+    _count("nvmlDeviceGetPowerManagementDefaultLimit")
+    return _limit_range_mw(_gpu(handle))[2]
+
+
+def nvmlDeviceSetPowerManagementLimit(handle: _Handle, limit: int) -> None:  # noqa: N802
+    """mW; INVALID_ARGUMENT outside the constraints (as the driver), NO_PERMISSION if the script
+    says "set_permission": false. Every call is logged in `set_calls` as (index, mW)."""
+    _count("nvmlDeviceSetPowerManagementLimit")
+    gpu = _gpu(handle)
+    min_mw, max_mw, _ = _limit_range_mw(gpu)
+    if not gpu.get("set_permission", True):
+        raise NVMLError(NVML_ERROR_NO_PERMISSION)
+    if not min_mw <= int(limit) <= max_mw:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    with _lock:
+        gpu["power_limit_w"] = int(limit) / 1000.0
+        set_calls.append((handle.index, int(limit)))
+
+
+set_calls: list[tuple[int, int]] = []

@@ -154,24 +154,11 @@ class AgentSource(PowerSource):
 
     def _auth_headers(self) -> dict[str, str]:
         """The bearer token header, if a token is configured (OSError/ValueError if unreadable)."""
-        if self.config.token_file:
-            with open(self.config.token_file, encoding="utf-8") as f:
-                token = f.readline().strip()
-            if not token:
-                raise ValueError(f"power.token_file {self.config.token_file} is empty")
-        elif self.config.token_env:
-            token = os.environ.get(self.config.token_env, "")
-            if not token:
-                raise ValueError(f"${self.config.token_env} (power.token_env) is not set")
-        else:
-            return {}
-        return {"Authorization": f"Bearer {token}"}
+        return auth_headers(self.config)
 
     def _verify(self) -> ssl.SSLContext | bool:
         """TLS verification: the CA file's context, else the system's CAs (httpx's default)."""
-        if self.config.ca_file:
-            return ssl.create_default_context(cafile=self.config.ca_file)
-        return True
+        return tls_verify(self.config)
 
     # -- clock offset -----------------------------------------------------------------------
 
@@ -274,6 +261,30 @@ class AgentSource(PowerSource):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+def auth_headers(config: PowerConfig) -> dict[str, str]:
+    """The agent's bearer token header from power.token_file / token_env, or {} without one
+    (OSError/ValueError if configured but unreadable). Shared with the governor's calls."""
+    if config.token_file:
+        with open(config.token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+        if not token:
+            raise ValueError(f"power.token_file {config.token_file} is empty")
+    elif config.token_env:
+        token = os.environ.get(config.token_env, "")
+        if not token:
+            raise ValueError(f"${config.token_env} (power.token_env) is not set")
+    else:
+        return {}
+    return {"Authorization": f"Bearer {token}"}
+
+
+def tls_verify(config: PowerConfig) -> ssl.SSLContext | bool:
+    """TLS verification for the agent: power.ca_file's context, else the system's CAs."""
+    if config.ca_file:
+        return ssl.create_default_context(cafile=config.ca_file)
+    return True
 
 
 def _agent_time(obj: Any) -> float:

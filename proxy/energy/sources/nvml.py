@@ -8,6 +8,9 @@ Per GPU, in order of preference:
       average: the last resort, logged as such and visible as `method == "power_average"`.
   power limit: `nvmlDeviceGetEnforcedPowerLimit` (mW), read once at init; a reading implying
       more than 1.5x it is discarded (see counters.py). None where unsupported.
+  power limits (`limits`, `set_limit_w`, for the agent's /v1/power/limits):
+      `nvmlDeviceGetPowerManagementLimit`, `...LimitConstraints`, `...DefaultLimit` and
+      `nvmlDeviceSetPowerManagementLimit`, all in mW.
 
 NVML calls block, so `NvmlSource` runs them on one dedicated thread. `NvmlReader` is the small
 synchronous reader shared with `joulegate agent` (proxy/agent.py).
@@ -33,6 +36,7 @@ from proxy.energy.sources.base import (
     PowerSource,
     SampleCallback,
 )
+from proxy.power_limits import GpuLimits
 
 log = logging.getLogger("joulegate.power.nvml")
 
@@ -266,6 +270,37 @@ class NvmlReader:
         except Exception as exc:  # noqa: BLE001
             raise NvmlError(f"GPU {gpu.index} read failed: {_describe(exc)}") from None
         return out
+
+    def limits(self) -> list[GpuLimits]:
+        """Every selected GPU's power limit and accepted range, W. Raises NvmlError (also where
+        the GPU does not support power management)."""
+        if not self.initialised:
+            raise NvmlError("NVML is not initialised")
+        nvml = self.nvml
+        out: list[GpuLimits] = []
+        try:
+            for gpu in self._gpus:
+                min_mw, max_mw = nvml.nvmlDeviceGetPowerManagementLimitConstraints(gpu.handle)
+                out.append(GpuLimits(
+                    gpu.index, gpu.uuid, float(nvml.nvmlDeviceGetPowerManagementLimit(gpu.handle)) / 1000.0,
+                    float(min_mw) / 1000.0, float(max_mw) / 1000.0,
+                    float(nvml.nvmlDeviceGetPowerManagementDefaultLimit(gpu.handle)) / 1000.0))
+        except Exception as exc:  # noqa: BLE001 - NVMLError (NOT_SUPPORTED...) or a bad binding
+            raise NvmlError(f"GPU {gpu.index} power limits unreadable: {_describe(exc)}") from None
+        return out
+
+    def set_limit_w(self, index: int, watts: float) -> None:
+        """Set GPU `index`'s power limit to `watts` (the caller clamps it; NVML takes mW and
+        needs root or CAP_SYS_ADMIN). Raises NvmlError. The enforced limit read at init, which
+        bounds plausible readings, follows."""
+        gpu = next((g for g in self._gpus if g.index == index), None)
+        if gpu is None or not self.initialised:
+            raise NvmlError(f"no initialised GPU with index {index}")
+        try:
+            self.nvml.nvmlDeviceSetPowerManagementLimit(gpu.handle, int(round(watts * 1000.0)))
+        except Exception as exc:  # noqa: BLE001
+            raise NvmlError(f"GPU {index}: setting the power limit to {watts:g} W failed: {_describe(exc)}") from None
+        gpu.limit_w = self._power_limit_w(gpu)
 
     def shutdown(self) -> None:
         """Release NVML; init() may be called again afterwards."""

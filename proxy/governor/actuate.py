@@ -1,0 +1,251 @@
+"""The governor's loop: every `governor.interval_s` read each backend's power limits and load,
+call decide.py, and by `governor.mode`
+  off:    nothing runs;
+  advise: decisions logged with their reason, counted in `joulegate_governor_decisions_total`,
+          the advised cap in `joulegate_governor_cap_watts` and in /v1/energy/backends (admin);
+  apply:  the same, and caps set with `PUT /v1/power/limits` on the backend's power agent
+          (power.source agent or sim, with power.token_file / token_env as the power source
+          uses), at most one change per backend per interval; the limits found before the
+          first change are put back when the proxy stops, and tried when the agent stops
+          answering (an agent restores its own limits when it stops).
+Parking is advice only. Backends with another power source are left alone.
+
+Load per backend, from what the proxy already keeps (nothing on the hot path): requests in
+flight now, and from the request-duration histogram's deltas since the last tick the
+completions per second and their mean duration; arrivals = completions + the change in
+requests in flight. Units: watts, seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from proxy.backends import Backend, BackendPool
+from proxy.config import Config
+from proxy.energy.sources.agent import auth_headers, tls_verify
+from proxy.governor.decide import HOLD, BackendInput, Decision, GovernorParams, decide
+from proxy.metrics import Metrics
+from proxy.power_limits import PATH
+
+log = logging.getLogger("joulegate.governor")
+
+CALL_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Target:
+    """One governed backend and what the governor remembers of it."""
+
+    backend: Backend
+    url: str | None  # the agent's limits URL; None: not governable
+    client: httpx.AsyncClient | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # the last GET's entries
+    original_w: dict[int, float] = field(default_factory=dict)  # before our first change
+    applied_w: float | None = None
+    last_change_s: float | None = None
+    decision: Decision | None = None
+    error: str | None = None
+    seen: tuple[float, float, float, int] | None = None  # (t_s, completions, duration sum, in flight)
+
+
+class Governor:
+    """Runs decide.py every interval and applies or advises its caps (see the module docstring)."""
+
+    def __init__(self, config: Config, pool: BackendPool, metrics: Metrics) -> None:
+        self.mode = config.governor.mode
+        if self.mode == "apply" and metrics.multiprocess:
+            # Every worker would govern the same GPUs: one must, and workers cannot elect one yet.
+            log.warning("governor.mode apply needs a single worker; advising only")
+            self.mode = "advise"
+        self.interval_s = config.governor.interval_s
+        slo = config.routing.slo
+        self.params = GovernorParams(slo_ttft_s=slo.ttft_ms / 1e3, slo_tpot_s=slo.tpot_ms / 1e3,
+                                     hold_s=0.9 * self.interval_s)  # a tick a little early still counts
+        self.metrics = metrics
+        self.targets = [_Target(b, _limits_url(b)) for b in pool.backends]
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.mode == "off":
+            return
+        for t in self.targets:
+            if t.url is not None:
+                power = t.backend.config.power
+                try:
+                    t.client = httpx.AsyncClient(timeout=CALL_TIMEOUT_S, headers=auth_headers(power),
+                                                 verify=tls_verify(power))
+                except (OSError, ValueError) as exc:
+                    t.error = f"agent credentials: {exc}"
+                    log.warning("governor: backend %s: %s", t.backend.name, t.error)
+        self._task = asyncio.create_task(self._loop(), name="joulegate-governor")
+
+    async def close(self) -> None:
+        """Stop, and put back every limit this governor changed."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for t in self.targets:
+            if t.original_w:
+                await self._restore(t, "the proxy stops")
+            if t.client is not None:
+                await t.client.aclose()
+
+    def view(self, name: str) -> dict[str, Any] | None:
+        """The governor's state for one backend, for the admin view of /v1/energy/backends."""
+        if self.mode == "off":
+            return None
+        t = next((x for x in self.targets if x.backend.name == name), None)
+        if t is None:
+            return None
+        d = t.decision
+        return {"mode": self.mode, "governed": t.url is not None, "error": t.error,
+                "cap_w": d.cap_w if d else None, "applied_cap_w": t.applied_w,
+                "action": d.action if d else None, "reason": d.reason if d else None,
+                "park": d.park if d else False, "park_reason": d.park_reason if d else None,
+                "original_limits_w": {str(i): w for i, w in t.original_w.items()} or None}
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time()
+        while True:
+            deadline_s = max(deadline_s + self.interval_s, loop.time())
+            await asyncio.sleep(deadline_s - loop.time())
+            try:
+                await self.tick()
+            except Exception:  # a bug must not stop the governor, nor the proxy
+                log.exception("governor tick failed")
+
+    async def tick(self) -> list[Decision]:
+        """One round: read, decide, advise or apply."""
+        now_s = time.monotonic()
+        ready = [t for t in self.targets if t.client is not None and await self._read_limits(t)]
+        inputs = [self._input(t, now_s) for t in ready]
+        decisions = decide(inputs, self.params, now_s)
+        for t, d in zip(ready, decisions, strict=True):
+            await self._act(t, d, now_s)
+        return decisions
+
+    async def _read_limits(self, t: _Target) -> bool:
+        assert t.client is not None and t.url is not None
+        try:
+            resp = await t.client.get(t.url)
+            resp.raise_for_status()
+            gpus = resp.json()["gpus"]
+            if not gpus:
+                raise ValueError("no GPUs")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            error = f"power limits unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+            if error != t.error:
+                log.warning("governor: backend %s: %s", t.backend.name, error)
+            if t.original_w:  # lost the agent: put the limits back if it still listens to PUTs
+                await self._restore(t, "its agent stopped answering")
+            t.error = error
+            return False
+        if t.applied_w is not None and any(g["power_limit_w"] != t.applied_w for g in gpus):
+            # Someone else (or a restarted agent) set the limits: theirs are the originals now.
+            log.info("governor: backend %s: limits changed outside the governor; starting over", t.backend.name)
+            t.original_w.clear()
+            t.applied_w = None
+        t.gpus, t.error = gpus, None
+        return True
+
+    def _input(self, t: _Target, now_s: float) -> BackendInput:
+        b = t.backend
+        count, total_s = _durations(self.metrics, b.name)
+        in_flight = b.in_flight
+        rate, mean_s = 0.0, 0.0
+        if t.seen is not None and now_s > t.seen[0]:
+            dt = now_s - t.seen[0]
+            done = count - t.seen[1]
+            mean_s = (total_s - t.seen[2]) / done if done > 0 else 0.0
+            rate = max(0.0, (done + in_flight - t.seen[3]) / dt)
+        t.seen = (now_s, count, total_s, in_flight)
+        return BackendInput(
+            name=b.name, model=b.efficiency, in_flight=in_flight, arrival_rate_per_s=rate, mean_request_s=mean_s,
+            gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in t.gpus),
+            max_w=min(float(g["max_w"]) for g in t.gpus),
+            cap_w=max(float(g["power_limit_w"]) for g in t.gpus), last_change_s=t.last_change_s)
+
+    async def _act(self, t: _Target, d: Decision, now_s: float) -> None:
+        name = t.backend.name
+        previous = t.decision
+        t.decision = d
+        self.metrics.governor_decisions.labels(name, d.action).inc()
+        if d.park:
+            self.metrics.governor_decisions.labels(name, "park").inc()
+            if not (previous and previous.park):
+                log.info("governor: backend %s could be parked (advice only): %s", name, d.park_reason)
+        if d.action == HOLD:
+            log.debug("governor: backend %s holds %.0f W: %s", name, d.cap_w, d.reason)
+            if self.mode == "apply" and t.applied_w is not None:
+                await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
+        elif self.mode == "advise":
+            log.info("governor: backend %s: advise %s to %.0f W (from %.0f W): %s", name, d.action, d.cap_w,
+                     d.previous_cap_w, d.reason)
+        else:
+            await self._apply(t, d, now_s)
+        self.metrics.governor_cap_w.labels(name).set(
+            d.cap_w if self.mode == "advise" else (t.applied_w or d.previous_cap_w))
+
+    async def _apply(self, t: _Target, d: Decision, now_s: float) -> None:
+        assert t.client is not None and t.url is not None
+        originals = {int(g["index"]): float(g["power_limit_w"]) for g in t.gpus}
+        answer = await self._put(t, {i: d.cap_w for i in originals})
+        if answer is None:
+            return
+        for index, watts in originals.items():
+            t.original_w.setdefault(index, watts)
+        t.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
+        t.last_change_s = now_s
+        log.info("governor: backend %s: %s cap to %.0f W (from %.0f W): %s", t.backend.name, d.action,
+                 t.applied_w, d.previous_cap_w, d.reason)
+
+    async def _put(self, t: _Target, limits_w: dict[int, float]) -> dict[str, Any] | None:
+        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in t.error)."""
+        assert t.client is not None and t.url is not None
+        body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
+        try:
+            resp = await t.client.put(t.url, json=body)
+            resp.raise_for_status()
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            t.error = f"setting power limits failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("governor: backend %s: %s", t.backend.name, t.error)
+            return None
+
+    async def _restore(self, t: _Target, why: str) -> None:
+        if await self._put(t, t.original_w) is None:
+            log.warning("governor: backend %s: could not restore its power limits (%s)", t.backend.name, why)
+            return
+        log.info("governor: backend %s: power limits restored to %s W (%s)", t.backend.name,
+                 sorted(t.original_w.values()), why)
+        t.original_w.clear()
+        t.applied_w = None
+
+
+def _limits_url(backend: Backend) -> str | None:
+    power = backend.config.power
+    if power.source not in ("agent", "sim") or not power.url:
+        return None
+    return power.url.rstrip("/") + PATH
+
+
+def _durations(metrics: Metrics, backend: str) -> tuple[float, float]:
+    """(requests finished, their total duration in s) on `backend`, from the duration histogram."""
+    count = total_s = 0.0
+    for family in metrics.duration_s.collect():
+        for sample in family.samples:
+            if sample.labels.get("backend") == backend:
+                if sample.name.endswith("_count"):
+                    count += sample.value
+                elif sample.name.endswith("_sum"):
+                    total_s += sample.value
+    return count, total_s

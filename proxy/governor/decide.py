@@ -1,0 +1,230 @@
+"""The governor's decisions: a power cap per backend, and which idle backends could be parked.
+
+Pure: no I/O, no clock reads; the caller passes the time (seconds, one clock).
+
+Per backend, from its load (requests in flight, recent arrival rate, mean request time), its
+learned efficiency model (policies/model.py: power, TTFT and TPOT vs load, as measured at the
+cap in force) and the SLO, choose the per-GPU power cap with the fewest predicted joules per
+output token among those whose predicted TTFT and TPOT, times (1 + `margin`), keep the SLO both
+at the current load and at the expected load (Little's law, times `burst`). Each load is
+scaled by the cap's decode slowdown (slower service, more in flight), and with the prefill
+slowdown must stay under `max_load_share` of the load the router trusts the backend with.
+
+How a cap changes the model's predictions follows the simulator's cap model
+(proxy/governor/capmodel.py, which cites the published shapes): under a cap c below the uncapped
+power p the clock falls to r = ((c - idle) / (p - idle))^(1/2); a decode step takes
+(0.65 + 0.35 / r) times as long, a prefill 1 / r times. Predictions are scaled relative to the
+cap in force when the model learnt them. Where that cap already binds, the uncapped power is
+unknown: the board maximum is assumed (the largest slowdown, so the safe side). Prefill is
+priced at the board maximum too (compute-bound work runs at the limit).
+
+Rate limits: at most one change per backend per `hold_s`; a lower cap at most `max_step_w`
+below the current one or the predicted draw, whichever is lower (raising to keep the SLO is not bounded); no change worth less than
+`min_gain` of the joules per token, nor smaller than `deadband_w` (hysteresis).
+
+Parking (advice only here): an idle backend (nothing in flight, no arrivals) can be parked when
+the other unparked backends' SLO capacity (the load at which their predicted TPOT reaches the
+SLO) minus their expected load still covers `burst` times the fleet's expected load; the
+largest idle power is parked first, and one backend always stays up.
+Units: watts, seconds, requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from policies.model import EfficiencyModel
+from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
+
+__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice"]
+
+LOWER, RAISE, HOLD = "lower", "raise", "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class GovernorParams:
+    """Knobs of `decide`; defaults for a 15 s interval."""
+
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.2
+    margin: float = 0.2  # predictions times (1 + margin) must keep the SLO
+    burst: float = 1.5  # the expected load times this must keep it too
+    hold_s: float = 15.0  # at most one change per backend per this many seconds
+    max_step_w: float = 100.0  # the most a cap falls in one change
+    deadband_w: float = 10.0  # smaller changes are not made
+    min_gain: float = 0.02  # nor ones that save less than this share of the J/token
+    grid: int = 24  # candidate caps between the GPU's minimum and maximum
+    max_load_share: float = 0.5  # a cap keeps the (stretched) load under this share of capacity
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInput:
+    """One backend as the governor sees it. Caps are per GPU (every GPU of a backend gets the
+    same); the model's power is the whole backend's."""
+
+    name: str
+    model: EfficiencyModel
+    in_flight: int
+    arrival_rate_per_s: float
+    mean_request_s: float
+    gpus: int
+    min_w: float
+    max_w: float
+    cap_w: float  # in force now
+    last_change_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one backend: `cap_w` (per GPU) is the cap to have after this tick."""
+
+    name: str
+    action: str  # lower | raise | hold
+    cap_w: float
+    previous_cap_w: float
+    reason: str
+    j_per_token_ratio: float  # predicted J/token at cap_w over that at the cap in force
+    park: bool = False
+    park_reason: str = ""
+
+
+def _expected_load(b: BackendInput) -> float:
+    return max(float(b.in_flight), b.arrival_rate_per_s * b.mean_request_s)
+
+
+class _Predictor:
+    """The backend's model, seen under another cap."""
+
+    def __init__(self, b: BackendInput, n: float) -> None:
+        g = max(b.gpus, 1)
+        self.b = b
+        self.idle_w = b.model.idle_w / g
+        measured_w = b.model.power_w(n) / g
+        binding = b.cap_w < b.max_w and measured_w >= 0.95 * b.cap_w
+        self.decode_w = b.max_w if binding else max(measured_w, self.idle_w)
+        self.base_decode = self._decode(b.cap_w)
+        self.base_prefill = self._prefill(b.cap_w)
+
+    def _decode(self, cap_w: float) -> tuple[float, float]:
+        return capped(1.0, self.decode_w, cap_w, self.idle_w, DECODE_CLOCK_SENSITIVITY)
+
+    def _prefill(self, cap_w: float) -> float:
+        return capped(1.0, self.b.max_w, cap_w, self.idle_w, PREFILL_CLOCK_SENSITIVITY)[0]
+
+    def tpot_factor(self, cap_w: float) -> float:
+        return self._decode(cap_w)[0] / self.base_decode[0]
+
+    def ttft_factor(self, cap_w: float) -> float:
+        return self._prefill(cap_w) / self.base_prefill
+
+    def j_per_token_ratio(self, cap_w: float) -> float:
+        seconds, watts = self._decode(cap_w)
+        base_s, base_w = self.base_decode
+        return (seconds * watts) / (base_s * base_w)
+
+
+def _keeps_slo(b: BackendInput, p: GovernorParams, cap_w: float, loads: Sequence[float],
+               predictors: Sequence[_Predictor]) -> str | None:
+    """None if `cap_w` keeps the SLO at every load, else why not."""
+    k = 1.0 + p.margin
+    capacity = _slo_capacity(b, p)
+    for n0, pred in zip(loads, predictors, strict=True):
+        # Little's law: requests served more slowly stay longer, so the same arrivals keep more
+        # of them in flight (a bigger batch, itself slower); and a slower prefill shrinks the load
+        # carried within the SLO further: queues' TTFT grows before the mean TTFT line says so.
+        n = n0 * pred.tpot_factor(cap_w)
+        if n * pred.ttft_factor(cap_w) > p.max_load_share * capacity:
+            return f"{n:.1f} in flight is near the capacity ({capacity:.0f}) at {cap_w:.0f} W"
+        tpot_s = b.model.tpot_upper_s(max(n, 1.0)) * pred.tpot_factor(cap_w) * k
+        if tpot_s > p.slo_tpot_s:
+            return f"TPOT {tpot_s * 1e3:.0f} ms > {p.slo_tpot_s * 1e3:.0f} ms at {n:.1f} in flight"
+        waiting = max(1.0, b.model.waiting)
+        ttft_s = b.model.ttft_upper_s(waiting) * pred.ttft_factor(cap_w) * k
+        if ttft_s > p.slo_ttft_s:
+            return f"TTFT {ttft_s * 1e3:.0f} ms > {p.slo_ttft_s * 1e3:.0f} ms with {waiting:.0f} waiting"
+    return None
+
+
+def decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
+    """The cap for one backend (see the module docstring)."""
+    current = min(max(b.cap_w, b.min_w), b.max_w)
+    expected = _expected_load(b)
+    loads = (float(b.in_flight), expected * p.burst)
+    predictors = [_Predictor(b, n) for n in loads]
+    cost = _Predictor(b, max(expected, 1.0))  # priced at the load expected, at least one request
+    step_w = (b.max_w - b.min_w) / max(p.grid, 1)
+    candidates = sorted({current, b.max_w, *(b.min_w + i * step_w for i in range(p.grid + 1))})
+    feasible = [c for c in candidates if _keeps_slo(b, p, c, loads, predictors) is None]
+    load_text = f"{b.in_flight} in flight, {b.arrival_rate_per_s:.2f} req/s, expected {expected:.1f}"
+
+    def hold(reason: str) -> Decision:
+        return Decision(b.name, HOLD, current, current, reason, 1.0)
+
+    if not feasible:
+        why = _keeps_slo(b, p, b.max_w, loads, predictors)
+        if current >= b.max_w:
+            return hold(f"at the maximum; SLO at risk even so ({why})")
+        return Decision(b.name, RAISE, b.max_w, current, f"SLO at risk ({why}); {load_text}",
+                        cost.j_per_token_ratio(b.max_w))
+    # Fewest J/token; among equals (caps that do not bind) the highest, which risks least.
+    best = min(feasible, key=lambda c: (round(cost.j_per_token_ratio(c), 4), -c))
+    if current not in feasible:
+        # A faster clock only helps, so every feasible cap lies above the current one.
+        target = best
+        reason = _keeps_slo(b, p, current, loads, predictors)
+        return Decision(b.name, RAISE, target, current, f"SLO at risk at {current:.0f} W ({reason}); {load_text}",
+                        cost.j_per_token_ratio(target))
+    if b.last_change_s is not None and now_s - b.last_change_s < p.hold_s:
+        return hold(f"changed {now_s - b.last_change_s:.1f} s ago (at most one change per {p.hold_s:g} s)")
+    # A cap above what the GPU draws does nothing, so the bounded step starts at the draw.
+    anchor = min(current, max(x.decode_w for x in (*predictors, cost)))
+    target = max(best, anchor - p.max_step_w) if best < current else best
+    # The bounded step may land between grid points: keep it only if it keeps the SLO too.
+    if _keeps_slo(b, p, target, loads, predictors) is not None:
+        target = best
+    ratio = cost.j_per_token_ratio(target)
+    if abs(target - current) < p.deadband_w or 1.0 - ratio < p.min_gain:
+        return hold(f"{target:.0f} W would change J/token by {100 * (ratio - 1):+.1f}%: within the dead band; "
+                    f"{load_text}")
+    action = LOWER if target < current else RAISE
+    return Decision(b.name, action, target, current,
+                    f"{100 * (ratio - 1):+.1f}% J/token predicted at {target:.0f} W, SLO kept with "
+                    f"{100 * p.margin:.0f}% margin; {load_text}", ratio)
+
+
+def _slo_capacity(b: BackendInput, p: GovernorParams) -> float:
+    """Requests in flight at which the predicted TPOT reaches the SLO (with margin), no further
+    than the loads the model has seen (x2 + 8), as the router trusts it."""
+    return b.model.plan(p.slo_ttft_s / (1 + p.margin), p.slo_tpot_s / (1 + p.margin)).cap
+
+
+def park_advice(backends: Sequence[BackendInput], p: GovernorParams) -> dict[str, str]:
+    """{backend: reason} for the idle backends that could be parked (advice, never applied)."""
+    total_expected = sum(_expected_load(b) for b in backends)
+    idle = [b for b in backends if b.in_flight == 0 and b.arrival_rate_per_s == 0.0]
+    up = {b.name: b for b in backends}
+    out: dict[str, str] = {}
+    for b in sorted(idle, key=lambda x: -x.model.idle_w):
+        if len(up) <= 1:
+            break
+        rest = [x for x in up.values() if x.name != b.name]
+        spare = sum(max(_slo_capacity(x, p) - _expected_load(x), 0.0) for x in rest)
+        if spare >= p.burst * total_expected and spare >= 1.0:
+            del up[b.name]
+            out[b.name] = (f"idle ({b.model.idle_w:.0f} W): the other {len(rest)} keep the SLO with "
+                           f"{spare:.0f} requests of spare capacity for {total_expected:.1f} expected")
+    return out
+
+
+def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float) -> list[Decision]:
+    """A decision per backend, in the order given: its cap, and whether it could be parked."""
+    parks = park_advice(backends, params)
+    out = []
+    for b in backends:
+        d = decide_cap(b, params, now_s)
+        if b.name in parks:
+            d = Decision(d.name, d.action, d.cap_w, d.previous_cap_w, d.reason, d.j_per_token_ratio,
+                         park=True, park_reason=parks[b.name])
+        out.append(d)
+    return out
