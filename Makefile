@@ -17,10 +17,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check proxy policies tests bench
+	$(BIN)/mypy proxy policies
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy policies tests bench
+	$(BIN)/mypy proxy policies
 
 # docs/config.md is generated from the config's JSON Schema; tests/test_docs.py fails when stale.
 docs: $(STAMP)
@@ -50,4 +52,4 @@ bench-soak: $(STAMP)
 	$(BIN)/python -m bench.soak
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info

@@ -8,7 +8,7 @@ from policies.least_loaded import LeastLoaded
 from policies.model import EfficiencyModel
 from policies.round_robin import RoundRobin
 
-POLICIES: dict[str, type] = {
+POLICIES: dict[str, type[Policy]] = {
     "round_robin": RoundRobin, "least_loaded": LeastLoaded, "efficiency": Efficiency,
 }
 

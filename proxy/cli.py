@@ -206,6 +206,7 @@ def _usage(args: argparse.Namespace) -> int:
 
     from proxy.ledger import open_ledger, redacted_url
     from proxy.ledger.usage import (
+        UsageRow,
         format_table,
         parse_group_by,
         parse_time_s,
@@ -224,7 +225,7 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"joulegate: error: {exc}", file=sys.stderr)
         return 2
 
-    async def query() -> list:
+    async def query() -> list[UsageRow]:
         # A reader only: a short flush interval and nothing recorded, so close() writes nothing.
         ledger = open_ledger(config.ledger or "memory://")
         await ledger.start()

@@ -18,8 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import httpx
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 MODEL = "llama-3.1-8b"
 #: (backend name, simulator profile) of the demo fleet: three kinds of GPU.
@@ -62,7 +66,7 @@ class _Row:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def _port_is_free(port: int) -> bool:
@@ -84,7 +88,8 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}")
+            args = cast("list[str]", proc.args)  # _spawn passes a list
+            raise RuntimeError(f"{' '.join(map(str, args))} exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -103,7 +108,8 @@ async def _workload(base_url: str, keys: dict[str, str], requests: int) -> list[
     async def one(i: int) -> None:
         tenant = TENANTS[i % 2]
         c = clients[tenant]
-        messages = [{"role": "user", "content": f"Request {i}: explain tokens per joule. " * (1 + i % 7)}]
+        prompt = f"Request {i}: explain tokens per joule. " * (1 + i % 7)
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
         async with gate:
             if tenant == "research":
                 stream = await c.chat.completions.with_raw_response.create(
@@ -116,12 +122,14 @@ async def _workload(base_url: str, keys: dict[str, str], requests: int) -> list[
                         tokens = chunk.usage.completion_tokens
                 served.append(Served(tenant, stream.headers["x-request-id"], stream.headers["x-energy-backend"], tokens))
             elif i % 6 == 1:
-                raw = await c.embeddings.with_raw_response.create(model=MODEL, input=messages[0]["content"])
-                served.append(Served(tenant, raw.headers["x-request-id"], raw.headers["x-energy-backend"], 0))
+                emb = await c.embeddings.with_raw_response.create(model=MODEL, input=prompt)
+                served.append(Served(tenant, emb.headers["x-request-id"], emb.headers["x-energy-backend"], 0))
             else:
                 raw = await c.chat.completions.with_raw_response.create(
                     model=MODEL, messages=messages, max_tokens=16 + 8 * (i % 4))
-                tokens = raw.parse().usage.completion_tokens
+                usage = raw.parse().usage
+                assert usage is not None  # the proxy answers every chat with usage
+                tokens = usage.completion_tokens
                 served.append(Served(tenant, raw.headers["x-request-id"], raw.headers["x-energy-backend"], tokens))
 
     await asyncio.gather(*(one(i) for i in range(requests)))

@@ -16,6 +16,8 @@ string (`response.output_text.delta`, `response.reasoning_text.delta`,
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import orjson
 
@@ -89,7 +91,7 @@ class StreamTap:
         self._max_event_bytes = max_event_bytes
         self.delta_chunks = 0
         self.usage: Usage | None = None
-        self.usage_event: dict | None = None
+        self.usage_event: dict[str, Any] | None = None
         self.done = False
         self._done_line = False
         self.first_token_seen = False
@@ -208,7 +210,7 @@ class StreamTap:
             out.append(event + self._sep)
         return b"".join(out)
 
-    def finish(self, energy: dict | None, client_wants_usage: bool) -> bytes:
+    def finish(self, energy: dict[str, Any] | None, client_wants_usage: bool) -> bytes:
         """The closing bytes: the usage chunk (with energy) or an `: energy` comment, then [DONE]
         if the upstream sent one."""
         sep = self._sep or b"\n\n"

@@ -19,10 +19,10 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.ledger.journal import SpillJournal
 from proxy.ledger.record import LedgerRecord, LedgerStats, latest
@@ -36,6 +36,8 @@ from proxy.ledger.usage import (
     validate_group_by,
 )
 from proxy.redact import redact_text
+
+_T = TypeVar("_T")
 
 #: The first budget read of a tenant and period waits at most this long for the store (s).
 _FIRST_READ_TIMEOUT_S = 0.25
@@ -201,7 +203,7 @@ class BufferedLedger(Ledger):
         held = self._held
         return [(rec.tenant, rec.key) for rec in records if rec.key in held]
 
-    async def _run_io(self, fn: Any, *args: Any) -> Any:
+    async def _run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     # ---- lifecycle ----------------------------------------------------------------------------

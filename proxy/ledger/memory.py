@@ -48,8 +48,8 @@ class MemoryLedger(BufferedLedger):
             cell[4] += rec.reasoning_tokens
             cell[5] += joules_to_uj(rec.joules_all_in)
             cell[6] += grams_to_ug(rec.gco2e)
-            key = (rec.tenant, hour)
-            self._tenant_hour_uj[key] = self._tenant_hour_uj.get(key, 0) + uj
+            tenant_hour = (rec.tenant, hour)
+            self._tenant_hour_uj[tenant_hour] = self._tenant_hour_uj.get(tenant_hour, 0) + uj
         return new
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,

@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -191,7 +191,9 @@ class RedisLedger(BufferedLedger):
         r = self._client()
         lo = "-inf" if since_hour_s is None else since_hour_s
         hi = "+inf" if until_s is None else f"({until_s!r}"
-        hours = [int(h) for h in await r.zrangebyscore(self._prefix_b + b"hours", lo, hi)]
+        # redis-py types the reply as any RESP value; ZRANGEBYSCORE answers a list of members.
+        members = cast("list[bytes]", await r.zrangebyscore(self._prefix_b + b"hours", lo, hi))
+        hours = [int(h) for h in members]
         if not hours:
             return []
         pipe = r.pipeline(transaction=False)

@@ -22,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.journal import connect
 from proxy.ledger.record import UID_SEP, LedgerRecord, latest, split_uid
 from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, grams_to_ug, hour_iso, joules_to_uj
+
+_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -127,7 +129,7 @@ class SqliteLedger(BufferedLedger):
         await self._run_io(self._open_sync)
         await self._run_holds(self._holds_db)
 
-    async def _run_holds(self, fn: Any, *args: Any) -> Any:
+    async def _run_holds(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._holds_io, fn, *args)
 
     def _holds_db(self) -> sqlite3.Connection:

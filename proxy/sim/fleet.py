@@ -312,8 +312,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     engines = [Engine(b.profile, start_s=0.0, max_finished=64) for b in fleet]
     if models is None:
         models = {}
-    for b in fleet:
-        models.setdefault(b.name, EfficiencyModel())
+    for fb in fleet:  # not `b`: below, b is a backend's index
+        models.setdefault(fb.name, EfficiencyModel())
     model_list = [models[name] for name in names]
     base, _, extra = policy.partition("+")  # `efficiency+governor`: proxy/sim/governed.py
     chooser = make_sim_policy(base, models, slo_ttft_s, slo_tpot_s, objective)
@@ -372,11 +372,11 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                     continue
                 i = int(e.request_id)
                 end_s[i] = t_s
-                rec = eng.record(e.request_id)
-                assert rec is not None
-                truth_j += rec.joules
+                done = eng.record(e.request_id)
+                assert done is not None
+                truth_j += done.joules
                 if attribute:
-                    truth_by_req[i] = rec.joules
+                    truth_by_req[i] = done.joules
                 in_flight[b] -= 1
                 model.finished(t_s, tickets[i], first_s[i], trace[i].output_tokens)
             nxt = eng.plan_step(t_s)
@@ -539,9 +539,9 @@ def _attribution(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
 # -- `joulegate simulate` ----------------------------------------------------------------------
 
 
-def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_simulate_parser(sub: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
     """Add `simulate ...` to a subparsers object (proxy/cli.py calls this)."""
-    p = sub.add_parser("simulate", help="virtual-time fleet simulation; one table row per policy")
+    p: argparse.ArgumentParser = sub.add_parser("simulate", help="virtual-time fleet simulation; one table row per policy")
     p.add_argument("--fleet", required=True, help="FLEET.yaml: backends: [{name, profile, count}]")
     p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
     p.add_argument("--policy", default=",".join(POLICY_NAMES),

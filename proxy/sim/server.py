@@ -18,7 +18,7 @@ import random
 import signal
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -160,7 +160,8 @@ RID: Any = web.RequestKey("rid", str) if hasattr(web, "RequestKey") else "rid"
 # -- handlers -------------------------------------------------------------------------------------
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+async def _errors(request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """OpenAI-shaped errors everywhere; x-request-id on every response."""
     rid = request.headers.get("x-request-id") or f"sim-{uuidlib.uuid4().hex}"
     request[RID] = rid

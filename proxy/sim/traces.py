@@ -23,6 +23,7 @@ import random
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["TraceError", "TraceRequest", "TraceShape", "read_trace", "synth_trace", "write_trace",
            "main_trace", "add_trace_parser", "run_trace"]
@@ -129,9 +130,9 @@ def read_trace(path: str) -> list[TraceRequest]:
 # -- `joulegate trace synth` -------------------------------------------------------------------
 
 
-def add_trace_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_trace_parser(sub: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
     """Add `trace synth ...` to a subparsers object (proxy/cli.py calls this)."""
-    trace = sub.add_parser("trace", help="workload traces")
+    trace: argparse.ArgumentParser = sub.add_parser("trace", help="workload traces")
     trace_sub = trace.add_subparsers(dest="trace_command", required=True,
                                      parser_class=type(trace))
     synth = trace_sub.add_parser("synth", help="synthetic bursty trace with Azure-like lengths")

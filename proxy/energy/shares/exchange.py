@@ -257,11 +257,11 @@ class WeightExchange:
             b.outbox.clear()
         by_key = {b.key: b for b in self.backends}
         for key, entries in xread_streams(replies[-1]):
-            b = by_key.get(key)
-            if b is None:
+            found = by_key.get(key)
+            if found is None:
                 continue
             for entry_id, fields in entries:
-                b.last_id = entry_id
+                found.last_id = entry_id
                 peer = fields.get(b"r")
                 if peer is None or peer == self._rid:
                     continue
@@ -272,7 +272,7 @@ class WeightExchange:
                 except (ValueError, TypeError, AttributeError, orjson.JSONDecodeError):
                     log.debug("weight exchange: skipping a malformed entry %r", entry_id)
                     continue
-                b.peers.add(peer.decode("utf-8", "replace"), chunks, id_ms(entry_id),
+                found.peers.add(peer.decode("utf-8", "replace"), chunks, id_ms(entry_id),
                             leaving=bool(data.get("x")), load_density=load_density)
 
     def _feed_from_peers(self) -> None:

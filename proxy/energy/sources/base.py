@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from proxy.config import PowerConfig
-from proxy.energy.sources.counters import GpuCounters, GpuRead
+from proxy.energy.sources.counters import GpuCounters
+from proxy.energy.sources.counters import GpuRead as GpuRead  # re-exported to the sources
 from proxy.energy.sources.counters import sum_or_none as sum_or_none  # the sources' one import
 from proxy.redact import redact_text, redact_url
 

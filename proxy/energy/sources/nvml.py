@@ -49,7 +49,7 @@ class GpuReading(NamedTuple):
     power_w: power in W (instant where the GPU offers it, else the 1 s average; None: neither);
     power_limit_w: the enforced power limit in W (None: unknown)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing here calls
     uuid: str
     name: str
     energy_mj: int | None
