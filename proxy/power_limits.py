@@ -19,7 +19,7 @@ PATH = "/v1/power/limits"
 class GpuLimits(NamedTuple):
     """One GPU's power limit and the range the driver accepts, W."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which nothing here calls
     uuid: str
     power_limit_w: float
     min_w: float

@@ -44,7 +44,7 @@ def clock_ratio(power_w: float, cap_w: float | None, idle_w: float) -> float:
     if cap_w is None or cap_w >= power_w or power_w <= idle_w:
         return 1.0
     headroom = max(cap_w - idle_w, 0.0) / (power_w - idle_w)
-    return max(MIN_CLOCK_RATIO, headroom ** (1.0 / DYNAMIC_POWER_EXPONENT))
+    return max(MIN_CLOCK_RATIO, float(headroom ** (1.0 / DYNAMIC_POWER_EXPONENT)))
 
 
 def stretch(ratio: float, sensitivity: float) -> float:
