@@ -151,7 +151,8 @@ class Relay:
             payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
-            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
+            record.budget_left_j = await self.accounting.reserve_budget(
+                principal.tenant, record.key, record.prompt_estimate, _max_output_tokens(payload, kind))
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
         except ProxyError as exc:
             record.status = exc.status
@@ -629,6 +630,19 @@ async def _read_body(receive: Receive, declared: int | None, limit: int) -> byte
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
+
+
+def _max_output_tokens(payload: dict[str, Any], kind: str) -> int | None:
+    """The most tokens this request may generate, all choices together (a budget hold is sized
+    from it); None: it does not say."""
+    if kind == "embedding":
+        return 0
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            n = payload.get("n")
+            return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
+    return None
 
 
 def _timed_out() -> ProxyError:
