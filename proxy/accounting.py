@@ -82,9 +82,13 @@ class Accounting:
             t.name: t.energy_budget_failure or config.energy_budget_failure for t in config.tenants
         }
         # A hold outlives its request (request_timeout_s), the wait for its measured value and
-        # a flush; a replica that crashed holding budget gives it back after that.
+        # a flush; a replica that crashed holding budget gives it back after that. A request
+        # that runs longer (streams have no overall cap by default) has its hold extended by the
+        # sweep (`_extend_holds`), so it never expires under a running request.
         self.hold_ttl_s = config.server.request_timeout_s + final_timeout_s + 60.0
-        self._holds: dict[str, str] = {}  # key -> tenant: held, not yet handed to the ledger
+        # key -> (tenant, monotonic s its store expiry was last set): held, not yet handed to the ledger
+        self._holds: dict[str, tuple[str, float]] = {}
+        self._holds_extended_s = 0.0  # monotonic s of the sweep's last look at them
         self.prefill_weight = config.energy.prefill_weight
         # Budgeted tenant -> recent mean joules per weighted token (the larger of prefill_weight x
         # prompt and completion tokens), and recent mean completion tokens per request; None keys: every tenant.
@@ -133,9 +137,6 @@ class Accounting:
         if record.backend is None:
             self.release_budget(record)
             return  # never reached a GPU: nothing to bill
-        # Its budget hold, if any, now settles in the ledger: the write that adds its joules
-        # drops the hold in the same atomic step.
-        self._holds.pop(record.key, None)
         if record.energy_method == "estimated" and record.joules is not None:
             self._awaiting[record.key] = record
         else:
@@ -178,15 +179,18 @@ class Accounting:
                 code="insufficient_quota", type="insufficient_quota",
                 headers=[(b"x-energy-budget-remaining-joules", b"0.0")],
             )
-        self._holds[key] = tenant
+        self._holds[key] = (tenant, time.monotonic())
         return max(budget_uj - used_uj, 0) / UJ_PER_J
 
     def release_budget(self, record: RequestRecord) -> None:
         """The request ends without being billed (refused, failed before a GPU): give its
-        hold back. A no-op for requests without one, so the relay calls it for every request."""
-        tenant = self._holds.pop(record.key, None)
-        if tenant is not None:
-            self._spawn(self.ledger.release(tenant, record.key))
+        hold back. A no-op for requests without one, so the relay calls it for every request,
+        and for billed ones awaiting their measured value (the ledger write settles those)."""
+        if record.key in self._awaiting:
+            return
+        held = self._holds.pop(record.key, None)
+        if held is not None:
+            self._spawn(self.ledger.release(held[0], record.key))
 
     def estimate_j(self, tenant: str, budget_j: float, prompt_tokens: int = 0,
                    max_tokens: int | None = None) -> float:
@@ -263,6 +267,10 @@ class Accounting:
                 del self._recent_keys[old.request_id]
 
     def _book(self, record: RequestRecord) -> None:
+        # Its budget hold, if any, now settles in the ledger: the write that adds its joules
+        # drops the hold in the same atomic step. Until here (the wait for a measured value
+        # included) the sweep keeps extending it.
+        self._holds.pop(record.key, None)
         if record.status == 200 and record.joules:
             self._learn_cost(record)
         self.ledger.record(LedgerRecord(
@@ -292,9 +300,31 @@ class Accounting:
             _fold(self._completion_tokens, who, float(record.completion_tokens))
             _fold(self._weighted_tokens, who, weighted)
 
+    async def _extend_holds(self) -> None:
+        """Every quarter TTL, push out the expiry of holds past half their TTL (requests still
+        running: streams, slow answers), all in one store round trip. Only budgeted tenants'
+        requests in flight have holds, so this is a scan of those alone."""
+        now_s = time.monotonic()
+        if now_s - self._holds_extended_s < self.hold_ttl_s / 4:
+            return
+        self._holds_extended_s = now_s
+        due = [(tenant, key) for key, (tenant, set_s) in self._holds.items() if now_s - set_s >= self.hold_ttl_s / 2]
+        if not due:
+            return
+        try:
+            async with asyncio.timeout(max(self.budget_timeout_s, 5.0)):
+                await self.ledger.extend(due, self.hold_ttl_s)
+        except Exception as exc:  # tried again next round, well before the hold expires
+            log.warning("extending %d budget holds failed: %s", len(due), type(exc).__name__)
+            return
+        for tenant, key in due:
+            if key in self._holds:  # not settled while the store answered
+                self._holds[key] = (tenant, now_s)
+
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.hold_ttl_s / 4))
+            await self._extend_holds()
             cutoff_s = time.time() - self.final_timeout_s
             while self._awaiting:
                 key, record = next(iter(self._awaiting.items()))
