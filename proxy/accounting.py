@@ -37,6 +37,8 @@ _MEAN_WEIGHT = 0.2
 #: one's. On the simulated H100 a 1-token request cost 0.3-1.0 J, a 128-token one 0.65-2.5 J
 #: per token (the less it shared the GPU, the more).
 _EXTRAPOLATION_MAX = 8.0
+#: Kinds of request whose cost the hold rates are learned from.
+_GENERATING = frozenset(("chat", "completion", "response"))
 #: Completion tokens a hold assumes for a request without max_tokens before any was booked.
 _DEFAULT_COMPLETION_TOKENS = 256
 #: Before any request was booked in this process, a hold is this share of the budget. A tenth
@@ -292,8 +294,10 @@ class Accounting:
         # hold for a large one after it too small (half the cost, on the simulated H100). The
         # rate errs high instead, by at most 2x where prompt and completion weigh alike.
         weighted = max(self.prefill_weight * record.prompt_tokens, float(record.completion_tokens))
-        if weighted <= 0 or record.joules is None:
-            return  # no tokens: says nothing about joules per token
+        if weighted <= 0 or record.joules is None or record.kind not in _GENERATING:
+            # No tokens, or not text in and tokens out (pass-through bytes / 4, embeddings):
+            # says little about joules per token.
+            return
         rate_j = record.joules / weighted
         for who in (None, record.tenant) if record.tenant in self.budgets else (None,):
             _fold(self._j_per_token, who, rate_j)
