@@ -29,8 +29,18 @@ log = logging.getLogger("joulegate.accounting")
 _RECENT_LIMIT = 10_000
 #: How long an estimated request waits for its measured value before it is booked as is.
 FINAL_TIMEOUT_S = 120.0
-#: Weight of the newest request in a tenant's mean joules per request (the hold estimate).
+#: Weight of the newest request in the means a hold is sized from (joules per weighted token,
+#: completion tokens per request).
 _MEAN_WEIGHT = 0.2
+#: Most a hold scales up a request larger than the tenant's recent ones (by the ratio of their
+#: weighted tokens): joules per token learned from much smaller requests under-state a large
+#: one's. On the simulated H100 a 1-token request cost 0.3-1.0 J, a 128-token one 0.65-2.5 J
+#: per token (the less it shared the GPU, the more).
+_EXTRAPOLATION_MAX = 8.0
+#: Kinds of request whose cost the hold rates are learned from.
+_GENERATING = frozenset(("chat", "completion", "response"))
+#: Completion tokens a hold assumes for a request without max_tokens before any was booked.
+_DEFAULT_COMPLETION_TOKENS = 256
 #: Before any request was booked in this process, a hold is this share of the budget. A tenth
 #: refused the 11th of a burst of cold first requests however cheap they were (a restarted
 #: proxy under c=16 load answered 429 on an unused budget); a hundredth admits 100 at once and
@@ -48,6 +58,12 @@ def period_start_s(per: str, now_s: float) -> float:
     else:
         start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     return start.timestamp()
+
+
+def _fold(means: dict[str | None, float], who: str | None, value: float) -> None:
+    """One step of an exponentially weighted mean; the first value starts it."""
+    mean = means.get(who)
+    means[who] = value if mean is None else mean + _MEAN_WEIGHT * (value - mean)
 
 
 class Accounting:
@@ -68,11 +84,19 @@ class Accounting:
             t.name: t.energy_budget_failure or config.energy_budget_failure for t in config.tenants
         }
         # A hold outlives its request (request_timeout_s), the wait for its measured value and
-        # a flush; a replica that crashed holding budget gives it back after that.
+        # a flush; a replica that crashed holding budget gives it back after that. A request
+        # that runs longer (streams have no overall cap by default) has its hold extended by the
+        # sweep (`_extend_holds`), so it never expires under a running request.
         self.hold_ttl_s = config.server.request_timeout_s + final_timeout_s + 60.0
-        self._holds: dict[str, str] = {}  # key -> tenant: held, not yet handed to the ledger
-        self._mean_j: dict[str, float] = {}  # budgeted tenant -> recent mean joules per request
-        self._any_mean_j: float | None = None  # the same over every tenant
+        # key -> (tenant, monotonic s its store expiry was last set): held, not yet handed to the ledger
+        self._holds: dict[str, tuple[str, float]] = {}
+        self._holds_extended_s = 0.0  # monotonic s of the sweep's last look at them
+        self.prefill_weight = config.energy.prefill_weight
+        # Budgeted tenant -> recent mean joules per weighted token (the larger of prefill_weight x
+        # prompt and completion tokens), and recent mean completion tokens per request; None keys: every tenant.
+        self._j_per_token: dict[str | None, float] = {}
+        self._completion_tokens: dict[str | None, float] = {}
+        self._weighted_tokens: dict[str | None, float] = {}  # recent mean weighted tokens per request
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_store_warning_s = 0.0
         # Recently finished requests by their unique key (bounded), and the keys under each
@@ -115,9 +139,6 @@ class Accounting:
         if record.backend is None:
             self.release_budget(record)
             return  # never reached a GPU: nothing to bill
-        # Its budget hold, if any, now settles in the ledger: the write that adds its joules
-        # drops the hold in the same atomic step.
-        self._holds.pop(record.key, None)
         if record.energy_method == "estimated" and record.joules is not None:
             self._awaiting[record.key] = record
         else:
@@ -135,17 +156,19 @@ class Accounting:
         self.carbon.fill(record, final.host_joules, final=True)
         self._book(record)
 
-    async def reserve_budget(self, tenant: str, key: str) -> float | None:
-        """Hold this request's estimated joules against the tenant's budget, atomically in the
-        ledger store, so concurrent requests cannot all pass the same check; returns the joules
-        that were left before it (None: no budget, or the store failed and the mode is open).
+    async def reserve_budget(self, tenant: str, key: str, prompt_tokens: int = 0,
+                             max_tokens: int | None = None) -> float | None:
+        """Hold this request's estimated joules (`estimate_j`: from its prompt tokens and its
+        max_tokens) against the tenant's budget, atomically in the ledger store, so concurrent
+        requests cannot all pass the same check; returns the joules that were left before it
+        (None: no budget, or the store failed and the mode is open).
         429 when none are left; 503 when the store failed and the mode is closed."""
         budget = self.budgets.get(tenant)
         if budget is None:
             return None  # no budget: no store round trip
         now_s = time.time()
         budget_uj = joules_to_uj(budget.joules)
-        estimate_uj = joules_to_uj(self.estimate_j(tenant, budget.joules))
+        estimate_uj = joules_to_uj(self.estimate_j(tenant, budget.joules, prompt_tokens, max_tokens))
         try:
             async with asyncio.timeout(self.budget_timeout_s):
                 reserved, used_uj = await self.ledger.reserve(
@@ -158,22 +181,38 @@ class Accounting:
                 code="insufficient_quota", type="insufficient_quota",
                 headers=[(b"x-energy-budget-remaining-joules", b"0.0")],
             )
-        self._holds[key] = tenant
+        self._holds[key] = (tenant, time.monotonic())
         return max(budget_uj - used_uj, 0) / UJ_PER_J
 
     def release_budget(self, record: RequestRecord) -> None:
         """The request ends without being billed (refused, failed before a GPU): give its
-        hold back. A no-op for requests without one, so the relay calls it for every request."""
-        tenant = self._holds.pop(record.key, None)
-        if tenant is not None:
-            self._spawn(self.ledger.release(tenant, record.key))
+        hold back. A no-op for requests without one, so the relay calls it for every request,
+        and for billed ones awaiting their measured value (the ledger write settles those)."""
+        if record.key in self._awaiting:
+            return
+        held = self._holds.pop(record.key, None)
+        if held is not None:
+            self._spawn(self.ledger.release(held[0], record.key))
 
-    def estimate_j(self, tenant: str, budget_j: float) -> float:
-        """What a hold reserves: the tenant's recent mean joules per request (its requests are
-        alike more often than not, and the mean tracks the fleet's efficiency), else every
-        tenant's, else a hundredth of the budget."""
-        mean_j = self._mean_j.get(tenant, self._any_mean_j)
-        return mean_j if mean_j is not None else budget_j * _COLD_SHARE
+    def estimate_j(self, tenant: str, budget_j: float, prompt_tokens: int = 0,
+                   max_tokens: int | None = None) -> float:
+        """What a hold reserves, in joules: the tenant's recent mean joules per weighted token
+        (see `_learn_cost`; else every tenant's) times this request's weighted tokens, prefill_weight x
+        `prompt_tokens` plus `max_tokens` (None: the tenant's recent mean completion tokens,
+        else every tenant's, else 256). Sized from the request, so a burst of large requests
+        cannot hold what small ones cost. Never more than the budget; before anything was
+        booked, a hundredth of it. A request larger than the tenant's recent ones holds up to 8x
+        more (`_EXTRAPOLATION_MAX`)."""
+        rate_j = self._j_per_token.get(tenant, self._j_per_token.get(None))
+        if rate_j is None:
+            return budget_j * _COLD_SHARE
+        if max_tokens is None:
+            mean = self._completion_tokens.get(tenant, self._completion_tokens.get(None))
+            max_tokens = round(mean) if mean is not None else _DEFAULT_COMPLETION_TOKENS
+        weighted = max(self.prefill_weight * prompt_tokens, float(max_tokens))
+        usual = self._weighted_tokens.get(tenant, self._weighted_tokens.get(None)) or 1.0
+        margin = min(max(weighted / usual, 1.0), _EXTRAPOLATION_MAX)
+        return min(rate_j * (self.prefill_weight * prompt_tokens + max_tokens) * margin, budget_j)
 
     def _store_failed(self, tenant: str, key: str, exc: Exception) -> float | None:
         mode = self.budget_failure.get(tenant, "open")
@@ -230,8 +269,12 @@ class Accounting:
                 del self._recent_keys[old.request_id]
 
     def _book(self, record: RequestRecord) -> None:
+        # Its budget hold, if any, now settles in the ledger: the write that adds its joules
+        # drops the hold in the same atomic step. Until here (the wait for a measured value
+        # included) the sweep keeps extending it.
+        self._holds.pop(record.key, None)
         if record.status == 200 and record.joules:
-            self._learn_cost(record.tenant, record.joules)
+            self._learn_cost(record)
         self.ledger.record(LedgerRecord(
             request_id=record.request_id, key=record.key, tenant=record.tenant, model=record.model,
             backend=record.backend or "", prompt_tokens=record.prompt_tokens,
@@ -243,17 +286,49 @@ class Accounting:
         ))
         self.metrics.observe_energy(record)
 
-    def _learn_cost(self, tenant: str, joules: float) -> None:
-        """Fold a billed request into the means `estimate_j` reads."""
-        self._any_mean_j = joules if self._any_mean_j is None else (
-            self._any_mean_j + _MEAN_WEIGHT * (joules - self._any_mean_j))
-        if tenant in self.budgets:
-            mean_j = self._mean_j.get(tenant)
-            self._mean_j[tenant] = joules if mean_j is None else mean_j + _MEAN_WEIGHT * (joules - mean_j)
+    def _learn_cost(self, record: RequestRecord) -> None:
+        """Fold a billed request into the means `estimate_j` reads (every tenant's, and its
+        tenant's if budgeted)."""
+        # The larger part, not the sum: a request's fixed costs (prefill time, the first token)
+        # are not all in its weights, so the sum made a tiny request look cheap per token and a
+        # hold for a large one after it too small (half the cost, on the simulated H100). The
+        # rate errs high instead, by at most 2x where prompt and completion weigh alike.
+        weighted = max(self.prefill_weight * record.prompt_tokens, float(record.completion_tokens))
+        if weighted <= 0 or record.joules is None or record.kind not in _GENERATING:
+            # No tokens, or not text in and tokens out (pass-through bytes / 4, embeddings):
+            # says little about joules per token.
+            return
+        rate_j = record.joules / weighted
+        for who in (None, record.tenant) if record.tenant in self.budgets else (None,):
+            _fold(self._j_per_token, who, rate_j)
+            _fold(self._completion_tokens, who, float(record.completion_tokens))
+            _fold(self._weighted_tokens, who, weighted)
+
+    async def _extend_holds(self) -> None:
+        """Every quarter TTL, push out the expiry of holds past half their TTL (requests still
+        running: streams, slow answers), all in one store round trip. Only budgeted tenants'
+        requests in flight have holds, so this is a scan of those alone."""
+        now_s = time.monotonic()
+        if now_s - self._holds_extended_s < self.hold_ttl_s / 4:
+            return
+        self._holds_extended_s = now_s
+        due = [(tenant, key) for key, (tenant, set_s) in self._holds.items() if now_s - set_s >= self.hold_ttl_s / 2]
+        if not due:
+            return
+        try:
+            async with asyncio.timeout(max(self.budget_timeout_s, 5.0)):
+                await self.ledger.extend(due, self.hold_ttl_s)
+        except Exception as exc:  # tried again next round, well before the hold expires
+            log.warning("extending %d budget holds failed: %s", len(due), type(exc).__name__)
+            return
+        for tenant, key in due:
+            if key in self._holds:  # not settled while the store answered
+                self._holds[key] = (tenant, now_s)
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.hold_ttl_s / 4))
+            await self._extend_holds()
             cutoff_s = time.time() - self.final_timeout_s
             while self._awaiting:
                 key, record = next(iter(self._awaiting.items()))

@@ -148,11 +148,16 @@ class Relay:
             except TimeoutError:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
-            payload, upstream_body, withhold_usage = self._parse(body, kind, record)
+            content_type = _multipart_type(scope["headers"]) if kind == "other" else None
+            if content_type is not None:  # relayed untouched, with its own Content-Type
+                payload, upstream_body, withhold_usage = _parse_multipart(body, content_type, record), body, False
+            else:
+                payload, upstream_body, withhold_usage = self._parse(body, kind, record)
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
-            record.budget_left_j = await self.accounting.reserve_budget(principal.tenant, record.key)
-            await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record)
+            record.budget_left_j = await self.accounting.reserve_budget(
+                principal.tenant, record.key, record.prompt_estimate, _max_output_tokens(payload, kind))
+            await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record, content_type)
         except ProxyError as exc:
             record.status = exc.status
             await send_error(send, exc, record.request_id)
@@ -251,7 +256,7 @@ class Relay:
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, payload: dict[str, Any], body: bytes,
-        withhold_usage: bool, record: RequestRecord,
+        withhold_usage: bool, record: RequestRecord, content_type: str | None = None,
     ) -> None:
         """Pick a backend, send the request, relay the answer; book it once the backend had it.
 
@@ -275,7 +280,7 @@ class Relay:
                 deadline = loop.time() + self.request_timeout_s
                 try:
                     async with asyncio.timeout_at(deadline):
-                        resp = await self._post(backend, suffix, body, record.request_id)
+                        resp = await self._post(backend, suffix, body, record.request_id, content_type)
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
                     # Refused, unreachable, or closed before answering even on a fresh connection:
                     # nothing reached the client yet, so another backend may answer.
@@ -344,7 +349,8 @@ class Relay:
                 else:
                     self._book_failed(hold, record, payload, ProxyError(502, "The proxy failed.", code="upstream_error"))
 
-    async def _post(self, backend: Backend, suffix: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def _post(self, backend: Backend, suffix: str, body: bytes, request_id: str,
+                    content_type: str | None = None) -> aiohttp.ClientResponse:
         """POST the request upstream on a pooled connection.
 
         A pooled connection the engine closed while it sat idle fails before any byte of answer
@@ -355,6 +361,8 @@ class Relay:
         assert session is not None and fresh is not None
         url = backend.url + suffix
         headers = {**backend.upstream_headers, "X-Request-Id": request_id}
+        if content_type is not None:  # multipart: its boundary must reach the engine as sent
+            headers["Content-Type"] = content_type
         try:
             return await session.post(url, data=body, headers=headers, timeout=self.timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -629,6 +637,66 @@ async def _read_body(receive: Receive, declared: int | None, limit: int) -> byte
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
+
+
+#: Most bytes of a multipart part's headers, and of the `model` value, that are read.
+_PART_HEADERS_MAX = 1024
+_MODEL_MAX = 256
+
+
+def _multipart_type(raw: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's Content-Type if it is multipart/form-data (pass-through routes such as
+    /v1/audio/transcriptions), else None."""
+    for name, value in raw:
+        if name == b"content-type":
+            text = value.decode("latin-1")
+            return text if text[:19].lower() == "multipart/form-data" else None
+    return None
+
+
+def _parse_multipart(body: bytes, content_type: str, record: RequestRecord) -> dict[str, Any]:
+    """Read only the `model` part of a multipart/form-data body, in one linear scan; the body
+    itself is relayed untouched. Returns the payload routing needs ({"model": ...})."""
+    boundary = ""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary or len(boundary) > 200:
+        raise bad_request("A multipart body needs a boundary (1 to 200 characters) in its Content-Type.")
+    delimiter = b"--" + boundary.encode("latin-1")
+    model = None
+    pos = body.find(delimiter)
+    while pos >= 0 and model is None:
+        start = pos + len(delimiter)
+        end = body.find(b"\r\n" + delimiter, start)
+        if end < 0:
+            break
+        head_end = body.find(b"\r\n\r\n", start, min(end, start + _PART_HEADERS_MAX))
+        if head_end >= 0 and b' name="model"' in body[start:head_end]:
+            value = body[head_end + 4:end]
+            if len(value) <= _MODEL_MAX:
+                model = value.decode("utf-8", "replace").strip()
+        pos = end + 2
+    if not model:
+        raise bad_request("'model' is required and must be a non-empty form field.", param="model")
+    record.model = model
+    record.stream = False
+    record.prompt_estimate = len(body) // 4  # what pass-through routes estimate, media bytes and all
+    return {"model": model}
+
+
+def _max_output_tokens(payload: dict[str, Any], kind: str) -> int | None:
+    """The most tokens this request may generate, all choices together (a budget hold is sized
+    from it); None: it does not say."""
+    if kind == "embedding":
+        return 0
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            n = payload.get("n")
+            return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
+    return None
 
 
 def _timed_out() -> ProxyError:

@@ -9,14 +9,16 @@ token from a file or a variable, over http and https (tests/test_agent.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,6 @@ from tests.conftest import (
     SimBackend,
     backend_yaml,
     free_port,
-    sdk_client,
     sha256,
     tenants_yaml,
     wait_until,
@@ -137,16 +138,89 @@ def test_allowlisted_route_books_the_engines_usage(proxy: ProxyProc, upstream: C
     assert (view["prompt_tokens"], view["completion_tokens"]) == (3, 1)  # the capture upstream's usage
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="multipart bodies are parsed as JSON (400) and sent as application/json")
-def test_allowlisted_multipart_route_reaches_the_backend(proxy: ProxyProc, upstream: CaptureUpstream) -> None:
-    # /v1/audio/transcriptions (and translations, images/edits, images/variations) is on the
-    # default allowlist, but OpenAI's API sends it as multipart/form-data, as the SDK does here.
-    client = sdk_client(proxy)
-    with contextlib.suppress(openai.APIError):
-        client.audio.transcriptions.create(model=MODEL, file=("hi.wav", b"RIFF0000WAVEfmt ", "audio/wav"))
-    (got,) = [h for _, p, h in upstream.seen if p == "/v1/audio/transcriptions"][-1:] or [None]
-    assert got is not None and got["content-type"].startswith("multipart/form-data")
+class MultipartUpstream:
+    """An upstream on a thread that records each POST's path, Content-Type and body bytes, and
+    answers a transcription ({"text"}) or an image list, without usage."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bytes]] = []  # (path, content-type, body)
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._answer(json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append((self.path, self.headers.get("Content-Type", ""), body))
+                answer = {"text": "hello"} if "/audio/" in self.path else {"created": 0, "data": [{"b64_json": "AA=="}]}
+                self._answer(json.dumps(answer).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def multipart() -> Iterator[tuple[ProxyProc, MultipartUpstream]]:
+    upstream = MultipartUpstream()
+    config = "backends:\n" + backend_yaml("mp", upstream.url, [MODEL]) + tenants_yaml() + "ledger: 'memory://'\n"
+    started = ProxyProc(config, Path(tempfile.mkdtemp(prefix="jg-multipart-")))
+    yield started, upstream
+    started.stop()
+    upstream.stop()
+    assert "Traceback" not in started.log()
+
+
+def test_allowlisted_multipart_routes_reach_the_backend_untouched_and_are_booked(
+        multipart: tuple[ProxyProc, MultipartUpstream]) -> None:
+    # /v1/audio/transcriptions and /v1/images/edits (and translations, variations) are on the
+    # default allowlist; OpenAI's API sends them as multipart/form-data, as the SDK does here.
+    # The proxy parsed them as JSON (400) and sent them upstream as application/json.
+    proxy, upstream = multipart
+    sent: list[tuple[str, bytes]] = []
+
+    def keep(request: httpx.Request) -> None:
+        if request.method == "POST":
+            sent.append((request.headers["content-type"], request.read()))
+
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=30,
+                           http_client=httpx.Client(event_hooks={"request": [keep]}))
+    audio = b"RIFF0000WAVEfmt " + bytes(range(256)) * 8
+    raw = client.audio.transcriptions.with_raw_response.create(model=MODEL, file=("hi.wav", audio, "audio/wav"))
+    assert raw.parse().text == "hello"
+    image = client.images.with_raw_response.edit(model=MODEL, image=("a.png", b"\x89PNG" + b"\0" * 64, "image/png"),
+                                                  prompt="a hat")
+    assert image.status_code == 200
+    assert [(p, ct, body) for p, ct, body in upstream.seen] == [
+        ("/v1/audio/transcriptions", *sent[0]), ("/v1/images/edits", *sent[1])]
+    assert sent[0][0].startswith("multipart/form-data; boundary=")
+    for answer in (raw, image):
+        rid = answer.headers["x-request-id"]
+        view = get(proxy, f"/v1/energy/requests/{rid}", KEYS["acme"]).json()
+        assert view["model"] == MODEL and view["backend"] == "mp", view
+        assert view["prompt_tokens"] > 0  # no usage in the answer: the pass-through estimate
+    # A multipart body without a model part is a 400, and never reaches the backend.
+    bad = httpx.post(proxy.url + "/v1/audio/transcriptions", headers=auth(KEYS["acme"]), timeout=10,
+                     files={"file": ("hi.wav", audio, "audio/wav")}, data={"language": "en"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model", bad.text
+    assert len(upstream.seen) == 2
 
 
 @pytest.fixture(scope="module")

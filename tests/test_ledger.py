@@ -626,6 +626,29 @@ def test_holds_expire(store: Store) -> None:
     run(body)
 
 
+def test_extended_holds_outlive_their_ttl(store: Store) -> None:
+    """A running request's hold, extended, stays while an unextended one of the same TTL
+    expires; a hold already released is not brought back by an extension."""
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            now = time.time()
+            assert (await ledger.reserve("acme", "running", 3_000_000, now, 5_000_000, 0.5))[0]
+            assert (await ledger.reserve("globex", "crashed", 5_000_000, now, 5_000_000, 0.5))[0]
+            assert (await ledger.reserve("acme", "gone", 1_000_000, now, 5_000_000, 0.5))[0]
+            await ledger.release("acme", "gone")
+            await ledger.extend([("acme", "running"), ("acme", "gone")], 60.0)
+            await until(lambda: _reserved(ledger.reserve("globex", "y", 1, time.time(), 5_000_000, 60.0)),
+                        what="the unextended hold to expire")
+            # Past the first TTL: the extended 3 J still count, the released 1 J does not.
+            assert await ledger.reserve("acme", "z", 1, time.time(), 5_000_000, 60.0) == (True, 3_000_000)
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
 async def _reserved(pending: Awaitable[tuple[bool, int]]) -> bool:
     return (await pending)[0]
 

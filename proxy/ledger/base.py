@@ -105,6 +105,11 @@ class Ledger(ABC):
     async def release(self, tenant: str, key: str) -> None:
         """Drop the hold `key` (the request never reached a GPU); idempotent."""
 
+    @abstractmethod
+    async def extend(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """Push the expiry of these (tenant, key) holds to `ttl_s` from now, in one store round
+        trip (requests still running); a hold already settled, released or expired stays gone."""
+
 
 class BufferedLedger(Ledger):
     """Batching, flushing, journaling and budget bookkeeping; stores implement the `_` hooks.
@@ -196,6 +201,10 @@ class BufferedLedger(Ledger):
 
     @abstractmethod
     async def _release_store(self, tenant: str, key: str) -> None: ...
+
+    @abstractmethod
+    async def _extend_store(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """`extend` in the store: only holds that exist get a new expiry."""
 
     def _holds(self, records: Iterable[LedgerRecord]) -> list[tuple[str, str]]:
         """(tenant, key) of the budget holds these records settle: a store's write drops them
@@ -415,6 +424,10 @@ class BufferedLedger(Ledger):
     async def release(self, tenant: str, key: str) -> None:
         self._held.pop(key, None)
         await self._release_store(tenant, key)
+
+    async def extend(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        if holds:
+            await self._extend_store(holds, ttl_s)
 
     # ---- reads --------------------------------------------------------------------------------
     async def usage(self, *, tenant: str | None = None, since_s: float | None = None,

@@ -84,6 +84,13 @@ class MemoryLedger(BufferedLedger):
     async def _release_store(self, tenant: str, key: str) -> None:
         self._holds_uj.get(tenant, {}).pop(key, None)
 
+    async def _extend_store(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        now = time.monotonic()
+        for tenant, key in holds:
+            held = self._holds_uj.get(tenant, {}).get(key)
+            if held is not None and held[1] > now:
+                self._holds_uj[tenant][key] = (held[0], now + ttl_s)
+
     async def _prune(self, cutoff_s: float) -> int:
         old = [rid for rid, (_, written_s) in self._requests.items() if written_s < cutoff_s]
         for uid in old:

@@ -243,4 +243,18 @@ class RedisLedger(BufferedLedger):
         pipe.zrem(self._prefix_b + b"holdx:" + tenant.encode(), key)
         await pipe.execute()
 
+    async def _extend_store(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        # ZADD XX only moves an expiry that is still there: a settled or released hold (both
+        # remove it from holdx:) is never brought back. An expired one still listed is dropped by
+        # the next reservation's sweep before it could be moved, or is moved with its µJ: either
+        # way the request it belongs to is still running. The keys' own TTL is every hold's TTL.
+        now_ms, ttl_ms = round(time.time() * 1000), max(1, round(ttl_s * 1000))
+        pipe = self._client().pipeline(transaction=False)
+        for tenant in {t for t, _ in holds}:
+            pipe.pexpire(self._prefix_b + b"hold:" + tenant.encode(), ttl_ms)
+            pipe.pexpire(self._prefix_b + b"holdx:" + tenant.encode(), ttl_ms)
+        for tenant, key in holds:
+            pipe.zadd(self._prefix_b + b"holdx:" + tenant.encode(), {key: now_ms + ttl_ms}, xx=True)
+        await pipe.execute()
+
     # Per-request keys expire by TTL, so there is nothing to prune.

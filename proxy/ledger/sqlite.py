@@ -166,6 +166,16 @@ class SqliteLedger(BufferedLedger):
     async def _release_store(self, tenant: str, key: str) -> None:
         await self._run_holds(lambda: self._holds_db().execute("DELETE FROM holds WHERE key = ?", (key,)))
 
+    def _extend_sync(self, keys: list[str], ttl_s: float) -> None:
+        conn = self._holds_db()
+        now = time.time()
+        with conn:  # one transaction: one write lock for the whole batch
+            conn.executemany("UPDATE holds SET expires_s = ? WHERE key = ? AND expires_s > ?",
+                             [(now + ttl_s, key, now) for key in keys])
+
+    async def _extend_store(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        await self._run_holds(self._extend_sync, [key for _, key in holds], ttl_s)
+
     async def _close_store(self) -> None:
         def close() -> None:
             if self._conn is not None:
