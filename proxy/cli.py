@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-schema", help="print the config's JSON Schema (docs/config.md is made from it)")
 
-    from proxy.sim.fleet import add_simulate_parser
+    from proxy.sim.simulate_cli import add_simulate_parser
     from proxy.sim.traces import add_trace_parser
 
     add_simulate_parser(sub)
@@ -253,7 +253,7 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from proxy.sim.fleet import run_simulate
+    from proxy.sim.simulate_cli import run_simulate
 
     return run_simulate(args)
 

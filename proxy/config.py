@@ -1,6 +1,10 @@
 """Typed configuration: YAML with ${ENV} interpolation, validated by pydantic.
 
 Errors name the field and the line it came from, so `joulegate check-config` can point at it.
+
+Longer than ~500 lines on purpose: it holds every section's model with the descriptions that
+docs/config.md is generated from, and the rules the config checks (pass-through paths, ledger
+URL options), because it imports nothing of the proxy's own.
 """
 
 from __future__ import annotations

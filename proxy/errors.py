@@ -1,6 +1,9 @@
-"""OpenAI-shaped errors: one exception type and its wire format."""
+"""OpenAI-shaped errors: one exception type, its wire format, and sending it."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -63,3 +66,19 @@ def model_not_found(model: str) -> ProxyError:
         404, f"The model `{model}` does not exist or no backend serves it.",
         param="model", code="model_not_found",
     )
+
+
+#: Key of the ASGI start message that marks an answer the proxy made itself (its error code).
+REFUSAL = "joulegate.refusal"
+
+
+async def send_error(send: Callable[[dict[str, Any]], Awaitable[None]], exc: ProxyError,
+                     request_id: str) -> None:
+    """Answer with an OpenAI-shaped error."""
+    await send({
+        "type": "http.response.start",
+        "status": exc.status,
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()), *exc.headers],
+        REFUSAL: exc.code or exc.type,  # read by the app's refusal counter; servers ignore it
+    })
+    await send({"type": "http.response.body", "body": exc.body()})

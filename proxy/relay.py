@@ -24,10 +24,19 @@ from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool
 from proxy.config import Config
 from proxy.energy.meter import EnergyMeter
-from proxy.errors import ProxyError, bad_request, model_not_found
+from proxy.errors import REFUSAL, ProxyError, model_not_found, send_error
+from proxy.inbound import (
+    ClientGone,
+    ClientWatch,
+    multipart_type,
+    parse_form,
+    parse_json,
+    read_body,
+    scan_headers,
+)
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
-from proxy.usage import answer_usage, estimate_prompt_tokens
+from proxy.usage import answer_usage, max_output_tokens
 from proxy.watchdog import SendWatchdog
 
 log = logging.getLogger("joulegate.relay")
@@ -35,22 +44,12 @@ log = logging.getLogger("joulegate.relay")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+__all__ = ["REFUSAL", "Receive", "Relay", "Scope", "Send", "scan_headers", "send_error"]  # for the app
 
-#: (kind, field that must be present, its accepted types) per inference route.
-_REQUIRED: dict[str, tuple[str, tuple[type, ...]]] = {
-    "chat": ("messages", (list,)),
-    "completion": ("prompt", (str, list)),
-    "embedding": ("input", (str, list)),
-    "response": ("input", (str, list)),
-}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _JSON = b"application/json"
 # Load shedding answers say when to come back (the openai SDKs honour it when they retry).
 _RETRY_SOON = [(b"retry-after", b"1")]
-
-
-class ClientGone(Exception):
-    """The client disconnected before it could be answered."""
 
 
 class _Hold:
@@ -65,36 +64,6 @@ class _Hold:
         self.ticket = ticket
         self.held = True
         self.booked = False
-
-
-class _ClientWatch:
-    """Waits for the client's `http.disconnect` while the request is with a backend. While
-    `armed`, a disconnect cancels the request's task at once, so it stops waiting on the upstream
-    (streamed or not) and closes it; the relay sees `cancelled` and books what the engine did."""
-
-    __slots__ = ("gone", "armed", "cancelled", "_task", "_watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.gone = False
-        self.armed = True
-        self.cancelled = False  # this watch cancelled the task (the relay uncancels it once)
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._watcher = asyncio.create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self.armed:
-            self.cancelled = True
-            self._task.cancel()
-
-    def stop(self) -> None:
-        """No more cancelling: from here on the relay only sends (or has finished)."""
-        self.armed = False
-        self._watcher.cancel()
 
 
 class Relay:
@@ -144,19 +113,19 @@ class Relay:
             record.tenant = principal.tenant
             try:
                 async with asyncio.timeout(self.read_timeout_s):
-                    body = await _read_body(receive, declared_length, self.max_body_bytes)
+                    body = await read_body(receive, declared_length, self.max_body_bytes)
             except TimeoutError:
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
-            content_type = _multipart_type(scope["headers"]) if kind == "other" else None
+            content_type = multipart_type(scope["headers"]) if kind == "other" else None
             if content_type is not None:  # relayed untouched, with its own Content-Type
-                payload, upstream_body, withhold_usage = _parse_multipart(body, content_type, record), body, False
+                payload, upstream_body, withhold_usage = parse_form(body, content_type, record), body, False
             else:
-                payload, upstream_body, withhold_usage = self._parse(body, kind, record)
+                payload, upstream_body, withhold_usage = parse_json(body, kind, record)
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
             record.budget_left_j = await self.accounting.reserve_budget(
-                principal.tenant, record.key, record.prompt_estimate, _max_output_tokens(payload, kind))
+                principal.tenant, record.key, record.prompt_estimate, max_output_tokens(payload, kind))
             await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record, content_type)
         except ProxyError as exc:
             record.status = exc.status
@@ -166,65 +135,6 @@ class Relay:
         finally:
             self.in_flight -= 1
             self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
-
-    # -- request ------------------------------------------------------------------------------
-
-    def _parse(self, body: bytes, kind: str, record: RequestRecord) -> tuple[dict[str, Any], bytes, bool]:
-        """Validate what the proxy relies on.
-
-        Returns the payload, the bytes to send upstream and whether the usage chunk must be
-        withheld from the client (it did not ask for usage; the proxy did on its behalf).
-        """
-        if not body:
-            raise bad_request("The request body is empty; expected a JSON object.")
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"The request body is not valid JSON: {exc.args[0]}") from None
-        if not isinstance(payload, dict):
-            raise bad_request("The request body must be a JSON object.")
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad_request("'model' is required and must be a non-empty string.", param="model")
-        stream = payload.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise bad_request("'stream' must be a boolean.", param="stream")
-        required = _REQUIRED.get(kind)
-        if required is not None:
-            field, types = required
-            value = payload.get(field)
-            if value is None:
-                raise bad_request(f"'{field}' is required.", param=field)
-            if not isinstance(value, types) or (field == "messages" and not value):
-                shape = "a non-empty array" if field == "messages" else "a string or an array"
-                raise bad_request(f"'{field}' must be {shape}.", param=field)
-        if kind == "response" and payload.get("background"):
-            # The engine would answer at once and generate afterwards: work outside
-            # max_in_flight, the budget and the booking, fetched by a route never relayed.
-            raise bad_request("'background' responses are not supported by this proxy.", param="background")
-        for field in ("max_tokens", "max_completion_tokens", "n"):
-            value = payload.get(field)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise bad_request(f"'{field}' must be a non-negative integer.", param=field)
-        record.model = model
-        record.stream = stream
-        if kind != "other":  # text parts only: media bytes are not prompt tokens
-            record.prompt_estimate = estimate_prompt_tokens(payload)
-        else:
-            record.prompt_estimate = len(body) // 4
-        withhold_usage = False
-        if stream and kind in ("chat", "completion"):
-            options = payload.get("stream_options")
-            if options is not None and not isinstance(options, dict):
-                raise bad_request("'stream_options' must be an object.", param="stream_options")
-            if not (options or {}).get("include_usage"):
-                # Ask upstream for usage anyway; the usage chunk is withheld from this client.
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                body = orjson.dumps(payload)
-                withhold_usage = True
-        return payload, body, withhold_usage
 
     # -- routing and forwarding ---------------------------------------------------------------
 
@@ -271,7 +181,7 @@ class Relay:
         hold: _Hold | None = None
         resp: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
-        watch = _ClientWatch(receive)
+        watch = ClientWatch(receive)
         try:
             while True:
                 backend = self._choose(record, payload, tried, failure)
@@ -488,7 +398,7 @@ class Relay:
 
     async def _relay_stream(
         self, send: Send, resp: aiohttp.ClientResponse, payload: dict[str, Any], withhold_usage: bool,
-        record: RequestRecord, hold: _Hold, watch: _ClientWatch,
+        record: RequestRecord, hold: _Hold, watch: ClientWatch,
     ) -> None:
         """Relay SSE bytes as they come; hold back usage and [DONE] to add the energy event.
 
@@ -594,111 +504,6 @@ class Relay:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, int | None]:
-    """Authorization, x-request-id and content-length, in one pass over the raw headers."""
-    authorization = request_id = length = None
-    for name, value in raw:
-        if name == b"authorization":
-            authorization = value
-        elif name == b"x-request-id":
-            text = value.decode("latin-1").strip()
-            # Forwarded upstream and echoed: keep it printable and short.
-            if 0 < len(text) <= 128 and text.isprintable():
-                request_id = text
-        elif name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                length = None
-    return authorization, request_id, length
-
-
-async def _read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
-    """The whole request body, or 413 as soon as it is known to be too large."""
-    if declared is not None and declared > limit:
-        raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGone
-    body = message.get("body", b"")
-    if not message.get("more_body"):
-        if len(body) > limit:
-            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-        return body
-    parts, size = [body], len(body)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-        parts.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(parts)
-
-
-#: Most bytes of a multipart part's headers, and of the `model` value, that are read.
-_PART_HEADERS_MAX = 1024
-_MODEL_MAX = 256
-
-
-def _multipart_type(raw: list[tuple[bytes, bytes]]) -> str | None:
-    """The request's Content-Type if it is multipart/form-data (pass-through routes such as
-    /v1/audio/transcriptions), else None."""
-    for name, value in raw:
-        if name == b"content-type":
-            text = value.decode("latin-1")
-            return text if text[:19].lower() == "multipart/form-data" else None
-    return None
-
-
-def _parse_multipart(body: bytes, content_type: str, record: RequestRecord) -> dict[str, Any]:
-    """Read only the `model` part of a multipart/form-data body, in one linear scan; the body
-    itself is relayed untouched. Returns the payload routing needs ({"model": ...})."""
-    boundary = ""
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not boundary or len(boundary) > 200:
-        raise bad_request("A multipart body needs a boundary (1 to 200 characters) in its Content-Type.")
-    delimiter = b"--" + boundary.encode("latin-1")
-    model = None
-    pos = body.find(delimiter)
-    while pos >= 0 and model is None:
-        start = pos + len(delimiter)
-        end = body.find(b"\r\n" + delimiter, start)
-        if end < 0:
-            break
-        head_end = body.find(b"\r\n\r\n", start, min(end, start + _PART_HEADERS_MAX))
-        if head_end >= 0 and b' name="model"' in body[start:head_end]:
-            value = body[head_end + 4:end]
-            if len(value) <= _MODEL_MAX:
-                model = value.decode("utf-8", "replace").strip()
-        pos = end + 2
-    if not model:
-        raise bad_request("'model' is required and must be a non-empty form field.", param="model")
-    record.model = model
-    record.stream = False
-    record.prompt_estimate = len(body) // 4  # what pass-through routes estimate, media bytes and all
-    return {"model": model}
-
-
-def _max_output_tokens(payload: dict[str, Any], kind: str) -> int | None:
-    """The most tokens this request may generate, all choices together (a budget hold is sized
-    from it); None: it does not say."""
-    if kind == "embedding":
-        return 0
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = payload.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            n = payload.get("n")
-            return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
-    return None
-
-
 def _timed_out() -> ProxyError:
     return ProxyError(504, "The backend did not answer in time.", code="upstream_timeout")
 
@@ -727,18 +532,3 @@ def _take_usage(data: bytes, record: RequestRecord) -> bool:
 
 def _looks_like_error(data: bytes) -> bool:
     return data.startswith(b"{") and b'"error"' in data
-
-
-#: Key of the ASGI start message that marks an answer the proxy made itself (its error code).
-REFUSAL = "joulegate.refusal"
-
-
-async def send_error(send: Send, exc: ProxyError, request_id: str) -> None:
-    """Answer with an OpenAI-shaped error."""
-    await send({
-        "type": "http.response.start",
-        "status": exc.status,
-        "headers": [(b"content-type", _JSON), (b"x-request-id", request_id.encode()), *exc.headers],
-        REFUSAL: exc.code or exc.type,  # read by the app's refusal counter; servers ignore it
-    })
-    await send({"type": "http.response.body", "body": exc.body()})

@@ -105,3 +105,16 @@ def _walk(value: Any, depth: int) -> tuple[int, int, int]:
             c, m, n = _walk(sub, depth + 1)
             chars, media, items = chars + c, media + m, items + n
     return chars, media, items
+
+
+def max_output_tokens(payload: dict[str, Any], kind: str) -> int | None:
+    """The most tokens this request may generate, all choices together (a budget hold is sized
+    from it); None: it does not say."""
+    if kind == "embedding":
+        return 0
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            n = payload.get("n")
+            return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
+    return None

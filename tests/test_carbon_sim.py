@@ -11,7 +11,8 @@ import yaml
 from policies import make_policy
 from policies.base import BackendView, RequestInfo
 from policies.efficiency import Efficiency
-from proxy.sim.fleet import FleetError, load_fleet, main_simulate, parse_fleet, simulate
+from proxy.sim.fleet import FleetError, load_fleet, parse_fleet, simulate
+from proxy.sim.simulate_cli import main_simulate
 from proxy.sim.sites import CarbonSchedule, read_schedule_csv
 from proxy.sim.traces import TraceRequest, main_trace, synth_trace
 from tests.test_efficiency import h100_like

@@ -21,11 +21,11 @@ from proxy.sim.engine import Engine, Request
 from proxy.sim.fleet import (
     FleetError,
     backend_capacity_rps,
-    main_simulate,
     parse_fleet,
     simulate,
 )
 from proxy.sim.profiles import get_profile
+from proxy.sim.simulate_cli import main_simulate
 from proxy.sim.traces import (
     TraceError,
     TraceRequest,

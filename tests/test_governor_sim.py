@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.sim.fleet import main_simulate, parse_fleet, simulate
+from proxy.sim.fleet import parse_fleet, simulate
+from proxy.sim.simulate_cli import main_simulate
 from proxy.sim.traces import main_trace, synth_trace
 
 FLEET = parse_fleet({"backends": [

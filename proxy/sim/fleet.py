@@ -19,17 +19,11 @@ over its requests, and its books must balance the same way.
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import json
 import math
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from policies.base import BackendView, Policy, RequestInfo
 from policies.efficiency import Efficiency
@@ -38,90 +32,18 @@ from policies.model import EfficiencyModel, Ticket
 from policies.round_robin import RoundRobin
 from proxy.energy.attribution import ScheduledRequest, attribute_schedule
 from proxy.sim.engine import Engine, Request, Step
+from proxy.sim.fleet_file import FleetBackend, FleetError, load_fleet, parse_fleet
 from proxy.sim.governed import VirtualGovernor
-from proxy.sim.plot import svg_bars
-from proxy.sim.profiles import GpuProfile, get_profile, profile_names
-from proxy.sim.sites import CarbonBooks, Site, parse_sites
-from proxy.sim.traces import TraceError, TraceRequest, read_trace
+from proxy.sim.profiles import GpuProfile
+from proxy.sim.sites import CarbonBooks, Site
+from proxy.sim.traces import TraceRequest
 
 __all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_NAMES",
            "load_fleet", "parse_fleet", "simulate", "make_sim_policy", "fleet_capacity_rps",
-           "backend_capacity_rps", "add_simulate_parser", "run_simulate", "main_simulate"]
+           "backend_capacity_rps"]
 
 POLICY_NAMES = ("round_robin", "least_loaded", "efficiency")
 OBJECTIVES = ("joules", "carbon")
-
-
-class FleetError(ValueError):
-    """A FLEET.yaml that cannot be used; the message names the file and the entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class FleetBackend:
-    """One simulated GPU: its name, profile and optional concurrency cap (as in the config)."""
-
-    name: str
-    profile: GpuProfile
-    max_concurrency: int | None = None
-    site: Site | None = None  # PUE and grid intensity; None: no carbon figures
-
-
-def parse_fleet(data: Any, source: str = "fleet", base_dir: str = ".") -> list[FleetBackend]:
-    """`{backends: [{name, profile, count?, max_concurrency?, site?}, ...], sites?: [...]}` ->
-    backends; `count: k` expands `name` to `name-0` .. `name-(k-1)`. With `sites:` every
-    backend names one (`proxy/sim/sites.py`); a relative CSV is read from `base_dir`."""
-    if not isinstance(data, dict) or not isinstance(data.get("backends"), list) or not data["backends"]:
-        raise FleetError(f"{source}: expected `backends:` with a non-empty list")
-    sites: dict[str, Site] = {}
-    if "sites" in data:
-        try:
-            sites = parse_sites(data["sites"], source, base_dir)
-        except ValueError as exc:
-            raise FleetError(str(exc)) from None
-    out: list[FleetBackend] = []
-    for i, item in enumerate(data["backends"]):
-        where = f"{source}: backends[{i}]"
-        if not isinstance(item, dict):
-            raise FleetError(f"{where}: expected a mapping with `profile`")
-        unknown = set(item) - {"name", "profile", "count", "max_concurrency", "site"}
-        if unknown:
-            raise FleetError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        try:
-            profile = get_profile(str(item.get("profile")))
-        except ValueError:
-            raise FleetError(f"{where}: profile must be one of {', '.join(profile_names())}") from None
-        name = str(item.get("name") or profile.name)
-        count, cap = item.get("count", 1), item.get("max_concurrency")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise FleetError(f"{where}: count must be an integer >= 1")
-        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-            raise FleetError(f"{where}: max_concurrency must be an integer >= 1")
-        site = None
-        if sites or "site" in item:
-            site = sites.get(item.get("site"))  # type: ignore[arg-type]
-            if site is None:
-                raise FleetError(f"{where}: site must name one of `sites:` "
-                                 f"({', '.join(sites) or 'none declared'})")
-        names = [name] if "count" not in item else [f"{name}-{j}" for j in range(count)]
-        out.extend(FleetBackend(n, profile, cap, site) for n in names)
-    seen: set[str] = set()
-    for b in out:
-        if b.name in seen:
-            raise FleetError(f"{source}: backend name {b.name!r} appears twice")
-        seen.add(b.name)
-    return out
-
-
-def load_fleet(path: str) -> list[FleetBackend]:
-    """Read FLEET.yaml; FleetError with one line for anything wrong."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise FleetError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise FleetError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_fleet(data, path, os.path.dirname(os.path.abspath(path)))
 
 
 def make_sim_policy(name: str, models: Mapping[str, EfficiencyModel], slo_ttft_s: float,
@@ -537,112 +459,3 @@ def _attribution(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest],
 
 
 # -- `joulegate simulate` ----------------------------------------------------------------------
-
-
-def add_simulate_parser(sub: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
-    """Add `simulate ...` to a subparsers object (proxy/cli.py calls this)."""
-    p: argparse.ArgumentParser = sub.add_parser("simulate", help="virtual-time fleet simulation; one table row per policy")
-    p.add_argument("--fleet", required=True, help="FLEET.yaml: backends: [{name, profile, count}]")
-    p.add_argument("--trace", required=True, help="TRACE.csv: arrival_s,prompt_tokens,output_tokens")
-    p.add_argument("--policy", default=",".join(POLICY_NAMES),
-                   help="comma-separated policies (default: all three); NAME+governor adds power caps")
-    p.add_argument("--objective", choices=OBJECTIVES, default="joules",
-                   help="what `efficiency` minimises: GPU joules, or grams CO2e (needs sites:)")
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--json", dest="json_out", help="write the results as JSON here")
-    p.add_argument("--plot", dest="plot_out", help="write an SVG of tokens/J per policy here")
-    p.add_argument("--check-attribution", action="store_true",
-                   help="also run the proxy's attribution over the sampled counters (slower)")
-    return p
-
-
-def run_simulate(args: argparse.Namespace) -> int:
-    """Run a parsed `simulate` command: 0, or 2 with one line for bad input."""
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    bad = [p for p in policies if p.partition("+")[0] not in POLICY_NAMES or p.partition("+")[2] not in ("", "governor")]
-    if not policies or bad:
-        print(f"joulegate: error: unknown policy {bad[0] if bad else '(none)'!r}; choose from "
-              f"{', '.join(POLICY_NAMES)}", file=sys.stderr)
-        return 2
-    if not args.slo_ttft_ms > 0 or not args.slo_tpot_ms > 0:
-        print("joulegate: error: --slo-ttft-ms and --slo-tpot-ms must be positive", file=sys.stderr)
-        return 2
-    try:
-        fleet = load_fleet(args.fleet)
-        trace = read_trace(args.trace)
-    except (FleetError, TraceError) as exc:
-        print(f"joulegate: error: {exc}", file=sys.stderr)
-        return 2
-    objective = getattr(args, "objective", "joules")
-    if objective == "carbon" and any(b.site is None for b in fleet):
-        print(f"joulegate: error: {args.fleet}: --objective carbon needs `sites:` and a `site:` "
-              "per backend", file=sys.stderr)
-        return 2
-    slo_ttft_s, slo_tpot_s = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
-    results = [simulate(fleet, trace, p, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
-                        attribute=args.check_attribution, objective=objective) for p in policies]
-    capacity_rps = fleet_capacity_rps(fleet, trace, slo_tpot_s)
-    print(format_results(results, capacity_rps, args.slo_ttft_ms, args.slo_tpot_ms))
-    try:
-        if args.json_out:
-            payload = {"policies": {r.policy: r.contract_json() for r in results},
-                       "details": {r.policy: r.details_json() for r in results},
-                       "capacity_rps": capacity_rps,
-                       "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
-                       "objective": objective}
-            with open(args.json_out, "w") as f:
-                json.dump(payload, f, indent=2)
-        if args.plot_out:
-            load = results[0].offered_rps
-            title = (f"output tokens/J at {load:.1f} req/s offered "
-                     f"({100 * load / capacity_rps:.0f}% of fleet capacity)" if capacity_rps else "")
-            with open(args.plot_out, "w") as f:
-                f.write(svg_bars({r.policy: r.output_tokens_per_joule for r in results},
-                                 title=title, y_label="output tokens / J"))
-    except OSError as exc:
-        print(f"joulegate: error: cannot write: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def format_results(results: Sequence[SimResult], capacity_rps: float, slo_ttft_ms: float,
-                   slo_tpot_ms: float) -> str:
-    """The table `simulate` prints: one row per policy, then per-backend utilisation."""
-    if not results:
-        return ""
-    r0 = results[0]
-    load = f"{r0.offered_rps:.2f} req/s offered"
-    if capacity_rps > 0:
-        load += f" = {100 * r0.offered_rps / capacity_rps:.0f}% of capacity {capacity_rps:.1f} req/s"
-    lines = [f"{r0.requests} requests, {load}; SLO: TTFT <= {slo_ttft_ms:g} ms and "
-             f"TPOT <= {slo_tpot_ms:g} ms per request",
-             f"{'policy':<14}{'tok/J':>8}{'J/req':>9}{'idle%':>7}{'SLO%':>8}{'TTFT p50':>10}"
-             f"{'TTFT p99':>10}{'TPOT p99':>10}{'end s':>8}"]
-    for r in results:
-        lines.append(f"{r.policy:<14}{r.output_tokens_per_joule:>8.3f}{r.joules_per_request:>9.1f}"
-                     f"{100 * r.idle_energy_share:>7.1f}{100 * r.slo_attainment:>8.2f}"
-                     f"{r.ttft_p50_ms:>8.0f}ms{r.ttft_p99_ms:>8.0f}ms{r.tpot_p99_ms:>8.0f}ms"
-                     f"{r.makespan_s:>8.0f}")
-    if r0.gco2e_total is not None:
-        lines.append(f"carbon (objective {r0.objective}; idle and PUE included):")
-        for r in results:
-            lines.append(f"  {r.policy:<14}{r.gco2e_total:>10.2f} gCO2e  "
-                         f"{r.gco2e_per_1k_output_tokens:>8.4f} g/1k tok  "
-                         f"idle {r.idle_gco2e:.2f} g")
-    lines.append("utilisation (busy share of the run), per backend:")
-    for r in results:
-        cells = "  ".join(f"{b.name} {100 * b.utilisation:.0f}%" for b in r.backends.values())
-        lines.append(f"  {r.policy:<14}{cells}")
-    return "\n".join(lines)
-
-
-def main_simulate(argv: Sequence[str] | None = None) -> int:
-    """`python -m proxy.sim.fleet --fleet ... --trace ...`: `simulate` without the CLI."""
-    parser = argparse.ArgumentParser(prog="joulegate")
-    add_simulate_parser(parser.add_subparsers(dest="command", required=True))
-    return run_simulate(parser.parse_args(["simulate", *(argv if argv is not None else sys.argv[1:])]))
-
-
-if __name__ == "__main__":
-    sys.exit(main_simulate())
