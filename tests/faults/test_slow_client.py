@@ -104,7 +104,10 @@ def test_a_slow_sender_gets_408_and_frees_its_slot(h100: SimBackend, tmp_path: P
             busy = httpx.post(proxy.url + "/v1/chat/completions", json=chat, headers=auth, timeout=10)
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
             assert busy.headers["retry-after"] == "1"
-            answer = sock.recv(65536)
+            # The head and the body are two sends: read until the body is there (or EOF).
+            answer = b""
+            while b"request_timeout" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b'"code":"request_timeout"' in body  # (chunked: the JSON sits inside a chunk)
