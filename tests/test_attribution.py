@@ -570,3 +570,29 @@ def test_partly_idle_interval_books_its_idle_part_at_the_learned_idle_power() ->
     # Uniform power would have given the request half of 300 J; it drew 250 J.
     assert finals["r"] == pytest.approx(250.0)
     assert a.finalized_joules_attributed + a.finalized_joules_idle == pytest.approx(500.0)
+
+
+def test_a_non_streamed_request_is_placed_where_the_streams_saw_steps() -> None:
+    # One stream shows the backend's decode steps: 5 in (0.5, 1], a stall with 2 in (1, 2],
+    # 10 in each of the next two seconds. A non-streamed request decoding beside it got a token
+    # per step too: its 20 tokens lie where those 27 steps were, not evenly over its lifetime.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.0, max_pending_s=math.inf)
+    att.open("s", 0.0, True, 0)
+    att.open("n", 0.0, False, 0)
+    arrivals = [(0.5, 1), *[(0.5 + 0.1 * i, 1) for i in range(1, 6)], (1.5, 1), (2.0, 1),
+                *[(2.0 + 0.1 * i, 1) for i in range(1, 11)], *[(3.0 + 0.1 * i, 1) for i in range(1, 11)]]
+    for t_s, n in arrivals:
+        att.tokens("s", t_s, n)
+    att.close("s", 4.0, 0, len(arrivals))
+    att.close("n", 4.0, 0, 20)
+    finals = {}
+    for t_s, e_j in watts(100.0, 4.0):
+        att.timeline.add_energy_sample(t_s, e_j)
+        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    stream_w = [6, 2, 10, 10]
+    placed_w = [20 * s / 27 for s in (5, 2, 10, 10)]
+    # Over [0, 0.5] neither weighs anything (no prompt): those 50 J are split evenly.
+    expected = 25.0 + 50.0 * placed_w[0] / (placed_w[0] + stream_w[0]) + math.fsum(
+        100.0 * n / (n + s) for n, s in zip(placed_w[1:], stream_w[1:], strict=True))
+    assert finals["n"] == pytest.approx(expected, rel=1e-9)
+    assert finals["n"] + finals["s"] == pytest.approx(400.0, rel=1e-12)

@@ -36,6 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.energy.attribution.steps import StepClock
+from proxy.energy.attribution.ttft import TtftFit
 from proxy.energy.attribution.weights import TokenWeights
 
 __all__ = ["SplitLearner", "SplitWeights"]
@@ -45,7 +47,6 @@ __all__ = ["SplitLearner", "SplitWeights"]
 _KTOK = 1000.0
 _N = 4  # decode tokens, decode x context, prefill tokens, prefill x length
 _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
-_TTFT_KEEP = 0.98  # per observed stream: weight kept by older TTFT observations
 # Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
 # its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
 # token's weight, attention doubles a prompt token's weight at ~30k tokens.
@@ -105,8 +106,8 @@ class SplitLearner:
         self._xy = [0.0] * _N
         self._n_eff = 0.0
         self._t_s: float | None = None  # time of the newest interval in the fit
-        # Streams' TTFT against prompt length: forgotten sums of 1, L, L^2, ttft, L * ttft.
-        self._ttft = [0.0] * 5
+        self._ttft = TtftFit()  # streams' TTFT against prompt length
+        self._clock = StepClock()  # decode steps the streams show (as the attributor places)
         self.weights = self.prior
 
     # -- what the relay reports (same calls as the attributor's) -----------------------------
@@ -120,15 +121,21 @@ class SplitLearner:
             return  # like the attributor, only streams' arrivals place tokens in time
         if r.first_s is None:
             r.first_s = t_s
-            n, ttft_s, sums = r.prompt / _KTOK, t_s - r.start_s, self._ttft
-            for i, v in enumerate((1.0, n, n * n, ttft_s, n * ttft_s)):
-                sums[i] = sums[i] * _TTFT_KEEP + v
+            self._clock.decoding_n += 1
+        else:
+            # As in the attributor (attribution/unsettled.py): a later chunk is decode steps
+            # and proves the first chunk was a first token.
+            self._clock.arrival(t_s, count)
+            if len(r.arrivals) == 1:
+                self._ttft.observe(r.prompt, r.first_s - r.start_s)
         r.arrivals.append((t_s, count))
 
     def close(self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int) -> None:
         r = self._reqs.get(request_id)
         if r is None or r.end_s is not None:
             return
+        if r.stream and r.first_s is not None:
+            self._clock.decoding_n -= 1
         r.end_s = max(end_s, r.start_s)
         r.prompt = max(prompt_tokens, 0)
         r.completion = max(completion_tokens, 0)
@@ -211,6 +218,9 @@ class SplitLearner:
                 x[2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 frac = _overlap(first_s, end_s, a_s, b_s) if end_s > first_s else 0.0
+                steps = self._clock.steps(first_s, end_s) if end_s > first_s else 0.0
+                if steps > 0:  # its tokens where the streams saw steps
+                    frac = self._clock.steps(max(first_s, a_s), min(end_s, b_s)) / steps
                 x[0] += frac * r.completion
                 x[1] += frac * r.completion * (r.prompt + r.completion / 2.0) / _KTOK
         return x if any(x) else None
@@ -218,15 +228,7 @@ class SplitLearner:
     def ttft_s(self, prompt_tokens: int) -> float:
         """Expected time to first token (s) for a prompt this long, from recent streams;
         0 before any stream was seen."""
-        s0, s1, s2, sy, sxy = self._ttft
-        if s0 <= 0:
-            return 0.0
-        n = prompt_tokens / _KTOK
-        det = s0 * s2 - s1 * s1
-        if det <= 1e-9 * s0 * s0:  # one prompt length so far: the mean
-            return max(0.0, sy / s0)
-        slope = max(0.0, (s0 * sxy - s1 * sy) / det)
-        return max(0.0, (sy - slope * s1) / s0 + slope * n)
+        return self._ttft.ttft_s(prompt_tokens)
 
     def _forget_before(self, t_s: float) -> None:
         """Drop closed requests that no waiting interval can overlap any more."""
@@ -234,6 +236,7 @@ class SplitLearner:
         gone = [k for k, r in self._reqs.items() if r.end_s is not None and r.end_s <= until_s]
         for k in gone:
             del self._reqs[k]
+        self._clock.forget_before(min((r.start_s for r in self._reqs.values()), default=until_s))
 
     def _add(self, t_s: float, x: list[float], y: float) -> None:
         if self._t_s is not None and t_s > self._t_s:

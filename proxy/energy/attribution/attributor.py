@@ -117,6 +117,17 @@ class Attributor:
     def prefill_weight(self, value: float) -> None:
         self.weights = replace(self.weights, prefill_weight=value)
 
+    @property
+    def place_by_steps(self) -> bool:
+        """Place non-streamed requests' work where this replica's streams saw the backend's
+        steps (default); False spreads it flat over their lifetime. The step clock is local:
+        replicas sharing a backend agree exactly only with it off."""
+        return self.unsettled.place
+
+    @place_by_steps.setter
+    def place_by_steps(self, value: bool) -> None:
+        self.unsettled.place = value
+
     # -- the relay's calls ---------------------------------------------------------------------
 
     def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0) -> None:
@@ -361,7 +372,7 @@ class Attributor:
         """Phase one for sample interval [a_s, b_s]: fix the densities of the requests in it."""
         iv, tokens_n, decode_s = weigh_interval(
             self.unsettled.by_key.values(), a_s, b_s, b_e_j, energy_j, self.books.first_s,
-            self._provisional_density)
+            self._provisional_density, self.unsettled.clock.steps)
         self.rates.learn_decode(tokens_n, decode_s)
         self.rates.learn_flight(*iv.weight_and_flight_s())
         if self.publish_local:

@@ -78,11 +78,13 @@ class WeighedInterval:
 def weigh_interval(
     requests: Iterable[RequestState], a_s: float, b_s: float, b_e_j: float, energy_j: float,
     first_finalized_s: float | None, provisional: Callable[[RequestState], float],
+    steps: Callable[[float, float], float] = lambda lo_s, hi_s: 0.0,
 ) -> tuple[WeighedInterval, int, float]:
     """Weigh sample interval [a_s, b_s] (`energy_j` joules, `b_e_j` cumulative at b_s).
 
     `requests`: the unsettled ones in start order; `provisional` guesses the density of one
-    whose weights are unknown (only in a forced interval). Takes the decode tokens that arrived
+    whose weights are unknown (only in a forced interval); `steps(lo_s, hi_s)`: the decode
+    steps seen in (lo_s, hi_s] (steps.py), where placed non-streamed tokens lie. Takes the decode tokens that arrived
     by b_s off each request and marks the requests that end here `leaving`. Returns the interval
     and the decode tokens and decode seconds it saw (for the recent decode rate).
     """
@@ -128,7 +130,22 @@ def weigh_interval(
         lo_s, hi_s = max(s_s, a_s), min(e_s, b_s)
         segment(k, lo_s, hi_s, 0.0)
         first_s = r.first_token_s if r.first_token_s is not None else _INF
-        if not r.stream or s_s < first_s and first_s > a_s:
+        placed = r.placed if not r.stream else None
+        if placed is not None:
+            # Prefill over [start, from_s], tokens over the steps seen after it.
+            from_s, prefill_w, decode_w, steps_n = placed
+            if from_s > lo_s and prefill_w > 0:
+                rho_r = prefill_w / (from_s - s_s)
+                p_hi_s = min(from_s, hi_s)
+                settled_w += rho_r * (p_hi_s - lo_s)
+                segment(k, lo_s, p_hi_s, rho_r)
+            d_lo_s = max(from_s, lo_s)
+            if hi_s > d_lo_s:
+                w_r = decode_w * steps(d_lo_s, hi_s) / steps_n
+                settled_w += w_r
+                if w_r > 0 and hi_s - d_lo_s >= MIN_SPAN_S:
+                    segment(k, d_lo_s, hi_s, w_r / (hi_s - d_lo_s))
+        elif not r.stream or s_s < first_s and first_s > a_s:
             end_s = hi_s if not r.stream else min(first_s, b_s)
             rho_r = r.flat_density if not r.stream else r.prefill_density
             if rho_r is None:  # only in a forced interval
