@@ -596,3 +596,31 @@ def test_a_non_streamed_request_is_placed_where_the_streams_saw_steps() -> None:
         100.0 * n / (n + s) for n, s in zip(placed_w[1:], stream_w[1:], strict=True))
     assert finals["n"] == pytest.approx(expected, rel=1e-9)
     assert finals["n"] + finals["s"] == pytest.approx(400.0, rel=1e-12)
+
+
+def test_decode_tokens_lie_where_the_backend_stepped_not_through_a_stall() -> None:
+    # "d" decodes a step every 10 ms, but its steps stall over (0.5, 0.9] while "p" prefills
+    # (1000 prompt tokens x 0.1 = 100). The clock counts 50 steps before the stall, then
+    # (two streams decoding from 0.9 on, p silent) 1/2 for the stall and 5 after: d's 62 tokens
+    # go 50 : 0.5 : 5, so through the stall d weighs 62 * 0.5 / 55.5, not 62 * 0.4: the
+    # prefill takes that stretch's energy, as it did on the GPU.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.1, max_pending_s=math.inf)
+    att.open("d", 0.0, True, 0)
+    att.tokens("d", 0.0, 1)
+    for i in range(1, 51):
+        att.tokens("d", i / 100, 1)
+    att.open("p", 0.5, True, 1000)
+    att.tokens("p", 0.9, 1)
+    for i in range(0, 11):
+        att.tokens("d", (90 + i) / 100, 1)
+    att.close("d", 1.0, 0, 62)
+    att.close("p", 1.0, 1000, 1)
+    finals = {}
+    for t_s, e_j in watts(100.0, 1.0):
+        att.timeline.add_energy_sample(t_s, e_j)
+        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    d_stall, d_after = 62 * 0.5 / 55.5 / 0.4, 62 * 5 / 55.5 / 0.1  # d's densities (weight/s)
+    p_prefill, p_after = 100 / 0.4, 1 / 0.1
+    assert finals["p"] == pytest.approx(40.0 * p_prefill / (p_prefill + d_stall)
+                                        + 10.0 * p_after / (p_after + d_after), rel=1e-9)
+    assert finals["d"] + finals["p"] == pytest.approx(100.0, rel=1e-12)

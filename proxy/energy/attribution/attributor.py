@@ -119,9 +119,11 @@ class Attributor:
 
     @property
     def place_by_steps(self) -> bool:
-        """Place non-streamed requests' work where this replica's streams saw the backend's
-        steps (default); False spreads it flat over their lifetime. The step clock is local:
-        replicas sharing a backend agree exactly only with it off."""
+        """Place decode work where this replica's streams saw the backend's steps (default):
+        within an interval, decode tokens where steps were (few through a stall), a non-streamed
+        request's prefill over the streams' TTFT and its tokens over the steps after it. False:
+        tokens evenly over each interval, non-streamed work flat over its lifetime. The step
+        clock is local: replicas sharing a backend agree exactly only with it off."""
         return self.unsettled.place
 
     @place_by_steps.setter
@@ -372,7 +374,7 @@ class Attributor:
         """Phase one for sample interval [a_s, b_s]: fix the densities of the requests in it."""
         iv, tokens_n, decode_s = weigh_interval(
             self.unsettled.by_key.values(), a_s, b_s, b_e_j, energy_j, self.books.first_s,
-            self._provisional_density, self.unsettled.clock.steps)
+            self._provisional_density, self.unsettled.clock if self.unsettled.place else None)
         self.rates.learn_decode(tokens_n, decode_s)
         self.rates.learn_flight(*iv.weight_and_flight_s())
         if self.publish_local:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-__all__ = ["StepClock"]
+__all__ = ["StepClock", "clip"]
+
+_BURST_S = 0.002  # arrivals this close together are one moment (one step, several streams)
+_RATE_RATIO = 2.0  # stretches whose step rates differ less than this merge
 
 
 class StepClock:
@@ -54,3 +57,56 @@ class StepClock:
             self._base = self._m[i - 1]
             del self._t[:i]
             del self._m[:i]
+
+    def pieces(self, lo_s: float, hi_s: float) -> list[tuple[float, float, float]]:
+        """[lo_s, hi_s] as stretches of about constant step rate: (from s, to s, steps). A step
+        spans the time since the clock's previous arrival (a stall: a long step, a low rate);
+        one cut by lo_s or hi_s counts in part; past the newest arrival the last rate holds.
+        Stretches whose rates are within `_RATE_RATIO` of each other merge, and chunks closer
+        than `_BURST_S` count as one moment (one step's tokens reach the proxy from its streams
+        one after the other). Empty where no arrival falls inside."""
+        ts, ms = self._t, self._m
+        i, j = bisect_right(ts, lo_s), bisect_right(ts, hi_s)
+        out: list[list[float]] = []  # [from s, to s, steps]
+        if j <= i:
+            return []
+
+        def add(a_s: float, b_s: float, steps: float) -> None:
+            if b_s - a_s <= 0 or steps <= 0:
+                return
+            if out:
+                run = out[-1]
+                rate, run_rate = steps / (b_s - a_s), run[2] / (run[1] - run[0])
+                if max(rate, run_rate) <= _RATE_RATIO * min(rate, run_rate):
+                    run[1], run[2] = b_s, run[2] + steps
+                    return
+            out.append([a_s, b_s, steps])
+
+        prev_s = ts[i - 1] if i > 0 else lo_s
+        prev_m = ms[i - 1] if i > 0 else self._base
+        for k in range(i, j):
+            t_s, steps = ts[k], ms[k] - prev_m
+            if t_s - prev_s < _BURST_S and k + 1 < j:
+                continue  # part of the same moment: carried to the next arrival
+            if prev_s < lo_s:  # the step began before lo_s: only its part from lo_s on
+                steps *= (t_s - lo_s) / (t_s - prev_s)
+            add(max(prev_s, lo_s), t_s, steps)
+            prev_s, prev_m = t_s, ms[k]
+        if prev_s < hi_s and out:  # the step in progress at hi_s: its part before hi_s
+            if j < len(ts):
+                rate = (ms[j] - prev_m) / (ts[j] - prev_s)
+            else:
+                rate = out[-1][2] / (out[-1][1] - out[-1][0])
+            add(prev_s, hi_s, rate * (hi_s - prev_s))
+        return [(a_s, b_s, steps) for a_s, b_s, steps in out]
+
+
+def clip(pieces: list[tuple[float, float, float]], lo_s: float,
+         hi_s: float) -> list[tuple[float, float, float]]:
+    """The parts of `pieces` inside [lo_s, hi_s], steps in proportion to the overlap."""
+    out = []
+    for t0, t1, steps in pieces:
+        a, b = max(t0, lo_s), min(t1, hi_s)
+        if b > a:
+            out.append((a, b, steps * (b - a) / (t1 - t0)))
+    return out

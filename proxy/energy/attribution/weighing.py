@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from proxy.energy.attribution.request import RequestState
+from proxy.energy.attribution.steps import StepClock, clip
 from proxy.energy.attribution.sums import neumaier
 
 __all__ = ["MIN_SPAN_S", "WeighedInterval", "density", "weigh_interval"]
@@ -78,13 +79,13 @@ class WeighedInterval:
 def weigh_interval(
     requests: Iterable[RequestState], a_s: float, b_s: float, b_e_j: float, energy_j: float,
     first_finalized_s: float | None, provisional: Callable[[RequestState], float],
-    steps: Callable[[float, float], float] = lambda lo_s, hi_s: 0.0,
+    clock: StepClock | None = None,
 ) -> tuple[WeighedInterval, int, float]:
     """Weigh sample interval [a_s, b_s] (`energy_j` joules, `b_e_j` cumulative at b_s).
 
     `requests`: the unsettled ones in start order; `provisional` guesses the density of one
-    whose weights are unknown (only in a forced interval); `steps(lo_s, hi_s)`: the decode
-    steps seen in (lo_s, hi_s] (steps.py), where placed non-streamed tokens lie. Takes the decode tokens that arrived
+    whose weights are unknown (only in a forced interval); `clock`: the decode steps seen
+    (steps.py), where decode tokens lie within the interval (None: evenly). Takes the decode tokens that arrived
     by b_s off each request and marks the requests that end here `leaving`. Returns the interval
     and the decode tokens and decode seconds it saw (for the recent decode rate).
     """
@@ -98,6 +99,19 @@ def weigh_interval(
     w = w_c = 0.0
     nw = nf = 0
     tokens_n, decode_s, settled_w = 0, 0.0, 0.0
+
+    # Decode tokens lie where the backend stepped: stalls (another prompt's prefill) get few.
+    pieces = clock.pieces(a_s, b_s) if clock is not None else []
+
+    def decode(k: int, lo_s: float, hi_s: float, weight: float) -> None:
+        """`weight` of decode work over [lo_s, hi_s], in proportion to the steps seen."""
+        mine = [p for p in clip(pieces, lo_s, hi_s) if p[1] - p[0] >= MIN_SPAN_S]
+        steps_n = math.fsum(p[2] for p in mine)
+        if steps_n <= 0:
+            segment(k, lo_s, hi_s, weight / (hi_s - lo_s))
+            return
+        for p_lo_s, p_hi_s, steps in mine:
+            segment(k, p_lo_s, p_hi_s, weight * (steps / steps_n) / (p_hi_s - p_lo_s))
 
     def segment(k: int, lo_s: float, hi_s: float, density: float) -> None:
         nonlocal w, w_c, nw, nf
@@ -141,10 +155,10 @@ def weigh_interval(
                 segment(k, lo_s, p_hi_s, rho_r)
             d_lo_s = max(from_s, lo_s)
             if hi_s > d_lo_s:
-                w_r = decode_w * steps(d_lo_s, hi_s) / steps_n
+                w_r = decode_w * clock.steps(d_lo_s, hi_s) / steps_n if clock is not None else 0.0
                 settled_w += w_r
                 if w_r > 0 and hi_s - d_lo_s >= MIN_SPAN_S:
-                    segment(k, d_lo_s, hi_s, w_r / (hi_s - d_lo_s))
+                    decode(k, d_lo_s, hi_s, w_r)
         elif not r.stream or s_s < first_s and first_s > a_s:
             end_s = hi_s if not r.stream else min(first_s, b_s)
             rho_r = r.flat_density if not r.stream else r.prefill_density
@@ -166,7 +180,7 @@ def weigh_interval(
                 tokens_n += count
                 settled_w += count
                 decode_s += hi_s - dlo_s
-                segment(k, dlo_s, hi_s, count / (hi_s - dlo_s))
+                decode(k, dlo_s, hi_s, count)
 
     done.extend(r for r in reqs if r.end_s is not None and r.end_s <= b_s)
     for r in done:
