@@ -11,12 +11,16 @@ of at least `window_s`) against what the proxy knows happened in them:
 
     joules ~ a * decode_tokens + c * sum(context of those tokens)
              + p1 * prompt_tokens_prefilled + p2 * sum(prompt_len * prompt_tokens_prefilled)
+             + e1 * tokens_embedded + p2 * sum(input_len * tokens_embedded)
 
 with exponentially forgotten normal equations (half-life `half_life_s`), solved as a
 non-negative least-squares problem with a ridge pull toward the prior (the configured
 `prefill_weight`, no length or context terms). The weights it hands the attributor are the
 fit's ratios to a decode token at zero context: prefill `p1 / a` per prompt token plus
-`p2 / a` per token per prompt token, decode `1 + (c / a) * context`.
+`p2 / a` per token per prompt token, decode `1 + (c / a) * context`, embedding `e1 / a` per
+token (an encoder pass runs at its own power and skips the LM head, so it is priced apart from a
+prefill; its prior is the prefill's fit) plus the prefill's length term: a few embeddings
+cannot pin down a length term of their own.
 
 Where each request's work lies in time: a stream's prefill fills [start, first token], its
 tokens count at their arrival. A non-streamed request shows no first token, so its prefill is
@@ -45,7 +49,7 @@ __all__ = ["SplitLearner", "SplitWeights"]
 # Feature scales, so the normal equations stay well conditioned: contexts and prompt lengths
 # in thousands of tokens.
 _KTOK = 1000.0
-_N = 4  # decode tokens, decode x context, prefill tokens, prefill x length
+_N = 5  # decode tokens, decode x context, prefill tokens, prompt x length, embedded tokens
 _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
 # Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
 # its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
@@ -68,7 +72,9 @@ class SplitWeights(TokenWeights):
 
     def as_dict(self) -> dict[str, float | bool]:
         return {"prefill_weight": self.prefill_weight, "prefill_weight_sq": self.prefill_weight_sq,
-                "decode_context_weight": self.decode_context_weight, "learned": self.learned,
+                "decode_context_weight": self.decode_context_weight,
+                "embed_weight": self.embed_weight, "embed_weight_sq": self.embed_weight_sq,
+                "learned": self.learned,
                 "intervals": round(self.intervals, 1)}
 
 
@@ -77,6 +83,7 @@ class _Req:
     start_s: float
     stream: bool
     prompt: int
+    embedding: bool = False
     first_s: float | None = None
     end_s: float | None = None
     completion: int = 0
@@ -112,8 +119,9 @@ class SplitLearner:
 
     # -- what the relay reports (same calls as the attributor's) -----------------------------
 
-    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int) -> None:
-        self._reqs[request_id] = _Req(start_s, stream, max(prompt_tokens, 0))
+    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int,
+             embedding: bool = False) -> None:
+        self._reqs[request_id] = _Req(start_s, stream, max(prompt_tokens, 0), embedding)
 
     def tokens(self, request_id: str, t_s: float, count: int) -> None:
         r = self._reqs.get(request_id)
@@ -215,7 +223,7 @@ class SplitLearner:
                 if r.completion > 0:
                     first_s = min(end_s, r.start_s + self.ttft_s(r.prompt))
                 frac = _overlap(r.start_s, first_s, a_s, b_s)
-                x[2] += frac * r.prompt
+                x[4 if r.embedding else 2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 frac = _overlap(first_s, end_s, a_s, b_s) if end_s > first_s else 0.0
                 steps = self._clock.steps(first_s, end_s) if end_s > first_s else 0.0
@@ -265,7 +273,7 @@ class SplitLearner:
         for _ in range(_SWEEPS):
             # The prior in joules: prefill_weight decode tokens per prompt token, no length or
             # context terms; it scales with the current joules per decode token.
-            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0]
+            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0, theta[4]]
             for i in range(_N):
                 rho = self.ridge * g[i][i]
                 if g[i][i] <= 0:
@@ -278,8 +286,11 @@ class SplitLearner:
             return SplitWeights(self.prior.prefill_weight, intervals=self._n_eff)
         prior_w = self.prior.prefill_weight
         w1 = min(max(theta[2] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
-        return SplitWeights(w1, min(theta[3] / a / _KTOK, w1 / _MIN_CROSSOVER_TOKENS),
-                            min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT),
+        w2 = min(theta[3] / a / _KTOK, w1 / _MIN_CROSSOVER_TOKENS)
+        e1: float | None = None
+        if g[4][4] > 0:  # embeddings seen: their own term, bounded like the prefill's
+            e1 = min(max(theta[4] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
+        return SplitWeights(w1, w2, min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT), e1, w2,
                             learned=True, intervals=self._n_eff)
 
     @property

@@ -132,13 +132,15 @@ class Attributor:
 
     # -- the relay's calls ---------------------------------------------------------------------
 
-    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0) -> None:
-        """A request was sent upstream at `start_s`. `prompt_tokens`: a best guess, 0 if none.
+    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0,
+             embedding: bool = False) -> None:
+        """A request was sent upstream at `start_s`. `prompt_tokens`: a best guess, 0 if none;
+        `embedding`: an embedding request (its prompt weighs `weights.embed_weight`).
 
         For a streamed request the guess fixes its prefill weight at its first token; with 0 the
         prefill weight (and every interval it overlaps) waits for `close`'s exact count.
         """
-        r = self.unsettled.open(request_id, start_s, stream, prompt_tokens)
+        r = self.unsettled.open(request_id, start_s, stream, prompt_tokens, embedding)
         if r.start_s > self._horizon_s:
             self._horizon_s = r.start_s
 

@@ -44,6 +44,7 @@ class RequestState:
     prompt_tokens: int
     first_token_s: float | None = None
     end_s: float | None = None  # None while open
+    embedding: bool = False  # an embedding request: its prompt weighs as an encoder pass
     completion_tokens: int = 0
     prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
     flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open

@@ -51,7 +51,7 @@ class UnsettledRequests:
         self.place = True  # False: non-streamed work spread flat (the clock is this replica's)
 
     def open(self, request_id: str, start_s: float, stream: bool,
-             prompt_tokens: int) -> RequestState:
+             prompt_tokens: int, embedding: bool = False) -> RequestState:
         """Add an opened request; ValueError if one under this id is in flight."""
         if self.find_open(request_id) is not None:
             raise ValueError(f"request {request_id!r} is already in flight")
@@ -62,7 +62,8 @@ class UnsettledRequests:
         # Starts never go backwards (one clock), which keeps `by_key` in start order.
         start_s = max(start_s, self._last_start_s)
         self._last_start_s = start_s
-        r = RequestState(request_id, stream, start_s, max(prompt_tokens, 0), key=key)
+        r = RequestState(request_id, stream, start_s, max(prompt_tokens, 0), key=key,
+                         embedding=embedding)
         self.by_key[key] = r
         self.unknown[key] = r
         self.open_n += 1
@@ -111,7 +112,8 @@ class UnsettledRequests:
             self.clock.decoding_n -= 1
         r.prompt_tokens = max(prompt_tokens, 0)
         r.completion_tokens = max(completion_tokens, 0)
-        weight = weights.prefill(r.prompt_tokens) + weights.decode(r.prompt_tokens, r.completion_tokens)
+        weight = (weights.prompt(r.prompt_tokens, r.embedding)
+                  + weights.decode(r.prompt_tokens, r.completion_tokens))
         self._rates.learn_request(weight, end_s - r.start_s)
         converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
@@ -147,7 +149,7 @@ class UnsettledRequests:
         steps = self.clock.steps(from_s, end_s)
         if steps <= 0 or end_s - from_s < MIN_SPAN_S or from_s - r.start_s < MIN_SPAN_S:
             return None
-        return (from_s, weights.prefill(r.prompt_tokens),
+        return (from_s, weights.prompt(r.prompt_tokens, r.embedding),
                 weights.decode(r.prompt_tokens, r.completion_tokens), steps)
 
     def forget(self, r: RequestState) -> None:
@@ -171,7 +173,7 @@ class UnsettledRequests:
         """Fix a streamed request's prefill density (needs its first token time)."""
         first_s = r.first_token_s
         assert first_s is not None
-        weight = weights.prefill(r.prompt_tokens)
+        weight = weights.prompt(r.prompt_tokens, r.embedding)
         self._rates.learn_prefill(weight)
         r.prefill_density = density(weight, first_s - r.start_s)
         self._note_pending(r.prefill_density, r.start_s, first_s)
