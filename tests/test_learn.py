@@ -184,3 +184,27 @@ def test_learns_an_embedding_weight_apart_from_the_prefill_weight() -> None:
     assert w.embed_weight == pytest.approx(0.15, rel=0.2)
     assert w.prefill_weight == pytest.approx(0.05, rel=0.2)
     assert w.prompt(1000, True) > 2 * w.prompt(1000, False)
+
+
+def test_a_queued_streams_prompt_counts_where_it_went_through_not_while_it_waited() -> None:
+    # Every 2 s: a stream decodes a token every 10 ms throughout; another waits 1.89 s in the
+    # queue and is prefilled in the step before its first token (prompt tokens at 0.05 J, a
+    # decode token at 1 J). Spread over its wait, half its prompt would land in the first
+    # second's window, where no prefill happened, and bias the fit.
+    rng = random.Random(3)
+    learner = SplitLearner(0.05)
+    for k in range(80):
+        t0 = 2.0 * k
+        prompt = rng.randint(500, 3000)
+        learner.open(f"d{k}", t0, True, 10)
+        learner.open(f"p{k}", t0, True, prompt)
+        for i in range(1, 201):
+            learner.tokens(f"d{k}", t0 + i / 100, 1)
+            if i == 190:
+                learner.tokens(f"p{k}", t0 + 1.9, 1)
+        learner.close(f"d{k}", t0 + 2.0, 10, 200)
+        learner.close(f"p{k}", t0 + 2.0, prompt, 1)
+        learner.interval(t0, t0 + 1.0, 100.0)
+        learner.interval(t0 + 1.0, t0 + 2.0, 101.0 + 0.05 * prompt)
+    assert learner.weights.learned
+    assert learner.weights.prefill(2000) == pytest.approx(0.05 * 2000, rel=0.15)

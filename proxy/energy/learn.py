@@ -85,6 +85,7 @@ class _Req:
     prompt: int
     embedding: bool = False
     first_s: float | None = None
+    prefill_from_s: float = 0.0  # streams: the prompt went through after this (>= start_s)
     end_s: float | None = None
     completion: int = 0
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # streams: (t_s, count)
@@ -129,6 +130,10 @@ class SplitLearner:
             return  # like the attributor, only streams' arrivals place tokens in time
         if r.first_s is None:
             r.first_s = t_s
+            # Its prompt went through in the step that ended with its first token, not while
+            # it queued: placing it over the wait would smear it into others' windows.
+            before_s = self._clock.moment_before(t_s)
+            r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
             self._clock.decoding_n += 1
         else:
             # As in the attributor (attribution/unsettled.py): a later chunk is decode steps
@@ -209,7 +214,7 @@ class SplitLearner:
             length = r.prompt / _KTOK
             if r.stream:
                 first_s = r.first_s if r.first_s is not None else end_s
-                frac = _overlap(r.start_s, first_s, a_s, b_s)
+                frac = _overlap(max(r.start_s, min(r.prefill_from_s, first_s)), first_s, a_s, b_s)
                 x[2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 done = 0

@@ -41,6 +41,12 @@ class StepClock:
             self._t.append(t_s)
             self._m.append((self._m[-1] if self._m else self._base) + step)
 
+    def moment_before(self, t_s: float) -> float | None:
+        """The newest arrival before `t_s` and its burst (where the step that ends at `t_s`
+        began); None if none."""
+        i = bisect_right(self._t, t_s - _BURST_S)
+        return self._t[i - 1] if i > 0 else None
+
     def steps(self, lo_s: float, hi_s: float) -> float:
         """Steps seen in (lo_s, hi_s]."""
         if hi_s <= lo_s or not self._t:
