@@ -624,3 +624,25 @@ def test_decode_tokens_lie_where_the_backend_stepped_not_through_a_stall() -> No
     assert finals["p"] == pytest.approx(40.0 * p_prefill / (p_prefill + d_stall)
                                         + 10.0 * p_after / (p_after + d_after), rel=1e-9)
     assert finals["d"] + finals["p"] == pytest.approx(100.0, rel=1e-12)
+
+
+def test_a_queued_streams_prompt_weighs_in_the_step_before_its_first_token() -> None:
+    # "q" waits 0.89 s in the queue while "d" decodes a token every 10 ms; its 1000-token
+    # prompt (weight 100) went through in the step that ended with its first token at 0.9 s.
+    # Spread over its wait it would take about half of those 89 J; there it takes about 2 J.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.1, max_pending_s=math.inf)
+    att.open("d", 0.0, True, 0)
+    att.open("q", 0.0, True, 1000)
+    att.tokens("d", 0.0, 1)
+    for i in range(1, 101):
+        att.tokens("d", i / 100, 1)
+        if i == 90:
+            att.tokens("q", 0.9, 1)
+    att.close("d", 1.0, 0, 101)
+    att.close("q", 1.0, 1000, 1)
+    finals = {}
+    for t_s, e_j in watts(100.0, 1.0):
+        att.timeline.add_energy_sample(t_s, e_j)
+        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    assert 1.0 < finals["q"] < 3.0
+    assert finals["d"] + finals["q"] == pytest.approx(100.0, rel=1e-12)

@@ -6,7 +6,9 @@ requests in flight by weight; slices with nothing in flight are idle energy.
 
 How it is computed. Inside one sample interval [a, b] power P is constant. Each request gets a
 piecewise-constant weight density (weight per second):
-  - streamed, prefill:  prefill_weight * prompt / (first - start)   on [start, first]
+  - streamed, prefill:  prefill_weight * prompt over [from, first], `from` the end of the step
+                        before the one that ended with its first token (steps.py; its start
+                        if none): its prompt went through there, not while it queued
   - streamed, decode:   tokens that arrived in (a, b], over [first, end] within [a, b] in
                         proportion to the decode steps the streams show there (steps.py)
   - non-streamed:       prefill_weight * prompt over [start, start + the TTFT streams of that

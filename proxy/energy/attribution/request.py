@@ -46,7 +46,8 @@ class RequestState:
     end_s: float | None = None  # None while open
     embedding: bool = False  # an embedding request: its prompt weighs as an encoder pass
     completion_tokens: int = 0
-    prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
+    prefill_density: float | None = None  # weight/s on [prefill_from_s, first]; None: not yet
+    prefill_from_s: float = 0.0  # a stream's prefill lies after this (>= start_s)
     flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open
     # Non-streamed, once closed, where the step clock saw steps: prefill weight on
     # [start, decode_from_s], decode weight over the steps seen on [decode_from_s, end]

@@ -82,6 +82,10 @@ class UnsettledRequests:
         """Streamed `r` got `count` tokens at `t_s` (not before its start)."""
         if r.first_token_s is None:
             r.first_token_s = t_s
+            # Its prompt went through in the step that ended with its first token: after the
+            # step before it, not while it queued (where it would take others' stalls).
+            before_s = self.clock.moment_before(t_s) if self.place else None
+            r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
             self.clock.decoding_n += 1
             if weights.prefill_weight == 0 or r.prompt_tokens > 0:
                 self._fix_prefill(r, weights)
@@ -175,8 +179,9 @@ class UnsettledRequests:
         assert first_s is not None
         weight = weights.prompt(r.prompt_tokens, r.embedding)
         self._rates.learn_prefill(weight)
-        r.prefill_density = density(weight, first_s - r.start_s)
-        self._note_pending(r.prefill_density, r.start_s, first_s)
+        from_s = max(r.prefill_from_s, r.start_s)
+        r.prefill_density = density(weight, first_s - from_s)
+        self._note_pending(r.prefill_density, from_s, first_s)
         self.unknown.pop(r.key, None)
 
     def _note_pending(self, rho: float, from_s: float, to_s: float) -> None:

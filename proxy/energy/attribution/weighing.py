@@ -162,13 +162,16 @@ def weigh_interval(
         elif not r.stream or s_s < first_s and first_s > a_s:
             end_s = hi_s if not r.stream else min(first_s, b_s)
             rho_r = r.flat_density if not r.stream else r.prefill_density
+            p_lo_s = lo_s
             if rho_r is None:  # only in a forced interval
                 r.guessed = True
                 rho_r = provisional(r)
             else:
-                settled_w += rho_r * (end_s - lo_s)
-            if rho_r > 0 and end_s > lo_s:
-                segment(k, lo_s, end_s, rho_r)
+                if r.stream:  # its prefill: the step that ended with its first token
+                    p_lo_s = min(max(lo_s, r.prefill_from_s), end_s)
+                settled_w += rho_r * (end_s - p_lo_s)
+            if rho_r > 0 and end_s > p_lo_s:
+                segment(k, p_lo_s, end_s, rho_r)
         dlo_s = max(first_s, a_s)
         if r.stream and hi_s - dlo_s >= MIN_SPAN_S:  # else tokens wait for a next window
             count = 0
