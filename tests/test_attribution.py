@@ -572,6 +572,15 @@ def test_partly_idle_interval_books_its_idle_part_at_the_learned_idle_power() ->
     assert a.finalized_joules_attributed + a.finalized_joules_idle == pytest.approx(500.0)
 
 
+def feed(att: Attributor, samples: list[tuple[float, float]]) -> dict[str, float]:
+    """Counter readings into a live attributor: the final joules of each request settled."""
+    finals = {}
+    for t_s, e_j in samples:
+        att.timeline.add_energy_sample(t_s, e_j)
+        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    return finals
+
+
 def test_a_non_streamed_request_is_placed_where_the_streams_saw_steps() -> None:
     # One stream shows the backend's decode steps: 5 in (0.5, 1], a stall with 2 in (1, 2],
     # 10 in each of the next two seconds. A non-streamed request decoding beside it got a token
@@ -585,10 +594,7 @@ def test_a_non_streamed_request_is_placed_where_the_streams_saw_steps() -> None:
         att.tokens("s", t_s, n)
     att.close("s", 4.0, 0, len(arrivals))
     att.close("n", 4.0, 0, 20)
-    finals = {}
-    for t_s, e_j in watts(100.0, 4.0):
-        att.timeline.add_energy_sample(t_s, e_j)
-        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    finals = feed(att, watts(100.0, 4.0))
     stream_w = [6, 2, 10, 10]
     placed_w = [20 * s / 27 for s in (5, 2, 10, 10)]
     # Over [0, 0.5] neither weighs anything (no prompt): those 50 J are split evenly.
@@ -615,10 +621,7 @@ def test_decode_tokens_lie_where_the_backend_stepped_not_through_a_stall() -> No
         att.tokens("d", (90 + i) / 100, 1)
     att.close("d", 1.0, 0, 62)
     att.close("p", 1.0, 1000, 1)
-    finals = {}
-    for t_s, e_j in watts(100.0, 1.0):
-        att.timeline.add_energy_sample(t_s, e_j)
-        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    finals = feed(att, watts(100.0, 1.0))
     d_stall, d_after = 62 * 0.5 / 55.5 / 0.4, 62 * 5 / 55.5 / 0.1  # d's densities (weight/s)
     p_prefill, p_after = 100 / 0.4, 1 / 0.1
     assert finals["p"] == pytest.approx(40.0 * p_prefill / (p_prefill + d_stall)
@@ -640,9 +643,6 @@ def test_a_queued_streams_prompt_weighs_in_the_step_before_its_first_token() -> 
             att.tokens("q", 0.9, 1)
     att.close("d", 1.0, 0, 101)
     att.close("q", 1.0, 1000, 1)
-    finals = {}
-    for t_s, e_j in watts(100.0, 1.0):
-        att.timeline.add_energy_sample(t_s, e_j)
-        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    finals = feed(att, watts(100.0, 1.0))
     assert 1.0 < finals["q"] < 3.0
     assert finals["d"] + finals["q"] == pytest.approx(100.0, rel=1e-12)
