@@ -61,9 +61,10 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
         req = Request(rid(p), p.prompt_tokens, p.max_tokens, is_embedding=p.kind == "embedding")
         eng.add(req, t_s)
         live[req.request_id] = _Live(p)
-        at.open(req.request_id, t_s, p.stream, p.prompt_tokens)
+        embedding = p.kind == "embedding"
+        at.open(req.request_id, t_s, p.stream, p.prompt_tokens, embedding)
         if learner is not None:
-            learner.open(req.request_id, t_s, p.stream, p.prompt_tokens)
+            learner.open(req.request_id, t_s, p.stream, p.prompt_tokens, embedding)
 
     def close(r: str, t_s: float, completion: int) -> None:
         p = live.pop(r).plan

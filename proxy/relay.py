@@ -292,7 +292,8 @@ class Relay:
         hold = _Hold(backend, backend.efficiency.sent(sent_s, record.stream))
         # A rough prompt size lets attribution settle before usage arrives.
         # Keyed by record.key: clients may send the same x-request-id twice, even at once.
-        self.meter.open(backend.name, record.key, sent_s, record.stream, record.prompt_estimate)
+        self.meter.open(backend.name, record.key, sent_s, record.stream, record.prompt_estimate,
+                        record.kind == "embedding")
         return hold
 
     def _release(self, hold: _Hold, record: RequestRecord, reached: bool) -> None:

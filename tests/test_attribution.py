@@ -570,3 +570,79 @@ def test_partly_idle_interval_books_its_idle_part_at_the_learned_idle_power() ->
     # Uniform power would have given the request half of 300 J; it drew 250 J.
     assert finals["r"] == pytest.approx(250.0)
     assert a.finalized_joules_attributed + a.finalized_joules_idle == pytest.approx(500.0)
+
+
+def feed(att: Attributor, samples: list[tuple[float, float]]) -> dict[str, float]:
+    """Counter readings into a live attributor: the final joules of each request settled."""
+    finals = {}
+    for t_s, e_j in samples:
+        att.timeline.add_energy_sample(t_s, e_j)
+        finals.update((f.request_id, f.joules) for f in att.advance(t_s))
+    return finals
+
+
+def test_a_non_streamed_request_is_placed_where_the_streams_saw_steps() -> None:
+    # One stream shows the backend's decode steps: 5 in (0.5, 1], a stall with 2 in (1, 2],
+    # 10 in each of the next two seconds. A non-streamed request decoding beside it got a token
+    # per step too: its 20 tokens lie where those 27 steps were, not evenly over its lifetime.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.0, max_pending_s=math.inf)
+    att.open("s", 0.0, True, 0)
+    att.open("n", 0.0, False, 0)
+    arrivals = [(0.5, 1), *[(0.5 + 0.1 * i, 1) for i in range(1, 6)], (1.5, 1), (2.0, 1),
+                *[(2.0 + 0.1 * i, 1) for i in range(1, 11)], *[(3.0 + 0.1 * i, 1) for i in range(1, 11)]]
+    for t_s, n in arrivals:
+        att.tokens("s", t_s, n)
+    att.close("s", 4.0, 0, len(arrivals))
+    att.close("n", 4.0, 0, 20)
+    finals = feed(att, watts(100.0, 4.0))
+    stream_w = [6, 2, 10, 10]
+    placed_w = [20 * s / 27 for s in (5, 2, 10, 10)]
+    # Over [0, 0.5] neither weighs anything (no prompt): those 50 J are split evenly.
+    expected = 25.0 + 50.0 * placed_w[0] / (placed_w[0] + stream_w[0]) + math.fsum(
+        100.0 * n / (n + s) for n, s in zip(placed_w[1:], stream_w[1:], strict=True))
+    assert finals["n"] == pytest.approx(expected, rel=1e-9)
+    assert finals["n"] + finals["s"] == pytest.approx(400.0, rel=1e-12)
+
+
+def test_decode_tokens_lie_where_the_backend_stepped_not_through_a_stall() -> None:
+    # "d" decodes a step every 10 ms, but its steps stall over (0.5, 0.9] while "p" prefills
+    # (1000 prompt tokens x 0.1 = 100). The clock counts 50 steps before the stall, then
+    # (two streams decoding from 0.9 on, p silent) 1/2 for the stall and 5 after: d's 62 tokens
+    # go 50 : 0.5 : 5, so through the stall d weighs 62 * 0.5 / 55.5, not 62 * 0.4: the
+    # prefill takes that stretch's energy, as it did on the GPU.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.1, max_pending_s=math.inf)
+    att.open("d", 0.0, True, 0)
+    att.tokens("d", 0.0, 1)
+    for i in range(1, 51):
+        att.tokens("d", i / 100, 1)
+    att.open("p", 0.5, True, 1000)
+    att.tokens("p", 0.9, 1)
+    for i in range(0, 11):
+        att.tokens("d", (90 + i) / 100, 1)
+    att.close("d", 1.0, 0, 62)
+    att.close("p", 1.0, 1000, 1)
+    finals = feed(att, watts(100.0, 1.0))
+    d_stall, d_after = 62 * 0.5 / 55.5 / 0.4, 62 * 5 / 55.5 / 0.1  # d's densities (weight/s)
+    p_prefill, p_after = 100 / 0.4, 1 / 0.1
+    assert finals["p"] == pytest.approx(40.0 * p_prefill / (p_prefill + d_stall)
+                                        + 10.0 * p_after / (p_after + d_after), rel=1e-9)
+    assert finals["d"] + finals["p"] == pytest.approx(100.0, rel=1e-12)
+
+
+def test_a_queued_streams_prompt_weighs_in_the_step_before_its_first_token() -> None:
+    # "q" waits 0.89 s in the queue while "d" decodes a token every 10 ms; its 1000-token
+    # prompt (weight 100) went through in the step that ended with its first token at 0.9 s.
+    # Spread over its wait it would take about half of those 89 J; there it takes about 2 J.
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.1, max_pending_s=math.inf)
+    att.open("d", 0.0, True, 0)
+    att.open("q", 0.0, True, 1000)
+    att.tokens("d", 0.0, 1)
+    for i in range(1, 101):
+        att.tokens("d", i / 100, 1)
+        if i == 90:
+            att.tokens("q", 0.9, 1)
+    att.close("d", 1.0, 0, 101)
+    att.close("q", 1.0, 1000, 1)
+    finals = feed(att, watts(100.0, 1.0))
+    assert 1.0 < finals["q"] < 3.0
+    assert finals["d"] + finals["q"] == pytest.approx(100.0, rel=1e-12)

@@ -37,7 +37,7 @@ def drive(profile_name: str, seed: int, requests: int = 400, concurrency: int = 
             req = Request(rid, int(rng.lognormvariate(5, 1)) + 20, rng.randint(8, 300))
         streamed[rid] = not req.is_embedding and rng.random() < 0.6
         eng.add(req, t_s)
-        learner.open(rid, t_s, streamed[rid], req.prompt_tokens)
+        learner.open(rid, t_s, streamed[rid], req.prompt_tokens, req.is_embedding)
 
     for _ in range(concurrency):
         new()
@@ -159,3 +159,52 @@ def test_a_wild_fit_is_bounded() -> None:
     assert w.learned
     assert 0 < w.decode_context_weight <= 5e-4
     assert 0.005 <= w.prefill_weight <= 0.5 and w.prefill_weight_sq <= w.prefill_weight / 1000
+
+
+def test_learns_an_embedding_weight_apart_from_the_prefill_weight() -> None:
+    # Each second: a stream decodes 50-150 tokens, another prefills P prompt tokens, an embedding
+    # request embeds Q tokens; a decode token costs 1 J, a prompt token 0.05 J, an embedded one
+    # 0.15 J (an encoder pass priced apart). The learner tells the two prompt kinds apart.
+    rng = random.Random(7)
+    learner = SplitLearner(0.05)
+    for k in range(120):
+        t_s = float(k)
+        prompt, embedded, decoded = rng.randint(200, 3000), rng.randint(200, 3000), rng.randint(50, 150)
+        learner.open(f"d{k}", t_s, True, 10)
+        learner.open(f"p{k}", t_s, True, prompt)
+        learner.open(f"e{k}", t_s, False, embedded, True)
+        for i in range(decoded):
+            learner.tokens(f"d{k}", t_s + (i + 1) / decoded, 1)
+        learner.tokens(f"p{k}", t_s + 1.0, 1)
+        for rid, p, c in ((f"d{k}", 10, decoded), (f"p{k}", prompt, 1), (f"e{k}", embedded, 0)):
+            learner.close(rid, t_s + 1.0, p, c)
+        learner.interval(t_s, t_s + 1.0, decoded + 1 + 0.05 * prompt + 0.15 * embedded)
+    w = learner.weights
+    assert w.learned and w.embed_weight is not None
+    assert w.embed_weight == pytest.approx(0.15, rel=0.2)
+    assert w.prefill_weight == pytest.approx(0.05, rel=0.2)
+    assert w.prompt(1000, True) > 2 * w.prompt(1000, False)
+
+
+def test_a_queued_streams_prompt_counts_where_it_went_through_not_while_it_waited() -> None:
+    # Every 2 s: a stream decodes a token every 10 ms throughout; another waits 1.89 s in the
+    # queue and is prefilled in the step before its first token (prompt tokens at 0.05 J, a
+    # decode token at 1 J). Spread over its wait, half its prompt would land in the first
+    # second's window, where no prefill happened, and bias the fit.
+    rng = random.Random(3)
+    learner = SplitLearner(0.05)
+    for k in range(80):
+        t0 = 2.0 * k
+        prompt = rng.randint(500, 3000)
+        learner.open(f"d{k}", t0, True, 10)
+        learner.open(f"p{k}", t0, True, prompt)
+        for i in range(1, 201):
+            learner.tokens(f"d{k}", t0 + i / 100, 1)
+            if i == 190:
+                learner.tokens(f"p{k}", t0 + 1.9, 1)
+        learner.close(f"d{k}", t0 + 2.0, 10, 200)
+        learner.close(f"p{k}", t0 + 2.0, prompt, 1)
+        learner.interval(t0, t0 + 1.0, 100.0)
+        learner.interval(t0 + 1.0, t0 + 2.0, 101.0 + 0.05 * prompt)
+    assert learner.weights.learned
+    assert learner.weights.prefill(2000) == pytest.approx(0.05 * 2000, rel=0.15)

@@ -11,12 +11,16 @@ of at least `window_s`) against what the proxy knows happened in them:
 
     joules ~ a * decode_tokens + c * sum(context of those tokens)
              + p1 * prompt_tokens_prefilled + p2 * sum(prompt_len * prompt_tokens_prefilled)
+             + e1 * tokens_embedded + p2 * sum(input_len * tokens_embedded)
 
 with exponentially forgotten normal equations (half-life `half_life_s`), solved as a
 non-negative least-squares problem with a ridge pull toward the prior (the configured
 `prefill_weight`, no length or context terms). The weights it hands the attributor are the
 fit's ratios to a decode token at zero context: prefill `p1 / a` per prompt token plus
-`p2 / a` per token per prompt token, decode `1 + (c / a) * context`.
+`p2 / a` per token per prompt token, decode `1 + (c / a) * context`, embedding `e1 / a` per
+token (an encoder pass runs at its own power and skips the LM head, so it is priced apart from a
+prefill; its prior is the prefill's fit) plus the prefill's length term: a few embeddings
+cannot pin down a length term of their own.
 
 Where each request's work lies in time: a stream's prefill fills [start, first token], its
 tokens count at their arrival. A non-streamed request shows no first token, so its prefill is
@@ -36,6 +40,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.energy.attribution.steps import StepClock
+from proxy.energy.attribution.ttft import TtftFit
 from proxy.energy.attribution.weights import TokenWeights
 
 __all__ = ["SplitLearner", "SplitWeights"]
@@ -43,9 +49,8 @@ __all__ = ["SplitLearner", "SplitWeights"]
 # Feature scales, so the normal equations stay well conditioned: contexts and prompt lengths
 # in thousands of tokens.
 _KTOK = 1000.0
-_N = 4  # decode tokens, decode x context, prefill tokens, prefill x length
+_N = 5  # decode tokens, decode x context, prefill tokens, prompt x length, embedded tokens
 _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
-_TTFT_KEEP = 0.98  # per observed stream: weight kept by older TTFT observations
 # Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
 # its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
 # token's weight, attention doubles a prompt token's weight at ~30k tokens.
@@ -67,7 +72,9 @@ class SplitWeights(TokenWeights):
 
     def as_dict(self) -> dict[str, float | bool]:
         return {"prefill_weight": self.prefill_weight, "prefill_weight_sq": self.prefill_weight_sq,
-                "decode_context_weight": self.decode_context_weight, "learned": self.learned,
+                "decode_context_weight": self.decode_context_weight,
+                "embed_weight": self.embed_weight, "embed_weight_sq": self.embed_weight_sq,
+                "learned": self.learned,
                 "intervals": round(self.intervals, 1)}
 
 
@@ -76,7 +83,9 @@ class _Req:
     start_s: float
     stream: bool
     prompt: int
+    embedding: bool = False
     first_s: float | None = None
+    prefill_from_s: float = 0.0  # streams: the prompt went through after this (>= start_s)
     end_s: float | None = None
     completion: int = 0
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # streams: (t_s, count)
@@ -105,14 +114,15 @@ class SplitLearner:
         self._xy = [0.0] * _N
         self._n_eff = 0.0
         self._t_s: float | None = None  # time of the newest interval in the fit
-        # Streams' TTFT against prompt length: forgotten sums of 1, L, L^2, ttft, L * ttft.
-        self._ttft = [0.0] * 5
+        self._ttft = TtftFit()  # streams' TTFT against prompt length
+        self._clock = StepClock()  # decode steps the streams show (as the attributor places)
         self.weights = self.prior
 
     # -- what the relay reports (same calls as the attributor's) -----------------------------
 
-    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int) -> None:
-        self._reqs[request_id] = _Req(start_s, stream, max(prompt_tokens, 0))
+    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int,
+             embedding: bool = False) -> None:
+        self._reqs[request_id] = _Req(start_s, stream, max(prompt_tokens, 0), embedding)
 
     def tokens(self, request_id: str, t_s: float, count: int) -> None:
         r = self._reqs.get(request_id)
@@ -120,15 +130,25 @@ class SplitLearner:
             return  # like the attributor, only streams' arrivals place tokens in time
         if r.first_s is None:
             r.first_s = t_s
-            n, ttft_s, sums = r.prompt / _KTOK, t_s - r.start_s, self._ttft
-            for i, v in enumerate((1.0, n, n * n, ttft_s, n * ttft_s)):
-                sums[i] = sums[i] * _TTFT_KEEP + v
+            # Its prompt went through in the step that ended with its first token, not while
+            # it queued: placing it over the wait would smear it into others' windows.
+            before_s = self._clock.moment_before(t_s)
+            r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
+            self._clock.decoding_n += 1
+        else:
+            # As in the attributor (attribution/unsettled.py): a later chunk is decode steps
+            # and proves the first chunk was a first token.
+            self._clock.arrival(t_s, count)
+            if len(r.arrivals) == 1:
+                self._ttft.observe(r.prompt, r.first_s - r.start_s)
         r.arrivals.append((t_s, count))
 
     def close(self, request_id: str, end_s: float, prompt_tokens: int, completion_tokens: int) -> None:
         r = self._reqs.get(request_id)
         if r is None or r.end_s is not None:
             return
+        if r.stream and r.first_s is not None:
+            self._clock.decoding_n -= 1
         r.end_s = max(end_s, r.start_s)
         r.prompt = max(prompt_tokens, 0)
         r.completion = max(completion_tokens, 0)
@@ -194,7 +214,7 @@ class SplitLearner:
             length = r.prompt / _KTOK
             if r.stream:
                 first_s = r.first_s if r.first_s is not None else end_s
-                frac = _overlap(r.start_s, first_s, a_s, b_s)
+                frac = _overlap(max(r.start_s, min(r.prefill_from_s, first_s)), first_s, a_s, b_s)
                 x[2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 done = 0
@@ -208,9 +228,12 @@ class SplitLearner:
                 if r.completion > 0:
                     first_s = min(end_s, r.start_s + self.ttft_s(r.prompt))
                 frac = _overlap(r.start_s, first_s, a_s, b_s)
-                x[2] += frac * r.prompt
+                x[4 if r.embedding else 2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 frac = _overlap(first_s, end_s, a_s, b_s) if end_s > first_s else 0.0
+                steps = self._clock.steps(first_s, end_s) if end_s > first_s else 0.0
+                if steps > 0:  # its tokens where the streams saw steps
+                    frac = self._clock.steps(max(first_s, a_s), min(end_s, b_s)) / steps
                 x[0] += frac * r.completion
                 x[1] += frac * r.completion * (r.prompt + r.completion / 2.0) / _KTOK
         return x if any(x) else None
@@ -218,15 +241,7 @@ class SplitLearner:
     def ttft_s(self, prompt_tokens: int) -> float:
         """Expected time to first token (s) for a prompt this long, from recent streams;
         0 before any stream was seen."""
-        s0, s1, s2, sy, sxy = self._ttft
-        if s0 <= 0:
-            return 0.0
-        n = prompt_tokens / _KTOK
-        det = s0 * s2 - s1 * s1
-        if det <= 1e-9 * s0 * s0:  # one prompt length so far: the mean
-            return max(0.0, sy / s0)
-        slope = max(0.0, (s0 * sxy - s1 * sy) / det)
-        return max(0.0, (sy - slope * s1) / s0 + slope * n)
+        return self._ttft.ttft_s(prompt_tokens)
 
     def _forget_before(self, t_s: float) -> None:
         """Drop closed requests that no waiting interval can overlap any more."""
@@ -234,6 +249,7 @@ class SplitLearner:
         gone = [k for k, r in self._reqs.items() if r.end_s is not None and r.end_s <= until_s]
         for k in gone:
             del self._reqs[k]
+        self._clock.forget_before(min((r.start_s for r in self._reqs.values()), default=until_s))
 
     def _add(self, t_s: float, x: list[float], y: float) -> None:
         if self._t_s is not None and t_s > self._t_s:
@@ -262,7 +278,7 @@ class SplitLearner:
         for _ in range(_SWEEPS):
             # The prior in joules: prefill_weight decode tokens per prompt token, no length or
             # context terms; it scales with the current joules per decode token.
-            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0]
+            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0, theta[4]]
             for i in range(_N):
                 rho = self.ridge * g[i][i]
                 if g[i][i] <= 0:
@@ -275,8 +291,11 @@ class SplitLearner:
             return SplitWeights(self.prior.prefill_weight, intervals=self._n_eff)
         prior_w = self.prior.prefill_weight
         w1 = min(max(theta[2] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
-        return SplitWeights(w1, min(theta[3] / a / _KTOK, w1 / _MIN_CROSSOVER_TOKENS),
-                            min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT),
+        w2 = min(theta[3] / a / _KTOK, w1 / _MIN_CROSSOVER_TOKENS)
+        e1: float | None = None
+        if g[4][4] > 0:  # embeddings seen: their own term, bounded like the prefill's
+            e1 = min(max(theta[4] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
+        return SplitWeights(w1, w2, min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT), e1, w2,
                             learned=True, intervals=self._n_eff)
 
     @property

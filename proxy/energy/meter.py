@@ -250,12 +250,13 @@ class EnergyMeter:
         meter = self.meters.get(backend)
         return meter.power_health() if meter is not None else dict.fromkeys(POWER_HEALTH_KEYS)
 
-    def open(self, backend: str, request_id: str, start_s: float, stream: bool, prompt_tokens: int) -> None:
+    def open(self, backend: str, request_id: str, start_s: float, stream: bool, prompt_tokens: int,
+             embedding: bool = False) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
-            meter.attributor.open(request_id, start_s, stream, prompt_tokens)
+            meter.attributor.open(request_id, start_s, stream, prompt_tokens, embedding)
             if meter.learner is not None:
-                meter.learner.open(request_id, start_s, stream, prompt_tokens)
+                meter.learner.open(request_id, start_s, stream, prompt_tokens, embedding)
 
     def tokens(self, backend: str, request_id: str, t_s: float, count: int) -> None:
         meter = self.meters.get(backend)

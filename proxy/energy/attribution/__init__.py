@@ -6,9 +6,14 @@ requests in flight by weight; slices with nothing in flight are idle energy.
 
 How it is computed. Inside one sample interval [a, b] power P is constant. Each request gets a
 piecewise-constant weight density (weight per second):
-  - streamed, prefill:  prefill_weight * prompt / (first - start)   on [start, first]
-  - streamed, decode:   tokens that arrived in (a, b] / decode time  on [first, end] within [a, b]
-  - non-streamed:       (prefill_weight * prompt + completion) / (end - start) on [start, end]
+  - streamed, prefill:  prefill_weight * prompt over [from, first], `from` the end of the step
+                        before the one that ended with its first token (steps.py; its start
+                        if none): its prompt went through there, not while it queued
+  - streamed, decode:   tokens that arrived in (a, b], over [first, end] within [a, b] in
+                        proportion to the decode steps the streams show there (steps.py)
+  - non-streamed:       prefill_weight * prompt over [start, start + the TTFT streams of that
+                        prompt length saw], its tokens over the steps seen after that; flat
+                        (prefill_weight * prompt + completion) / (end - start) before any stream
 (weights.py adds optional length and context terms to these weights: a long prompt and a token
 over a long context weigh more; proxy/energy/learn.py learns them per backend.)
 A request's joules in [a, b] are the integral of P * rho_r / W (W = sum of densities), which one
@@ -44,7 +49,9 @@ pays for a night of idle.
 
 Where each part lives (one idea per module):
   request.py      one request's state while unsettled; `Estimate` and `Final`
-  weights.py      what a prompt and a generated token weigh
+  weights.py      what a prompt, an embedding and a generated token weigh
+  steps.py        the decode step clock read off the streams: where decode work lay
+  ttft.py         streams' time to first token against prompt length
   unsettled.py    the unsettled requests and what is known of their weights
   weighing.py     phase one: the local weight densities of one interval
   split.py        phase two, the split rule: one interval's joules among requests, peers, idle

@@ -124,15 +124,30 @@ class Attributor:
     def prefill_weight(self, value: float) -> None:
         self.weights = replace(self.weights, prefill_weight=value)
 
+    @property
+    def place_by_steps(self) -> bool:
+        """Place decode work where this replica's streams saw the backend's steps (default):
+        within an interval, decode tokens where steps were (few through a stall), a non-streamed
+        request's prefill over the streams' TTFT and its tokens over the steps after it. False:
+        tokens evenly over each interval, non-streamed work flat over its lifetime. The step
+        clock is local: replicas sharing a backend agree exactly only with it off."""
+        return self.unsettled.place
+
+    @place_by_steps.setter
+    def place_by_steps(self, value: bool) -> None:
+        self.unsettled.place = value
+
     # -- the relay's calls ---------------------------------------------------------------------
 
-    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0) -> None:
-        """A request was sent upstream at `start_s`. `prompt_tokens`: a best guess, 0 if none.
+    def open(self, request_id: str, start_s: float, stream: bool, prompt_tokens: int = 0,
+             embedding: bool = False) -> None:
+        """A request was sent upstream at `start_s`. `prompt_tokens`: a best guess, 0 if none;
+        `embedding`: an embedding request (its prompt weighs `weights.embed_weight`).
 
         For a streamed request the guess fixes its prefill weight at its first token; with 0 the
         prefill weight (and every interval it overlaps) waits for `close`'s exact count.
         """
-        r = self.unsettled.open(request_id, start_s, stream, prompt_tokens)
+        r = self.unsettled.open(request_id, start_s, stream, prompt_tokens, embedding)
         if r.start_s > self._horizon_s:
             self._horizon_s = r.start_s
 
@@ -368,7 +383,7 @@ class Attributor:
         """Phase one for sample interval [a_s, b_s]: fix the densities of the requests in it."""
         iv, tokens_n, decode_s = weigh_interval(
             self.unsettled.by_key.values(), a_s, b_s, b_e_j, energy_j, self.books.first_s,
-            self._provisional_density)
+            self._provisional_density, self.unsettled.clock if self.unsettled.place else None)
         self.rates.learn_decode(tokens_n, decode_s)
         self.rates.learn_flight(*iv.weight_and_flight_s())
         if self.publish_local:

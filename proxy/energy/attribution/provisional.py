@@ -69,7 +69,7 @@ class LearnedRates:
         if r.stream and r.first_token_s is not None and r.prompt_tokens == 0:
             return rate  # a prefill of unknown size: weigh it like a decoding request
         until_s = r.first_token_s if r.first_token_s is not None else horizon_s
-        prefill_w = weights.prefill(r.prompt_tokens) / max(until_s - r.start_s, 1.0)
+        prefill_w = weights.prompt(r.prompt_tokens, r.embedding) / max(until_s - r.start_s, 1.0)
         return prefill_w if r.stream else prefill_w + rate
 
 

@@ -45,11 +45,18 @@ class RequestState:
     prompt_tokens: int
     first_token_s: float | None = None
     end_s: float | None = None  # None while open
+    embedding: bool = False  # an embedding request: its prompt weighs as an encoder pass
     completion_tokens: int = 0
-    prefill_density: float | None = None  # weight/s on [start, first]; None: not known yet
+    prefill_density: float | None = None  # weight/s on [prefill_from_s, first]; None: not yet
+    prefill_from_s: float = 0.0  # a stream's prefill lies after this (>= start_s)
     flat_density: float | None = None  # weight/s on [start, end] (non-streamed); None: open
+    # Non-streamed, once closed, where the step clock saw steps: prefill weight on
+    # [start, decode_from_s], decode weight over the steps seen on [decode_from_s, end]
+    # (`decode_steps` of them). None: spread flat at `flat_density`.
+    placed: tuple[float, float, float, float] | None = None  # (decode_from_s, prefill, decode, steps)
     arrivals: deque[tuple[float, float]] = field(default_factory=deque)  # unsettled (t_s, weight)
     pending_tokens: float = 0.0  # sum of weights in `arrivals`
+    timed: bool = False  # a chunk after the first came: its TTFT is a real one
     emitted: int = 0  # tokens seen so far: the next one's context is prompt + this
     joules: float = 0.0  # settled share so far
     host_joules: float = 0.0  # settled host share so far (Attributor.host)

@@ -14,7 +14,9 @@ import math
 from proxy.energy.attribution.books import Books
 from proxy.energy.attribution.provisional import LearnedRates
 from proxy.energy.attribution.request import RequestState
-from proxy.energy.attribution.weighing import density
+from proxy.energy.attribution.steps import StepClock
+from proxy.energy.attribution.ttft import TtftFit
+from proxy.energy.attribution.weighing import MIN_SPAN_S, density
 from proxy.energy.attribution.weights import TokenWeights
 
 __all__ = ["UnsettledRequests"]
@@ -30,7 +32,7 @@ class UnsettledRequests:
     """
 
     __slots__ = ("by_key", "unknown", "alias", "open_n", "unknown_prefills_n", "pending_w",
-                 "_dup_n", "_last_start_s", "_rates", "_books")
+                 "_dup_n", "_last_start_s", "_rates", "_books", "clock", "ttft", "place")
 
     def __init__(self, rates: LearnedRates, books: Books) -> None:
         self.by_key: dict[str, RequestState] = {}
@@ -44,9 +46,12 @@ class UnsettledRequests:
         self._last_start_s = -math.inf
         self._rates = rates  # learns from each request's weights
         self._books = books  # where settling has got to: weight before it is not pending
+        self.clock = StepClock()  # decode steps seen in the streams: where non-streamed work lay
+        self.ttft = TtftFit()  # streams' TTFT: where a non-streamed prefill lay
+        self.place = True  # False: non-streamed work spread flat (the clock is this replica's)
 
     def open(self, request_id: str, start_s: float, stream: bool,
-             prompt_tokens: int) -> RequestState:
+             prompt_tokens: int, embedding: bool = False) -> RequestState:
         """Add an opened request; ValueError if one under this id is in flight."""
         if self.find_open(request_id) is not None:
             raise ValueError(f"request {request_id!r} is already in flight")
@@ -57,7 +62,8 @@ class UnsettledRequests:
         # Starts never go backwards (one clock), which keeps `by_key` in start order.
         start_s = max(start_s, self._last_start_s)
         self._last_start_s = start_s
-        r = RequestState(request_id, stream, start_s, max(prompt_tokens, 0), key=key)
+        r = RequestState(request_id, stream, start_s, max(prompt_tokens, 0), key=key,
+                         embedding=embedding)
         self.by_key[key] = r
         self.unknown[key] = r
         self.open_n += 1
@@ -76,10 +82,22 @@ class UnsettledRequests:
         """Streamed `r` got `count` tokens at `t_s` (not before its start)."""
         if r.first_token_s is None:
             r.first_token_s = t_s
+            # Its prompt went through in the step that ended with its first token: after the
+            # step before it, not while it queued (where it would take others' stalls).
+            before_s = self.clock.moment_before(t_s) if self.place else None
+            r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
+            self.clock.decoding_n += 1
             if weights.prefill_weight == 0 or r.prompt_tokens > 0:
                 self._fix_prefill(r, weights)
             else:
                 self.unknown_prefills_n += 1
+        elif count > 0:
+            # A later chunk: decode steps (the first token closes a prefill step), and proof
+            # that the first chunk was a first token, not a buffered whole answer.
+            self.clock.arrival(t_s, count)
+            if not r.timed:
+                r.timed = True
+                self.ttft.observe(r.prompt_tokens, r.first_token_s - r.start_s)
         if count > 0:
             weight = weights.decode(r.prompt_tokens + r.emitted, count)
             r.emitted += count
@@ -94,12 +112,17 @@ class UnsettledRequests:
             self.unknown_prefills_n -= 1  # it leaves `unknown` below
         r.end_s = end_s
         self.open_n -= 1
+        if r.stream and r.first_token_s is not None:
+            self.clock.decoding_n -= 1
         r.prompt_tokens = max(prompt_tokens, 0)
         r.completion_tokens = max(completion_tokens, 0)
-        weight = weights.prefill(r.prompt_tokens) + weights.decode(r.prompt_tokens, r.completion_tokens)
+        weight = (weights.prompt(r.prompt_tokens, r.embedding)
+                  + weights.decode(r.prompt_tokens, r.completion_tokens))
         self._rates.learn_request(weight, end_s - r.start_s)
+        converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
             if r.completion_tokens > 0:
+                converted = True
                 # Everything came at once at the end: no decode time to place the tokens in,
                 # so weigh it like a non-streamed request (tokens spread over its lifetime).
                 r.stream = False
@@ -113,12 +136,31 @@ class UnsettledRequests:
                 self._fix_prefill(r, weights)
         else:
             r.flat_density = density(weight, end_s - r.start_s)
+            # A stream whose tokens all came at its end fed the step clock itself: flat.
+            r.placed = None if converted else self._place(r, weights)
             self._note_pending(r.flat_density, r.start_s, end_s)
             self.unknown.pop(r.key, None)
+
+    def _place(self, r: RequestState, weights: TokenWeights) -> tuple[float, float, float, float] | None:
+        """Where a closed non-streamed request's work lay (see RequestState.placed): its prefill
+        over the TTFT recent streams of its prompt length saw, its tokens over the steps the
+        streams saw after that. None (spread flat) where no stream shows its steps."""
+        end_s = r.end_s
+        assert end_s is not None
+        if not self.place or r.completion_tokens <= 0 or not self.ttft.seen:
+            return None
+        from_s = min(end_s, r.start_s + self.ttft.ttft_s(r.prompt_tokens))
+        steps = self.clock.steps(from_s, end_s)
+        if steps <= 0 or end_s - from_s < MIN_SPAN_S or from_s - r.start_s < MIN_SPAN_S:
+            return None
+        return (from_s, weights.prompt(r.prompt_tokens, r.embedding),
+                weights.decode(r.prompt_tokens, r.completion_tokens), steps)
 
     def forget(self, r: RequestState) -> None:
         """`r` is settled."""
         del self.by_key[r.key]
+        first = next(iter(self.by_key.values()), None)
+        self.clock.forget_before(first.start_s if first is not None else self._last_start_s)
         if self.alias.get(r.request_id) == r.key:
             del self.alias[r.request_id]
 
@@ -135,10 +177,11 @@ class UnsettledRequests:
         """Fix a streamed request's prefill density (needs its first token time)."""
         first_s = r.first_token_s
         assert first_s is not None
-        weight = weights.prefill(r.prompt_tokens)
+        weight = weights.prompt(r.prompt_tokens, r.embedding)
         self._rates.learn_prefill(weight)
-        r.prefill_density = density(weight, first_s - r.start_s)
-        self._note_pending(r.prefill_density, r.start_s, first_s)
+        from_s = max(r.prefill_from_s, r.start_s)
+        r.prefill_density = density(weight, first_s - from_s)
+        self._note_pending(r.prefill_density, from_s, first_s)
         self.unknown.pop(r.key, None)
 
     def _note_pending(self, rho: float, from_s: float, to_s: float) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from proxy.energy.attribution.request import RequestState
+from proxy.energy.attribution.steps import StepClock, clip
 from proxy.energy.attribution.sums import neumaier
 
 __all__ = ["MIN_SPAN_S", "WeighedInterval", "density", "weigh_interval"]
@@ -78,11 +79,13 @@ class WeighedInterval:
 def weigh_interval(
     requests: Iterable[RequestState], a_s: float, b_s: float, b_e_j: float, energy_j: float,
     first_finalized_s: float | None, provisional: Callable[[RequestState], float],
+    clock: StepClock | None = None,
 ) -> tuple[WeighedInterval, int, float]:
     """Weigh sample interval [a_s, b_s] (`energy_j` joules, `b_e_j` cumulative at b_s).
 
     `requests`: the unsettled ones in start order; `provisional` guesses the density of one
-    whose weights are unknown (only in a forced interval). Takes the decode tokens that arrived
+    whose weights are unknown (only in a forced interval); `clock`: the decode steps seen
+    (steps.py), where decode tokens lie within the interval (None: evenly). Takes the decode tokens that arrived
     by b_s off each request and marks the requests that end here `leaving`. Returns the interval
     and the decode tokens and decode seconds it saw (for the recent decode rate).
     """
@@ -96,6 +99,19 @@ def weigh_interval(
     w = w_c = 0.0
     nw = nf = 0
     tokens_n, decode_s, settled_w = 0, 0.0, 0.0
+
+    # Decode tokens lie where the backend stepped: stalls (another prompt's prefill) get few.
+    pieces = clock.pieces(a_s, b_s) if clock is not None else []
+
+    def decode(k: int, lo_s: float, hi_s: float, weight: float) -> None:
+        """`weight` of decode work over [lo_s, hi_s], in proportion to the steps seen."""
+        mine = [p for p in clip(pieces, lo_s, hi_s) if p[1] - p[0] >= MIN_SPAN_S]
+        steps_n = math.fsum(p[2] for p in mine)
+        if steps_n <= 0:
+            segment(k, lo_s, hi_s, weight / (hi_s - lo_s))
+            return
+        for p_lo_s, p_hi_s, steps in mine:
+            segment(k, p_lo_s, p_hi_s, weight * (steps / steps_n) / (p_hi_s - p_lo_s))
 
     def segment(k: int, lo_s: float, hi_s: float, density: float) -> None:
         nonlocal w, w_c, nw, nf
@@ -128,16 +144,34 @@ def weigh_interval(
         lo_s, hi_s = max(s_s, a_s), min(e_s, b_s)
         segment(k, lo_s, hi_s, 0.0)
         first_s = r.first_token_s if r.first_token_s is not None else _INF
-        if not r.stream or s_s < first_s and first_s > a_s:
+        placed = r.placed if not r.stream else None
+        if placed is not None:
+            # Prefill over [start, from_s], tokens over the steps seen after it.
+            from_s, prefill_w, decode_w, steps_n = placed
+            if from_s > lo_s and prefill_w > 0:
+                rho_r = prefill_w / (from_s - s_s)
+                p_hi_s = min(from_s, hi_s)
+                settled_w += rho_r * (p_hi_s - lo_s)
+                segment(k, lo_s, p_hi_s, rho_r)
+            d_lo_s = max(from_s, lo_s)
+            if hi_s > d_lo_s:
+                w_r = decode_w * clock.steps(d_lo_s, hi_s) / steps_n if clock is not None else 0.0
+                settled_w += w_r
+                if w_r > 0 and hi_s - d_lo_s >= MIN_SPAN_S:
+                    decode(k, d_lo_s, hi_s, w_r)
+        elif not r.stream or s_s < first_s and first_s > a_s:
             end_s = hi_s if not r.stream else min(first_s, b_s)
             rho_r = r.flat_density if not r.stream else r.prefill_density
+            p_lo_s = lo_s
             if rho_r is None:  # only in a forced interval
                 r.guessed = True
                 rho_r = provisional(r)
             else:
-                settled_w += rho_r * (end_s - lo_s)
-            if rho_r > 0 and end_s > lo_s:
-                segment(k, lo_s, end_s, rho_r)
+                if r.stream:  # its prefill: the step that ended with its first token
+                    p_lo_s = min(max(lo_s, r.prefill_from_s), end_s)
+                settled_w += rho_r * (end_s - p_lo_s)
+            if rho_r > 0 and end_s > p_lo_s:
+                segment(k, p_lo_s, end_s, rho_r)
         dlo_s = max(first_s, a_s)
         if r.stream and hi_s - dlo_s >= MIN_SPAN_S:  # else tokens wait for a next window
             count = 0
@@ -149,7 +183,7 @@ def weigh_interval(
                 tokens_n += count
                 settled_w += count
                 decode_s += hi_s - dlo_s
-                segment(k, dlo_s, hi_s, count / (hi_s - dlo_s))
+                decode(k, dlo_s, hi_s, count)
 
     done.extend(r for r in reqs if r.end_s is not None and r.end_s <= b_s)
     for r in done:

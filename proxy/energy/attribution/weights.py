@@ -3,8 +3,10 @@
 A prompt of L tokens weighs `L * (prefill_weight + prefill_weight_sq * L)` (attention makes long
 prompts dearer per token); a generated token over c tokens of context weighs
 `1 + decode_context_weight * c` (KV-cache reads). With the two extra terms at 0 (the default)
-this is the flat rule: `prefill_weight` per prompt token, 1 per generated token.
-proxy/energy/learn.py learns all three per backend.
+this is the flat rule: `prefill_weight` per prompt token, 1 per generated token. An embedding
+(an encoder pass: no LM head, bidirectional attention, its own power) has its own two terms,
+`embed_weight` and `embed_weight_sq`; None: priced like a prompt.
+proxy/energy/learn.py learns them per backend.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ class TokenWeights:
     prefill_weight: float = 0.1
     prefill_weight_sq: float = 0.0  # per prompt token, per prompt token
     decode_context_weight: float = 0.0  # per generated token, per context token
+    embed_weight: float | None = None  # per embedded token; None: as prefill
+    embed_weight_sq: float = 0.0  # per embedded token, per embedded token
 
     def prefill(self, prompt_tokens: int) -> float:
         """The weight of prefilling a prompt of this many tokens."""
         return prompt_tokens * (self.prefill_weight + self.prefill_weight_sq * prompt_tokens)
+
+    def prompt(self, prompt_tokens: int, embedding: bool) -> float:
+        """The weight of a prompt's pass: an embedding's, or a prefill's."""
+        if not embedding or self.embed_weight is None:
+            return self.prefill(prompt_tokens)
+        return prompt_tokens * (self.embed_weight + self.embed_weight_sq * prompt_tokens)
 
     def decode(self, context_tokens: int, count: int) -> float:
         """The weight of `count` generated tokens, the first over `context_tokens` of context."""
