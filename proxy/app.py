@@ -332,7 +332,7 @@ class JouleGate:
                     await self.pool.start()
                     await self.meter.start()
                     await self.governor.start()
-                    self.energy_stream.watch_drain()
+                    await self.energy_stream.start()
                     if self.exchange is not None:
                         await self.exchange.start()
                     if self.config.server.metrics_port is not None:
@@ -351,6 +351,7 @@ class JouleGate:
                     await self._metrics_listener.cleanup()
                 if self.exchange is not None:
                     await self.exchange.close()
+                await self.energy_stream.close()
                 await self.governor.close()  # puts back the power limits it changed
                 await self.relay.watchdog.close()
                 await self.meter.close()

@@ -32,9 +32,10 @@ MESSAGES = [{"role": "user", "content": "How many joules does a dashboard cost?"
 ADMIN_ONLY = ("in_flight", "power_w", "governor_cap_w")
 
 
-def _config(sims: dict[str, SimBackend], extra: str = "") -> str:
+def power_config(sims: dict[str, SimBackend], extra: str = "", names: tuple[str, ...] = ("h100", "a100")) -> str:
+    """A proxy config over simulated GPUs `names`, each with its simulated power source."""
     config = "backends:\n"
-    for name in ("h100", "a100"):
+    for name in names:
         url = sims[name].url
         config += backend_yaml(name, url, [MODEL], f", power: {{source: sim, url: '{url}', interval_s: 0.05}}")
     return config + "routing: {policy: round_robin}\nledger: memory://\n" + extra + tenants_yaml()
@@ -42,7 +43,7 @@ def _config(sims: dict[str, SimBackend], extra: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def proxy(sims: dict[str, SimBackend], session_tmp: Path) -> Iterator[ProxyProc]:
-    proc = ProxyProc(_config(sims, "server: {access_log: true}\n"), session_tmp)
+    proc = ProxyProc(power_config(sims, "server: {access_log: true}\n"), session_tmp)
     yield proc
     proc.stop()
     assert "Traceback" not in proc.log()
@@ -94,7 +95,10 @@ def test_stream_needs_a_key_and_a_sane_interval(proxy: ProxyProc) -> None:
 
 
 def test_admin_snapshot_shape_and_it_changes(proxy: ProxyProc) -> None:
-    first = _events(proxy, ADMIN_KEY, lambda s: True)[0]
+    first, second = _events(proxy, ADMIN_KEY, lambda s: "history" not in s)[:2]
+    assert "history" not in second  # only a stream's first snapshot carries it
+    assert set(first["history"]) == {"h100", "a100"}
+    assert all(len(sample) == 3 for samples in first["history"].values() for sample in samples)
     assert {b["name"] for b in first["backends"]} == {"h100", "a100"}
     for backend in first["backends"]:
         assert set(backend) >= {"name", "healthy", "models", "tokens_per_joule", *ADMIN_ONLY}
@@ -121,6 +125,8 @@ def test_tenant_sees_only_its_own_numbers(proxy: ProxyProc) -> None:
     snap = _events(proxy, KEYS["globex"], lambda s: _tenant(s, "globex") is not None)[-1]
     assert [t["tenant"] for t in snap["tenants"]] == ["globex"]
     assert snap["subscribers"] is None
+    history = _events(proxy, KEYS["globex"], lambda s: True)[0]["history"]
+    assert history["h100"] and all(power is None for _, power, _ in history["h100"])
     for backend in snap["backends"]:
         assert not set(ADMIN_ONLY) & set(backend), backend
         assert {"name", "healthy", "tokens_per_joule"} <= set(backend)
@@ -175,7 +181,7 @@ def test_access_log_lines(proxy: ProxyProc) -> None:
 
 
 def test_drain_ends_streams_and_access_log_is_off_by_default(sims: dict[str, SimBackend], session_tmp: Path) -> None:
-    proc = ProxyProc(_config(sims), session_tmp)
+    proc = ProxyProc(power_config(sims), session_tmp)
     try:
         _chat(proc, "acme")
         with httpx.stream("GET", f"{proc.url}/v1/energy/stream?interval_s=0.5", timeout=10,

@@ -31,6 +31,10 @@ MIN_INTERVAL_S = 0.5
 MAX_INTERVAL_S = 60.0
 #: "Now" for the fleet's tokens/J: the change of today's totals over this many seconds.
 NOW_WINDOW_S = 60.0
+#: The backends' power and tokens/J history sent with a stream's first snapshot: one sample
+#: per HISTORY_STEP_S over the last HISTORY_S, so a fresh page draws its lines at once.
+HISTORY_S = 15 * 60.0
+HISTORY_STEP_S = 5.0
 #: Backend fields only admin keys see in a snapshot (power, load, the governor's cap).
 _ADMIN_BACKEND_FIELDS = ("in_flight", "power_w", "governor_cap_w")
 
@@ -70,8 +74,38 @@ class EnergyStream:
         self._lock = asyncio.Lock()
         # (monotonic s, completion tokens today, joules today) per build, for "now" tokens/J.
         self._totals: deque[tuple[float, int, float]] = deque()
+        # Backend name -> (wall s, power W, tokens/J) samples, oldest first.
+        self._history: dict[str, deque[tuple[float, float | None, float | None]]] = {}
+        self._sampler: asyncio.Task[None] | None = None
 
-    def watch_drain(self) -> None:
+    async def start(self) -> None:
+        """Begin sampling the backends' history, and end streams when the server drains."""
+        self._watch_drain()
+        self._sampler = asyncio.create_task(self._sample_loop(), name="joulegate-dashboard-history")
+
+    async def close(self) -> None:
+        self.draining.set()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+
+    async def _sample_loop(self) -> None:
+        keep = int(HISTORY_S / HISTORY_STEP_S)
+        while True:
+            now_s = time.time()
+            for view in self.backend_views():
+                samples = self._history.setdefault(view["name"], deque(maxlen=keep))
+                samples.append((round(now_s, 1), view.get("power_w"), view.get("tokens_per_joule")))
+            await asyncio.sleep(HISTORY_STEP_S)
+
+    def history(self, principal: Principal) -> dict[str, list[tuple[float, float | None, float | None]]]:
+        """The last HISTORY_S of [wall s, power W, tokens/J] per backend (power: admin keys only)."""
+        if principal.is_admin:
+            return {name: list(samples) for name, samples in self._history.items()}
+        return {name: [(t, None, tpj) for t, _, tpj in samples] for name, samples in self._history.items()}
+
+    def _watch_drain(self) -> None:
         """Chain SIGTERM/SIGINT so open streams end at once when the server starts draining
         (the server waits for open responses, which a stream never finishes by itself)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,8 +187,10 @@ class EnergyStream:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
                 (b"x-accel-buffering", b"no")]})
+            first: dict[str, Any] = {"history": self.history(principal)}
             while not (left.done() or drained.done()):
-                event = orjson.dumps(self.view_for(await self.current(), principal))
+                event = orjson.dumps({**self.view_for(await self.current(), principal), **first})
+                first = {}
                 await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
                 await asyncio.wait((left, drained), timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
             if not left.done():  # draining: say so, then end the response properly
