@@ -31,6 +31,8 @@ MIN_INTERVAL_S = 0.5
 MAX_INTERVAL_S = 60.0
 #: "Now" for the fleet's tokens/J: the change of today's totals over this many seconds.
 NOW_WINDOW_S = 60.0
+#: Most a snapshot waits for the ledger; past it the snapshot goes out with `ledger_error`.
+LEDGER_TIMEOUT_S = 2.0
 #: The backends' power and tokens/J history sent with a stream's first snapshot: one sample
 #: per HISTORY_STEP_S over the last HISTORY_S, so a fresh page draws its lines at once.
 HISTORY_S = 15 * 60.0
@@ -140,11 +142,12 @@ class EnergyStream:
         hour_tpj = None
         ledger_error = None
         try:
-            rows = await self.ledger.usage(since_s=period_start_s("day", now_s), group_by=("tenant",))
+            async with asyncio.timeout(LEDGER_TIMEOUT_S):  # a slow store must not stall every stream
+                rows = await self.ledger.usage(since_s=period_start_s("day", now_s), group_by=("tenant",))
+                hour = await self.ledger.usage(since_s=now_s - 3600.0)
             tenants = [{"tenant": r.tenant, "joules": r.joules, "requests": r.requests,
                         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                         "tokens": r.prompt_tokens + r.completion_tokens} for r in rows]
-            hour = await self.ledger.usage(since_s=now_s - 3600.0)
             joules_h = sum(r.joules for r in hour)
             hour_tpj = sum(r.completion_tokens for r in hour) / joules_h if joules_h > 0 else None
         except Exception as exc:  # a store outage leaves the backends' half of the snapshot live
