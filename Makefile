@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-soak bench-deps clean
+.PHONY: demo test lint docs browser-deps bench-overhead bench-attribution bench-ledger bench-routing bench-fuzz bench-soak bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/joulegate demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/ruff check proxy policies tests bench
 	$(BIN)/mypy proxy policies
 	$(BIN)/python -m pytest -q tests
@@ -27,6 +27,12 @@ lint: $(STAMP)
 # docs/config.md is generated from the config's JSON Schema; tests/test_docs.py fails when stale.
 docs: $(STAMP)
 	$(BIN)/python -m proxy.config_doc > docs/config.md
+
+# The dashboard's browser test drives Debian's chromium through chromium-driver. Without apt
+# (and no chromium) the test skips, except under CI=true, where it fails.
+browser-deps:
+	command -v chromium >/dev/null && test -x /usr/bin/chromedriver || ! command -v apt-get >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 # Benchmarks need wrk (Debian package) on top of the venv.
 bench-deps: $(STAMP)

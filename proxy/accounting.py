@@ -15,6 +15,8 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from proxy.carbon import CarbonBook
 from proxy.config import Config, EnergyBudget
 from proxy.energy.attribution import Final
@@ -25,6 +27,7 @@ from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 
 log = logging.getLogger("joulegate.accounting")
+access_log = logging.getLogger("joulegate.access")
 
 _RECENT_LIMIT = 10_000
 #: How long an estimated request waits for its measured value before it is booked as is.
@@ -60,6 +63,21 @@ def period_start_s(per: str, now_s: float) -> float:
     return start.timestamp()
 
 
+def access_line(record: RequestRecord) -> str:
+    """One finished request as the access log's JSON line (times in ms; joules as known when
+    it answered, `estimated` until measured). Only ids and counts: no headers, no key material."""
+    end_s = record.end_s or record.start_s
+    ttft_ms = None if record.first_token_s is None else round((record.first_token_s - record.start_s) * 1e3, 1)
+    return orjson.dumps({
+        "time": datetime.fromtimestamp(end_s, tz=UTC).isoformat(timespec="milliseconds"),
+        "request_id": record.request_id, "tenant": record.tenant, "model": record.model,
+        "backend": record.backend, "status": record.status, "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens, "joules": record.joules,
+        "energy_method": record.energy_method, "ttft_ms": ttft_ms,
+        "total_ms": round((end_s - record.start_s) * 1e3, 1),
+    }).decode()
+
+
 def _fold(means: dict[str | None, float], who: str | None, value: float) -> None:
     """One step of an exponentially weighted mean; the first value starts it."""
     mean = means.get(who)
@@ -73,6 +91,7 @@ class Accounting:
                  final_timeout_s: float = FINAL_TIMEOUT_S) -> None:
         self.ledger = ledger
         self.metrics = metrics
+        self.access_log = config.server.access_log  # off: one attribute check per request
         self.final_timeout_s = final_timeout_s
         self.carbon = CarbonBook.from_config(config)  # all-in joules and grams per request
         self.budgets: dict[str, EnergyBudget] = {
@@ -136,6 +155,8 @@ class Accounting:
             return
         self.metrics.observe(record)
         self._remember(record)
+        if self.access_log:
+            access_log.info(access_line(record))
         if record.backend is None:
             self.release_budget(record)
             return  # never reached a GPU: nothing to bill

@@ -18,6 +18,7 @@ from proxy.accounting import Accounting
 from proxy.auth import Authenticator, Principal
 from proxy.backends import BackendPool
 from proxy.config import Config, load_config
+from proxy.dashboard import EnergyStream, page_html, parse_interval_s
 from proxy.energy.meter import EnergyMeter
 from proxy.energy.shares import make_exchange
 from proxy.errors import ProxyError, bad_request
@@ -103,6 +104,10 @@ class JouleGate:
         )
         self.passthrough_route = Route(self._passthrough, ("POST",))
         self.governor = Governor(config, self.pool, self.metrics)  # power caps: proxy/governor/
+        # The live dashboard (proxy/dashboard/): its SSE feed, and the page that reads it.
+        self.energy_stream = EnergyStream(self._backend_views, _TENANT_BACKEND_FIELDS, self.accounting.ledger)
+        self.routes["/v1/energy/stream"] = Route(self._energy_stream, ("GET",))
+        self.routes["/dashboard"] = Route(self._dashboard, ("GET", "HEAD"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -251,6 +256,21 @@ class JouleGate:
         else:
             await _send_json(send, 200, usage_payload(rows, group_by))
 
+    async def _energy_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`GET /v1/energy/stream`: SSE snapshots (proxy/dashboard/stream.py), scoped to the key."""
+        try:
+            principal = self.auth.authenticate(dict(scope["headers"]).get(b"authorization"))
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            interval_s = parse_interval_s({k: v[-1] for k, v in query.items()})
+        except ProxyError as exc:
+            await send_error(send, exc, "")
+            return
+        await self.energy_stream.serve(receive, send, principal, interval_s)
+
+    async def _dashboard(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`GET /dashboard`: the page; it asks for a key and reads /v1/energy/stream."""
+        await _send(send, 200, page_html(), b"text/html; charset=utf-8")
+
     def _backend_views(self) -> list[dict[str, Any]]:
         views = []
         for backend in self.pool.backends:
@@ -312,6 +332,7 @@ class JouleGate:
                     await self.pool.start()
                     await self.meter.start()
                     await self.governor.start()
+                    await self.energy_stream.start()
                     if self.exchange is not None:
                         await self.exchange.start()
                     if self.config.server.metrics_port is not None:
@@ -330,6 +351,7 @@ class JouleGate:
                     await self._metrics_listener.cleanup()
                 if self.exchange is not None:
                     await self.exchange.close()
+                await self.energy_stream.close()
                 await self.governor.close()  # puts back the power limits it changed
                 await self.relay.watchdog.close()
                 await self.meter.close()

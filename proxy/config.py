@@ -85,6 +85,10 @@ class ServerConfig(_Strict):
     passthrough: list[str] | PassthroughEdit | None = Field(None, description=(
         "POST paths relayed to backends besides the inference routes: a list replaces the default "
         "allowlist, {add, remove} edits it; null: the default."))
+    # Opt-in: one JSON line per finished request (proxy/accounting.py), off the per-chunk path.
+    access_log: bool = Field(False, description=(
+        "Log one JSON line per finished request on logger `joulegate.access`: time, request id, "
+        "tenant, model, backend, status, tokens, joules, TTFT and total ms; never key material."))
 
     @field_validator("passthrough")
     @classmethod
