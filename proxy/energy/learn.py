@@ -70,7 +70,7 @@ class SplitWeights(TokenWeights):
         """Make these the attributor's weights (they apply to weights fixed from now on)."""
         attributor.weights = self
 
-    def as_dict(self) -> dict[str, float | bool]:
+    def as_dict(self) -> dict[str, float | bool | None]:
         return {"prefill_weight": self.prefill_weight, "prefill_weight_sq": self.prefill_weight_sq,
                 "decode_context_weight": self.decode_context_weight,
                 "embed_weight": self.embed_weight, "embed_weight_sq": self.embed_weight_sq,
