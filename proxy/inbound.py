@@ -32,34 +32,73 @@ class ClientGone(Exception):
     """The client disconnected before it could be answered."""
 
 
-class ClientWatch:
-    """Waits for the client's `http.disconnect` while the request is with a backend. While
-    `armed`, a disconnect cancels the request's task at once, so it stops waiting on the upstream
-    (streamed or not) and closes it; the relay sees `cancelled` and books what the engine did."""
+#: A request still with its backend this long (s) starts watching for its client leaving. Most
+#: answers come sooner, and a task per request cost more than a timer: a disconnect before
+#: then is still queued in `receive` and seen at once, so the upstream closes within ~0.25 s.
+WATCH_AFTER_S = 0.25
 
-    __slots__ = ("gone", "armed", "cancelled", "_task", "_watcher")
+
+class ClientWatch:
+    """While the request is with a backend: the client leaving, and the request's own deadline.
+
+    While `armed`, a disconnect cancels the request's task at once (`cancelled`), so it stops
+    waiting on the upstream (streamed or not) and closes it; past `deadline_at`'s time the task
+    is cancelled too (`timed_out`). The relay uncancels once per cancel and books what the
+    engine did. One timer per request; the watching task only for requests that last."""
+
+    __slots__ = ("gone", "armed", "cancelled", "timed_out", "_task", "_receive", "_watcher", "_timer",
+                 "_deadline")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
         self.armed = True
-        self.cancelled = False  # this watch cancelled the task (the relay uncancels it once)
+        self.cancelled = False  # this watch cancelled the task on a disconnect
+        self.timed_out = False  # ... or at the deadline
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.create_task(self._watch(receive))
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_S, self._start)
 
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
+    def _start(self) -> None:
+        self._timer = None
+        if self.armed:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
         self.gone = True
         if self.armed:
+            self.armed = False
             self.cancelled = True
+            self._task.cancel()
+
+    def deadline_at(self, when_s: float | None) -> None:
+        """Cancel the task at loop time `when_s` (None: no deadline from now on)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None if when_s is None else asyncio.get_running_loop().call_at(when_s, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.armed:
+            self.armed = False
+            self.timed_out = True
             self._task.cancel()
 
     def stop(self) -> None:
         """No more cancelling: from here on the relay only sends (or has finished)."""
         self.armed = False
-        self._watcher.cancel()
+        for handle in (self._timer, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._deadline = None
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, int | None]:

@@ -187,10 +187,10 @@ class Relay:
                 backend = self._choose(record, payload, tried, failure)
                 tried.add(backend.name)
                 hold = self._hold(backend, record)
-                deadline = loop.time() + self.request_timeout_s
+                # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).
+                watch.deadline_at(loop.time() + self.request_timeout_s)
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        resp = await self._post(backend, suffix, body, record.request_id, content_type)
+                    resp = await self._post(backend, suffix, body, record.request_id, content_type)
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
                     # Refused, unreachable, or closed before answering even on a fresh connection:
                     # nothing reached the client yet, so another backend may answer.
@@ -223,11 +223,11 @@ class Relay:
             else:
                 backend.record_success()
             if record.stream and resp.status == 200 and resp.content_type == "text/event-stream":
+                watch.deadline_at(None)
                 await self._relay_stream(send, resp, payload, withhold_usage, record, hold, watch)
                 return
             try:
-                async with asyncio.timeout_at(deadline):
-                    data = await resp.read()
+                data = await resp.read()
             except TimeoutError:
                 resp.close()
                 raise self._book_failed(hold, record, payload, _timed_out()) from None
@@ -239,13 +239,18 @@ class Relay:
             watch.stop()  # the upstream is done: what is left is sending, however slowly
             await self._relay_whole(send, resp, data, record, hold)
         except asyncio.CancelledError:
-            if not watch.cancelled:
+            if not (watch.cancelled or watch.timed_out):
                 raise
-            # The client left while the backend had its request: close the upstream now, so the
-            # engine stops generating, and book what it did up to here.
+            # The client left, or the request ran past its limit, while the backend had it:
+            # close the upstream now, so the engine stops generating, and book what it did. A
+            # request past its own limit says nothing about the backend: no circuit failure.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             if resp is not None:
                 resp.close()
+            if watch.timed_out:
+                if hold is not None and hold.held:
+                    raise self._book_failed(hold, record, payload, _timed_out()) from None
+                raise _timed_out() from None
             if hold is not None and hold.held:
                 self._book_failed(hold, record, payload, ProxyError(499, "The client disconnected."))
             raise ClientGone from None
@@ -441,11 +446,11 @@ class Relay:
             error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             _forget_frames(exc)
         except asyncio.CancelledError:
-            if not (guard.expired or watch.cancelled):
+            if not (guard.expired or watch.cancelled or watch.timed_out):
                 raise
             task = asyncio.current_task()
             assert task is not None
-            for _ in range(guard.expired + watch.cancelled):  # one uncancel per cancel we caused
+            for _ in range(guard.expired + watch.cancelled + watch.timed_out):  # one uncancel per cancel we caused
                 task.uncancel()
         finally:
             self.watchdog.release(guard)
@@ -454,6 +459,8 @@ class Relay:
             status, error = 499, "client disconnected"
         elif guard.expired:
             status, error = self._cut_reason(guard.reason, record)
+        elif watch.timed_out:  # the head's deadline fired just as the stream began
+            status, error = 504, "the backend did not answer in time"
         elif tap.overflow:
             status = 502
             error = f"an event longer than {self.config.server.max_sse_line_bytes} bytes without a boundary"
