@@ -774,6 +774,34 @@ async def _reads_old_and_new_rows(ledger: Ledger) -> None:
         await ledger.close()
 
 
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_start_does_not_wait_behind_running_writes(store: Store) -> None:
+    """Another process's open write transaction (a flush, a reservation) must not hold up a
+    starting replica: the schema check takes no table lock once the tables are there."""
+    assert store.database_url is not None
+
+    async def body() -> None:
+        first = store.open()
+        await first.start()
+        await first.close()
+        async with await psycopg.AsyncConnection.connect(store.database_url) as busy:
+            for table in ("requests", "aggregates", "holds"):  # what a writer's transaction holds
+                await busy.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+            second = store.open()
+            await asyncio.wait_for(second.start(), 10)
+            second.record(_NEW)
+            await second.close()
+            await busy.rollback()
+        third = store.open()
+        await third.start()
+        try:
+            assert await third.get_request("new-1") == _NEW
+        finally:
+            await third.close()
+
+    run(body, timeout_s=30)
+
+
 def test_rows_from_before_reasoning_tokens_are_read() -> None:
     rec = make_records(2, seed=12)[1]
     assert rec.reasoning_tokens > 0

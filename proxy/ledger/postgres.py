@@ -74,13 +74,17 @@ CREATE TABLE IF NOT EXISTS holds (
     expires_s DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
-ALTER TABLE requests ADD COLUMN IF NOT EXISTS reasoning_tokens BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE requests ADD COLUMN IF NOT EXISTS joules_all_in DOUBLE PRECISION NOT NULL DEFAULT 0;
-ALTER TABLE requests ADD COLUMN IF NOT EXISTS gco2e DOUBLE PRECISION NOT NULL DEFAULT 0;
-ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS reasoning_tokens BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS joules_all_in_uj BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE aggregates ADD COLUMN IF NOT EXISTS gco2e_ug BIGINT NOT NULL DEFAULT 0;
 """
+#: Columns added since the first schema, with their definitions. Added only when missing: an
+#: ALTER TABLE, even a no-op one, waits for an exclusive lock behind every running query.
+MIGRATIONS = (
+    ("requests", "reasoning_tokens", "BIGINT NOT NULL DEFAULT 0"),
+    ("requests", "joules_all_in", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
+    ("requests", "gco2e", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
+    ("aggregates", "reasoning_tokens", "BIGINT NOT NULL DEFAULT 0"),
+    ("aggregates", "joules_all_in_uj", "BIGINT NOT NULL DEFAULT 0"),
+    ("aggregates", "gco2e_ug", "BIGINT NOT NULL DEFAULT 0"),
+)
 #: Serialises schema set-up across processes (CREATE ... IF NOT EXISTS races on the catalog).
 SCHEMA_LOCK = 0x4A47_0001
 #: The advisory-lock class of budget holds; the object id is a hash of the tenant.
@@ -160,8 +164,22 @@ class PostgresLedger(BufferedLedger):
             if self._schema_ready:
                 return
             async with self._pool_or_raise().connection() as conn, conn.transaction():
+                # A schema change that cannot get its locks fails (and is retried on first use)
+                # rather than holding up the start.
+                await conn.execute(f"SET LOCAL lock_timeout = {round(self._connect_timeout_s * 1000)}")
                 await conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (SCHEMA_LOCK,))
-                await conn.execute(SCHEMA)
+                cur = await conn.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema()"
+                    " AND table_name IN ('requests', 'aggregates', 'holds')")
+                have = {(str(table), str(column)) for table, column in await cur.fetchall()}
+                if {table for table, _ in have} != {"requests", "aggregates", "holds"}:
+                    # Not when all are there: CREATE INDEX IF NOT EXISTS still locks out writers.
+                    await conn.execute(SCHEMA)
+                for table, column, definition in MIGRATIONS:
+                    if (table, column) not in have:
+                        await conn.execute(
+                            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
             self._schema_ready = True
 
     async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
