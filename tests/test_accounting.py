@@ -869,3 +869,15 @@ def test_usage_cli_prints_the_api_totals(ledger_proxy: ProxyProc) -> None:
                        f"{t['gco2e']:.4f}"], table
     for tenant in TENANTS:
         assert any(line.startswith(tenant) for line in table.splitlines()), table
+
+
+def test_usage_cli_with_postgres_down_says_one_line_without_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "joulegate.yaml"
+    config.write_text("backends:\n" + backend_yaml("h100", "http://127.0.0.1:9", [MODEL]) +
+                      f"ledger: 'postgresql://jg:s3cret-pw@127.0.0.1:{free_port()}/jg?connect_timeout_s=0.5'\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "usage", "-c", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("joulegate: error: cannot read the ledger"), done.stderr
+    assert "s3cret-pw" not in done.stderr

@@ -30,8 +30,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
@@ -50,6 +51,9 @@ from proxy.ledger.usage import Bucket, UsageRow, joules_to_uj
 from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.ledger")
+# The pool logs every failed connection attempt; the ledger reports an outage itself (flush
+# failures, joulegate_ledger_* metrics), once, so the pool's own lines are kept to errors.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -146,7 +150,7 @@ class PostgresLedger(BufferedLedger):
         try:
             await self._ensure_schema()
         except Exception as exc:  # down at start: buffer now, create the schema on first use
-            log.warning("ledger: PostgreSQL not ready at start: %s", redact_text(str(exc)))
+            log.info("ledger: PostgreSQL not ready at start: %s", redact_text(str(exc)))
 
     async def _close_store(self) -> None:
         if self._pool is not None:
@@ -282,12 +286,19 @@ class PostgresLedger(BufferedLedger):
             return (await conn.execute(sql, args)).rowcount
 
     async def _prune(self, cutoff_s: float) -> int:
+        if not self._schema_ready:
+            return 0  # never reached the server yet: nothing of ours to prune, no wait for it
         deleted = 0
         while True:
-            count = await self._fetch_none(
-                "DELETE FROM requests WHERE request_id IN"
-                " (SELECT request_id FROM requests WHERE written_s < %s LIMIT %s)",
-                (cutoff_s, PRUNE_BATCH))
+            try:
+                count = await self._fetch_none(
+                    "DELETE FROM requests WHERE request_id IN"
+                    " (SELECT request_id FROM requests WHERE written_s < %s LIMIT %s)",
+                    (cutoff_s, PRUNE_BATCH))
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                # The server is away: the next prune interval tries again. Not a traceback.
+                log.info("ledger: pruning skipped, PostgreSQL unreachable: %s", redact_text(str(exc)))
+                return deleted
             deleted += count
             if count < PRUNE_BATCH:
                 return deleted
