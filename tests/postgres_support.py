@@ -77,19 +77,33 @@ class PostgresCluster:
             raise RuntimeError("initdb/pg_ctl not found")
         if self._as_postgres:
             shutil.chown(self.workdir, "postgres", "postgres")
-        data = os.path.join(self.workdir, "data")
-        self._run(initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(initdb, "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._pg_ctl_start(pg_ctl)
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.workdir, "data")
+
+    def _pg_ctl_start(self, pg_ctl: str) -> None:
         settings = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1"
         if not self.durable:
             settings += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run(pg_ctl, "-D", data, "-o", settings, "-l", os.path.join(self.workdir, "log"),
+        # -l: the server must not inherit our pipes, or the run would wait for it to exit.
+        self._run(pg_ctl, "-D", self.data, "-o", settings, "-l", os.path.join(self.workdir, "log"),
                   "-w", "-t", "60", "start")
+
+    def restart(self) -> None:
+        """Stop (ending every session) and start again on the same port, data kept."""
+        pg_ctl = _bin("pg_ctl")
+        assert pg_ctl is not None
+        self._run(pg_ctl, "-D", self.data, "-m", "fast", "-w", "stop")
+        self._pg_ctl_start(pg_ctl)
 
     def stop(self) -> None:
         pg_ctl = _bin("pg_ctl")
-        if pg_ctl is not None and os.path.isdir(os.path.join(self.workdir, "data")):
+        if pg_ctl is not None and os.path.isdir(self.data):
             try:
-                self._run(pg_ctl, "-D", os.path.join(self.workdir, "data"), "-m", "immediate", "stop")
+                self._run(pg_ctl, "-D", self.data, "-m", "immediate", "stop")
             except RuntimeError:
                 pass  # never started, or already gone
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -558,6 +558,40 @@ def test_postgres_down_at_start_buffers_then_catches_up(tmp_path: Path, caplog: 
     assert "s3cret-pw" not in caplog.text
 
 
+def test_postgres_restart_costs_no_failed_hold_or_flush(tmp_path: Path) -> None:
+    """After a server restart every pooled connection is dead; the next reservation and flush
+    find that out, drop them and succeed on a fresh one (a budget failure, with
+    energy_budget_failure: closed a 503, would otherwise follow every restart or failover)."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("needs a private cluster of its own")
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        missing_postgres(f"no private cluster: {exc}")
+
+    async def body() -> None:
+        ledger = open_ledger(cluster.url, flush_interval_s=3600.0, pool_size=3,
+                             journal_path=str(tmp_path / "j.sqlite"))
+        await ledger.start()
+        try:
+            now = time.time()
+            # Several connections in the pool, all to go stale at once.
+            await asyncio.gather(*(ledger.reserve("acme", f"k{i}", 1, now, 10**9, 60.0) for i in range(6)))
+            await asyncio.to_thread(cluster.restart)
+            assert await ledger.reserve("acme", "after", 1, now, 10**9, 60.0) == (True, 6)
+            ledger.record(LedgerRecord("r-1", "acme", "m", "b", 1, 1, 2.0, "measured", now - 1, now))
+            assert await ledger.flush() == 1
+            assert ledger.stats.flush_failures == 0
+        finally:
+            await ledger.close()
+
+    try:
+        run(body, timeout_s=60)
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.parametrize("store", ["redis", "postgres"], indirect=True)
 def test_replicas_see_each_others_spend(store: Store) -> None:
     async def body() -> None:

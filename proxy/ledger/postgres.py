@@ -27,8 +27,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -51,6 +51,8 @@ from proxy.ledger.usage import Bucket, UsageRow, joules_to_uj
 from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.ledger")
+_T = TypeVar("_T")
+Conn = AsyncConnection[tuple[Any, ...]]
 # The pool logs every failed connection attempt; the ledger reports an outage itself (flush
 # failures, joulegate_ledger_* metrics), once, so the pool's own lines are kept to errors.
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
@@ -138,7 +140,7 @@ class PostgresLedger(BufferedLedger):
         self._conn_kwargs: dict[str, Any] = {"autocommit": True}
         if sslmode is not None:
             self._conn_kwargs["sslmode"] = sslmode
-        self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
+        self._pool: AsyncConnectionPool[Conn] | None = None
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
 
@@ -156,7 +158,7 @@ class PostgresLedger(BufferedLedger):
         if self._pool is not None:
             await self._pool.close()
 
-    def _pool_or_raise(self) -> AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]:
+    def _pool_or_raise(self) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
             raise RuntimeError("ledger not started")
         return self._pool
@@ -186,14 +188,35 @@ class PostgresLedger(BufferedLedger):
                             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
             self._schema_ready = True
 
-    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async def _transact(self, step: Callable[[Conn], Awaitable[_T]], *, tx: bool = True) -> _T:
+        """`step` on a pooled connection, in one transaction unless `tx` is False (one
+        statement: autocommit saves the BEGIN and COMMIT round trips). Tried once more on a fresh
+        connection when the server had closed the pooled one (a restart or failover since it was
+        last used): every step here is idempotent, so a retry after a lost commit is harmless."""
         await self._ensure_schema()
-        async with self._pool_or_raise().connection() as conn:
-            cur = await conn.execute(sql, args)
-            return await cur.fetchall()
+        pool = self._pool_or_raise()
+        for attempt in (1, 2):
+            used: Conn | None = None
+            try:
+                async with pool.connection() as conn:
+                    used = conn
+                    if not tx:
+                        return await step(conn)
+                    async with conn.transaction():
+                        return await step(conn)
+            except psycopg.OperationalError:
+                if attempt == 2 or used is None or not used.broken:
+                    raise
+                await pool.check()  # its idle siblings are as stale: drop them before the retry
+        raise AssertionError("unreachable")
+
+    async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        async def step(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(sql, args)).fetchall()
+
+        return await self._transact(step, tx=False)
 
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
-        await self._ensure_schema()
         recs = sorted(records, key=lambda r: r.uid)  # one lock order across replicas
         now = time.time()
         cols: list[list[Any]] = [[] for _ in range(16)]
@@ -205,7 +228,8 @@ class PostgresLedger(BufferedLedger):
                     rec.joules_all_in, rec.gco2e), strict=True):
                 col.append(value)
         holds = sorted(key for _, key in self._holds(records))
-        async with self._pool_or_raise().connection() as conn, conn.transaction():
+
+        async def step(conn: Conn) -> int:
             cur = await conn.execute(INSERT_REQUESTS, cols)
             inserted = {row[0] for row in await cur.fetchall()}
             cells: dict[Cell, list[int]] = {}
@@ -217,7 +241,9 @@ class PostgresLedger(BufferedLedger):
                 await conn.execute(UPSERT_CELLS, [list(col) for col in zip(*rows, strict=True)])
             if holds:
                 await conn.execute("DELETE FROM holds WHERE key = ANY(%s::text[])", (holds,))
-        return len(inserted)
+            return len(inserted)
+
+        return await self._transact(step)
 
     async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
                        group_by: tuple[str, ...]) -> list[UsageRow]:
@@ -247,9 +273,9 @@ class PostgresLedger(BufferedLedger):
 
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
                              budget_uj: int, ttl_s: float) -> tuple[bool, int]:
-        await self._ensure_schema()
         now = time.time()
-        async with self._pool_or_raise().connection() as conn, conn.transaction():
+
+        async def step(conn: Conn) -> tuple[bool, int]:
             # Every reservation of this tenant, on any replica, waits here: the read below and
             # the insert are one step. The lock ends with the transaction.
             await conn.execute("SELECT pg_advisory_xact_lock(%s::int, %s::int)",
@@ -269,7 +295,9 @@ class PostgresLedger(BufferedLedger):
                     " ON CONFLICT (key) DO UPDATE SET tenant = excluded.tenant,"
                     " joules_uj = excluded.joules_uj, expires_s = excluded.expires_s",
                     (key, tenant, uj, now + ttl_s))
-        return reserved, used
+            return reserved, used
+
+        return await self._transact(step)
 
     async def _release_store(self, tenant: str, key: str) -> None:
         await self._fetch_none("DELETE FROM holds WHERE key = %s", (key,))
@@ -281,9 +309,10 @@ class PostgresLedger(BufferedLedger):
             (now + ttl_s, sorted(key for _, key in holds), now))
 
     async def _fetch_none(self, sql: str, args: Sequence[Any]) -> int:
-        await self._ensure_schema()
-        async with self._pool_or_raise().connection() as conn:
+        async def step(conn: Conn) -> int:
             return (await conn.execute(sql, args)).rowcount
+
+        return await self._transact(step, tx=False)
 
     async def _prune(self, cutoff_s: float) -> int:
         if not self._schema_ready:
