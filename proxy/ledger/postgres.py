@@ -16,6 +16,9 @@ tenant's aggregates and live holds in one statement and inserts its hold; a chun
 holds its records settle in the transaction that adds their joules. Rows and keys are written
 in sorted order so two replicas' transactions never wait on each other in a cycle.
 
+A step whose pooled connection the server had closed (a restart, a failover) is tried once more
+on a fresh one, after the pool drops its other stale connections; every step is idempotent.
+
 Expiry and retention use the proxy's wall clock (as SQLite and Redis do): keep replicas' clocks
 in sync (NTP). While PostgreSQL is down, records stay buffered and spill past `max_buffer` to a
 local SQLite journal (`journal_path`; default: a temp-dir file named after host, port and db).
