@@ -1,11 +1,12 @@
 """Ledger benchmark: write throughput per store, and flush lag inside a proxy under c=32.
 
     python -m bench.ledger [--records 100000] [--redis redis://127.0.0.1:6379/0] [--duration-s 8]
+                           [--postgres postgresql://USER@HOST/DB]
     python -m bench.ledger --usage-scaling [--repeat 200]
 
-Part 1 records N records into each store (memory, SQLite, Redis) and times `record()` and one
-`flush()`. Part 2 runs `joulegate serve` with a SQLite and then a Redis ledger in front of the
-raw mock backend, loads it with wrk at c=32 (non-streamed), and samples
+Part 1 records N records into each store (memory, SQLite, Redis, PostgreSQL) and times
+`record()` and one `flush()`. Part 2 runs `joulegate serve` with a SQLite, a Redis and then a
+PostgreSQL ledger in front of the raw mock backend, loads it with wrk at c=32 (non-streamed), and samples
 `joulegate_ledger_flush_lag_seconds` and `joulegate_ledger_buffered_records` from /metrics.
 
 `--usage-scaling` instead starts a redis-server of its own on a free port, writes 1 week and
@@ -15,12 +16,17 @@ prefixes, and times, for each, a one-day `usage()` query (what `joulegate usage`
 path) and, for reference, the HGETALL of a tenant's whole spend hash that budget reads did
 before. It prints the medians and the year/week ratio: ~1 means the cost does not grow with
 the data kept.
+
+PostgreSQL: `--postgres URL` (default $DATABASE_URL; a role allowed CREATE DATABASE: the rows
+use a fresh database each, dropped afterwards), else a private cluster started here on a free
+port with fsync on (tests/postgres_support.py; as root it runs as the `postgres` OS user).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import statistics
@@ -47,6 +53,7 @@ from bench.overhead import (
     write_config,
 )
 from proxy.ledger import LedgerRecord, open_ledger
+from tests.postgres_support import PostgresCluster, create_database, drop_database
 
 
 def _records(n: int) -> list[LedgerRecord]:
@@ -216,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="a Redis for the redis rows")
+    ap.add_argument("--postgres", default=os.environ.get("DATABASE_URL"),
+                    help="a PostgreSQL for the postgres rows (default $DATABASE_URL, else one started here)")
     ap.add_argument("--duration-s", type=int, default=8, help="wrk seconds per store under load")
     ap.add_argument("--usage-scaling", action="store_true",
                     help="only time one-day reads after 1 week vs 1 year of hours, on a Redis of its own")
@@ -223,28 +232,44 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.usage_scaling:
         return usage_scaling(args.repeat)
+    cluster = None
+    if args.postgres is None:
+        cluster = PostgresCluster(durable=True)
+        cluster.start()
+        args.postgres = cluster.url
+    try:
+        return _compare(args)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def _compare(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="jg-bench-ledger-"))
     prefix = f"jg-bench-{uuid.uuid4().hex}:"
+    pg_write, pg_lag = create_database(args.postgres), create_database(args.postgres)
     print(f"write throughput, {args.records:,} records, one flush:")
     try:
         for name, url, opts in (
             ("memory", "memory://", {}),
             ("sqlite", f"sqlite:///{tmp}/bench.db", {}),
             ("redis", args.redis, {"key_prefix": prefix, "journal_path": str(tmp / "journal.sqlite")}),
+            ("postgres", pg_write, {"journal_path": str(tmp / "pg-journal.sqlite")}),
         ):
             r = asyncio.run(_throughput(url, args.records, **opts))
-            print(f"  {name:7s} record(): {r['record_us']:.2f} us/record   flush: {r['flush_records_per_s']:,.0f} records/s")
+            print(f"  {name:8s} record(): {r['record_us']:.2f} us/record   flush: {r['flush_records_per_s']:,.0f} records/s")
+        print("\nflush lag inside joulegate under wrk c=32 (non-streamed), from /metrics every 0.2 s:")
+        db_url = re.sub(r"/\d+$", "", args.redis) + "/13"
+        for name, url in (("sqlite", f"sqlite:///{tmp}/proxy.db"), ("redis", db_url), ("postgres", pg_lag)):
+            r = _lag_under_load(url, args.duration_s, tmp)
+            print(f"  {name:8s} {r['req_per_s']:,.0f} req/s   flush lag median {r['flush_lag_median_s']:.2f} s, "
+                  f"max {r['flush_lag_max_s']:.2f} s   buffered max {r['buffered_max']:,.0f}")
+        redis.Redis.from_url(db_url).flushdb()
     finally:
         _drop_prefix(args.redis, prefix)
-    print("\nflush lag inside joulegate under wrk c=32 (non-streamed), from /metrics every 0.2 s:")
-    db_url = re.sub(r"/\d+$", "", args.redis) + "/13"
-    for name, url in (("sqlite", f"sqlite:///{tmp}/proxy.db"), ("redis", db_url)):
-        r = _lag_under_load(url, args.duration_s, tmp)
-        print(f"  {name:7s} {r['req_per_s']:,.0f} req/s   flush lag median {r['flush_lag_median_s']:.2f} s, "
-              f"max {r['flush_lag_max_s']:.2f} s   buffered max {r['buffered_max']:,.0f}")
-    redis.Redis.from_url(db_url).flushdb()
+        drop_database(args.postgres, pg_write)
+        drop_database(args.postgres, pg_lag)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -131,11 +131,13 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     if args.workers > 1:
-        if not (config.ledger or "memory://").startswith(("redis://", "rediss://")):
+        if not (config.ledger or "memory://").startswith(("redis://", "rediss://", "postgresql://",
+                                                           "postgres://")):
             # Each worker would keep its own ledger, budgets and in-flight weights: every
             # budget multiplied by N and shared GPUs billed once per worker.
             print(f"joulegate: error: --workers {args.workers} needs a ledger all workers share: set "
-                  "`ledger: redis://HOST:6379/0` (memory and SQLite ledgers are per process)", file=sys.stderr)
+                  "`ledger: redis://HOST:6379/0` or `ledger: postgresql://USER@HOST/DB` (memory and SQLite "
+                  "ledgers are per process)", file=sys.stderr)
             return 2
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Workers share their metrics through files here (prometheus-client multiprocess mode).

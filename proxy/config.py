@@ -335,7 +335,8 @@ class Config(_Strict):
     anonymous_tenant: str | None = Field(None, description=(
         "Tenant that keyless requests are billed to; null: 401 without a key."))
     ledger: str | None = Field(None, description=(
-        "sqlite:///PATH, redis://HOST:PORT/DB, rediss://... or memory://; options in the query. null:"
+        "sqlite:///PATH, redis://HOST:PORT/DB, rediss://..., postgresql://USER:PW@HOST/DB or memory://;"
+        " options in the query. null:"
         " a SQLite file beside the config."))
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus options.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Replicas sharing backends.")
@@ -393,8 +394,9 @@ class Config(_Strict):
     @field_validator("ledger")
     @classmethod
     def _ledger_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("sqlite://", "redis://", "rediss://", "memory://")):
-            raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory://")
+        if url is not None and not url.startswith(("sqlite://", "redis://", "rediss://", "memory://",
+                                                   "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB, postgresql://HOST/DB or memory://")
         if url is not None:
             ledger_options(url)  # options in its query: a bad one is a config error
         return url
@@ -591,14 +593,18 @@ def resolve_passthrough(replace: list[str] | None, add: list[str], remove: list[
 
 #: Options a ledger URL's query may set (open_ledger applies them; the config rejects bad ones): name -> (the store option it sets, its parser, stores).
 _LEDGER_URL_OPTIONS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
-    "retention_days": ("retention_s", lambda v: _positive_number(v) * 86_400.0, ("memory", "sqlite", "redis")),
-    "flush_interval_s": ("flush_interval_s", lambda v: _positive_number(v), ("memory", "sqlite", "redis")),
-    "max_buffer": ("max_buffer", lambda v: int(_positive_number(v)), ("memory", "sqlite", "redis")),
-    "journal_path": ("journal_path", str, ("sqlite", "redis")),
+    "retention_days": ("retention_s", lambda v: _positive_number(v) * 86_400.0, ("memory", "sqlite", "redis", "postgres")),
+    "flush_interval_s": ("flush_interval_s", lambda v: _positive_number(v), ("memory", "sqlite", "redis", "postgres")),
+    "max_buffer": ("max_buffer", lambda v: int(_positive_number(v)), ("memory", "sqlite", "redis", "postgres")),
+    "journal_path": ("journal_path", str, ("sqlite", "redis", "postgres")),
     "busy_timeout_s": ("busy_timeout_s", lambda v: _positive_number(v), ("sqlite",)),
     "synchronous": ("synchronous", str, ("sqlite",)),
     "key_prefix": ("key_prefix", str, ("redis",)),
     "socket_timeout_s": ("socket_timeout_s", lambda v: _positive_number(v), ("redis",)),
+    # PostgreSQL: connection wait (s), pool connections per process, libpq's sslmode.
+    "connect_timeout_s": ("connect_timeout_s", lambda v: _positive_number(v), ("postgres",)),
+    "pool_size": ("pool_size", lambda v: int(_positive_number(v)), ("postgres",)),
+    "sslmode": ("sslmode", str, ("postgres",)),
 }
 
 
@@ -610,6 +616,8 @@ def _positive_number(value: str) -> float:
 
 
 def _ledger_store(url: str) -> str:
+    if url.startswith(("postgresql:", "postgres:")):
+        return "postgres"
     return "memory" if url.startswith("memory:") else "sqlite" if url.startswith("sqlite:") else "redis"
 
 

@@ -42,7 +42,7 @@ tenants:
     energy_budget: {joules: 5.0e6, per: day}       # optional; over it -> 429 insufficient_quota
 admin_api_keys_sha256: []
 anonymous_tenant: null                  # a name bills keyless requests to it; null -> 401 without a key
-ledger: sqlite:///var/lib/joulegate/ledger.db   # or redis://host:6379/0, or memory://
+ledger: sqlite:///var/lib/joulegate/ledger.db   # or redis://host:6379/0, postgresql://u:pw@host/db, memory://
 energy_budget_failure: open             # open | closed
 sites:                                  # optional: PUE and grid carbon per data centre
   - {name: north, pue: 1.2, carbon: {gco2e_per_kwh: 350}}   # backends add `site: north`
@@ -144,7 +144,8 @@ def render() -> str:
         "",
         "Ledger options ride in the ledger URL's query: `retention_days`, `flush_interval_s`,",
         "`max_buffer`, `journal_path`; for SQLite `busy_timeout_s`, `synchronous`; for Redis",
-        "`key_prefix`, `socket_timeout_s` (e.g. `sqlite:///var/lib/joulegate/ledger.db?retention_days=90`).",
+        "`key_prefix`, `socket_timeout_s`; for PostgreSQL `connect_timeout_s`, `pool_size`, `sslmode`",
+        "(e.g. `sqlite:///var/lib/joulegate/ledger.db?retention_days=90`).",
     ]
     top_rows = []
     sections = []

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import openai
 import orjson
+import psycopg
 import pytest
 import redis
 
@@ -54,6 +55,7 @@ from tests.conftest import (
     tenants_yaml,
     wait_until,
 )
+from tests.postgres_support import fresh_database, usable_postgres
 from tests.redis_support import RedisServer, missing_redis, need_redis_server, usable_redis
 
 UJ = 1_000_000
@@ -273,6 +275,19 @@ def redis_requests(url: str) -> dict[str, list[Any]]:
         client.close()
 
 
+@pytest.fixture
+def postgres_db_url() -> Iterator[str]:
+    with usable_postgres() as url, fresh_database(url) as db_url:
+        yield db_url
+
+
+def postgres_requests(url: str) -> dict[str, tuple[int, int]]:
+    """request id -> (joules_uj, completion_tokens) from a PostgreSQL ledger."""
+    with psycopg.connect(url) as conn:
+        return {rid: (j, c) for rid, j, c in conn.execute(
+            "SELECT request_id, joules_uj, completion_tokens FROM requests")}
+
+
 def sqlite_requests(path: Path) -> dict[str, tuple[int, int]]:
     """request id -> (joules_uj, completion_tokens) from a SQLite ledger, read-only."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -290,15 +305,15 @@ N_REQUESTS = 96
 LOAD_S = 2.5
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis", "postgres"])
 def test_ledger_totals_equal_the_requests_for_each_store(
         store: str, sims: dict[str, SimBackend], tmp_path: Path, request: pytest.FixtureRequest,
         monkeypatch: pytest.MonkeyPatch) -> None:
     sim = sims["h100"]
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # a Redis ledger's spill journal stays ours
     ledger = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'ledger.db'}"}.get(store)
-    if store == "redis":
-        ledger = request.getfixturevalue("redis_db_url")
+    if store in ("redis", "postgres"):
+        ledger = request.getfixturevalue(f"{store}_db_url")
     assert ledger is not None
     proxy = ProxyProc(proxy_config(sim, ledger), tmp_path)
     try:
@@ -339,8 +354,9 @@ def test_ledger_totals_equal_the_requests_for_each_store(
         assert {(row["tenant"], row["backend"]) for row in by_tenant} == {(t, "h100") for t in TENANTS}
 
         # Each request is in the store once, with its final joules.
-        if store == "sqlite":
-            rows = sqlite_requests(tmp_path / "ledger.db")
+        if store in ("sqlite", "postgres"):
+            rows = (sqlite_requests(tmp_path / "ledger.db") if store == "sqlite"
+                    else postgres_requests(ledger))
             assert rows == {a.request_id: (uj(final[a.request_id]["joules"]), a.completion_tokens)
                             for a in answers}
         elif store == "redis":
@@ -853,3 +869,15 @@ def test_usage_cli_prints_the_api_totals(ledger_proxy: ProxyProc) -> None:
                        f"{t['gco2e']:.4f}"], table
     for tenant in TENANTS:
         assert any(line.startswith(tenant) for line in table.splitlines()), table
+
+
+def test_usage_cli_with_postgres_down_says_one_line_without_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "joulegate.yaml"
+    config.write_text("backends:\n" + backend_yaml("h100", "http://127.0.0.1:9", [MODEL]) +
+                      f"ledger: 'postgresql://jg:s3cret-pw@127.0.0.1:{free_port()}/jg?connect_timeout_s=0.5'\n")
+    done = subprocess.run([sys.executable, "-m", "proxy", "usage", "-c", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("joulegate: error: cannot read the ledger"), done.stderr
+    assert "s3cret-pw" not in done.stderr

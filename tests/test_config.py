@@ -267,7 +267,7 @@ def test_power_source_nvml_needs_no_url() -> None:
 
 
 def test_bad_ledger_url() -> None:
-    message = _error(MINIMAL + "ledger: postgres://db/joulegate\n")
+    message = _error(MINIMAL + "ledger: mysql://db/joulegate\n")
     assert "line 4: " in message and "ledger" in message
 
 
@@ -509,7 +509,15 @@ def test_ledger_options_ride_in_the_url_query_and_bad_ones_name_themselves() -> 
     assert ledger.retention_s == 90 * 86_400 and ledger.flush_interval_s == 0.5
     assert ledger.path == "/tmp/jg.db"  # type: ignore[attr-defined]
     for bad, says in (("sqlite:///x.db?key_prefix=jg", "does not apply"), ("memory://?retention_days=0", "positive"),
-                      ("redis://:s3cret@h:6379/0?nope=1", "unknown ledger option 'nope'")):
+                      ("redis://:s3cret@h:6379/0?nope=1", "unknown ledger option 'nope'"),
+                      ("postgresql://u:s3cret@h/db?key_prefix=jg", "does not apply to a postgres"),
+                      ("redis://h:6379/0?pool_size=2", "does not apply")):
         with pytest.raises(ConfigError, match=says) as info:
             parse_config(MINIMAL + f"ledger: '{bad}'\n", env={})
         assert "s3cret" not in str(info.value)
+    # PostgreSQL: its own options reach the store, the password stays in the URL it connects with.
+    url = "postgresql://u:s3cret@db:5432/jg?pool_size=8&connect_timeout_s=2&sslmode=require&retention_days=7"
+    ledger = open_ledger(parse_config(MINIMAL + f"ledger: '{url}'\n", env={}).ledger or "")
+    assert ledger.retention_s == 7 * 86_400 and ledger._pool_size == 8  # type: ignore[attr-defined]
+    assert ledger.url == "postgresql://u:s3cret@db:5432/jg"  # type: ignore[attr-defined]
+    assert ledger._conn_kwargs["sslmode"] == "require"  # type: ignore[attr-defined]

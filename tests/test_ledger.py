@@ -1,7 +1,8 @@
-"""The energy ledger against real stores: memory, a SQLite file, and a real Redis.
+"""The energy ledger against real stores: memory, a SQLite file, a real Redis and PostgreSQL.
 
 Redis: $REDIS_URL, else 127.0.0.1:6379, else a redis-server started here; each test gets its own
-key prefix and deletes its keys. Under CI=true a missing Redis fails instead of skipping.
+key prefix and deletes its keys. PostgreSQL: $DATABASE_URL, else a private cluster started here;
+each test gets its own database. Under CI=true a missing Redis or PostgreSQL fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import asyncio
 import csv
 import io
 import itertools
+import logging
+import os
 import random
 import sqlite3
 import threading
@@ -22,6 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
@@ -35,9 +39,16 @@ from proxy.ledger.usage import (
     rows_to_csv,
     usage_payload,
 )
+from tests.conftest import free_port
+from tests.postgres_support import (
+    PostgresCluster,
+    fresh_database,
+    missing_postgres,
+    usable_postgres,
+)
 from tests.redis_support import RedisServer, need_redis_server, usable_redis
 
-STORES = ["memory", "sqlite", "redis"]
+STORES = ["memory", "sqlite", "redis", "postgres"]
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout_s: float = 20.0) -> Any:
@@ -63,6 +74,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with usable_postgres() as url:
+        yield url
+
+
 def _delete_prefix(url: str, prefix: str) -> None:
     client = redis.Redis.from_url(url)
     try:
@@ -82,6 +99,7 @@ class Store:
         self.db_path = tmp_path / "ledger.db"
         self.redis_url = redis_url
         self.prefix = f"jg-test-{uuid.uuid4().hex}:"
+        self.database_url: str | None = None  # postgres: a database of this test's own
 
     def open(self, **opts: Any) -> Ledger:
         opts.setdefault("flush_interval_s", 3600.0)  # tests flush explicitly unless they say
@@ -89,6 +107,10 @@ class Store:
             return open_ledger("memory://", **opts)
         if self.kind == "sqlite":
             return open_ledger(f"sqlite://{self.db_path}", **opts)
+        if self.kind == "postgres":
+            assert self.database_url is not None
+            opts.setdefault("journal_path", str(self.tmp_path / "journal.sqlite"))
+            return open_ledger(self.database_url, **opts)
         assert self.redis_url is not None
         opts.setdefault("journal_path", str(self.tmp_path / "journal.sqlite"))
         return open_ledger(self.redis_url, key_prefix=self.prefix, **opts)
@@ -98,6 +120,10 @@ class Store:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     made = Store(request.param, tmp_path, url)
+    if request.param == "postgres":
+        with fresh_database(request.getfixturevalue("postgres_url")) as made.database_url:
+            yield made
+        return
     yield made
     if url is not None:
         _delete_prefix(url, made.prefix)
@@ -316,7 +342,7 @@ def test_flush_retried_after_failing_half_way(store: Store) -> None:
     run(body)
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("store", ["sqlite", "redis", "postgres"], indirect=True)
 def test_close_flushes_and_reopen_reads_it(store: Store) -> None:
     records = make_records(300, seed=4)
 
@@ -496,8 +522,78 @@ def test_redis_outage_buffers_spills_and_replays(tmp_path: Path) -> None:
         server.kill()
 
 
-@pytest.mark.parametrize("store", ["redis"], indirect=True)
-def test_redis_replicas_see_each_others_spend(store: Store) -> None:
+def test_postgres_down_at_start_buffers_then_catches_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy starts while PostgreSQL is down: records wait in memory (flushes fail, the
+    password never shows), and once the server is up the next flush creates the schema and
+    writes them, once."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("needs a private cluster of its own")
+    port = free_port()
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{port}/postgres?connect_timeout_s=0.5"
+    records = make_records(30, seed=21)
+    cluster = PostgresCluster(port)
+
+    async def body() -> None:
+        ledger = open_ledger(url, flush_interval_s=3600.0, journal_path=str(tmp_path / "j.sqlite"))
+        await ledger.start()
+        try:
+            for rec in records:
+                ledger.record(rec)
+            assert await ledger.flush() == 0
+            assert ledger.stats.flush_failures >= 1 and ledger.stats.buffered == 30
+            assert "s3cret-pw" not in (ledger.stats.last_error or "")
+            await asyncio.to_thread(cluster.start)
+            await until(lambda: ledger.flush(), what="the buffered records written")
+            assert await actual(ledger, ("tenant",)) == expected(records, ("tenant",))
+        finally:
+            await ledger.close()
+
+    try:
+        with caplog.at_level(logging.DEBUG):
+            run(body, timeout_s=60)
+    except RuntimeError as exc:
+        missing_postgres(f"no private cluster: {exc}")
+    finally:
+        cluster.stop()
+    assert "s3cret-pw" not in caplog.text
+
+
+def test_postgres_restart_costs_no_failed_hold_or_flush(tmp_path: Path) -> None:
+    """After a server restart every pooled connection is dead; the next reservation and flush
+    find that out, drop them and succeed on a fresh one (a budget failure, with
+    energy_budget_failure: closed a 503, would otherwise follow every restart or failover)."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("needs a private cluster of its own")
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        missing_postgres(f"no private cluster: {exc}")
+
+    async def body() -> None:
+        ledger = open_ledger(cluster.url, flush_interval_s=3600.0, pool_size=3,
+                             journal_path=str(tmp_path / "j.sqlite"))
+        await ledger.start()
+        try:
+            now = time.time()
+            # Several connections in the pool, all to go stale at once.
+            await asyncio.gather(*(ledger.reserve("acme", f"k{i}", 1, now, 10**9, 60.0) for i in range(6)))
+            await asyncio.to_thread(cluster.restart)
+            assert await ledger.reserve("acme", "after", 1, now, 10**9, 60.0) == (True, 6)
+            ledger.record(LedgerRecord("r-1", "acme", "m", "b", 1, 1, 2.0, "measured", now - 1, now))
+            assert await ledger.flush() == 1
+            assert ledger.stats.flush_failures == 0
+        finally:
+            await ledger.close()
+
+    try:
+        run(body, timeout_s=60)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("store", ["redis", "postgres"], indirect=True)
+def test_replicas_see_each_others_spend(store: Store) -> None:
     async def body() -> None:
         a, b = store.open(store_cache_s=0.0), store.open(store_cache_s=0.0)
         await a.start()
@@ -535,7 +631,7 @@ def test_urls_and_helpers(tmp_path: Path) -> None:
     ledger = open_ledger("sqlite://rel/ledger.db", base_dir=str(tmp_path))
     assert ledger.path == str(tmp_path / "rel" / "ledger.db")  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="unsupported ledger URL"):
-        open_ledger("postgres://x")
+        open_ledger("mysql://x")
     assert parse_group_by("hour, model,model") == ("model", "hour")
     with pytest.raises(ValueError, match="unknown group_by key 'region'"):
         parse_group_by("model,region")
@@ -681,22 +777,63 @@ def test_sqlite_ledger_from_before_reasoning_tokens_is_migrated(tmp_path: Path) 
         conn.execute("INSERT INTO requests VALUES ('old-1', 'acme', 'm', 'b', 5, 7, 2.0, 2000000,"
                      " 'measured', ?, ?, 200, ?)", (T0, T0 + 1, time.time()))
         conn.execute("INSERT INTO aggregates VALUES ('acme', 'm', 'b', ?, 1, 5, 7, 2000000)", (int(T0),))
-    new = _NEW
+    run(lambda: _reads_old_and_new_rows(open_ledger(f"sqlite://{path}")))
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_ledger_from_before_reasoning_tokens_is_migrated(store: Store) -> None:
+    """Tables made by a version without reasoning tokens or carbon get the columns on start."""
+    assert store.database_url is not None
+    old_schema = (_OLD_SCHEMA.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+                  .replace(" WITHOUT ROWID", ""))
+    with psycopg.connect(store.database_url, autocommit=True) as conn:
+        conn.execute(old_schema)
+        conn.execute("INSERT INTO requests VALUES ('old-1', 'acme', 'm', 'b', 5, 7, 2.0, 2000000,"
+                     " 'measured', %s, %s, 200, %s)", (T0, T0 + 1, time.time()))
+        conn.execute("INSERT INTO aggregates VALUES ('acme', 'm', 'b', %s, 1, 5, 7, 2000000)", (int(T0),))
+    run(lambda: _reads_old_and_new_rows(store.open()))
+
+
+async def _reads_old_and_new_rows(ledger: Ledger) -> None:
+    """A migrated ledger reads its old row with 0 for the new columns and bills `_NEW` fully."""
+    await ledger.start()
+    try:
+        old = await ledger.get_request("old-1")
+        assert old is not None and old.reasoning_tokens == 0 and old.completion_tokens == 7
+        ledger.record(_NEW)
+        await ledger.flush()
+        assert await ledger.get_request("new-1") == _NEW
+        assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_start_does_not_wait_behind_running_writes(store: Store) -> None:
+    """Another process's open write transaction (a flush, a reservation) must not hold up a
+    starting replica: the schema check takes no table lock once the tables are there."""
+    assert store.database_url is not None
 
     async def body() -> None:
-        ledger = open_ledger(f"sqlite://{path}")
-        await ledger.start()
+        first = store.open()
+        await first.start()
+        await first.close()
+        async with await psycopg.AsyncConnection.connect(store.database_url) as busy:
+            for table in ("requests", "aggregates", "holds"):  # what a writer's transaction holds
+                await busy.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+            second = store.open()
+            await asyncio.wait_for(second.start(), 10)
+            second.record(_NEW)
+            await second.close()
+            await busy.rollback()
+        third = store.open()
+        await third.start()
         try:
-            old = await ledger.get_request("old-1")
-            assert old is not None and old.reasoning_tokens == 0 and old.completion_tokens == 7
-            ledger.record(new)
-            await ledger.flush()
-            assert await ledger.get_request("new-1") == new
-            assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
+            assert await third.get_request("new-1") == _NEW
         finally:
-            await ledger.close()
+            await third.close()
 
-    run(body)
+    run(body, timeout_s=30)
 
 
 def test_rows_from_before_reasoning_tokens_are_read() -> None:

@@ -3,6 +3,7 @@ only with a ledger every worker shares."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import (
+    ADMIN_KEY,
     KEYS,
     MODEL,
     REPO,
@@ -23,7 +25,9 @@ from tests.conftest import (
     backend_yaml,
     free_port,
     tenants_yaml,
+    wait_until,
 )
+from tests.postgres_support import fresh_database, usable_postgres
 from tests.redis_support import usable_redis
 
 
@@ -75,4 +79,43 @@ def test_workers_refuse_a_ledger_they_cannot_share(ledger: str | None, tmp_path:
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "redis://" in lines[0], done.stderr
+    assert len(lines) == 1 and "redis://" in lines[0] and "postgresql://" in lines[0], done.stderr
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with usable_postgres() as url:
+        yield url
+
+
+def test_workers_share_a_postgres_ledger(sims: dict[str, SimBackend], tmp_path: Path,
+                                         postgres_url: str) -> None:
+    """`--workers 2` accepts a PostgreSQL ledger; every request either worker served is billed
+    once, and the API (any worker) and `joulegate usage` read the same totals."""
+    with fresh_database(postgres_url) as db_url:
+        config = "backends:\n" + backend_yaml("h100", sims["h100"].url, [MODEL])
+        config += f"routing: {{policy: least_loaded}}\nledger: '{db_url}?flush_interval_s=0.2'\n"
+        config += tenants_yaml() + "cluster: {enabled: false}\n"
+        proxy = ProxyProc(config, tmp_path, extra_args=("--workers", "2"))
+        try:
+            for _ in range(12):  # a new connection per request so both workers take some
+                with openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0) as c:
+                    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2)
+
+            def booked() -> int:
+                resp = httpx.get(proxy.url + "/v1/energy/usage",
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+                assert resp.status_code == 200, resp.text
+                return int(resp.json()["total"]["requests"])
+
+            wait_until(lambda: booked() == 12, 20, "12 requests booked by the workers")
+            for _ in range(4):  # whichever worker answers
+                assert booked() == 12
+        finally:
+            proxy.stop()
+        assert "Traceback" not in proxy.log()
+        done = subprocess.run([sys.executable, "-m", "proxy", "usage", "-c", str(proxy.config_path),
+                               "--format", "json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["total"]["requests"] == 12

@@ -7,10 +7,12 @@
     await ledger.close()                      # final flush
 
 Stores: `memory://`, `sqlite:///abs/path.db` (`sqlite://rel/path.db` is relative to the
-`base_dir` option, else the working directory), `redis://host:port/db` and `rediss://...`.
+`base_dir` option, else the working directory), `redis://host:port/db`, `rediss://...` and
+`postgresql://user:pass@host:5432/db` (or `postgres://`).
 Options (all stores): flush_interval_s=1.0, max_buffer=100_000, retention_s=30 days,
 chunk_size=1000, prune_interval_s=60.0, store_cache_s=0.5, journal_path; SQLite adds
-busy_timeout_s and synchronous; Redis adds key_prefix and socket_timeout_s. The config's
+busy_timeout_s and synchronous; Redis adds key_prefix and socket_timeout_s;
+PostgreSQL adds connect_timeout_s, pool_size and sslmode. The config's
 `ledger:` URL sets the operators' ones in its query (`ledger_options` lists them), e.g.
 `sqlite:///var/lib/joulegate/ledger.db?retention_days=90` or
 `redis://redis:6379/0?key_prefix=jg:&flush_interval_s=0.5`.
@@ -59,5 +61,9 @@ def open_ledger(url: str, *, base_dir: str | None = None, **opts: Any) -> Ledger
         from proxy.ledger.redis import RedisLedger
 
         return RedisLedger(url, **opts)
+    if url.startswith(("postgresql://", "postgres://")):
+        from proxy.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(url, **opts)
     raise ValueError(f"unsupported ledger URL {url.split(':', 1)[0]!r}: expected memory://, "
-                     "sqlite:///PATH or redis://HOST:PORT/DB")
+                     "sqlite:///PATH, redis://HOST:PORT/DB or postgresql://HOST/DB")

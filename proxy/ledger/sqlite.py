@@ -28,8 +28,17 @@ from typing import Any, TypeVar
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.journal import connect
-from proxy.ledger.record import UID_SEP, LedgerRecord, latest, split_uid
-from proxy.ledger.usage import UJ_PER_J, Bucket, UsageRow, grams_to_ug, hour_iso, joules_to_uj
+from proxy.ledger.record import LedgerRecord, latest
+from proxy.ledger.sql import (
+    BUCKET_COLUMNS,
+    SUM_COLUMNS,
+    add_to_cell,
+    record_from_row,
+    request_query,
+    usage_rows,
+    where,
+)
+from proxy.ledger.usage import Bucket, UsageRow, joules_to_uj
 
 _T = TypeVar("_T")
 
@@ -80,8 +89,6 @@ UPSERT_CELL = (
     " joules_all_in_uj = joules_all_in_uj + excluded.joules_all_in_uj,"
     " gco2e_ug = gco2e_ug + excluded.gco2e_ug"
 )
-REQUEST_COLUMNS = ("request_id, tenant, model, backend, prompt_tokens, completion_tokens, joules,"
-                   " method, start_s, end_s, status, '', reasoning_tokens, joules_all_in, gco2e")
 #: Columns added since the first schema, with their definitions (ALTER TABLE on open).
 MIGRATIONS = (
     ("requests", "reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
@@ -205,14 +212,7 @@ class SqliteLedger(BufferedLedger):
                     rec.status, now, rec.reasoning_tokens, rec.joules_all_in, rec.gco2e))
                 if cur.rowcount != 1:
                     continue  # seen before: the aggregates already hold it
-                cell = cells.setdefault((rec.tenant, rec.model, rec.backend, rec.hour_s), [0] * 7)
-                cell[0] += 1
-                cell[1] += rec.prompt_tokens
-                cell[2] += rec.completion_tokens
-                cell[3] += uj
-                cell[4] += rec.reasoning_tokens
-                cell[5] += joules_to_uj(rec.joules_all_in)
-                cell[6] += grams_to_ug(rec.gco2e)
+                add_to_cell(cells, rec)
             conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
             conn.executemany("DELETE FROM holds WHERE key = ?", [(key,) for _, key in holds])
             conn.execute("COMMIT")
@@ -228,25 +228,11 @@ class SqliteLedger(BufferedLedger):
     def _grouped_sync(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
                       group_by: tuple[str, ...]) -> list[UsageRow]:
         cols = [("hour_s" if key == "hour" else key) for key in group_by]
-        where, args = _where(tenant, since_hour_s, until_s)
-        sql = (f"SELECT {', '.join([*cols, ''])}SUM(requests), SUM(prompt_tokens),"
-               f" SUM(completion_tokens), SUM(joules_uj), SUM(reasoning_tokens), SUM(joules_all_in_uj),"
-               f" SUM(gco2e_ug) FROM aggregates{where}")
+        where_sql, args = where(tenant, since_hour_s, until_s)
+        sql = f"SELECT {', '.join([*cols, ''])}{SUM_COLUMNS} FROM aggregates{where_sql}"
         if cols:
             sql += f" GROUP BY {', '.join(cols)} ORDER BY {', '.join(cols)}"
-        rows: list[UsageRow] = []
-        for row in self._db().execute(sql, args):
-            n = len(cols)
-            if row[n] is None:
-                continue  # no cells at all: no rows, as the other stores answer
-            keys: dict[str, Any] = dict(zip(group_by, row[:n], strict=True))
-            if "hour" in keys:
-                keys["hour"] = hour_iso(keys["hour"])
-            rows.append(UsageRow(requests=row[n], prompt_tokens=row[n + 1],
-                                 completion_tokens=row[n + 2], joules_uj=row[n + 3],
-                                 joules=row[n + 3] / UJ_PER_J, reasoning_tokens=row[n + 4],
-                                 joules_all_in_uj=row[n + 5], gco2e_ug=row[n + 6], **keys))
-        return rows
+        return usage_rows(self._db().execute(sql, args), group_by)
 
     async def _grouped(self, tenant: str | None, since_hour_s: int | None, until_s: float | None,
                        group_by: tuple[str, ...]) -> list[UsageRow]:
@@ -255,25 +241,17 @@ class SqliteLedger(BufferedLedger):
 
     def _buckets_sync(self, tenant: str | None, since_hour_s: int | None,
                       until_s: float | None) -> list[Bucket]:
-        where, args = _where(tenant, since_hour_s, until_s)
+        where_sql, args = where(tenant, since_hour_s, until_s)
         return [Bucket(*row) for row in self._db().execute(
-            "SELECT tenant, model, backend, hour_s, requests, prompt_tokens, completion_tokens,"
-            f" joules_uj, reasoning_tokens, joules_all_in_uj, gco2e_ug FROM aggregates{where}", args)]
+            f"SELECT {BUCKET_COLUMNS} FROM aggregates{where_sql}", args)]
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,
                        until_s: float | None) -> list[Bucket]:
         return await self._run_io(self._buckets_sync, tenant, since_hour_s, until_s)
 
     def _request_sync(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
-        # The id alone (rows without a key), or any `id UID_SEP key`: both on the primary key.
-        sql = (f"SELECT {REQUEST_COLUMNS} FROM requests WHERE (request_id = ?"
-               " OR (request_id > ? AND request_id < ?))")
-        args: list[Any] = [request_id, request_id + UID_SEP, request_id + chr(ord(UID_SEP) + 1)]
-        if tenant is not None:
-            sql += " AND tenant = ?"
-            args.append(tenant)
-        rows = self._db().execute(sql + " ORDER BY end_s DESC LIMIT 1", args).fetchall()
-        return latest(_record(row) for row in rows)
+        rows = self._db().execute(*request_query(request_id, tenant)).fetchall()
+        return latest(record_from_row(row) for row in rows)
 
     async def _stored_request(self, request_id: str, tenant: str | None) -> LedgerRecord | None:
         return await self._run_io(self._request_sync, request_id, tenant)
@@ -314,25 +292,3 @@ def migrate(conn: sqlite3.Connection) -> None:
             if "duplicate column" not in str(exc):  # another process migrated it just now
                 raise
 
-
-def _record(row: Sequence[Any]) -> LedgerRecord:
-    """A `requests` row (REQUEST_COLUMNS: the key's slot is empty) as a record; its first
-    column holds the uid."""
-    request_id, key = split_uid(row[0])
-    return LedgerRecord.from_row([request_id, *row[1:11], key, *row[12:]])
-
-
-def _where(tenant: str | None, since_hour_s: int | None,
-           until_s: float | None) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    if tenant is not None:
-        clauses.append("tenant = ?")
-        args.append(tenant)
-    if since_hour_s is not None:
-        clauses.append("hour_s >= ?")
-        args.append(since_hour_s)
-    if until_s is not None:
-        clauses.append("hour_s < ?")
-        args.append(until_s)
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
