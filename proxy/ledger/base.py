@@ -1,4 +1,4 @@
-"""The ledger's interface, its record types, and the in-memory batching every store shares.
+"""The ledger's interface and the in-memory batching every store shares (records: record.py).
 
 Units: joules on the way in and out (float); micro-joules, tokens and request counts in storage
 (integers, so sums are exact and independent of order); times are wall-clock seconds since the
@@ -10,6 +10,9 @@ calls `flush()` every `flush_interval_s`; a flush writes the buffer to the store
 (a lost reply, a crash) can be written again without counting twice. A failed flush puts the
 unwritten records back; past `max_buffer` records they are spilled to a local SQLite journal,
 which later flushes replay into the store.
+
+A little past ~500 lines: the buffering, the flush and its retries, and the budget holds every
+store shares read best in one place; records and the journal have their own modules.
 """
 
 from __future__ import annotations
