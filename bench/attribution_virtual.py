@@ -1,7 +1,7 @@
 """Attribution accuracy in virtual time: the proxy's attributor (and split-weight learner) fed
 by the simulator's engine directly, no processes, no sockets, no CPU-contention noise.
 
-`bench/attribution.py` measures the whole proxy in real time; on a loaded machine token
+`bench/attribution/` measures the whole proxy in real time; on a loaded machine token
 delivery lags and its per-request figures move by several points between runs. This bench
 replays the same seeded workload (`bench.attribution.make_plan`: chat, 2-8k-token prompts,
 embeddings, streams, dropped streams) on one simulated GPU in virtual time and feeds the pure
