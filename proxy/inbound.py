@@ -39,12 +39,14 @@ WATCH_AFTER_S = 0.25
 
 
 class ClientWatch:
-    """While the request is with a backend: the client leaving, and the request's own deadline.
+    """A request's own deadline, and (once it is with a backend) its client leaving.
 
-    While `armed`, a disconnect cancels the request's task at once (`cancelled`), so it stops
-    waiting on the upstream (streamed or not) and closes it; past `deadline_at`'s time the task
-    is cancelled too (`timed_out`). The relay uncancels once per cancel and books what the
-    engine did. One timer per request; the watching task only for requests that last."""
+    Past `deadline_at`'s time the task is cancelled (`timed_out`): the body read answers 408, a
+    backend's answer 504. After `follow`, while `armed`, a disconnect cancels the request's task
+    at once (`cancelled`), so it stops waiting on the upstream (streamed or not) and closes it.
+    The relay uncancels once per cancel and books what the engine did. One timer per request
+    (plain timer handles: cheaper than asyncio.timeout); the watching task only for requests
+    that last."""
 
     __slots__ = ("gone", "armed", "cancelled", "timed_out", "_task", "_receive", "_watcher", "_timer",
                  "_deadline")
@@ -60,8 +62,12 @@ class ClientWatch:
         self._receive = receive
         self._watcher: asyncio.Task[None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            WATCH_AFTER_S, self._start)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def follow(self) -> None:
+        """Start watching for the client leaving (from WATCH_AFTER_S on); the body must be read."""
+        if self._timer is None and self._watcher is None:
+            self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
 
     def _start(self) -> None:
         self._timer = None

@@ -21,6 +21,14 @@ from prometheus_client import (
 
 from proxy.records import RequestRecord
 
+_CHILDREN_CACHE_MAX = 10_000  # labelled series whose lookup is remembered (Metrics._child)
+_STATUS_TEXT = {status: str(status) for status in range(100, 600)}
+
+
+def _status_text(status: int) -> str:
+    return _STATUS_TEXT.get(status) or str(status)
+
+
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -112,6 +120,7 @@ class Metrics:
             ["backend"], registry=r,
         )
         self._power_counted: dict[tuple[str, str], int] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Carbon (proxy/carbon.py): all-in joules ((GPU + host) x PUE) and their grams CO2e.
         self.energy_all_in_j = Counter(
             "joulegate_energy_joules_all_in", "All-in joules ((GPU + host) x PUE) of requests, by backend.",
@@ -131,31 +140,44 @@ class Metrics:
             ["backend", "action"], registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: `labels()` costs more than the increment
+        itself, and a finished request touches up to nine series."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= _CHILDREN_CACHE_MAX:
+                self._children.clear()  # prometheus keeps the series; this only forgets lookups
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_energy(self, record: RequestRecord) -> None:
         """Count a request's booked joules (and whether they were estimated)."""
         if record.joules is not None:
+            backend = record.backend or "none"
             t = (record.tenant,) if self.tenant_label else ()
-            self.energy_j.labels(record.backend or "none", record.model, *t).inc(record.joules)
+            self._child(self.energy_j, backend, record.model, *t).inc(record.joules)
             if record.energy_method == "estimated":
-                self.energy_estimated.labels(record.backend or "none").inc()
+                self._child(self.energy_estimated, backend).inc()
             if record.joules_all_in is not None:
-                self.energy_all_in_j.labels(record.backend or "none").inc(record.joules_all_in)
+                self._child(self.energy_all_in_j, backend).inc(record.joules_all_in)
             if record.gco2e is not None:
-                self.energy_gco2e.labels(record.backend or "none").inc(record.gco2e)
+                self._child(self.energy_gco2e, backend).inc(record.gco2e)
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""
         backend = record.backend or "none"
+        model = record.model
         t = (record.tenant,) if self.tenant_label else ()
-        self.requests.labels(backend, record.model, str(record.status), *t).inc()
+        self._child(self.requests, backend, model, _status_text(record.status), *t).inc()
         if record.prompt_tokens:
-            self.tokens.labels(backend, record.model, "prompt", *t).inc(record.prompt_tokens)
+            self._child(self.tokens, backend, model, "prompt", *t).inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(backend, record.model, "completion", *t).inc(record.completion_tokens)
+            self._child(self.tokens, backend, model, "completion", *t).inc(record.completion_tokens)
         if record.end_s is not None:
-            self.duration_s.labels(backend, record.model).observe(record.end_s - record.start_s)
+            self._child(self.duration_s, backend, model).observe(record.end_s - record.start_s)
         if record.first_token_s is not None:
-            self.ttft_s.labels(backend, record.model).observe(record.first_token_s - record.start_s)
+            self._child(self.ttft_s, backend, model).observe(record.first_token_s - record.start_s)
 
     def render(self) -> bytes:
         """Prometheus text exposition (all workers' samples when several run)."""

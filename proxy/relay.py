@@ -92,7 +92,7 @@ class Relay:
         self.max_in_flight = config.server.max_in_flight
         self.in_flight = 0  # inference requests open in this process
         # request_timeout_s bounds the wait for the response head and a whole non-streamed
-        # answer (asyncio.timeout, one timer a request); streams are bounded by the watchdog.
+        # answer (ClientWatch's timer, one a request); streams are bounded by the watchdog.
         self.request_timeout_s = config.server.request_timeout_s
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.server.connect_timeout_s)
         self.watchdog = SendWatchdog(config.server.client_write_timeout_s,
@@ -107,6 +107,7 @@ class Relay:
             stream=False, start_s=time.time(),
         )
         self.in_flight += 1
+        watch = ClientWatch(receive)
         try:
             if self.max_in_flight is not None and self.in_flight > self.max_in_flight:
                 # Refused before the body is read: a flood costs no buffering.
@@ -114,12 +115,16 @@ class Relay:
                                  code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
+            watch.deadline_at(asyncio.get_running_loop().time() + self.read_timeout_s)
             try:
-                async with asyncio.timeout(self.read_timeout_s):
-                    body = await read_body(receive, declared_length, self.max_body_bytes)
-            except TimeoutError:
+                body = await read_body(receive, declared_length, self.max_body_bytes)
+            except asyncio.CancelledError:
+                if not watch.timed_out:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 raise ProxyError(408, f"The request body did not arrive within {self.read_timeout_s:g} s.",
                                  code="request_timeout") from None
+            watch.deadline_at(None)
             content_type = multipart_type(scope["headers"]) if kind == "other" else None
             if content_type is not None:  # relayed untouched, with its own Content-Type
                 payload, upstream_body, withhold_usage = parse_form(body, content_type, record), body, False
@@ -129,13 +134,14 @@ class Relay:
             # never costs a store round trip).
             record.budget_left_j = await self.accounting.reserve_budget(
                 principal.tenant, record.key, record.prompt_estimate, max_output_tokens(payload, kind))
-            await self._forward(scope, receive, send, payload, upstream_body, withhold_usage, record, content_type)
+            await self._forward(scope, watch, send, payload, upstream_body, withhold_usage, record, content_type)
         except ProxyError as exc:
             record.status = exc.status
             await send_error(send, exc, record.request_id)
         except ClientGone:
             record.status = 499
         finally:
+            watch.stop()
             self.in_flight -= 1
             self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
 
@@ -168,7 +174,7 @@ class Relay:
         return self.pool.by_name[name]
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, payload: dict[str, Any], body: bytes,
+        self, scope: Scope, watch: ClientWatch, send: Send, payload: dict[str, Any], body: bytes,
         withhold_usage: bool, record: RequestRecord, content_type: str | None = None,
     ) -> None:
         """Pick a backend, send the request, relay the answer; book it once the backend had it.
@@ -184,7 +190,7 @@ class Relay:
         hold: _Hold | None = None
         resp: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
-        watch = ClientWatch(receive)
+        watch.follow()
         try:
             while True:
                 backend = self._choose(record, payload, tried, failure)

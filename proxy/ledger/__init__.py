@@ -10,7 +10,7 @@ Stores: `memory://`, `sqlite:///abs/path.db` (`sqlite://rel/path.db` is relative
 `base_dir` option, else the working directory), `redis://host:port/db`, `rediss://...` and
 `postgresql://user:pass@host:5432/db` (or `postgres://`).
 Options (all stores): flush_interval_s=1.0, max_buffer=100_000, retention_s=30 days,
-chunk_size=1000, prune_interval_s=60.0, store_cache_s=0.5, journal_path; SQLite adds
+chunk_size=200, prune_interval_s=60.0, store_cache_s=0.5, journal_path; SQLite adds
 busy_timeout_s and synchronous; Redis adds key_prefix and socket_timeout_s;
 PostgreSQL adds connect_timeout_s, pool_size and sslmode. The config's
 `ledger:` URL sets the operators' ones in its query (`ledger_options` lists them), e.g.

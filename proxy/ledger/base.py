@@ -122,12 +122,14 @@ class BufferedLedger(Ledger):
     """
 
     def __init__(self, *, flush_interval_s: float = 1.0, max_buffer: int = 100_000,
-                 retention_s: float = 30 * DAY_S, chunk_size: int = 1000,
+                 retention_s: float = 30 * DAY_S, chunk_size: int = 200,
                  prune_interval_s: float = 60.0, store_cache_s: float = 0.5,
                  journal_path: str | None = None) -> None:
         self.flush_interval_s = flush_interval_s
         self.max_buffer = max_buffer
         self.retention_s = retention_s
+        # A chunk's command is built on the event loop in one go: 1000 records held requests
+        # up ~16 ms (the p99 at c=1 on bench/overhead with Redis); 200 keep that under ~5 ms.
         self.chunk_size = max(1, chunk_size)
         self.prune_interval_s = prune_interval_s
         self.store_cache_s = store_cache_s  # how stale the store's part of tenant_joules may be
