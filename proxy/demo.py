@@ -37,8 +37,11 @@ backends:
 {backends}
 routing: {{policy: least_loaded}}
 energy: {{idle: separate, prefill_weight: 0.05}}
+# advise: the governor picks a power cap per backend every interval and changes nothing.
+governor: {{mode: advise, interval_s: 2}}
 tenants:
 {tenants}
+admin_api_keys_sha256: ['{admin_sha256}']
 anonymous_tenant: null
 """
 
@@ -165,6 +168,26 @@ def _table(title: str, rows: dict[str, _Row], extra_cols: tuple[str, ...] = ()) 
     return "\n".join(lines)
 
 
+def _governor_table(base: str, admin_key: str) -> str:
+    """The governor's advice per backend (mode advise: decided, logged, nothing changed)."""
+    deadline_s = time.monotonic() + 5.0  # the governor decides every 2 s (DEMO_CONFIG)
+    while True:
+        views = httpx.get(f"{base}/v1/energy/backends", headers={"Authorization": f"Bearer {admin_key}"},
+                          timeout=5).json().get("data", [])
+        if all((v.get("governor") or {}).get("cap_w") for v in views) or time.monotonic() > deadline_s:
+            break
+        time.sleep(0.2)
+    lines = ["governor (advise mode: what it would cap each GPU at; nothing was changed)",
+             f"{'backend':<10} {'cap W':>7}  {'action':<7} reason"]
+    for view in views:
+        gov = view.get("governor") or {}
+        cap_w = gov.get("cap_w")
+        cap = f"{cap_w:.0f}" if isinstance(cap_w, (int, float)) else "-"
+        lines.append(f"{view.get('name', '?'):<10} {cap:>7}  "
+                     f"{gov.get('action') or '-':<7} {gov.get('reason') or gov.get('error') or 'no decision yet'}")
+    return "\n".join(lines)
+
+
 def run_demo(port: int = 8080, requests: int = 60, keep_running: bool = False) -> int:
     """Start the fleet and the proxy, drive the workload, print the tables. Exit code."""
     if not _port_is_free(port):
@@ -190,7 +213,9 @@ def run_demo(port: int = 8080, requests: int = 60, keep_running: bool = False) -
             f"  - {{name: {t}, api_keys_sha256: ['{hashlib.sha256(k.encode()).hexdigest()}']}}" for t, k in keys.items()
         )
         config_path = workdir / "joulegate.yaml"
-        config_path.write_text(DEMO_CONFIG.format(port=port, backends=backends, tenants=tenants))
+        admin_key = "sk-demo-admin-" + secrets.token_hex(12)
+        config_path.write_text(DEMO_CONFIG.format(port=port, backends=backends, tenants=tenants,
+                                                  admin_sha256=hashlib.sha256(admin_key.encode()).hexdigest()))
         proxy = _spawn(["serve", "-c", str(config_path), "--log-level", "warning"], workdir / "proxy.log")
         procs.append(proxy)
         base = f"http://127.0.0.1:{port}"
@@ -222,6 +247,8 @@ def run_demo(port: int = 8080, requests: int = 60, keep_running: bool = False) -
         print("\njoules, tokens/J: the proxy's own attribution (measured, from 100 ms power samples);")
         print("truth J: the simulator's ground truth for the same requests; GPU idle J: energy spent")
         print("with nothing in flight, which no request is billed for.")
+        print()
+        print(_governor_table(base, admin_key))
         if keep_running:
             print(f"\nStill running. Try:\n  curl {base}/v1/chat/completions -H 'Authorization: Bearer {keys['research']}' "
                   f"-H 'Content-Type: application/json' -d '{{\"model\": \"{MODEL}\", \"messages\": "

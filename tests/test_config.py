@@ -521,3 +521,20 @@ def test_ledger_options_ride_in_the_url_query_and_bad_ones_name_themselves() -> 
     assert ledger.retention_s == 7 * 86_400 and ledger._pool_size == 8  # type: ignore[attr-defined]
     assert ledger.url == "postgresql://u:s3cret@db:5432/jg"  # type: ignore[attr-defined]
     assert ledger._conn_kwargs["sslmode"] == "require"  # type: ignore[attr-defined]
+
+
+def test_demo_prints_tables_and_the_governors_advice(capsys: pytest.CaptureFixture[str]) -> None:
+    """`joulegate demo` end to end (simulators, proxy, SDK workload): both tables, and an
+    advised cap for every backend while nothing is changed (advise mode)."""
+    from proxy.demo import FLEET, run_demo
+    from tests.conftest import free_port
+
+    port = free_port()
+    assert run_demo(port=port, requests=12) == 0
+    out = capsys.readouterr().out
+    assert "12 requests in" in out
+    assert "governor (advise mode" in out
+    advice = out.split("governor (advise mode", 1)[1].splitlines()[2:]
+    for name, _profile in FLEET:
+        row = next(line for line in advice if line.startswith(name))
+        assert row.split()[1].isdigit(), row  # a cap in W, not "-"
