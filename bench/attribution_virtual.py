@@ -20,7 +20,7 @@ import argparse
 import heapq
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.attribution import CLASSES, Planned, _quantile, make_plan
 from proxy.energy.attribution import Attributor
@@ -148,9 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="h100-llama3.1-8b")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--verbose", action="store_true", help="print the learned split weights")
+    ap.add_argument("--warmup", type=int, default=0, metavar="N",
+                    help="first replay N requests of another seed, not compared")
     args = ap.parse_args(argv)
     plan = make_plan(args.requests, args.seed)
-    print(f"{args.requests} requests (seed {args.seed}) on one {args.profile}, virtual time; "
+    if args.warmup:
+        # Warm-up requests of another seed first (not compared): the learner starts from weights
+        # learned on other traffic, as in a proxy that has been up a while.
+        warm = make_plan(args.warmup, args.seed + 1000)
+        gap_s = warm[-1].at_s + 3.0
+        plan = warm + [replace(p, index=p.index + len(warm), at_s=p.at_s + gap_s) for p in plan]
+    warm = f" after {args.warmup} warm-up requests" if args.warmup else ""
+    print(f"{args.requests} requests (seed {args.seed}){warm} on one {args.profile}, virtual time; "
           f"figures per class: total err%, tenant max%, req median%, req p90%")
     print(f"{'config':<14} {'learn':<5} {'cons%':>8}  " + "  ".join(f"{c:^27}" for c in ("all", *CLASSES)))
     for busy in (False, True):
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.verbose)
                 cells = []
                 for cls in ("all", *CLASSES):
-                    mine = [r for r in rows.values() if cls in ("all", r[2])]
+                    mine = [r for rid, r in rows.items() if cls in ("all", r[2])
+                            and int(rid[1:]) >= args.warmup]
                     if not mine:
                         cells.append(f"{'-':^27}")
                         continue

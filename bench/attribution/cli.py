@@ -44,6 +44,8 @@ from bench.attribution.workload import (
 )
 from bench.overhead import HOST, RESULTS_DIR, signals_as_interrupt
 
+WARMUP_SEED_OFFSET = 1000  # the warm-up workload's seed: the measured one's plus this
+
 
 def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_dir: Path
               ) -> tuple[dict[str, Any], list[Outcome]]:
@@ -57,6 +59,12 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
         startup_s = time.monotonic() - t_start
         sims_before = run.sim_energy()
         tag = f"{args.seed}-{setup.name.replace('@', '-').replace('.', '_').replace('+', '-')}"
+        if args.warmup:
+            # A proxy that has been up a while: its split weights learned from other traffic.
+            # Not compared; its energy stays in the conservation window (books and counters).
+            asyncio.run(drive(make_plan(args.warmup, args.seed + WARMUP_SEED_OFFSET),
+                              f"http://{HOST}:{run.proxy.port}", args.concurrency, "warm-" + tag,
+                              closed_loop=setup.busy))
         t_work = time.monotonic()
         outcomes = asyncio.run(drive(plan, f"http://{HOST}:{run.proxy.port}", args.concurrency, tag,
                                      closed_loop=setup.busy))
@@ -95,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None, help="requests per configuration "
                     "(default 200; 120 with --quick)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=0, metavar="N",
+                    help="first send N requests of another seed, not compared (learned weights warm)")
     ap.add_argument("--concurrency", type=int, default=16, help="max requests in flight")
     ap.add_argument("--only", default=None,
                     help="comma list of configs to run, e.g. sim@100ms,dcgm@1s")
