@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -41,7 +42,9 @@ WRK_SCRIPT = BENCH_DIR / "wrk" / "chat.lua"
 RESULTS_DIR = BENCH_DIR / "results"
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
-PATHS = ("direct", "reference", "joulegate")
+PATHS = ("direct", "reference", "joulegate", "dashboards")
+#: --dashboards: the admin key its streams read /v1/energy/stream with (a bench-only secret).
+DASHBOARD_KEY = "sk-bench-dashboard-admin"
 IDLE_LOADAVG = 1.0  # 1-min load average above which the box was not idle before we started
 
 # Targets we report against (from the brief).
@@ -351,7 +354,7 @@ def derive(points: list[Point]) -> tuple[dict[tuple[str, str, int], dict], list[
     for p in points:
         e: dict[str, float | None] = {}
         ref = _find(points, "reference", p.mode, p.conns)
-        if p.path == "joulegate" and ref is not None:
+        if p.path in ("joulegate", "dashboards") and ref is not None:
             e["rps_ratio"] = _ratio(p.rps, ref.rps)
             e["p99_ratio"] = _ratio(p.p99_ms, ref.p99_ms)
             e["chunks_ratio"] = _ratio(p.chunks_per_s, ref.chunks_per_s)
@@ -364,6 +367,8 @@ def derive(points: list[Point]) -> tuple[dict[tuple[str, str, int], dict], list[
     def target(name: str, value: float | None, limit: float, op: str, unit: str) -> None:
         if value is None:
             verdict = "N/A"
+        elif op == "info":
+            verdict = "INFO"
         else:
             verdict = "PASS" if (value >= limit if op == ">=" else value <= limit) else "FAIL"
         targets.append(
@@ -393,6 +398,12 @@ def derive(points: list[Point]) -> tuple[dict[tuple[str, str, int], dict], list[
         "<=",
         "ms",
     )
+    dash32 = _find(points, "dashboards", "json", 32)
+    if dash32 is not None:  # a figure, not a target: what N open dashboards cost
+        target("non-streamed c=32 req/s with dashboards open vs reference",
+               extra.get(("dashboards", "json", 32), {}).get("rps_ratio"), 0.0, "info", "x")
+        target("non-streamed c=32 req/s with dashboards open vs without",
+               _ratio(dash32.rps, getattr(_find(points, "joulegate", "json", 32), "rps", None)), 0.0, "info", "x")
     target("streamed c=32 chunks/s vs reference",
            extra.get(("joulegate", "stream", 32), {}).get("chunks_ratio"),
            TARGET_STREAM_C32_CHUNKS_RATIO, ">=", "x")  # fmt: skip
@@ -434,7 +445,8 @@ def print_report(points: list[Point], extra: dict, targets: list[dict]) -> None:
     print()
     for t in targets:
         shown = "-" if t["value"] is None else f"{t['value']:.3f}{t['unit']}"
-        print(f"{t['verdict']:<4}  {t['target']}: {shown} ({t['op']} {t['limit']}{t['unit']})")
+        bound = "" if t["op"] == "info" else f" ({t['op']} {t['limit']}{t['unit']})"
+        print(f"{t['verdict']:<4}  {t['target']}: {shown}{bound}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -450,7 +462,7 @@ def joulegate_argv(cmd: str | None, config: Path, port: int) -> list[str]:
 
 
 def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://",
-                 power_url: str | None = None) -> Path:
+                 power_url: str | None = None, admin_sha256: str | None = None) -> Path:
     """The proxy's config; `power_url`: a simulator whose power API feeds the energy path."""
     power = f"{{source: sim, url: '{power_url}', interval_s: 0.1}}" if power_url else "{source: none}"
     config = tmp / "joulegate-bench.yaml"
@@ -462,6 +474,7 @@ def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://"
         "routing: {policy: round_robin}\n"
         "anonymous_tenant: bench\n"
         f"ledger: '{ledger}'\n"
+        + (f"admin_api_keys_sha256: ['{admin_sha256}']\n" if admin_sha256 else "")
     )
     return config
 
@@ -473,7 +486,7 @@ def plan(paths: list[str], stream_c1: bool) -> dict[str, list[tuple[str, int]]]:
         proxied.insert(2, ("stream", 1))
     # Direct streamed c=32 is context only: the mock's own ceiling for the streamed points.
     direct = [("json", 1), ("stream", 32)]
-    full = {"direct": direct, "reference": proxied, "joulegate": proxied}
+    full = {"direct": direct, "reference": proxied, "joulegate": proxied, "dashboards": proxied}
     return {p: full[p] for p in PATHS if p in paths}
 
 
@@ -512,8 +525,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--only",
         default=",".join(PATHS),
-        help="comma list of paths to run: direct,reference,joulegate",
+        help="comma list of paths to run: direct,reference,joulegate (dashboards: with --dashboards)",
     )
+    ap.add_argument("--dashboards", type=int, default=0, metavar="N",
+                    help="also measure joulegate with N live dashboard streams open (path `dashboards`)")
     ap.add_argument("--no-stream-c1", action="store_true", help="skip the streamed c=1 points")
     ap.add_argument(
         "--no-stream-usage",
@@ -537,6 +552,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = ap.parse_args(argv)
     args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
+    if args.dashboards > 0 and "dashboards" not in args.paths:
+        args.paths.append("dashboards")
+    if args.dashboards <= 0:
+        args.paths = [p for p in args.paths if p != "dashboards"]
     bad = [p for p in args.paths if p not in PATHS]
     if bad or not args.paths:
         ap.error(f"--only: unknown path(s) {bad}; choose from {','.join(PATHS)}")
@@ -600,8 +619,9 @@ class Bench:
                     "--upstream", upstream]  # fmt: skip
             ready = tcp_ready(port)
         else:
+            admin = hashlib.sha256(DASHBOARD_KEY.encode()).hexdigest() if path == "dashboards" else None
             config = write_config(self.tmp, port, self.mock.port, self.args.ledger,
-                                  self.power_url)
+                                  self.power_url, admin)
             argv = joulegate_argv(self.args.joulegate_cmd, config, port)
             ready = models_ready(port, "/healthz")
         server = Server(path, argv, port, self.tmp)
@@ -614,7 +634,22 @@ class Bench:
             server.stop()
             raise
         self.startup_s.setdefault(path, []).append(round(time.monotonic() - t0, 3))
+        if path == "dashboards":
+            self.open_dashboards(port)
         return server
+
+    def open_dashboards(self, port: int) -> None:
+        """`--dashboards N` streams of /v1/energy/stream (admin view, the page's 1 s interval),
+        read by curl for as long as the proxy runs; raise unless each has had a snapshot."""
+        url = f"http://{HOST}:{port}/v1/energy/stream?interval_s=1"
+        for i in range(self.args.dashboards):
+            out = self.tmp / f"dashboard-{port}-{i}.sse"
+            argv = ["curl", "-sN", "-H", f"Authorization: Bearer {DASHBOARD_KEY}", "-o", str(out), url]
+            reader = Server(f"dashboard-{port}-{i}", argv, port, self.tmp)
+            self.servers.append(reader)
+            reader.start()
+            wait_until(reader, lambda out=out: out.exists() and b"data:" in out.read_bytes(),
+                       self.args.startup_timeout_s)
 
     def run_path(self, path: str, todo: list[tuple[str, int]], round_no: int) -> list[Point]:
         """Start ``path``'s server, verify it once, measure its points, stop it."""
