@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -330,6 +331,8 @@ class JouleGate:
                 try:
                     await self.accounting.start()
                     await self.pool.start()
+                    if self.config.energy.state_file is not None:
+                        self.meter.load_state(self.config.energy.state_file, time.time())
                     await self.meter.start()
                     await self.governor.start()
                     await self.energy_stream.start()
@@ -355,6 +358,8 @@ class JouleGate:
                 await self.governor.close()  # puts back the power limits it changed
                 await self.relay.watchdog.close()
                 await self.meter.close()
+                if self.config.energy.state_file is not None:
+                    self.meter.save_state(self.config.energy.state_file)
                 await self.pool.close()
                 await self.accounting.close()
                 await send({"type": "lifespan.shutdown.complete"})

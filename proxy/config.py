@@ -205,6 +205,10 @@ class EnergyConfig(_Strict):
     learn: bool = Field(True, description=(
         "Learn each backend's split weights online from its power samples (length-dependent prefill, "
         "context-dependent decode), starting from prefill_weight; false: prefill_weight alone."))
+    # A restart would otherwise bill its first minutes at the prior while the fit relearns.
+    state_file: str | None = Field(None, description=(
+        "JSON file where the learned split weights are kept across restarts (written at shutdown, "
+        "read at start, aged by the time in between; relative: beside the config); null: learned anew."))
 
 
 class SiteCarbonConfig(_Strict):
@@ -544,6 +548,8 @@ def load_config(path: str | Path) -> Config:
     for site in config.sites:  # a relative CSV is read beside the config file
         if site.carbon.csv is not None:
             site.carbon.csv = str(path.resolve().parent / site.carbon.csv)
+    if config.energy.state_file is not None:
+        config.energy.state_file = str(path.resolve().parent / config.energy.state_file)
     if config.ledger is None:
         config.ledger = f"sqlite:///{path.resolve().parent / 'joulegate-ledger.db'}"
     return config

@@ -4,6 +4,7 @@ physics in virtual time (no sockets: the learner does no I/O)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,73 @@ def test_a_queued_streams_prompt_counts_where_it_went_through_not_while_it_waite
         learner.interval(t0 + 1.0, t0 + 2.0, 101.0 + 0.05 * prompt)
     assert learner.weights.learned
     assert learner.weights.prefill(2000) == pytest.approx(0.05 * 2000, rel=0.15)
+
+
+def test_a_restart_resumes_the_fit_aged_by_the_time_it_was_down() -> None:
+    """state() -> JSON -> restore(): the same weights right away; after many half-lives of
+    downtime the evidence is gone and the prior is back; a malformed state is refused."""
+    import json
+
+    learner, _truth = drive("h100-llama3.1-8b", 1, requests=250)
+    assert learner.weights.learned
+    saved = json.loads(json.dumps(learner.state()))
+    t_s = saved["t_s"]
+
+    resumed = SplitLearner(0.05)
+    w = resumed.restore(saved, now_s=t_s)
+    assert w.learned and w == learner.weights  # nothing aged: the very same fit
+    assert resumed.ttft_s(4000) == pytest.approx(learner.ttft_s(4000))
+
+    aged = SplitLearner(0.05).restore(saved, now_s=t_s + 60.0)  # half a half-life
+    assert aged.learned and aged.intervals == pytest.approx(learner.weights.intervals * 0.5 ** 0.5)
+
+    stale = SplitLearner(0.05).restore(saved, now_s=t_s + 20 * 120.0)
+    assert not stale.learned and stale.prefill_weight == 0.05
+
+    for bad in ({**saved, "version": 99}, {**saved, "xy": [1.0]}, {**saved, "gram": "x"},
+                {**saved, "n_eff": float("nan")}, {"version": 1}):
+        with pytest.raises(ValueError):
+            SplitLearner(0.05).restore(bad, now_s=t_s)
+
+
+def test_the_proxy_keeps_its_split_weights_across_a_restart(sims: dict, tmp_path: Path) -> None:
+    """energy.state_file: read at start (the backend's weights are learned before any request),
+    written back at shutdown; a corrupt file is logged and the prior is used."""
+    import json
+    import time
+
+    import httpx
+
+    from tests.conftest import ADMIN_KEY, ProxyProc, backend_yaml, tenants_yaml
+
+    learner, _truth = drive("h100-llama3.1-8b", 2, requests=250)
+    state = learner.state()
+    state["t_s"] = time.time()  # as if saved just now
+    # A backend no longer configured: ignored at start, gone from the file written at shutdown.
+    (tmp_path / "weights.json").write_text(json.dumps({"h100": state, "retired": state}))
+    sim = sims["h100"]
+    config = ("backends:\n" + backend_yaml("h100", sim.url, extra=f", power: {{source: sim, url: '{sim.url}'}}")
+              + "energy: {state_file: weights.json}\n" + tenants_yaml() + "ledger: 'memory://'\n")
+
+    def weights(proxy: ProxyProc) -> dict:
+        views = httpx.get(proxy.url + "/v1/energy/backends", timeout=5,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+        return next(v for v in views if v["name"] == "h100")["split_weights"]
+
+    proxy = ProxyProc(config, tmp_path)
+    try:
+        resumed = weights(proxy)
+        assert resumed["learned"] is True
+        assert resumed["prefill_weight"] == pytest.approx(learner.weights.prefill_weight, rel=0.05)
+    finally:
+        proxy.stop()  # SIGTERM: a graceful shutdown (uvicorn re-raises the signal after it)
+    saved = json.loads((tmp_path / "weights.json").read_text())
+    assert set(saved) == {"h100"} and saved["h100"]["n_eff"] > 10
+
+    (tmp_path / "weights.json").write_text("{not json")
+    proxy = ProxyProc(config, tmp_path)
+    try:
+        assert weights(proxy)["learned"] is False
+        assert "not read" in proxy.log()
+    finally:
+        proxy.stop()

@@ -57,6 +57,7 @@ _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a 
 _MAX_CONTEXT_WEIGHT = 5e-4  # per context token: a 2000-token context at most doubles a token
 _MIN_CROSSOVER_TOKENS = 1000.0  # prefill_weight_sq <= prefill_weight / this
 _PRIOR_RANGE = 10.0  # prefill_weight within [prior / 10, prior * 10]
+_STATE_VERSION = 1  # of `SplitLearner.state()`: a file from another layout is ignored
 
 
 @dataclass(slots=True, frozen=True)
@@ -297,6 +298,38 @@ class SplitLearner:
             e1 = min(max(theta[4] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
         return SplitWeights(w1, w2, min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT), e1, w2,
                             learned=True, intervals=self._n_eff)
+
+    # -- across restarts ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What the fit has learned, JSON-ready; `restore` takes it back after a restart."""
+        return {"version": _STATE_VERSION, "t_s": self._t_s, "n_eff": self._n_eff,
+                "gram": [list(row) for row in self._gram], "xy": list(self._xy), "ttft": self._ttft.sums}
+
+    def restore(self, state: dict[str, Any], now_s: float) -> SplitWeights:
+        """Resume from `state()`, its evidence aged by the `half_life_s` forgetting from its
+        newest window to `now_s` (a long stop leaves the prior). ValueError if it is malformed."""
+        try:
+            if state.get("version") != _STATE_VERSION:
+                raise ValueError(f"version {state.get('version')!r}")
+            t_s, n_eff = float(state["t_s"]), float(state["n_eff"])
+            gram = [[float(v) for v in row] for row in state["gram"]]
+            xy = [float(v) for v in state["xy"]]
+            ttft = [float(v) for v in state["ttft"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed split-weight state: {exc!r}") from None
+        values = [t_s, n_eff, *xy, *ttft, *(v for row in gram for v in row)]
+        if len(gram) != _N or any(len(row) != _N for row in gram) or len(xy) != _N \
+                or not all(math.isfinite(v) for v in values) or n_eff < 0:
+            raise ValueError("malformed split-weight state: shapes or values")
+        self._ttft.sums = ttft
+        decay = 0.5 ** (max(0.0, now_s - t_s) / self.half_life_s)
+        self._gram = [[v * decay for v in row] for row in gram]
+        self._xy = [v * decay for v in xy]
+        self._n_eff = n_eff * decay
+        self._t_s = t_s
+        self.weights = self._solve()
+        return self.weights
 
     @property
     def pending(self) -> int:

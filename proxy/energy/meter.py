@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from policies.model import EfficiencyModel
 from proxy.config import Config, PowerConfig
@@ -234,6 +237,44 @@ class EnergyMeter:
                     meter.check(now_s)
                 except Exception:  # a bug here must not stop the watch for the other backends
                     log.exception("power watch failed for %s", meter.name)
+
+    def load_state(self, path: str, now_s: float) -> None:
+        """Resume each backend's split-weight fit from `path` (EnergyConfig.state_file); a
+        missing, unreadable or malformed file leaves the priors (logged)."""
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("energy state %s not read (%s); split weights start from the prior", path, exc)
+            return
+        for name, meter in self.meters.items():
+            state = saved.get(name) if isinstance(saved, dict) else None
+            if meter.learner is None or not isinstance(state, dict):
+                continue
+            try:
+                weights = meter.learner.restore(state, now_s)
+            except ValueError as exc:
+                log.warning("energy state of %s not used: %s", name, exc)
+                continue
+            weights.apply_to(meter.attributor)
+            log.info("split weights of %s resumed from %s (%.1f windows of evidence left)",
+                     name, path, weights.intervals)
+
+    def save_state(self, path: str) -> None:
+        """Write every backend's split-weight fit to `path` (atomically: a temp file renamed)."""
+        state = {name: m.learner.state() for name, m in self.meters.items() if m.learner is not None}
+        if not state:
+            return
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.warning("energy state not saved to %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     async def close(self) -> None:
         if self._watch is not None:

@@ -9,6 +9,8 @@ Pure: no I/O, no clock reads.
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["TtftFit"]
 
 _KTOK = 1000.0  # prompt lengths in thousands of tokens: well-conditioned sums
@@ -28,6 +30,17 @@ class TtftFit:
         n, sums = prompt_tokens / _KTOK, self._sums
         for i, v in enumerate((1.0, n, n * n, ttft_s, n * ttft_s)):
             sums[i] = sums[i] * _KEEP + v
+
+    @property
+    def sums(self) -> list[float]:
+        """The forgotten sums (1, L, L^2, ttft, L*ttft), for saving the fit."""
+        return list(self._sums)
+
+    @sums.setter
+    def sums(self, values: list[float]) -> None:
+        if len(values) != 5 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError("TtftFit sums: five finite numbers")
+        self._sums = [float(v) for v in values]
 
     @property
     def seen(self) -> bool:
