@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 import tests.conftest as c
+from proxy.config import ParkConfig, check_passthrough_path
 from proxy.sim.profiles import get_profile
 from proxy.sim.sleep_api import SLEEP_POWER_RATIO
 
@@ -118,6 +120,10 @@ def test_apply_parks_an_idle_backend_serves_from_the_other_and_wakes_it_on_stop(
         assert all(_ask(proxy) == awake for _ in range(4))  # routing never picks the parked one
         assert _samples(proxy)[("joulegate_governor_parked", (("backend", parked),))] == 1
         assert _parked(proxy) == [parked]  # one park per interval, and the last one stays up
+        # The engine's sleep routes are never reachable through the proxy, whatever the key.
+        assert httpx.post(f"{proxy.url}/wake_up", headers={"Authorization": f"Bearer {c.ADMIN_KEY}"},
+                          timeout=5).status_code == 404
+        assert _sleeping(sim)
         proxy.stop()
         assert not _sleeping(sim)  # woken when the proxy stopped
         assert "woke up" in proxy.log()
@@ -149,6 +155,17 @@ def test_park_via_command_runs_the_sleep_and_wake_commands(tmp_path: Path) -> No
         assert all(_ask(proxy) != parked for _ in range(3))
         proxy.stop()
         assert woke.exists()
+
+
+def test_sleep_routes_cannot_be_added_to_the_passthrough_allowlist() -> None:
+    for path in ("/sleep", "/wake_up", "/is_sleeping"):
+        with pytest.raises(ValueError):
+            check_passthrough_path(path)
+
+
+def test_park_via_command_needs_both_commands() -> None:
+    with pytest.raises(ValidationError):
+        ParkConfig(via="command", sleep_command=["true"])
 
 
 def test_advise_never_parks(tmp_path: Path) -> None:
