@@ -105,6 +105,8 @@ class JouleGate:
         )
         self.passthrough_route = Route(self._passthrough, ("POST",))
         self.governor = Governor(config, self.pool, self.metrics)  # power caps: proxy/governor/
+        if self.governor.parking is not None:  # a request with only parked backends left wakes one
+            self.relay.waker = self.governor.parking.wake_for
         # The live dashboard (proxy/dashboard/): its SSE feed, and the page that reads it.
         self.energy_stream = EnergyStream(self._backend_views, _TENANT_BACKEND_FIELDS, self.accounting.ledger)
         self.routes["/v1/energy/stream"] = Route(self._energy_stream, ("GET",))
@@ -280,6 +282,7 @@ class JouleGate:
             views.append({
                 "name": backend.name,
                 "healthy": backend.healthy,
+                "parked": backend.parked,  # by the governor: asleep, not routed to (governor.parking says more)
                 "in_flight": backend.in_flight,
                 "models": sorted(backend.models),
                 "power_source": backend.config.power.source,

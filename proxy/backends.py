@@ -45,6 +45,8 @@ class Backend:
         self.url = config.url
         self.models: set[str] = set(config.models or [])
         self.healthy = True
+        # Parked by the governor (proxy/governor/park.py): asleep, so never routed to.
+        self.parked = False
         self.in_flight = 0
         # Learned power, token rate and latency vs load: fed by the relay and the power
         # meter (time.time() seconds), read by the efficiency policy.
@@ -62,7 +64,7 @@ class Backend:
         load = self.engine_load
         return BackendView(
             name=self.name,
-            healthy=self.healthy and not self.circuit_open(),
+            healthy=self.healthy and not self.parked and not self.circuit_open(),
             in_flight=self.in_flight,
             queued=load.waiting if load else 0,
             running=load.running if load else None,

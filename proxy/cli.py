@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=_port, default=8000)
     sim.add_argument("--model", default=None, help="model name to serve (default: the profile's)")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--wake-s", type=float, default=None,
+                     help="seconds POST /wake_up takes (sleep mode; default $JOULEGATE_SIM_WAKE_S or 2)")
 
     agent = sub.add_parser("agent", help="NVML power agent for a GPU host (/v1/power, /v1/power/stream, /metrics)")
     from proxy.agent import add_agent_arguments
@@ -167,7 +169,10 @@ def _sim_backend(args: argparse.Namespace) -> int:
         print(f"joulegate: error: unknown profile {args.profile!r}; choose from {', '.join(sorted(PROFILES))}",
               file=sys.stderr)
         return 2
-    run(profile=args.profile, host=args.host, port=args.port, model=args.model, seed=args.seed)
+    if args.wake_s is not None and args.wake_s < 0:
+        print("joulegate: error: --wake-s must be >= 0", file=sys.stderr)
+        return 2
+    run(profile=args.profile, host=args.host, port=args.port, model=args.model, seed=args.seed, wake_s=args.wake_s)
     return 0
 
 

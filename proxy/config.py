@@ -150,6 +150,28 @@ class PowerConfig(_Strict):
         return self
 
 
+class ParkConfig(_Strict):
+    # How the governor parks an idle backend in apply mode (proxy/governor/park.py).
+    via: Literal["none", "vllm", "command"] = Field("none", description=(
+        "none: never parked; vllm: POST {url without /v1}/sleep and /wake_up (vLLM sleep mode, needs "
+        "VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode); command: run sleep_command / wake_command."))
+    sleep_command: list[str] | None = Field(None, description=(
+        "argv run to park the backend (via: command); exit status 0 means parked."))
+    wake_command: list[str] | None = Field(None, description=(
+        "argv run to wake the backend (via: command); exit status 0 means it serves again."))
+    wake_timeout_s: float = Field(30.0, gt=0, description=(
+        "Seconds a wake-up (or a park) may take; past it the backend is marked unhealthy, and a "
+        "request waiting for it gets 503 no_healthy_backend."))
+    level: Literal[1, 2] = Field(1, description=(
+        "vLLM sleep level (via: vllm): 1 offloads the weights to CPU memory, 2 discards them."))
+
+    @model_validator(mode="after")
+    def _commands(self) -> ParkConfig:
+        if self.via == "command" and not (self.sleep_command and self.wake_command):
+            raise ValueError("park via command needs sleep_command and wake_command (argv lists)")
+        return self
+
+
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description=(
         "Unique backend name; shows up in headers, metrics and the ledger."))
@@ -165,6 +187,8 @@ class BackendConfig(_Strict):
     power: PowerConfig = Field(default_factory=PowerConfig, description="The backend's power source.")
     site: str | None = Field(None, description=(
         "A name from `sites:`: the backend's data centre (its PUE and grid carbon intensity)."))
+    park: ParkConfig = Field(default_factory=ParkConfig, description=(
+        "How the governor (mode apply) parks this backend while the others can carry the load."))
 
     @field_validator("url")
     @classmethod
@@ -314,7 +338,7 @@ class GovernorConfig(_Strict):
     mode: Literal["off", "advise", "apply"] = Field("advise", description=(
         "off: no governor; advise: decisions (power caps, parking) logged and exported, nothing "
         "changed; apply: caps set through the backends' power agents (power.source agent or sim) and "
-        "restored when the proxy stops."))
+        "restored when the proxy stops, and idle backends with `park:` parked and woken."))
     interval_s: float = Field(15.0, gt=0, description=(
         "Seconds between decisions; a backend's cap changes at most once per interval."))
 

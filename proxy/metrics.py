@@ -139,6 +139,19 @@ class Metrics:
             "joulegate_governor_decisions", "Governor decisions, by backend and action (lower|raise|hold|park).",
             ["backend", "action"], registry=r,
         )
+        # Parking (proxy/governor/park.py): 1 while a backend is parked (asleep, not routed to).
+        self.governor_parked = Gauge(
+            "joulegate_governor_parked", "1 while the governor has the backend parked (asleep, not routed to).",
+            ["backend"], multiprocess_mode="livemax", registry=r,
+        )
+        self.governor_wakes = Counter(
+            "joulegate_governor_wakes", "Wake-ups of parked backends, by backend and outcome (ok|failed).",
+            ["backend", "outcome"], registry=r,
+        )
+        self.governor_wake_s = Histogram(
+            "joulegate_governor_wake_seconds", "Seconds a parked backend took to wake up, by backend.",
+            ["backend"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120), registry=r,
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: `labels()` costs more than the increment

@@ -69,6 +69,14 @@ class _Hold:
         self.booked = False
 
 
+class _AllParked(Exception):
+    """No backend to try but a parked one: wake it (Relay.waker) or answer `error`."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Relay:
     """Forwards one inference request to a backend chosen by the policy and relays the answer."""
 
@@ -98,6 +106,9 @@ class Relay:
         self.watchdog = SendWatchdog(config.server.client_write_timeout_s,
                                      idle_timeout_s=config.server.stream_idle_timeout_s,
                                      max_s=config.server.stream_max_s)
+        # Wakes a parked backend for a model and waits for it (the governor's, in apply mode
+        # with parking); True once one serves again. Only called where no other backend is left.
+        self.waker: Callable[[str], Awaitable[bool]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
         authorization, request_id, declared_length = scan_headers(scope["headers"])
@@ -164,13 +175,17 @@ class Relay:
         name = self.policy.choose(info, views, time.time())
         if name is None:
             if tried:
-                raise failure or ProxyError(502, "No backend for this model could be reached.",
-                                            code="upstream_unreachable")
-            if any(v.healthy for v in views):
+                error = failure or ProxyError(502, "No backend for this model could be reached.",
+                                              code="upstream_unreachable")
+            elif any(v.healthy for v in views):
                 raise ProxyError(429, "Every backend for this model is at its concurrency limit.",
                                  code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
-            raise ProxyError(503, f"No healthy backend serves `{record.model}` right now.", code="no_healthy_backend",
-                             headers=_RETRY_SOON)
+            else:
+                error = ProxyError(503, f"No healthy backend serves `{record.model}` right now.",
+                                   code="no_healthy_backend", headers=_RETRY_SOON)
+            if self.waker is not None and any(b.parked for b in candidates):
+                raise _AllParked(error)
+            raise error
         return self.pool.by_name[name]
 
     async def _forward(
@@ -193,7 +208,15 @@ class Relay:
         watch.follow()
         try:
             while True:
-                backend = self._choose(record, payload, tried, failure)
+                try:
+                    backend = self._choose(record, payload, tried, failure)
+                except _AllParked as parked:
+                    # Only a parked backend is left: wait for its wake-up (at most its
+                    # park.wake_timeout_s), then choose again among the awake ones.
+                    assert self.waker is not None
+                    if not await self.waker(record.model):
+                        raise parked.error from None
+                    continue
                 tried.add(backend.name)
                 hold = self._hold(backend, record)
                 # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).

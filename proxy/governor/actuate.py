@@ -7,8 +7,12 @@ call decide.py, and by `governor.mode`
           (power.source agent or sim, with power.token_file / token_env as the power source
           uses), at most one change per backend per interval; the limits found before the
           first change are put back when the proxy stops, and tried when the agent stops
-          answering (an agent restores its own limits when it stops).
-Parking is advice only. Backends with another power source are left alone.
+          answering (an agent restores its own limits when it stops); and backends with a
+          `park:` parked and woken (park.py): at most one park per interval, only a backend
+          idle for a whole interval that decide.py would park; a parked one is woken when the
+          unparked ones near their capacity (decide.wake_advice) or a request finds no other
+          backend (the relay waits for it); all are woken when the proxy stops.
+Caps: backends with another power source are left alone (they may still be parked).
 
 Load per backend, from what the proxy already keeps (nothing on the hot path): requests in
 flight now, and from the request-duration histogram's deltas since the last tick the
@@ -30,7 +34,16 @@ import httpx
 from proxy.backends import Backend, BackendPool
 from proxy.config import Config
 from proxy.energy.sources.agent import auth_headers, tls_verify
-from proxy.governor.decide import HOLD, BackendInput, Decision, GovernorParams, decide
+from proxy.governor.decide import (
+    HOLD,
+    BackendInput,
+    Decision,
+    GovernorParams,
+    decide,
+    park_advice,
+    wake_advice,
+)
+from proxy.governor.park import Parking
 from proxy.metrics import Metrics
 from proxy.power_limits import PATH
 
@@ -53,6 +66,7 @@ class _Target:
     decision: Decision | None = None
     error: str | None = None
     seen: tuple[float, float, float, int] | None = None  # (t_s, completions, duration sum, in flight)
+    idle_since_s: float | None = None  # nothing arrived nor ran since (monotonic s)
 
 
 class Governor:
@@ -71,10 +85,16 @@ class Governor:
         self.metrics = metrics
         self.targets = [_Target(b, _limits_url(b)) for b in pool.backends]
         self._task: asyncio.Task[None] | None = None
+        # Parking acts only in apply mode, and only where some backend says how (park.via).
+        parking = Parking(pool, metrics)
+        self.parking: Parking | None = parking if self.mode == "apply" and parking.states else None
+        self._last_park_s: float | None = None
 
     async def start(self) -> None:
         if self.mode == "off":
             return
+        if self.parking is not None:
+            await self.parking.start()
         for t in self.targets:
             if t.url is not None:
                 power = t.backend.config.power
@@ -87,11 +107,13 @@ class Governor:
         self._task = asyncio.create_task(self._loop(), name="joulegate-governor")
 
     async def close(self) -> None:
-        """Stop, and put back every limit this governor changed."""
+        """Stop, wake every parked backend, and put back every limit this governor changed."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.parking is not None:
+            await self.parking.close()
         for t in self.targets:
             if t.original_w:
                 await self._restore(t, "the proxy stops")
@@ -110,7 +132,8 @@ class Governor:
                 "cap_w": d.cap_w if d else None, "applied_cap_w": t.applied_w,
                 "action": d.action if d else None, "reason": d.reason if d else None,
                 "park": d.park if d else False, "park_reason": d.park_reason if d else None,
-                "original_limits_w": {str(i): w for i, w in t.original_w.items()} or None}
+                "original_limits_w": {str(i): w for i, w in t.original_w.items()} or None,
+                "parking": self.parking.view(name) if self.parking is not None else None}
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,14 +147,47 @@ class Governor:
                 log.exception("governor tick failed")
 
     async def tick(self) -> list[Decision]:
-        """One round: read, decide, advise or apply."""
+        """One round: read, decide, advise or apply; then park or wake (apply)."""
         now_s = time.monotonic()
-        ready = [t for t in self.targets if t.client is not None and await self._read_limits(t)]
+        up = []
+        for t in self.targets:
+            if t.backend.parked:  # asleep: no load to read; its idle time starts over once woken
+                t.seen = t.idle_since_s = None
+                if self.mode == "apply" and t.applied_w is not None and t.client is not None:
+                    await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
+            else:
+                up.append(t)
+        ready = [t for t in up if t.client is not None and await self._read_limits(t)]
         inputs = [self._input(t, now_s) for t in ready]
         decisions = decide(inputs, self.params, now_s)
         for t, d in zip(ready, decisions, strict=True):
             await self._act(t, d, now_s)
+        if self.parking is not None:
+            # Backends without a readable power agent get no cap but still count for parking.
+            loads = list(zip(ready, inputs, strict=True)) + [(t, self._input(t, now_s)) for t in up if t.url is None]
+            await self._park_or_wake(loads, now_s)
         return decisions
+
+    async def _park_or_wake(self, loads: list[tuple[_Target, BackendInput]], now_s: float) -> None:
+        """Wake one parked backend if the others near their capacity; else park at most one."""
+        assert self.parking is not None
+        serving = [(t, i) for t, i in loads if t.backend.healthy and not t.backend.circuit_open()]
+        parked = self.parking.parked()
+        if parked:
+            why = wake_advice([i for _, i in serving], self.params)
+            if why is not None:
+                self.parking.wake(parked[0], why)  # not awaited: the next tick goes on meanwhile
+                return
+        if self._last_park_s is not None and now_s - self._last_park_s < 0.9 * self.interval_s:
+            return  # at most one park per interval
+        advice = park_advice([i for _, i in serving], self.params)
+        for t, _ in sorted(serving, key=lambda x: -x[1].model.idle_w):
+            idle_s = now_s - t.idle_since_s if t.idle_since_s is not None else 0.0
+            if t.backend.name in advice and self.parking.parkable(t.backend) and idle_s >= 0.9 * self.interval_s:
+                if await self.parking.park(t.backend, advice[t.backend.name]):
+                    self._last_park_s = now_s
+                    t.idle_since_s = None
+                return
 
     async def _read_limits(self, t: _Target) -> bool:
         assert t.client is not None and t.url is not None
@@ -167,12 +223,16 @@ class Governor:
             done = count - t.seen[1]
             mean_s = (total_s - t.seen[2]) / done if done > 0 else 0.0
             rate = max(0.0, (done + in_flight - t.seen[3]) / dt)
+            # Idle for the whole interval: nothing finished, nothing in flight at either end.
+            idle = done == 0 and in_flight == 0 and t.seen[3] == 0
+            t.idle_since_s = (t.idle_since_s if t.idle_since_s is not None else t.seen[0]) if idle else None
         t.seen = (now_s, count, total_s, in_flight)
+        gpus = t.gpus or [{"min_w": 0.0, "max_w": 0.0, "power_limit_w": 0.0}]  # no agent: parking only
         return BackendInput(
             name=b.name, model=b.efficiency, in_flight=in_flight, arrival_rate_per_s=rate, mean_request_s=mean_s,
-            gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in t.gpus),
-            max_w=min(float(g["max_w"]) for g in t.gpus),
-            cap_w=max(float(g["power_limit_w"]) for g in t.gpus), last_change_s=t.last_change_s)
+            gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in gpus),
+            max_w=min(float(g["max_w"]) for g in gpus),
+            cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s)
 
     async def _act(self, t: _Target, d: Decision, now_s: float) -> None:
         name = t.backend.name
@@ -181,7 +241,7 @@ class Governor:
         self.metrics.governor_decisions.labels(name, d.action).inc()
         if d.park:
             self.metrics.governor_decisions.labels(name, "park").inc()
-            if not (previous and previous.park):
+            if not (previous and previous.park) and self.parking is None:
                 log.info("governor: backend %s could be parked (advice only): %s", name, d.park_reason)
         if d.action == HOLD:
             log.debug("governor: backend %s holds %.0f W: %s", name, d.cap_w, d.reason)

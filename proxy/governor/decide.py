@@ -22,10 +22,12 @@ Rate limits: at most one change per backend per `hold_s`; a lower cap at most `m
 below the current one or the predicted draw, whichever is lower (raising to keep the SLO is not bounded); no change worth less than
 `min_gain` of the joules per token, nor smaller than `deadband_w` (hysteresis).
 
-Parking (advice only here): an idle backend (nothing in flight, no arrivals) can be parked when
+Parking (decided here, done by actuate.py/park.py in apply mode): an idle backend (nothing in flight, no arrivals) can be parked when
 the other unparked backends' SLO capacity (the load at which their predicted TPOT reaches the
 SLO) minus their expected load still covers `burst` times the fleet's expected load; the
-largest idle power is parked first, and one backend always stays up.
+largest idle power is parked first, and one backend always stays up. A parked backend is woken
+(`wake_advice`) when the unparked ones' spare capacity no longer covers `burst` times their
+expected load: the inverse of the parking test, so a fleet does not park and wake at one load.
 Units: watts, seconds, requests.
 """
 
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
 
-__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice"]
+__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice", "wake_advice"]
 
 LOWER, RAISE, HOLD = "lower", "raise", "hold"
 
@@ -200,7 +202,7 @@ def _slo_capacity(b: BackendInput, p: GovernorParams) -> float:
 
 
 def park_advice(backends: Sequence[BackendInput], p: GovernorParams) -> dict[str, str]:
-    """{backend: reason} for the idle backends that could be parked (advice, never applied)."""
+    """{backend: reason} for the idle backends that could be parked, most idle power first."""
     total_expected = sum(_expected_load(b) for b in backends)
     idle = [b for b in backends if b.in_flight == 0 and b.arrival_rate_per_s == 0.0]
     up = {b.name: b for b in backends}
@@ -215,6 +217,18 @@ def park_advice(backends: Sequence[BackendInput], p: GovernorParams) -> dict[str
             out[b.name] = (f"idle ({b.model.idle_w:.0f} W): the other {len(rest)} keep the SLO with "
                            f"{spare:.0f} requests of spare capacity for {total_expected:.1f} expected")
     return out
+
+
+def wake_advice(up: Sequence[BackendInput], p: GovernorParams) -> str | None:
+    """Why a parked backend should wake, given the unparked backends that are up; None: no need."""
+    if not up:
+        return "no unparked backend is up"
+    expected = sum(_expected_load(b) for b in up)
+    spare = sum(max(_slo_capacity(b, p) - _expected_load(b), 0.0) for b in up)
+    if spare >= p.burst * expected and spare >= 1.0:
+        return None
+    return (f"the {len(up)} unparked have {spare:.1f} requests of spare capacity for {expected:.1f} expected "
+            f"(under {p.burst:g}x)")
 
 
 def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float) -> list[Decision]:

@@ -139,6 +139,7 @@ class Engine:
         self._step: Step | None = None
         self._last_power_w = profile.idle_w
         self.power_cap_w: float | None = None  # a GPU power limit below the board's: proxy/sim/capping.py
+        self.sleep_w: float | None = None  # while asleep (vLLM sleep mode): the idle draw; proxy/sim/sleep_api.py
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -297,9 +298,21 @@ class Engine:
         while len(self._finished) > self.max_finished:
             self._finished.popitem(last=False)
 
+    @property
+    def idle_w(self) -> float:
+        """Board power in W with nothing running: the profile's idle, or the sleep power."""
+        return self.profile.idle_w if self.sleep_w is None else self.sleep_w
+
+    def set_sleep_w(self, sleep_w: float | None, now_s: float) -> None:
+        """Asleep drawing `sleep_w` W while idle, or awake (None). Idle energy up to `now_s` is
+        booked at the old draw first, so the counter stays exact across the change."""
+        if self._step is None and not self._running:
+            self._accrue_idle(now_s)
+        self.sleep_w = sleep_w
+
     def _accrue_idle(self, until_s: float) -> None:
         if until_s > self._clock_s:
-            idle_j = (until_s - self._clock_s) * self.profile.idle_w
+            idle_j = (until_s - self._clock_s) * self.idle_w
             self._energy_j += idle_j
             self._idle_j += idle_j
             self._clock_s = until_s
@@ -329,15 +342,15 @@ class Engine:
             return step.energy_until_j(at_s), 0.0
         if self._running or at_s <= self._clock_s:
             return 0.0, 0.0  # between two back-to-back steps
-        idle_j = (at_s - self._clock_s) * self.profile.idle_w
+        idle_j = (at_s - self._clock_s) * self.idle_w
         return idle_j, idle_j
 
     def power_w(self, at_s: float) -> float:
         """Board power in W at `at_s`."""
         if self._step is not None:
             step = self._step
-            return step.power_at_w(at_s) if at_s >= step.start_s else self.profile.idle_w
-        return self._last_power_w if self._running else self.profile.idle_w
+            return step.power_at_w(at_s) if at_s >= step.start_s else self.idle_w
+        return self._last_power_w if self._running else self.idle_w
 
     @property
     def attributed_j(self) -> float:

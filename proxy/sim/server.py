@@ -39,10 +39,14 @@ from proxy.sim.engine import Engine, Request, RequestRecord
 from proxy.sim.limits_api import add_routes as add_limit_routes
 from proxy.sim.profiles import get_profile
 from proxy.sim.responses import ResponsesStream, parse_response
+from proxy.sim.sleep_api import add_routes as add_sleep_routes
+from proxy.sim.sleep_api import is_sleeping
 
 __all__ = ["SimState", "STATE", "make_app", "run"]
 
 log = logging.getLogger("joulegate.sim")
+#: Seconds `POST /wake_up` takes by default: a small model's weights back from CPU memory.
+DEFAULT_WAKE_S = 2.0
 
 
 class _Sink:
@@ -115,6 +119,9 @@ class SimState:
         return None if engine_s is None else engine_s + self.wall_offset_s
 
     def submit(self, req: Request, stream: bool) -> _Sink:
+        if is_sleeping(self):  # vLLM refuses work that needs the weights while they are offloaded
+            raise ApiError(503, "The model is sleeping; POST /wake_up first.", code="model_sleeping",
+                           type_="server_error")
         try:
             self.engine.add(req, self.now_s())
         except ValueError as exc:
@@ -352,9 +359,10 @@ async def sim_energy(request: web.Request) -> web.Response:
 # -- app and entry point --------------------------------------------------------------------------
 
 def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
-             gpu_uuid: str | None = None, clock_skew_s: float = 0.0) -> web.Application:
+             gpu_uuid: str | None = None, clock_skew_s: float = 0.0, wake_s: float = DEFAULT_WAKE_S) -> web.Application:
     """The simulator app for `profile_name` serving `model` (default: the profile's model).
-    `clock_skew_s` puts the power API's clock that far ahead of the true one.
+    `clock_skew_s` puts the power API's clock that far ahead of the true one; `wake_s` is how
+    long `POST /wake_up` takes (proxy/sim/sleep_api.py).
     Serve it with `handler_cancellation=True` so client disconnects abort requests."""
     state = SimState(profile_name, model, seed, gpu_uuid, clock_skew_s)
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
@@ -378,14 +386,18 @@ def make_app(profile_name: str, model: str | None = None, seed: int = 0, *,
     app.router.add_get("/sim/requests/{request_id}", sim_request)
     app.router.add_get("/sim/energy", sim_energy)
     add_limit_routes(app, STATE)  # GET|PUT /v1/power/limits: proxy/sim/limits_api.py
+    add_sleep_routes(app, STATE, wake_s)  # POST /sleep, /wake_up, GET /is_sleeping
     return app
 
 
 async def serve(profile: str, host: str, port: int, model: str | None, seed: int,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM). Prints one line with the bound URL."""
+                stop: asyncio.Event | None = None, wake_s: float | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM). Prints one line with the bound URL.
+    `wake_s` None: JOULEGATE_SIM_WAKE_S, else DEFAULT_WAKE_S."""
     skew_s = float(os.environ.get("JOULEGATE_SIM_CLOCK_SKEW_S") or 0.0)
-    app = make_app(profile, model, seed, clock_skew_s=skew_s)
+    if wake_s is None:
+        wake_s = float(os.environ.get("JOULEGATE_SIM_WAKE_S") or DEFAULT_WAKE_S)
+    app = make_app(profile, model, seed, clock_skew_s=skew_s, wake_s=wake_s)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
@@ -406,8 +418,9 @@ async def serve(profile: str, host: str, port: int, model: str | None, seed: int
         await runner.cleanup()
 
 
-def run(profile: str, host: str = "127.0.0.1", port: int = 8000, model: str | None = None, seed: int = 0) -> None:
+def run(profile: str, host: str = "127.0.0.1", port: int = 8000, model: str | None = None, seed: int = 0,
+        wake_s: float | None = None) -> None:
     """Run one simulated backend until SIGINT/SIGTERM (blocking). ValueError for an unknown
     profile, before anything binds."""
     get_profile(profile)
-    asyncio.run(serve(profile, host, port, model, seed))
+    asyncio.run(serve(profile, host, port, model, seed, wake_s=wake_s))
