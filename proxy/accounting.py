@@ -25,6 +25,7 @@ from proxy.ledger import Ledger, LedgerRecord
 from proxy.ledger.usage import UJ_PER_J, joules_to_uj
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("joulegate.accounting")
 access_log = logging.getLogger("joulegate.access")
@@ -88,8 +89,9 @@ class Accounting:
     """The recent-request cache, the wait for measured values, the ledger and budgets."""
 
     def __init__(self, config: Config, ledger: Ledger, metrics: Metrics,
-                 final_timeout_s: float = FINAL_TIMEOUT_S) -> None:
+                 final_timeout_s: float = FINAL_TIMEOUT_S, telemetry: Telemetry | None = None) -> None:
         self.ledger = ledger
+        self.telemetry = telemetry  # a span per booked request; None: tracing off
         self.metrics = metrics
         self.access_log = config.server.access_log  # off: one attribute check per request
         self.final_timeout_s = final_timeout_s
@@ -306,6 +308,8 @@ class Accounting:
             end_s=record.end_s or record.start_s, status=record.status,
         ))
         self.metrics.observe_energy(record)
+        if self.telemetry is not None:  # its energy is final now: the span can carry it
+            self.telemetry.book(record)
 
     def _learn_cost(self, record: RequestRecord) -> None:
         """Fold a billed request into the means `estimate_j` reads (every tenant's, and its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -30,6 +31,7 @@ from proxy.metrics import Metrics
 from proxy.metrics_server import start_metrics_listener
 from proxy.records import RequestRecord
 from proxy.relay import REFUSAL, Receive, Relay, Scope, Send, scan_headers, send_error
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("joulegate")
 
@@ -72,7 +74,10 @@ class JouleGate:
             objective=config.routing.objective,
         )
         self.metrics = Metrics(tenant_label=config.metrics.tenant_label)
-        self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics)
+        # OpenTelemetry spans (proxy/telemetry.py); None unless an OTLP endpoint is configured.
+        self.telemetry = Telemetry.from_config(config)
+        self.accounting = Accounting(config, open_ledger(config.ledger or "memory://"), self.metrics,
+                                     telemetry=self.telemetry)
         self.meter = EnergyMeter(config, self.accounting.measured)
         for backend in self.pool.backends:  # its site's PUE and grid intensity, for routing
             backend.site = self.accounting.carbon.site_of(backend.name)
@@ -81,7 +86,8 @@ class JouleGate:
                 self.meter.meters[backend.name].efficiency = backend.efficiency
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
-        self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting)
+        self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting,
+                           self.telemetry)
         # Other POST routes relayed upstream: an allowlist (config.DEFAULT_PASSTHROUGH), exact paths.
         self.passthrough = config.server.passthrough_paths()
         # /v1/responses is on that allowlist too: removed there, it is not served either.
@@ -365,6 +371,8 @@ class JouleGate:
                     self.meter.save_state(self.config.energy.state_file)
                 await self.pool.close()
                 await self.accounting.close()
+                if self.telemetry is not None:  # after accounting booked the last requests
+                    await asyncio.to_thread(self.telemetry.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -123,6 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
         print("joulegate: error: no config: pass -c CONFIG or set $JOULEGATE_CONFIG", file=sys.stderr)
         return 2
     config = load_checked_config(args.config)
+    from proxy.telemetry import check_available
+
+    check_available(config)  # tracing configured without the `otel` extra: exit now, saying so
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     server = config.server.model_copy(update=overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

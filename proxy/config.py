@@ -348,6 +348,25 @@ class GovernorConfig(_Strict):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry tracing (proxy/telemetry.py): one span per inference request, exported over
+    OTLP/HTTP; needs the `otel` extra."""
+
+    otlp_endpoint: str | None = Field(None, description=(
+        "Base URL of an OTLP/HTTP collector, e.g. `http://otel-collector:4318` (spans go to "
+        "`/v1/traces` under it). null: the `OTEL_EXPORTER_OTLP_ENDPOINT` environment variable "
+        "turns tracing on; neither set: no tracing."))
+    service_name: str = Field("joulegate", min_length=1, description=(
+        "The `service.name` resource attribute of the spans."))
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return url
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description=(
         "The listener, limits and time-outs."))
@@ -379,6 +398,8 @@ class Config(_Strict):
     # Host and facility overhead and grid carbon: proxy/carbon.py.
     sites: list[SiteConfig] = Field(default_factory=list, description=(
         "Data centres: name, PUE and grid carbon intensity; backends name theirs with `site:`."))
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description=(
+        "OpenTelemetry tracing of inference requests (off unless an OTLP endpoint is set)."))
 
     @model_validator(mode="after")
     def _sites_known(self) -> Config:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.telemetry import SpanStart
 
 
 @dataclass(slots=True)
@@ -39,6 +43,8 @@ class RequestRecord:
     # accounting's and the ledger's key. `request_id` is the client's x-request-id when it sent
     # one, which any client may repeat or copy from another tenant, so it keys nothing inside.
     key: str = field(default_factory=lambda: os.urandom(12).hex())
+    # Its span's ids, taken before it went upstream; None while tracing is off (proxy/telemetry.py).
+    trace: SpanStart | None = None
 
     @property
     def billed_tokens(self) -> int:

@@ -39,6 +39,7 @@ from proxy.inbound import (
 )
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
+from proxy.telemetry import SpanStart, Telemetry
 from proxy.usage import answer_usage, max_output_tokens
 from proxy.watchdog import SendWatchdog
 
@@ -88,6 +89,7 @@ class Relay:
         auth: Authenticator,
         meter: EnergyMeter,
         accounting: Accounting,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -95,6 +97,7 @@ class Relay:
         self.auth = auth
         self.meter = meter
         self.accounting = accounting
+        self.telemetry = telemetry  # None: tracing off, one check per request
         self.max_body_bytes = config.server.max_body_bytes
         self.read_timeout_s = config.server.client_read_timeout_s
         self.max_in_flight = config.server.max_in_flight
@@ -145,6 +148,8 @@ class Relay:
             # never costs a store round trip).
             record.budget_left_j = await self.accounting.reserve_budget(
                 principal.tenant, record.key, record.prompt_estimate, max_output_tokens(payload, kind))
+            if self.telemetry is not None:  # the span's ids, sent upstream as its traceparent
+                self.telemetry.start(record, scope["headers"], payload)
             await self._forward(scope, watch, send, payload, upstream_body, withhold_usage, record, content_type)
         except ProxyError as exc:
             record.status = exc.status
@@ -222,7 +227,7 @@ class Relay:
                 # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).
                 watch.deadline_at(loop.time() + self.request_timeout_s)
                 try:
-                    resp = await self._post(backend, suffix, body, record.request_id, content_type)
+                    resp = await self._post(backend, suffix, body, record.request_id, content_type, record.trace)
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
                     # Refused, unreachable, or closed before answering even on a fresh connection:
                     # nothing reached the client yet, so another backend may answer.
@@ -297,7 +302,7 @@ class Relay:
                     self._book_failed(hold, record, payload, ProxyError(502, "The proxy failed.", code="upstream_error"))
 
     async def _post(self, backend: Backend, suffix: str, body: bytes, request_id: str,
-                    content_type: str | None = None) -> aiohttp.ClientResponse:
+                    content_type: str | None = None, trace: SpanStart | None = None) -> aiohttp.ClientResponse:
         """POST the request upstream on a pooled connection.
 
         A pooled connection the engine closed while it sat idle fails before any byte of answer
@@ -310,6 +315,8 @@ class Relay:
         headers = {**backend.upstream_headers, "X-Request-Id": request_id}
         if content_type is not None:  # multipart: its boundary must reach the engine as sent
             headers["Content-Type"] = content_type
+        if trace is not None:  # tracing on: the backend's spans join the request's trace
+            headers["traceparent"] = trace.traceparent
         try:
             return await session.post(url, data=body, headers=headers, timeout=self.timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:

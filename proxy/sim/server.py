@@ -95,6 +95,9 @@ class SimState:
         self.wall_offset_s = 0.0
         self.clock_skew_s = clock_skew_s  # added to the power API's `t` only
         self.created = int(time.time())
+        # The W3C traceparent each recent request came with (by x-request-id), shown by
+        # /sim/requests/{id}: how tests see the proxy's trace propagation.
+        self.traceparents: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
 
@@ -172,6 +175,12 @@ async def _errors(request: web.Request,
     """OpenAI-shaped errors everywhere; x-request-id on every response."""
     rid = request.headers.get("x-request-id") or f"sim-{uuidlib.uuid4().hex}"
     request[RID] = rid
+    traceparent = request.headers.get("traceparent")
+    if traceparent is not None:
+        seen = request.app[STATE].traceparents
+        seen[rid] = traceparent
+        if len(seen) > 10_000:
+            del seen[next(iter(seen))]  # the oldest
     try:
         resp = await handler(request)
     except ApiError as exc:
@@ -337,7 +346,8 @@ def _record_json(state: SimState, rec: RequestRecord) -> dict[str, Any]:
     return {"request_id": rec.request_id, "joules": rec.joules, "prompt_tokens": rec.prompt_tokens,
             "completion_tokens": rec.completion_tokens, "arrival_s": state.wall_s(rec.arrival_s),
             "first_token_s": state.wall_s(rec.first_token_s), "end_s": state.wall_s(rec.end_s),
-            "finished": rec.finished, "aborted": rec.aborted}
+            "finished": rec.finished, "aborted": rec.aborted,
+            "traceparent": state.traceparents.get(rec.request_id)}
 
 
 async def sim_request(request: web.Request) -> web.Response:

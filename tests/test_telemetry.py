@@ -1,0 +1,345 @@
+"""OpenTelemetry tracing end to end: the openai SDK, the proxy, a simulated GPU that records the
+`traceparent` it was sent, and a real OTLP/HTTP receiver decoding the exported spans."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from proxy.config import Config, ConfigError, parse_config
+from proxy.telemetry import parse_traceparent
+from tests.conftest import (
+    KEYS,
+    MODEL,
+    REPO,
+    ProxyProc,
+    SimBackend,
+    backend_yaml,
+    tenants_yaml,
+    wait_until,
+)
+from tests.faults.servers import FaultServer
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+MESSAGES = [{"role": "user", "content": "Trace the joules of this sentence, please."}]
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver (POST /v1/traces, protobuf) on a free port, in its own event
+    loop on a daemon thread; `spans()` are the spans received so far, attributes decoded."""
+
+    def __init__(self) -> None:
+        self._spans: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, name="otlp-receiver", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the OTLP receiver did not start"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        spans = []
+        for resource_spans in export.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append({
+                        "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(), "parent_span_id": span.parent_span_id.hex(),
+                        "start_ns": span.start_time_unix_nano, "end_ns": span.end_time_unix_nano,
+                        "status_code": span.status.code, "resource": resource,
+                        "attributes": {a.key: _value(a.value) for a in span.attributes},
+                    })
+        with self._lock:
+            self._spans.extend(spans)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    def spans(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._spans)
+
+    def span_of(self, request_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        """The span of the request with this x-request-id, once it arrived."""
+        found: list[dict[str, Any]] = []
+
+        def arrived() -> bool:
+            found[:] = [s for s in self.spans() if s["attributes"].get("joulegate.request_id") == request_id]
+            return bool(found)
+
+        wait_until(arrived, timeout_s, f"the span of request {request_id}")
+        assert len(found) == 1, found  # one span per request
+        return found[0]
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def _value(value: Any) -> Any:
+    return getattr(value, value.WhichOneof("value"))
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    server = OtlpReceiver()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sim(session_tmp: Path) -> Iterator[SimBackend]:
+    backend = SimBackend("h100-llama3.1-8b", session_tmp)
+    yield backend
+    backend.stop()
+
+
+def _config(sim: SimBackend, telemetry: str = "") -> str:
+    return ("backends:\n"
+            + backend_yaml("h100", sim.url, [MODEL], f", power: {{source: sim, url: '{sim.url}', interval_s: 0.05}}")
+            + "ledger: memory://\n" + tenants_yaml() + telemetry)
+
+
+def _start_proxy(sim: SimBackend, tmp: Path, telemetry: str, env: dict[str, str]) -> ProxyProc:
+    """The proxy, with `env` set (and no OTEL_* of the test run's own) while it starts."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith("OTEL_"):
+                mp.delenv(name)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        return ProxyProc(_config(sim, telemetry), tmp)
+
+
+@pytest.fixture(scope="module")
+def traced(sim: SimBackend, receiver: OtlpReceiver, session_tmp: Path) -> Iterator[ProxyProc]:
+    # Batches leave every 100 ms (the default is 5 s), so spans arrive while the test waits.
+    proc = _start_proxy(sim, session_tmp, f"telemetry: {{otlp_endpoint: '{receiver.url}', service_name: jg-test}}\n",
+                        {"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    yield proc
+    proc.stop()
+    assert "Traceback" not in proc.log()
+
+
+def _client(proxy: ProxyProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS["acme"], max_retries=0, timeout=30)
+
+
+def _record(proxy: ProxyProc, request_id: str) -> dict[str, Any]:
+    """The proxy's record of a request once its energy is final (`measured`)."""
+    result: dict[str, Any] = {}
+
+    def measured() -> bool:
+        result.update(httpx.get(f"{proxy.url}/v1/energy/requests/{request_id}", timeout=10,
+                                headers={"Authorization": f"Bearer {KEYS['acme']}"}).json())
+        return result.get("method") == "measured"
+
+    wait_until(measured, 20, f"request {request_id} to be measured")
+    return result
+
+
+def test_chat_span_carries_genai_attributes_energy_and_the_clients_trace(
+        traced: ProxyProc, receiver: OtlpReceiver, sim: SimBackend) -> None:
+    raw = _client(traced).chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=24,
+        extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "trace-chat-1"})
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens > 0
+    span = receiver.span_of("trace-chat-1")
+    record = _record(traced, "trace-chat-1")
+
+    assert span["name"] == f"chat {MODEL}"
+    assert span["kind"] == 3  # SPAN_KIND_CLIENT
+    assert span["resource"]["service.name"] == "jg-test"
+    attrs = span["attributes"]
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == MODEL
+    assert attrs["gen_ai.request.max_tokens"] == 24
+    assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens
+    assert attrs["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["joulegate.backend"] == "h100"
+    assert attrs["joulegate.tenant"] == "acme"
+    # The span is made when the request is booked: its joules are the final ones.
+    assert attrs["joulegate.energy.method"] == "measured"
+    assert attrs["joulegate.energy.joules"] > 0
+    assert attrs["joulegate.energy.joules"] == pytest.approx(record["joules"], rel=1e-12)
+    if raw.headers["x-energy-method"] == "measured":  # already final when it answered
+        assert attrs["joulegate.energy.joules"] == pytest.approx(float(raw.headers["x-energy-joules"]), rel=1e-12)
+    assert span["status_code"] == 0  # unset: not an error
+    assert 0 < span["end_ns"] - span["start_ns"] < 30e9
+
+    # A child of the client's span, in the client's trace...
+    assert span["trace_id"] == CLIENT_TRACE
+    assert span["parent_span_id"] == CLIENT_SPAN
+    # ... and the backend was sent this span as its parent.
+    seen = sim.truth("trace-chat-1")["traceparent"]
+    assert seen == f"00-{CLIENT_TRACE}-{span['span_id']}-01"
+
+
+def test_every_inference_route_has_its_span_and_a_new_trace_without_a_client_one(
+        traced: ProxyProc, receiver: OtlpReceiver, sim: SimBackend) -> None:
+    c = _client(traced)
+    stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_headers={"x-request-id": "trace-stream"})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    completion = c.completions.create(model=MODEL, prompt="Joules", max_tokens=6,
+                                      extra_headers={"x-request-id": "trace-completion"})
+    embedding = c.embeddings.create(model=MODEL, input="joules", extra_headers={"x-request-id": "trace-embedding"})
+    c.responses.create(model=MODEL, input="Joules?", max_output_tokens=16,
+                       extra_headers={"x-request-id": "trace-response"})
+
+    streamed = receiver.span_of("trace-stream")
+    assert streamed["attributes"]["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    assert streamed["attributes"]["gen_ai.usage.input_tokens"] == usage.prompt_tokens
+    done = receiver.span_of("trace-completion")
+    assert done["name"] == f"text_completion {MODEL}"
+    assert done["attributes"]["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
+    emb = receiver.span_of("trace-embedding")
+    assert emb["name"] == f"embeddings {MODEL}"
+    assert emb["attributes"]["gen_ai.usage.input_tokens"] == embedding.usage.prompt_tokens
+    assert "gen_ai.request.max_tokens" not in emb["attributes"]
+    assert receiver.span_of("trace-response")["attributes"]["gen_ai.request.max_tokens"] == 16
+
+    traces = set()
+    for request_id, span in (("trace-stream", streamed), ("trace-completion", done), ("trace-embedding", emb)):
+        assert span["parent_span_id"] == ""  # a root: the client sent no traceparent
+        assert span["attributes"]["joulegate.energy.joules"] > 0
+        assert sim.truth(request_id)["traceparent"] == f"00-{span['trace_id']}-{span['span_id']}-01"
+        traces.add(span["trace_id"])
+    assert len(traces) == 3  # a new trace per request
+
+
+def test_a_5xx_answer_is_an_error_span(receiver: OtlpReceiver, session_tmp: Path) -> None:
+    broken = FaultServer("not_json")  # 200 with a body that is no JSON: the proxy answers 502
+    try:
+        config = ("backends:\n" + backend_yaml("broken", broken.url, [MODEL]) + "ledger: memory://\n"
+                  + tenants_yaml() + f"telemetry: {{otlp_endpoint: '{receiver.url}'}}\n")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+            proc = ProxyProc(config, session_tmp)
+        try:
+            with pytest.raises(openai.InternalServerError):
+                _client(proc).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                                      extra_headers={"x-request-id": "trace-502"})
+            span = receiver.span_of("trace-502")
+        finally:
+            proc.stop()
+    finally:
+        broken.stop()
+    assert span["status_code"] == 2  # STATUS_CODE_ERROR
+    assert span["attributes"]["http.response.status_code"] == 502
+    assert span["attributes"]["joulegate.backend"] == "broken"
+    assert "joulegate.energy.joules" not in span["attributes"]  # no power source: no energy
+
+
+def test_tracing_off_sends_no_traceparent_upstream(sim: SimBackend, session_tmp: Path) -> None:
+    proc = _start_proxy(sim, session_tmp, "", {})
+    try:
+        _client(proc).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4,
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "untraced-1"})
+        assert sim.truth("untraced-1")["traceparent"] is None
+    finally:
+        proc.stop()
+
+
+def test_env_endpoint_turns_it_on_and_shutdown_flushes(sim: SimBackend, receiver: OtlpReceiver,
+                                                       session_tmp: Path) -> None:
+    # A batch delay longer than the test: these spans leave only through the flush at shutdown.
+    proc = _start_proxy(sim, session_tmp, "", {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                                               "OTEL_BSP_SCHEDULE_DELAY": "600000"})
+    try:
+        c = _client(proc)
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                  extra_headers={"x-request-id": "flushed-1"})
+        # The client's trace is not sampled: the backend still joins it, no span is exported.
+        c.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4,
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00", "x-request-id": "unsampled-1"})
+        unsampled = parse_traceparent(sim.truth("unsampled-1")["traceparent"].encode())
+        assert unsampled is not None and unsampled[0] == CLIENT_TRACE and unsampled[2] == "00"
+        assert not [s for s in receiver.spans() if s["attributes"].get("joulegate.request_id") == "flushed-1"]
+    finally:
+        proc.stop()
+    span = receiver.span_of("flushed-1", timeout_s=0.1)  # there once the proxy has stopped
+    assert span["resource"]["service.name"] == "joulegate"
+    assert not [s for s in receiver.spans() if s["attributes"].get("joulegate.request_id") == "unsampled-1"]
+    assert "Traceback" not in proc.log()
+
+
+@pytest.mark.parametrize("how", ["config", "env"])
+def test_configured_without_the_packages_exits_at_start_saying_so(
+        how: str, tmp_path: Path, sim: SimBackend) -> None:
+    telemetry = "telemetry: {otlp_endpoint: 'http://127.0.0.1:4318'}\n" if how == "config" else ""
+    config_path = tmp_path / "joulegate.yaml"
+    config_path.write_text(_config(sim, telemetry))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if how == "env":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4318"
+    # `opentelemetry` made unimportable, as where the otel extra is not installed.
+    code = ("import sys; sys.modules['opentelemetry'] = None; from proxy.cli import main; "
+            f"sys.exit(main(['serve', '-c', {str(config_path)!r}, '--port', '0']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'joulegate[otel]'" in done.stderr
+    assert ("OTEL_EXPORTER_OTLP_ENDPOINT" if how == "env" else "telemetry.otlp_endpoint") in done.stderr
+
+
+@pytest.mark.parametrize(("header", "parsed"), [
+    (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", (CLIENT_TRACE, CLIENT_SPAN, "01")),
+    (f"00-{CLIENT_TRACE.upper()}-{CLIENT_SPAN}-00", (CLIENT_TRACE, CLIENT_SPAN, "00")),
+    (f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-future", (CLIENT_TRACE, CLIENT_SPAN, "01")),  # a later version
+    (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra", None),  # version 00 has exactly four fields
+    (f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01", None),
+    (f"00-{'0' * 32}-{CLIENT_SPAN}-01", None),
+    (f"00-{CLIENT_TRACE}-{'0' * 16}-01", None),
+    (f"00-{CLIENT_TRACE[:-1]}x-{CLIENT_SPAN}-01", None),
+    (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}", None),
+    ("", None),
+])
+def test_parse_traceparent(header: str, parsed: tuple[str, str, str] | None) -> None:
+    assert parse_traceparent(header.encode()) == parsed
+
+
+def test_config_keys() -> None:
+    base = {"backends": [{"name": "a", "url": "http://127.0.0.1:1/v1"}]}
+    assert Config.model_validate(base).telemetry.otlp_endpoint is None
+    assert Config.model_validate(base).telemetry.service_name == "joulegate"
+    with pytest.raises(ConfigError, match="otlp_endpoint"):
+        parse_config("backends: [{name: a, url: 'http://127.0.0.1:1/v1'}]\n"
+                     "telemetry: {otlp_endpoint: 'grpc://collector:4317'}\n")
