@@ -1,7 +1,8 @@
 """Energy budgets are reserved, not only checked: a burst of concurrent requests overshoots a
 budget by at most one request's estimate, on SQLite and on a real Redis; and a ledger store that
 is stopped or paused lets budgeted requests through (`energy_budget_failure: open`) or refuses
-them (`closed`), counted either way, while tenants without a budget never wait on it."""
+them (`closed`), counted either way, while tenants without a budget never wait on it. Budgets in
+grams CO2e hold bursts and refuse on booked grams the same way, on every store."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from proxy.accounting import Accounting
 from proxy.config import ConfigError, parse_config
 from proxy.ledger import open_ledger
 from proxy.metrics import Metrics
+from proxy.records import RequestRecord
 from tests.conftest import KEYS, MODEL, ProxyProc, SimBackend, backend_yaml, sha256, tenants_yaml
 from tests.postgres_support import fresh_database, usable_postgres
 from tests.redis_support import RedisServer, need_redis_server, usable_redis
@@ -351,3 +353,30 @@ def test_config_wants_exactly_one_unit_and_sites_for_grams() -> None:
                           + "tenants:\n  - {name: t, energy_budget: {gco2e: 1500}}\n" + SITES)
     budget = config.tenants[0].energy_budget
     assert budget is not None and (budget.unit, budget.amount, budget.per) == ("gco2e", 1500, "day")
+
+
+def test_a_gram_hold_is_the_joule_estimate_at_the_worst_site() -> None:
+    # The backend is not chosen when the hold is made: the dirtiest site now (PUE x gCO2e/kWh)
+    # prices it, with the host's recent share of the joules on top.
+    config = parse_config(
+        "backends:\n" + backend_yaml("a", "http://127.0.0.1:9", [MODEL], ", site: clean")
+        + backend_yaml("b", "http://127.0.0.1:9", [MODEL], ", site: dirty")
+        + "tenants:\n  - {name: green, energy_budget: {gco2e: 1000}}\n"
+        + "sites:\n  - {name: clean, pue: 1.2, carbon: {gco2e_per_kwh: 50}}\n"
+        + "  - {name: dirty, pue: 1.5, carbon: {gco2e_per_kwh: 400}}\n")
+
+    async def body() -> None:
+        accounting = Accounting(config, open_ledger("memory://"), Metrics())
+        assert accounting.carbon.worst_g_per_j() == pytest.approx(1.5 * 400 / 3.6e6)
+        assert accounting.estimate_g("green", 1000.0, 0, 100) == 10.0  # cold: a hundredth
+        now_s = time.time()
+        accounting.finished(RequestRecord(
+            request_id="r", tenant="green", model=MODEL, kind="chat", stream=False, start_s=now_s - 1,
+            end_s=now_s, backend="a", status=200, completion_tokens=100, joules=10.0,
+            energy_method="measured", host_joules=2.0))
+        assert accounting.estimate_j("green", 1e9, 0, 100) == pytest.approx(10.0)
+        assert accounting.estimate_g("green", 1000.0, 0, 100) == pytest.approx(12.0 * 1.5 * 400 / 3.6e6)
+        assert accounting.estimate_g("green", 1e-6, 0, 100) == 1e-6  # never more than the budget
+        await accounting.ledger.close()
+
+    asyncio.run(body())
