@@ -942,3 +942,26 @@ def test_redis_hours_from_before_reasoning_tokens_sum(store: Store) -> None:
             await ledger.close()
 
     run(body)
+
+
+def test_sqlite_holds_from_before_gram_budgets_are_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_OLD_SCHEMA + "CREATE TABLE holds (key TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+                       " joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL);")
+    conn.execute("INSERT INTO holds VALUES ('old', 'acme', 7000000, ?)", (time.time() + 60,))
+    conn.commit()
+    conn.close()
+
+    async def body() -> None:
+        ledger = open_ledger(f"sqlite://{db}")
+        await ledger.start()
+        try:
+            now = time.time()
+            # The old hold is in joules: it counts for joules, not for grams.
+            assert await ledger.reserve("acme", "g", 5, now, 1_000_000, 60.0, unit="gco2e") == (True, 0)
+            assert await ledger.reserve("acme", "j", 5, now, 10**9, 60.0) == (True, 7_000_000)
+        finally:
+            await ledger.close()
+
+    run(body)
