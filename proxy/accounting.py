@@ -22,7 +22,7 @@ from proxy.config import Config, EnergyBudget
 from proxy.energy.attribution import Final
 from proxy.errors import ProxyError
 from proxy.ledger import Ledger, LedgerRecord
-from proxy.ledger.usage import UJ_PER_J, joules_to_uj
+from proxy.ledger.usage import UG_PER_G, UJ_PER_J, grams_to_ug, joules_to_uj
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from proxy.telemetry import Telemetry
@@ -50,6 +50,8 @@ _DEFAULT_COMPLETION_TOKENS = 256
 #: proxy under c=16 load answered 429 on an unused budget); a hundredth admits 100 at once and
 #: bounds a cold burst's overshoot to 1% of the budget per replica.
 _COLD_SHARE = 0.01
+#: The response header that says what is left of a budget, by the budget's unit.
+REMAINING_HEADER = {"joules": b"x-energy-budget-remaining-joules", "gco2e": b"x-energy-budget-remaining-gco2e"}
 
 
 def period_start_s(per: str, now_s: float) -> float:
@@ -118,6 +120,8 @@ class Accounting:
         self._j_per_token: dict[str | None, float] = {}
         self._completion_tokens: dict[str | None, float] = {}
         self._weighted_tokens: dict[str | None, float] = {}  # recent mean weighted tokens per request
+        # Recent mean (GPU + host) / GPU joules: a gram hold counts the host's share too.
+        self._host_factor: dict[str | None, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_store_warning_s = 0.0
         # Recently finished requests by their unique key (bounded), and the keys under each
@@ -181,31 +185,41 @@ class Accounting:
 
     async def reserve_budget(self, tenant: str, key: str, prompt_tokens: int = 0,
                              max_tokens: int | None = None) -> float | None:
-        """Hold this request's estimated joules (`estimate_j`: from its prompt tokens and its
-        max_tokens) against the tenant's budget, atomically in the ledger store, so concurrent
-        requests cannot all pass the same check; returns the joules that were left before it
-        (None: no budget, or the store failed and the mode is open).
-        429 when none are left; 503 when the store failed and the mode is closed."""
+        """Hold this request's estimate (`estimate_j`, or `estimate_g` for a budget in grams
+        CO2e: from its prompt tokens and its max_tokens) against the tenant's budget, atomically
+        in the ledger store, so concurrent requests cannot all pass the same check; returns what
+        was left before it, in the budget's unit (J or gCO2e; None: no budget, or the store
+        failed and the mode is open).
+        429 when nothing is left; 503 when the store failed and the mode is closed."""
         budget = self.budgets.get(tenant)
         if budget is None:
             return None  # no budget: no store round trip
         now_s = time.time()
-        budget_uj = joules_to_uj(budget.joules)
-        estimate_uj = joules_to_uj(self.estimate_j(tenant, budget.joules, prompt_tokens, max_tokens))
+        # The store counts integer µJ, or µg CO2e for a budget in grams.
+        if budget.unit == "joules":
+            per_unit, unit_name = UJ_PER_J, "J"
+            estimate_stored = joules_to_uj(self.estimate_j(tenant, budget.amount, prompt_tokens, max_tokens))
+            budget_stored = joules_to_uj(budget.amount)
+        else:
+            per_unit, unit_name = UG_PER_G, "gCO2e"
+            estimate_stored = grams_to_ug(self.estimate_g(tenant, budget.amount, prompt_tokens, max_tokens))
+            budget_stored = grams_to_ug(budget.amount)
         try:
             async with asyncio.timeout(self.budget_timeout_s):
-                reserved, used_uj = await self.ledger.reserve(
-                    tenant, key, estimate_uj, period_start_s(budget.per, now_s), budget_uj, self.hold_ttl_s)
+                reserved, used = await self.ledger.reserve(
+                    tenant, key, estimate_stored, period_start_s(budget.per, now_s), budget_stored,
+                    self.hold_ttl_s, unit=budget.unit)
         except Exception as exc:  # slow or down (redis-py's errors are not OSErrors)
             return self._store_failed(tenant, key, exc)
         if not reserved:
             raise ProxyError(
-                429, f"Tenant '{tenant}' has used its energy budget of {budget.joules:g} J per {budget.per}.",
+                429, f"Tenant '{tenant}' has used its {'energy' if unit_name == 'J' else 'carbon'} budget of"
+                f" {budget.amount:g} {unit_name} per {budget.per}.",
                 code="insufficient_quota", type="insufficient_quota",
-                headers=[(b"x-energy-budget-remaining-joules", b"0.0")],
+                headers=[(REMAINING_HEADER[budget.unit], b"0.0")],
             )
         self._holds[key] = (tenant, time.monotonic())
-        return max(budget_uj - used_uj, 0) / UJ_PER_J
+        return max(budget_stored - used, 0) / per_unit
 
     def release_budget(self, record: RequestRecord) -> None:
         """The request ends without being billed (refused, failed before a GPU): give its
@@ -226,16 +240,34 @@ class Accounting:
         cannot hold what small ones cost. Never more than the budget; before anything was
         booked, a hundredth of it. A request larger than the tenant's recent ones holds up to 8x
         more (`_EXTRAPOLATION_MAX`)."""
+        estimate_j = self._estimate_j(tenant, prompt_tokens, max_tokens)
+        return budget_j * _COLD_SHARE if estimate_j is None else min(estimate_j, budget_j)
+
+    def estimate_g(self, tenant: str, budget_g: float, prompt_tokens: int = 0,
+                   max_tokens: int | None = None) -> float:
+        """What a hold on a budget in grams CO2e reserves: `estimate_j`'s joules, plus the
+        tenant's recent share of host joules, at the worst site now (highest PUE x gCO2e/kWh):
+        the backend is not chosen yet, and the booked grams replace the hold. Never more than
+        the budget; a hundredth of it before anything was booked or any site's intensity known."""
+        estimate_j = self._estimate_j(tenant, prompt_tokens, max_tokens)
+        g_per_j = self.carbon.worst_g_per_j()
+        if estimate_j is None or g_per_j is None:
+            return budget_g * _COLD_SHARE
+        host_factor = self._host_factor.get(tenant, self._host_factor.get(None, 1.0))
+        return min(estimate_j * host_factor * g_per_j, budget_g)
+
+    def _estimate_j(self, tenant: str, prompt_tokens: int, max_tokens: int | None) -> float | None:
+        """`estimate_j` without the cap; None before any request was booked."""
         rate_j = self._j_per_token.get(tenant, self._j_per_token.get(None))
         if rate_j is None:
-            return budget_j * _COLD_SHARE
+            return None
         if max_tokens is None:
             mean = self._completion_tokens.get(tenant, self._completion_tokens.get(None))
             max_tokens = round(mean) if mean is not None else _DEFAULT_COMPLETION_TOKENS
         weighted = max(self.prefill_weight * prompt_tokens, float(max_tokens))
         usual = self._weighted_tokens.get(tenant, self._weighted_tokens.get(None)) or 1.0
         margin = min(max(weighted / usual, 1.0), _EXTRAPOLATION_MAX)
-        return min(rate_j * (self.prefill_weight * prompt_tokens + max_tokens) * margin, budget_j)
+        return rate_j * (self.prefill_weight * prompt_tokens + max_tokens) * margin
 
     def _store_failed(self, tenant: str, key: str, exc: Exception) -> float | None:
         mode = self.budget_failure.get(tenant, "open")
@@ -328,6 +360,8 @@ class Accounting:
             _fold(self._j_per_token, who, rate_j)
             _fold(self._completion_tokens, who, float(record.completion_tokens))
             _fold(self._weighted_tokens, who, weighted)
+            if record.host_joules is not None and record.joules > 0:
+                _fold(self._host_factor, who, (record.joules + record.host_joules) / record.joules)
 
     async def _extend_holds(self) -> None:
         """Every quarter TTL, push out the expiry of holds past half their TTL (requests still

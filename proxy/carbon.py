@@ -233,6 +233,15 @@ class CarbonBook:
     def site_of(self, backend: str | None) -> Site | None:
         return self.by_backend.get(backend) if backend is not None else None
 
+    def worst_g_per_j(self, t_s: float | None = None) -> float | None:
+        """The most grams CO2e one joule of IT energy (GPU + host) costs at any site at `t_s`
+        (default now): the largest PUE x gCO2e/kWh / 3.6e6. None while no site's intensity is
+        known. Budget holds in grams use it: the backend is not chosen when a hold is made."""
+        now_s = time.time() if t_s is None else t_s
+        known = [site.pue * value for site in self.sites.values()
+                 if (value := site.source.at(now_s)[0]) is not None]
+        return max(known) / J_PER_KWH if known else None
+
     def fill(self, record: RequestRecord, host_joules: float, final: bool = False) -> None:
         """Set the record's host, all-in joules and grams from its GPU joules (no site: PUE 1
         and no grams). On the `final` figures a stale or extrapolated intensity makes the

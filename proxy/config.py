@@ -271,10 +271,35 @@ class SiteConfig(_Strict):
 
 
 class EnergyBudget(_Strict):
-    joules: float = Field(gt=0, description=(
-        "Joules a tenant may use per period; over it requests get 429 `insufficient_quota`."))
+    """A tenant's budget per period, in joules or in grams CO2e: exactly one of the two."""
+
+    joules: float | None = Field(None, gt=0, description=(
+        "Joules (GPU, as `x-energy-joules`) a tenant may use per period; over it requests get 429 "
+        "`insufficient_quota`. Exactly one of joules or gco2e."))
+    gco2e: float | None = Field(None, gt=0, description=(
+        "Grams CO2e (of all-in energy at each site's grid intensity, as `x-energy-gco2e`) a tenant "
+        "may emit per period; over it requests get 429 `insufficient_quota`. Needs a `site:` on "
+        "every backend. Exactly one of joules or gco2e."))
     per: Literal["hour", "day", "month"] = Field("day", description=(
         "Budget period: hour, day or month (UTC calendar periods)."))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnergyBudget:
+        if (self.joules is None) == (self.gco2e is None):
+            raise ValueError("give exactly one of joules or gco2e")
+        return self
+
+    @property
+    def unit(self) -> Literal["joules", "gco2e"]:
+        """What the budget counts: joules, or grams CO2e."""
+        return "joules" if self.joules is not None else "gco2e"
+
+    @property
+    def amount(self) -> float:
+        """The budget per period, in its unit (J or gCO2e)."""
+        amount = self.joules if self.joules is not None else self.gco2e
+        assert amount is not None  # _exactly_one
+        return amount
 
 
 class TenantConfig(_Strict):
@@ -411,6 +436,12 @@ class Config(_Strict):
                 raise ValueError(f"backend '{b.name}': site '{b.site}' is not in sites:")
         if self.routing.objective == "carbon" and not any(b.site for b in self.backends):
             raise ValueError("routing.objective carbon needs sites: and a site: per backend")
+        gram_budgets = [t.name for t in self.tenants if t.energy_budget and t.energy_budget.gco2e is not None]
+        siteless = [b.name for b in self.backends if b.site is None]
+        if gram_budgets and siteless:
+            # A backend without a site books no grams: a gram budget would never see its requests.
+            raise ValueError(f"tenant '{gram_budgets[0]}' has a gco2e budget, so every backend needs a"
+                             f" site: (backend '{siteless[0]}' has none)")
         return self
 
     @model_validator(mode="after")

@@ -39,7 +39,7 @@ tenants:
   - name: acme
     api_keys_sha256: ["f2d4b279b82ad92867af5878fe7482caebdd7b75499868d0362a6e63ff51f046"]  # sha256 of the key
     # (`joulegate keys new --tenant acme` makes a key and prints this line)
-    energy_budget: {joules: 5.0e6, per: day}       # optional; over it -> 429 insufficient_quota
+    energy_budget: {joules: 5.0e6, per: day}       # optional, or {gco2e: 1500, per: day}; over it -> 429
 admin_api_keys_sha256: []
 anonymous_tenant: null                  # a name bills keyless requests to it; null -> 401 without a key
 ledger: sqlite:///var/lib/joulegate/ledger.db   # or redis://host:6379/0, postgresql://u:pw@host/db, memory://

@@ -33,6 +33,7 @@ class RequestRecord:
     joules: float | None = None  # attributed energy; None where the backend has no power source
     energy_method: str | None = None  # measured | estimated
     budget_left_j: float | None = None  # the tenant's budget left when the request started
+    budget_left_g: float | None = None  # the same for a budget in grams CO2e
     # Carbon (proxy/carbon.py): host J billed like GPU J, (GPU + host) x PUE, and grams CO2e
     # of that at the site's grid intensity; None where unknown.
     host_joules: float | None = None

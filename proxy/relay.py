@@ -146,8 +146,13 @@ class Relay:
                 payload, upstream_body, withhold_usage = parse_json(body, kind, record)
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
-            record.budget_left_j = await self.accounting.reserve_budget(
+            left = await self.accounting.reserve_budget(
                 principal.tenant, record.key, record.prompt_estimate, max_output_tokens(payload, kind))
+            if left is not None:
+                if self.accounting.budgets[principal.tenant].unit == "joules":
+                    record.budget_left_j = left
+                else:
+                    record.budget_left_g = left
             if self.telemetry is not None:  # the span's ids, sent upstream as its traceparent
                 self.telemetry.start(record, scope["headers"], payload)
             await self._forward(scope, watch, send, payload, upstream_body, withhold_usage, record, content_type)
@@ -426,6 +431,9 @@ class Relay:
         if record.budget_left_j is not None:
             left_j = record.budget_left_j - (record.joules or 0.0)
             headers.append((b"x-energy-budget-remaining-joules", repr(max(left_j, 0.0)).encode()))
+        elif record.budget_left_g is not None:
+            left_g = record.budget_left_g - (record.gco2e or 0.0)
+            headers.append((b"x-energy-budget-remaining-gco2e", repr(max(left_g, 0.0)).encode()))
         if record.backend:
             headers.append((b"x-energy-backend", record.backend.encode()))
         if energy is not None and status == 200:
@@ -458,6 +466,8 @@ class Relay:
         ]
         if record.budget_left_j is not None:
             headers.append((b"x-energy-budget-remaining-joules", repr(record.budget_left_j).encode()))
+        elif record.budget_left_g is not None:
+            headers.append((b"x-energy-budget-remaining-gco2e", repr(record.budget_left_g).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         guard = self.watchdog.guard()
         error: str | None = None

@@ -1,7 +1,8 @@
 """Energy budgets are reserved, not only checked: a burst of concurrent requests overshoots a
 budget by at most one request's estimate, on SQLite and on a real Redis; and a ledger store that
 is stopped or paused lets budgeted requests through (`energy_budget_failure: open`) or refuses
-them (`closed`), counted either way, while tenants without a budget never wait on it."""
+them (`closed`), counted either way, while tenants without a budget never wait on it. Budgets in
+grams CO2e hold bursts and refuse on booked grams the same way, on every store."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import openai
 import pytest
 
 from proxy.accounting import Accounting
-from proxy.config import parse_config
+from proxy.config import ConfigError, parse_config
 from proxy.ledger import open_ledger
 from proxy.metrics import Metrics
+from proxy.records import RequestRecord
 from tests.conftest import KEYS, MODEL, ProxyProc, SimBackend, backend_yaml, sha256, tenants_yaml
+from tests.postgres_support import fresh_database, usable_postgres
 from tests.redis_support import RedisServer, need_redis_server, usable_redis
 from tests.test_accounting import MESSAGES, finals, proxy_config, usage_total
 
@@ -231,3 +234,149 @@ def test_large_requests_after_small_ones_overshoot_by_at_most_one_estimate(
         assert spent_j <= budget_j + large_j, (spent_j, budget_j, large_j, len(accepted))
     finally:
         proxy.stop()
+
+
+# -- budgets in grams CO2e -------------------------------------------------------------------------
+
+GREEN_KEY = "sk-test-green-0006"
+#: The simulated H100's site: grams = (GPU + host) J x PUE / 3.6e6 x gCO2e/kWh.
+SITES = "sites:\n  - {name: north, pue: 1.25, carbon: {gco2e_per_kwh: 400}}\n"
+
+
+def gram_config(sim: SimBackend, ledger: str, budget_g: float) -> str:
+    """The simulated H100 at site `north`; tenant `green` on a daily budget of `budget_g` grams
+    CO2e (closed, and 2 s for the store: this is about overshoot, not a slow store)."""
+    power = f", power: {{source: sim, url: '{sim.url}', interval_s: 0.05}}, site: north"
+    tenants = tenants_yaml().replace("admin_api_keys_sha256", (
+        f"  - {{name: green, api_keys_sha256: ['{sha256(GREEN_KEY)}'], energy_budget: {{gco2e: {budget_g!r}}},"
+        " energy_budget_failure: closed}\nadmin_api_keys_sha256"))
+    return ("backends:\n" + backend_yaml("h100", sim.url, [MODEL], power) + "routing: {policy: least_loaded}\n"
+            + f"ledger: '{ledger}'\n" + tenants + SITES
+            + "cluster: {enabled: false}\nenergy_budget_timeout_ms: 2000\n")
+
+
+@pytest.fixture(scope="module")
+def grams_per_request(sims: dict[str, SimBackend], tmp_path_factory: pytest.TempPathFactory) -> float:
+    """What one request like the burst's emits at site `north`, measured alone."""
+    proxy = ProxyProc(gram_config(sims["h100"], "memory://", 1e9), tmp_path_factory.mktemp("calibrate-g"))
+    try:
+        ids = [chat(proxy, KEYS["acme"]).headers["x-request-id"] for _ in range(3)]
+        return sum(f["gco2e"] for f in finals(proxy, ids).values()) / len(ids)
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def gram_ledger(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh ledger of the kind the test is parametrised with."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a Redis or PostgreSQL spill journal stays ours
+    store = request.param
+    if store == "memory":
+        yield "memory://"
+    elif store == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+    elif store == "redis":
+        yield f"{request.getfixturevalue('redis_url')}?key_prefix=jgtest-grams-{uuid.uuid4().hex[:8]}:"
+    else:
+        with usable_postgres() as url, fresh_database(url) as db_url:
+            yield db_url
+
+
+@pytest.mark.parametrize("gram_ledger", ["memory", "sqlite", "redis", "postgres"], indirect=True)
+def test_a_gram_budget_holds_a_burst_then_refuses_once_its_grams_are_booked(
+        gram_ledger: str, sims: dict[str, SimBackend], tmp_path: Path, grams_per_request: float) -> None:
+    budget_g = 5 * grams_per_request
+    proxy = ProxyProc(gram_config(sims["h100"], gram_ledger, budget_g), tmp_path)
+    try:
+        warm = chat(proxy, GREEN_KEY)
+        assert warm.status_code == 200, warm.text
+        assert "x-energy-budget-remaining-joules" not in warm.headers
+        # Nothing booked before it: the budget less this request's grams as it answered.
+        assert float(warm.headers["x-energy-budget-remaining-gco2e"]) == pytest.approx(
+            budget_g - float(warm.headers["x-energy-gco2e"]), abs=2e-6)
+        estimate_g = finals(proxy, [warm.headers["x-request-id"]])[warm.headers["x-request-id"]]["gco2e"]
+
+        # Concurrent requests cannot all pass the same check: holds in µg, atomically.
+        async def burst() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {GREEN_KEY}"}) as client:
+                answers = await asyncio.gather(*(client.post(proxy.url + "/v1/chat/completions", json={
+                    "model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS}) for _ in range(BURST)))
+            return [(a.status_code, a.headers["x-request-id"] if a.status_code == 200 else a.json()["error"]["code"])
+                    for a in answers]
+
+        answers = asyncio.run(burst())
+        accepted = [rid for status, rid in answers if status == 200]
+        refused = [code for status, code in answers if status == 429]
+        assert accepted and refused and len(accepted) + len(refused) == BURST, answers
+        assert set(refused) == {"insufficient_quota"}
+        billed = finals(proxy, [warm.headers["x-request-id"], *accepted])
+        spent_g = sum(f["gco2e"] for f in billed.values())
+        print(f"budget {budget_g:.6f} g, estimate {estimate_g:.6f} g, {len(accepted)}/{BURST} accepted,"
+              f" billed {spent_g:.6f} g")
+        # Without holds every one of the 40 passes the same check (~8x the budget).
+        assert spent_g <= budget_g + estimate_g, (spent_g, budget_g, estimate_g, len(accepted))
+
+        # One at a time, each on a settled ledger (reading usage flushes it), until refused:
+        # the header counts down the booked grams; the refusal comes once they reach the budget.
+        for _ in range(10):
+            booked_g = usage_total(proxy, "?tenant=green")["gco2e"]
+            answer = chat(proxy, GREEN_KEY)
+            if answer.status_code != 200:
+                break
+            assert float(answer.headers["x-energy-budget-remaining-gco2e"]) == pytest.approx(
+                max(budget_g - booked_g - float(answer.headers["x-energy-gco2e"]), 0.0), abs=2e-6)
+            rid = answer.headers["x-request-id"]
+            finals(proxy, [rid])
+        assert answer.status_code == 429, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == error["type"] == "insufficient_quota"
+        assert "gCO2e" in error["message"] and "J " not in error["message"], error
+        assert answer.headers["x-energy-budget-remaining-gco2e"] == "0.0"
+        assert "x-energy-budget-remaining-joules" not in answer.headers
+        assert booked_g >= budget_g, (booked_g, budget_g)
+        assert usage_total(proxy, "?tenant=green")["gco2e"] == booked_g  # the refused one booked nothing
+        # Other tenants are not held to green's budget.
+        assert chat(proxy, KEYS["acme"]).status_code == 200
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
+
+
+def test_config_wants_exactly_one_unit_and_sites_for_grams() -> None:
+    backend = "backends:\n" + backend_yaml("b", "http://127.0.0.1:9", [MODEL])
+    for budget in ("{joules: 5, gco2e: 1}", "{per: day}"):
+        with pytest.raises(ConfigError, match="exactly one of joules or gco2e"):
+            parse_config(backend + f"tenants:\n  - {{name: t, energy_budget: {budget}}}\n")
+    with pytest.raises(ConfigError, match="gco2e budget, so every backend needs a site"):
+        parse_config(backend + "tenants:\n  - {name: t, energy_budget: {gco2e: 1}}\n")
+    config = parse_config(backend.replace("}\n", ", site: north}\n")
+                          + "tenants:\n  - {name: t, energy_budget: {gco2e: 1500}}\n" + SITES)
+    budget = config.tenants[0].energy_budget
+    assert budget is not None and (budget.unit, budget.amount, budget.per) == ("gco2e", 1500, "day")
+
+
+def test_a_gram_hold_is_the_joule_estimate_at_the_worst_site() -> None:
+    # The backend is not chosen when the hold is made: the dirtiest site now (PUE x gCO2e/kWh)
+    # prices it, with the host's recent share of the joules on top.
+    config = parse_config(
+        "backends:\n" + backend_yaml("a", "http://127.0.0.1:9", [MODEL], ", site: clean")
+        + backend_yaml("b", "http://127.0.0.1:9", [MODEL], ", site: dirty")
+        + "tenants:\n  - {name: green, energy_budget: {gco2e: 1000}}\n"
+        + "sites:\n  - {name: clean, pue: 1.2, carbon: {gco2e_per_kwh: 50}}\n"
+        + "  - {name: dirty, pue: 1.5, carbon: {gco2e_per_kwh: 400}}\n")
+
+    async def body() -> None:
+        accounting = Accounting(config, open_ledger("memory://"), Metrics())
+        assert accounting.carbon.worst_g_per_j() == pytest.approx(1.5 * 400 / 3.6e6)
+        assert accounting.estimate_g("green", 1000.0, 0, 100) == 10.0  # cold: a hundredth
+        now_s = time.time()
+        accounting.finished(RequestRecord(
+            request_id="r", tenant="green", model=MODEL, kind="chat", stream=False, start_s=now_s - 1,
+            end_s=now_s, backend="a", status=200, completion_tokens=100, joules=10.0,
+            energy_method="measured", host_joules=2.0))
+        assert accounting.estimate_j("green", 1e9, 0, 100) == pytest.approx(10.0)
+        assert accounting.estimate_g("green", 1000.0, 0, 100) == pytest.approx(12.0 * 1.5 * 400 / 3.6e6)
+        assert accounting.estimate_g("green", 1e-6, 0, 100) == 1e-6  # never more than the budget
+        await accounting.ledger.close()
+
+    asyncio.run(body())

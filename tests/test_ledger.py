@@ -745,6 +745,73 @@ def test_extended_holds_outlive_their_ttl(store: Store) -> None:
     run(body)
 
 
+# -- budgets in grams CO2e: the same holds, summing µg ------------------------------------------
+
+
+def test_concurrent_gram_holds_stop_at_the_budget(store: Store) -> None:
+    """As for joules: 40 gram holds at once against a budget worth 5 pass 5, across two
+    ledgers on one store; joule holds and spent joules do not count against grams."""
+    async def body() -> None:
+        ledger, other = store.open(), store.open()
+        await ledger.start()
+        await other.start()
+        try:
+            now = time.time()
+            # A joule hold and 50 J spent, far over the gram budget if they were counted as µg.
+            assert (await ledger.reserve("acme", "j", 50_000_000, now, 10**9, 60.0))[0]
+            ledger.record(LedgerRecord("spent", "acme", "m", "b", 1, 1, 50.0, "measured", now - 1, now,
+                                       gco2e=0.0))
+            await ledger.flush()
+            results = await asyncio.gather(*(
+                (ledger if i % 2 or store.kind == "memory" else other).reserve(
+                    "acme", f"g{i}", 1_000_000, now, 5_000_000, 60.0, unit="gco2e") for i in range(40)))
+            assert sum(ok for ok, _ in results) == 5, results
+            # And the 5 g held do not count against the joule budget.
+            assert await ledger.reserve("acme", "j2", 1, now, 10**9, 60.0) == (True, 100_000_000)
+        finally:
+            await ledger.close()
+            await other.close()
+
+    run(body)
+
+
+def test_gram_budget_refuses_once_booked_grams_reach_it(store: Store) -> None:
+    """A record's grams settle its gram hold and count; once they reach the budget, a hold is
+    refused; release, expiry and extension work on gram holds as on joule holds."""
+    async def body() -> None:
+        ledger = store.open()
+        await ledger.start()
+        try:
+            now = time.time()
+            assert await ledger.reserve("acme", "a", 400_000, now, 1_000_000, 60.0, unit="gco2e") == (True, 0)
+            assert await ledger.reserve("acme", "b", 400_000, now, 1_000_000, 60.0, unit="gco2e") == (True, 400_000)
+            # "a" is booked with 0.75 g (and 2 J): its hold is replaced by its grams.
+            ledger.record(LedgerRecord("a", "acme", "m", "b", 1, 1, 2.0, "measured", now - 1, now, key="a",
+                                       joules_all_in=2.4, gco2e=0.75))
+            await ledger.flush()
+            assert (await ledger.reserve("acme", "c", 1, now, 1_000_000, 60.0, unit="gco2e"))[0] is False
+            await ledger.release("acme", "b")
+            assert await ledger.reserve("acme", "d", 100_000, now, 1_000_000, 60.0, unit="gco2e") == (True, 750_000)
+            ledger.record(LedgerRecord("d", "acme", "m", "b", 1, 1, 1.0, "measured", now - 1, now, key="d",
+                                       joules_all_in=1.2, gco2e=0.25))
+            await ledger.flush()
+            # 1.0 g booked: the budget is reached, whatever the holds.
+            assert await ledger.reserve("acme", "e", 1, now, 1_000_000, 60.0, unit="gco2e") == (False, 1_000_000)
+            assert await ledger.reserve("acme", "e", 1, now, 1_000_001, 60.0, unit="gco2e") == (True, 1_000_000)
+            # Expiry and extension: a gram hold nobody extends gives its grams back.
+            assert (await ledger.reserve("globex", "running", 300_000, now, 1_000_000, 0.5, unit="gco2e"))[0]
+            assert (await ledger.reserve("globex", "crashed", 700_000, now, 1_000_000, 0.5, unit="gco2e"))[0]
+            await ledger.extend([("globex", "running")], 60.0)
+            await until(lambda: _reserved(ledger.reserve("globex", "y", 1, time.time(), 1_000_000, 60.0,
+                                                         unit="gco2e")), what="the unextended gram hold to expire")
+            assert await ledger.reserve("globex", "z", 1, time.time(), 1_000_000, 60.0, unit="gco2e") == \
+                (True, 300_001)
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
 async def _reserved(pending: Awaitable[tuple[bool, int]]) -> bool:
     return (await pending)[0]
 
@@ -871,6 +938,29 @@ def test_redis_hours_from_before_reasoning_tokens_sum(store: Store) -> None:
             await ledger.flush()
             assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
             assert await ledger.get_request("new-1") == new
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+def test_sqlite_holds_from_before_gram_budgets_are_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_OLD_SCHEMA + "CREATE TABLE holds (key TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+                       " joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL);")
+    conn.execute("INSERT INTO holds VALUES ('old', 'acme', 7000000, ?)", (time.time() + 60,))
+    conn.commit()
+    conn.close()
+
+    async def body() -> None:
+        ledger = open_ledger(f"sqlite://{db}")
+        await ledger.start()
+        try:
+            now = time.time()
+            # The old hold is in joules: it counts for joules, not for grams.
+            assert await ledger.reserve("acme", "g", 5, now, 1_000_000, 60.0, unit="gco2e") == (True, 0)
+            assert await ledger.reserve("acme", "j", 5, now, 10**9, 60.0) == (True, 7_000_000)
         finally:
             await ledger.close()
 

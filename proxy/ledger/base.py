@@ -32,6 +32,7 @@ from proxy.ledger.record import LedgerRecord, LedgerStats, latest
 from proxy.ledger.usage import (
     UJ_PER_J,
     Bucket,
+    BudgetUnit,
     UsageRow,
     group_buckets,
     hour_floor_s,
@@ -98,11 +99,13 @@ class Ledger(ABC):
 
     @abstractmethod
     async def reserve(self, tenant: str, key: str, uj: int, since_s: float, budget_uj: int,
-                      ttl_s: float) -> tuple[bool, int]:
+                      ttl_s: float, unit: BudgetUnit = "joules") -> tuple[bool, int]:
         """Atomically in the store: if `tenant`'s stored µJ since the hour of `since_s` plus its
         live reservations are under `budget_uj`, hold `uj` more under `key` for `ttl_s`.
         Returns (reserved, µJ used before this one). The hold ends when the record with this
-        `key` is written (its actual joules replace it), on `release`, or when it expires."""
+        `key` is written (its actual joules replace it), on `release`, or when it expires.
+        With `unit` "gco2e" every amount is micrograms CO2e instead: the records' grams are
+        summed, and only the tenant's holds in grams count."""
 
     @abstractmethod
     async def release(self, tenant: str, key: str) -> None:
@@ -201,8 +204,8 @@ class BufferedLedger(Ledger):
 
     @abstractmethod
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
-                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
-        """`reserve` in the store, as one atomic step."""
+                             budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
+        """`reserve` in the store, as one atomic step (`unit`: µJ or µg CO2e)."""
 
     @abstractmethod
     async def _release_store(self, tenant: str, key: str) -> None: ...
@@ -414,11 +417,11 @@ class BufferedLedger(Ledger):
 
     # ---- budget holds -------------------------------------------------------------------------
     async def reserve(self, tenant: str, key: str, uj: int, since_s: float, budget_uj: int,
-                      ttl_s: float) -> tuple[bool, int]:
+                      ttl_s: float, unit: BudgetUnit = "joules") -> tuple[bool, int]:
         self._held[key] = tenant  # before the await: a write racing this one must drop it too
         try:
             reserved, used = await self._reserve_store(tenant, key, uj, hour_floor_s(since_s),
-                                                       budget_uj, ttl_s)
+                                                       budget_uj, ttl_s, unit)
         except BaseException:
             self._held.pop(key, None)
             raise

@@ -9,7 +9,7 @@ from typing import Any
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
-from proxy.ledger.usage import Bucket, grams_to_ug, joules_to_uj
+from proxy.ledger.usage import Bucket, BudgetUnit, grams_to_ug, joules_to_uj
 
 
 class MemoryLedger(BufferedLedger):
@@ -23,9 +23,12 @@ class MemoryLedger(BufferedLedger):
         # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj,
         # reasoning_tokens, all-in µJ, µg CO2e]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
-        self._tenant_hour_uj: dict[tuple[str, int], int] = {}
-        # Budget holds: tenant -> key -> (µJ, monotonic expiry); no await between read and write.
-        self._holds_uj: dict[str, dict[str, tuple[int, float]]] = {}
+        # What budgets sum, by unit: (tenant, hour_s) -> µJ, or µg CO2e.
+        self._tenant_hour: dict[BudgetUnit, dict[tuple[str, int], int]] = {"joules": {}, "gco2e": {}}
+        self._tenant_hour_uj = self._tenant_hour["joules"]
+        # Budget holds: tenant -> key -> (µJ or µg, monotonic expiry, unit); no await between
+        # read and write.
+        self._holds_uj: dict[str, dict[str, tuple[int, float, BudgetUnit]]] = {}
 
     async def _write_chunk(self, records: Sequence[LedgerRecord]) -> int:
         new = 0
@@ -50,6 +53,8 @@ class MemoryLedger(BufferedLedger):
             cell[6] += grams_to_ug(rec.gco2e)
             tenant_hour = (rec.tenant, hour)
             self._tenant_hour_uj[tenant_hour] = self._tenant_hour_uj.get(tenant_hour, 0) + uj
+            spent_ug = self._tenant_hour["gco2e"]
+            spent_ug[tenant_hour] = spent_ug.get(tenant_hour, 0) + grams_to_ug(rec.gco2e)
         return new
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,
@@ -69,16 +74,16 @@ class MemoryLedger(BufferedLedger):
                    if t == tenant and h >= since_hour_s)
 
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
-                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+                             budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         now = time.monotonic()
         holds = self._holds_uj.setdefault(tenant, {})
-        for old in [k for k, (_, expires) in holds.items() if expires <= now]:
+        for old in [k for k, (_, expires, _) in holds.items() if expires <= now]:
             del holds[old]
-        used = sum(held for held, _ in holds.values()) + sum(
-            spent for (t, h), spent in self._tenant_hour_uj.items() if t == tenant and h >= since_hour_s)
+        used = sum(held for held, _, held_unit in holds.values() if held_unit == unit) + sum(
+            spent for (t, h), spent in self._tenant_hour[unit].items() if t == tenant and h >= since_hour_s)
         if used >= budget_uj:
             return False, used
-        holds[key] = (uj, now + ttl_s)
+        holds[key] = (uj, now + ttl_s, unit)
         return True, used
 
     async def _release_store(self, tenant: str, key: str) -> None:
@@ -89,7 +94,7 @@ class MemoryLedger(BufferedLedger):
         for tenant, key in holds:
             held = self._holds_uj.get(tenant, {}).get(key)
             if held is not None and held[1] > now:
-                self._holds_uj[tenant][key] = (held[0], now + ttl_s)
+                self._holds_uj[tenant][key] = (held[0], now + ttl_s, held[2])
 
     async def _prune(self, cutoff_s: float) -> int:
         old = [rid for rid, (_, written_s) in self._requests.items() if written_s < cutoff_s]

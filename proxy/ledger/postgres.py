@@ -42,6 +42,7 @@ from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.redis import default_journal_path
 from proxy.ledger.sql import (
     BUCKET_COLUMNS,
+    BUDGET_COLUMN,
     SUM_COLUMNS,
     Cell,
     add_to_cell,
@@ -50,7 +51,7 @@ from proxy.ledger.sql import (
     usage_rows,
     where,
 )
-from proxy.ledger.usage import Bucket, UsageRow, joules_to_uj
+from proxy.ledger.usage import Bucket, BudgetUnit, UsageRow, joules_to_uj
 from proxy.redact import redact_text
 
 log = logging.getLogger("joulegate.ledger")
@@ -93,6 +94,7 @@ MIGRATIONS = (
     ("aggregates", "reasoning_tokens", "BIGINT NOT NULL DEFAULT 0"),
     ("aggregates", "joules_all_in_uj", "BIGINT NOT NULL DEFAULT 0"),
     ("aggregates", "gco2e_ug", "BIGINT NOT NULL DEFAULT 0"),
+    ("holds", "gco2e_ug", "BIGINT NOT NULL DEFAULT 0"),  # a hold in grams (joules_uj 0)
 )
 #: Serialises schema set-up across processes (CREATE ... IF NOT EXISTS races on the catalog).
 SCHEMA_LOCK = 0x4A47_0001
@@ -275,8 +277,10 @@ class PostgresLedger(BufferedLedger):
         return int(rows[0][0])
 
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
-                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+                             budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         now = time.time()
+        col = BUDGET_COLUMN[unit]  # a fixed column name, never input
+        held_uj, held_ug = (uj, 0) if unit == "joules" else (0, uj)
 
         async def step(conn: Conn) -> tuple[bool, int]:
             # Every reservation of this tenant, on any replica, waits here: the read below and
@@ -285,19 +289,19 @@ class PostgresLedger(BufferedLedger):
                                (HOLDS_LOCK_CLASS, holds_lock_id(tenant)))
             await conn.execute("DELETE FROM holds WHERE tenant = %s AND expires_s <= %s", (tenant, now))
             cur = await conn.execute(
-                "SELECT (SELECT COALESCE(SUM(joules_uj), 0) FROM aggregates"
+                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM aggregates"
                 " WHERE tenant = %s AND hour_s >= %s)"
-                " + (SELECT COALESCE(SUM(joules_uj), 0) FROM holds WHERE tenant = %s)",
+                f" + (SELECT COALESCE(SUM({col}), 0) FROM holds WHERE tenant = %s)",
                 (tenant, since_hour_s, tenant))
             row = await cur.fetchone()
             used = int(row[0]) if row is not None else 0
             reserved = used < budget_uj
             if reserved:
                 await conn.execute(
-                    "INSERT INTO holds (key, tenant, joules_uj, expires_s) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (key) DO UPDATE SET tenant = excluded.tenant,"
-                    " joules_uj = excluded.joules_uj, expires_s = excluded.expires_s",
-                    (key, tenant, uj, now + ttl_s))
+                    "INSERT INTO holds (key, tenant, joules_uj, gco2e_ug, expires_s) VALUES (%s, %s, %s, %s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET tenant = excluded.tenant, joules_uj = excluded.joules_uj,"
+                    " gco2e_ug = excluded.gco2e_ug, expires_s = excluded.expires_s",
+                    (key, tenant, held_uj, held_ug, now + ttl_s))
             return reserved, used
 
         return await self._transact(step)

@@ -11,9 +11,12 @@ Keys, under `key_prefix` (default `joulegate:`):
   g (micrograms CO2e), absent (read as 0) in hours written before carbon was recorded.
 - `hours`: a sorted set of the hours that have cells (score = hour_s), for range queries.
 - `tj:<tenant>`: a hash hour_s -> micro-joules; a budget check reads only its period's hours.
+  `tg:<tenant>`: the same in micrograms CO2e, for budgets in grams (hours written before it was
+  kept have none: a gram budget counts from the first write of a version that keeps it).
 - `hold:<tenant>` / `holdx:<tenant>`: budget holds of requests in flight (key -> micro-joules)
-  and their expiry (sorted set, score = ms). RESERVE_SCRIPT checks and holds in one step; the
-  write script drops a request's hold in the step that adds its joules to `tj:`.
+  and their expiry (sorted set, score = ms); `holdg:<tenant>`: holds in micrograms CO2e, under
+  the same expiry set. RESERVE_SCRIPT checks and holds in one step; the write script drops a
+  request's hold in the step that adds its joules to `tj:` (and grams to `tg:`).
 
 Idempotency: each chunk is one Lua script. For every record it does `SET req:<uid> ... NX PX`
 and adds the record to the aggregates only if that SET created the key; it then applies the
@@ -44,7 +47,7 @@ from redis.backoff import NoBackoff
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
-from proxy.ledger.usage import Bucket, grams_to_ug, hour_floor_s, joules_to_uj
+from proxy.ledger.usage import Bucket, BudgetUnit, grams_to_ug, hour_floor_s, joules_to_uj
 
 HOUR_S = 3600
 
@@ -54,6 +57,7 @@ local now = tonumber(ARGV[2])
 local new = 0
 local cells = {}   -- hour -> field -> delta
 local spend = {}   -- tenant -> hour -> micro-joules
+local spend_g = {} -- tenant -> hour -> micrograms CO2e
 local i = 3
 while i <= #ARGV do
   if redis.call('SET', p .. 'req:' .. ARGV[i], ARGV[i + 2], 'NX', 'PX', ARGV[i + 1]) then
@@ -81,6 +85,11 @@ while i <= #ARGV do
     local t = spend[tenant]
     if not t then t = {}; spend[tenant] = t end
     t[hour] = (t[hour] or 0) + uj
+    if g > 0 then
+      local tg = spend_g[tenant]
+      if not tg then tg = {}; spend_g[tenant] = tg end
+      tg[hour] = (tg[hour] or 0) + g
+    end
   end
   i = i + 13
 end
@@ -95,29 +104,41 @@ for tenant, hours in pairs(spend) do
     redis.call('HINCRBY', p .. 'tj:' .. tenant, hour, string.format('%.0f', delta))
   end
 end
-for j = 1, #KEYS, 2 do  -- budget holds these records settle: their joules are in tj: now
+for tenant, hours in pairs(spend_g) do
+  for hour, delta in pairs(hours) do
+    redis.call('HINCRBY', p .. 'tg:' .. tenant, hour, string.format('%.0f', delta))
+  end
+end
+for j = 1, #KEYS, 2 do  -- budget holds these records settle: they are in tj: and tg: now
   redis.call('HDEL', p .. 'hold:' .. KEYS[j], KEYS[j + 1])
+  redis.call('HDEL', p .. 'holdg:' .. KEYS[j], KEYS[j + 1])
   redis.call('ZREM', p .. 'holdx:' .. KEYS[j], KEYS[j + 1])
 end
 return new
 """
 
-#: A budget hold: ARGV prefix, tenant, key, µJ, first hour_s, budget µJ, now ms, ttl ms.
-#: Drops the tenant's expired holds, sums its spend (tj: over the period's hours only) and live
-#: holds, and holds the µJ if that sum is under the budget. Returns {reserved 0/1, used µJ}.
+#: A budget hold: ARGV prefix, tenant, key, µJ, first hour_s, budget µJ, now ms, ttl ms, unit
+#: (j: µJ; g: µg CO2e, summed from tg: and holdg: instead). Drops the tenant's expired holds,
+#: sums its spend (tj: over the period's hours only) and live holds, and holds the µJ if that
+#: sum is under the budget. Returns {reserved 0/1, used µJ}.
 RESERVE_SCRIPT = """
 local p, tenant, key = ARGV[1], ARGV[2], ARGV[3]
 local uj, since, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
-local holds, expiry = p .. 'hold:' .. tenant, p .. 'holdx:' .. tenant
+local held, spent = 'hold:', 'tj:'
+if ARGV[9] == 'g' then held, spent = 'holdg:', 'tg:' end
+local holds, expiry = p .. held .. tenant, p .. 'holdx:' .. tenant
 local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
-for _, old in ipairs(expired) do redis.call('HDEL', holds, old) end
+for _, old in ipairs(expired) do
+  redis.call('HDEL', p .. 'hold:' .. tenant, old)
+  redis.call('HDEL', p .. 'holdg:' .. tenant, old)
+end
 redis.call('ZREMRANGEBYSCORE', expiry, '-inf', now)
 local used = 0
 for _, v in ipairs(redis.call('HVALS', holds)) do used = used + tonumber(v) end
 local hours = {}
 for h = since, math.floor(now / 3600000) * 3600 + 3600, 3600 do hours[#hours + 1] = h end
-for _, v in ipairs(redis.call('HMGET', p .. 'tj:' .. tenant, unpack(hours))) do
+for _, v in ipairs(redis.call('HMGET', p .. spent .. tenant, unpack(hours))) do
   if v then used = used + tonumber(v) end
 end
 if used >= budget then return {0, used} end
@@ -230,16 +251,17 @@ class RedisLedger(BufferedLedger):
         return sum(int(uj) for uj in spend if uj is not None)
 
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
-                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
+                             budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         self._client()
         reserved, used = await self._reserve_script(keys=[], args=[
             self.key_prefix, tenant, key, uj, since_hour_s, budget_uj, round(time.time() * 1000),
-            max(1, round(ttl_s * 1000))])
+            max(1, round(ttl_s * 1000)), "j" if unit == "joules" else "g"])
         return bool(reserved), int(used)
 
     async def _release_store(self, tenant: str, key: str) -> None:
         pipe = self._client().pipeline(transaction=True)
         pipe.hdel(self._prefix_b + b"hold:" + tenant.encode(), key)
+        pipe.hdel(self._prefix_b + b"holdg:" + tenant.encode(), key)
         pipe.zrem(self._prefix_b + b"holdx:" + tenant.encode(), key)
         await pipe.execute()
 
@@ -252,6 +274,7 @@ class RedisLedger(BufferedLedger):
         pipe = self._client().pipeline(transaction=False)
         for tenant in {t for t, _ in holds}:
             pipe.pexpire(self._prefix_b + b"hold:" + tenant.encode(), ttl_ms)
+            pipe.pexpire(self._prefix_b + b"holdg:" + tenant.encode(), ttl_ms)
             pipe.pexpire(self._prefix_b + b"holdx:" + tenant.encode(), ttl_ms)
         for tenant, key in holds:
             pipe.zadd(self._prefix_b + b"holdx:" + tenant.encode(), {key: now_ms + ttl_ms}, xx=True)

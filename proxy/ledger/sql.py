@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from proxy.ledger.record import UID_SEP, LedgerRecord, split_uid
-from proxy.ledger.usage import UJ_PER_J, UsageRow, grams_to_ug, hour_iso, joules_to_uj
+from proxy.ledger.usage import UJ_PER_J, BudgetUnit, UsageRow, grams_to_ug, hour_iso, joules_to_uj
 
 #: A `requests` row as `record_from_row` reads it (the key's slot is empty: it is in the uid).
 REQUEST_COLUMNS = ("request_id, tenant, model, backend, prompt_tokens, completion_tokens, joules,"
@@ -23,6 +23,10 @@ SUM_COLUMNS = ("SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(j
                " SUM(reasoning_tokens), SUM(joules_all_in_uj), SUM(gco2e_ug)")
 
 Cell = tuple[str, str, str, int]
+
+#: The column a budget of each unit sums, in `aggregates` and in `holds` alike (a hold's amount
+#: is in its unit's column; the other is 0).
+BUDGET_COLUMN: dict[BudgetUnit, str] = {"joules": "joules_uj", "gco2e": "gco2e_ug"}
 
 
 def record_from_row(row: Sequence[Any]) -> LedgerRecord:

@@ -31,6 +31,7 @@ from proxy.ledger.journal import connect
 from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.sql import (
     BUCKET_COLUMNS,
+    BUDGET_COLUMN,
     SUM_COLUMNS,
     add_to_cell,
     record_from_row,
@@ -38,7 +39,7 @@ from proxy.ledger.sql import (
     usage_rows,
     where,
 )
-from proxy.ledger.usage import Bucket, UsageRow, joules_to_uj
+from proxy.ledger.usage import Bucket, BudgetUnit, UsageRow, joules_to_uj
 
 _T = TypeVar("_T")
 
@@ -64,9 +65,11 @@ CREATE TABLE IF NOT EXISTS aggregates (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS aggregates_tenant_hour ON aggregates (tenant, hour_s);
 -- Budget holds of requests in flight (accounting.py); a flush deletes a request's hold in the
--- transaction that adds its joules, so the two never count twice or not at all.
+-- transaction that adds its joules, so the two never count twice or not at all. A hold's amount
+-- is in the column of its budget's unit (joules_uj or gco2e_ug); the other is 0.
 CREATE TABLE IF NOT EXISTS holds (
-    key TEXT PRIMARY KEY, tenant TEXT NOT NULL, joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL
+    key TEXT PRIMARY KEY, tenant TEXT NOT NULL, joules_uj INTEGER NOT NULL, expires_s REAL NOT NULL,
+    gco2e_ug INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
 """
@@ -97,6 +100,7 @@ MIGRATIONS = (
     ("requests", "gco2e", "REAL NOT NULL DEFAULT 0"),
     ("aggregates", "joules_all_in_uj", "INTEGER NOT NULL DEFAULT 0"),
     ("aggregates", "gco2e_ug", "INTEGER NOT NULL DEFAULT 0"),
+    ("holds", "gco2e_ug", "INTEGER NOT NULL DEFAULT 0"),
 )
 PRUNE_BATCH = 5000  # rows per delete transaction, so a prune never holds the write lock long
 
@@ -146,19 +150,22 @@ class SqliteLedger(BufferedLedger):
         return self._holds_conn
 
     def _reserve_sync(self, tenant: str, key: str, uj: int, since_hour_s: int, budget_uj: int,
-                      ttl_s: float) -> tuple[bool, int]:
+                      ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         conn = self._holds_db()
         now = time.time()
+        col = BUDGET_COLUMN[unit]  # a fixed column name, never input
         conn.execute("BEGIN IMMEDIATE")  # the write lock first: the read and the insert are one step
         try:
             conn.execute("DELETE FROM holds WHERE tenant = ? AND expires_s <= ?", (tenant, now))
             used = int(conn.execute(
-                "SELECT (SELECT COALESCE(SUM(joules_uj), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?)"
-                " + (SELECT COALESCE(SUM(joules_uj), 0) FROM holds WHERE tenant = ?)",
+                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?)"
+                f" + (SELECT COALESCE(SUM({col}), 0) FROM holds WHERE tenant = ?)",
                 (tenant, since_hour_s, tenant)).fetchone()[0])
             reserved = used < budget_uj
             if reserved:
-                conn.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (key, tenant, uj, now + ttl_s))
+                held_uj, held_ug = (uj, 0) if unit == "joules" else (0, uj)
+                conn.execute("INSERT OR REPLACE INTO holds (key, tenant, joules_uj, gco2e_ug, expires_s)"
+                             " VALUES (?, ?, ?, ?, ?)", (key, tenant, held_uj, held_ug, now + ttl_s))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -167,8 +174,8 @@ class SqliteLedger(BufferedLedger):
         return reserved, used
 
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
-                             budget_uj: int, ttl_s: float) -> tuple[bool, int]:
-        return await self._run_holds(self._reserve_sync, tenant, key, uj, since_hour_s, budget_uj, ttl_s)
+                             budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
+        return await self._run_holds(self._reserve_sync, tenant, key, uj, since_hour_s, budget_uj, ttl_s, unit)
 
     async def _release_store(self, tenant: str, key: str) -> None:
         await self._run_holds(lambda: self._holds_db().execute("DELETE FROM holds WHERE key = ?", (key,)))

@@ -14,7 +14,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+#: What a budget counts: joules (stored as µJ) or grams CO2e (stored as µg).
+BudgetUnit = Literal["joules", "gco2e"]
 
 GROUP_KEYS: tuple[str, ...] = ("tenant", "model", "backend", "hour", "site")
 UG_PER_G = 1_000_000  # grams CO2e are summed as integer micrograms, like joules in µJ
