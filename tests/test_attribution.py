@@ -15,6 +15,7 @@ from proxy.energy.attribution import (
     ScheduledRequest,
     attribute_schedule,
 )
+from proxy.energy.attribution.weights import TokenWeights
 from proxy.energy.timeline import EnergyTimeline
 
 REL = 1e-9
@@ -73,6 +74,21 @@ def test_prefill_weight_balances_prompt_tokens_against_generated_ones() -> None:
     # Prompt tokens count for nothing with prefill_weight 0: "b" takes all of 0-1 s.
     joules, _ = attribute_schedule(watts(100.0, 2.0), [a, b], prefill_weight=0.0)
     assert joules["b"] == pytest.approx(150.0, rel=REL)
+
+
+def test_a_token_decoded_alone_carries_the_whole_steps_shared_work() -> None:
+    # 0-1 s as above, with step_weight 1: "b" decodes alone (a batch of 1), so each of its
+    # tokens weighs 1 + 1/1 against "a"'s prompt of 100: b takes 2/3 of the second, not 1/2.
+    a = ScheduledRequest("a", 0.0, 2.0, 1000, 100, True,
+                         [(1.0, 1)] + [(1.0 + i / 100, 1) for i in range(1, 100)])
+    b = streamed("b", 0.0, 0.0, 2.0, 100)
+    flat, _ = attribute_schedule(watts(100.0, 2.0), [a, b], prefill_weight=0.1)
+    shared, _ = attribute_schedule(watts(100.0, 2.0), [a, b],
+                                   weights=TokenWeights(0.1, step_weight=1.0))
+    # From 1 s both decode in a batch of 2: equal tokens, equal shares (as without the term).
+    assert shared["b"] - 50.0 == pytest.approx(200.0 / 3.0, rel=0.02)
+    assert shared["b"] > flat["b"] + 15.0
+    assert shared["a"] + shared["b"] == pytest.approx(200.0, rel=REL)
 
 
 def test_a_staggered_batch_of_fifty_conserves_and_twins_are_equal() -> None:

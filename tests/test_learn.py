@@ -207,8 +207,43 @@ def test_a_queued_streams_prompt_counts_where_it_went_through_not_while_it_waite
         learner.close(f"p{k}", t0 + 2.0, prompt, 1)
         learner.interval(t0, t0 + 1.0, 100.0)
         learner.interval(t0 + 1.0, t0 + 2.0, 101.0 + 0.05 * prompt)
-    assert learner.weights.learned
-    assert learner.weights.prefill(2000) == pytest.approx(0.05 * 2000, rel=0.15)
+    w = learner.weights
+    assert w.learned
+    # One stream decodes throughout: a token weighs 1 + step_weight (a batch of 1) here.
+    assert w.prefill(2000) / (1.0 + w.step_weight) == pytest.approx(0.05 * 2000, rel=0.15)
+
+
+def test_a_steps_shared_work_is_told_apart_from_the_tokens_in_it() -> None:
+    # Seconds of 1 or 8 streams decoding over 100 steps (0.2 J a token, 1 J a step, 0.02 J a
+    # prompt token): a token alone costs 1.2 J, one in a batch of 8 0.325 J. One flat weight
+    # per token would bill a lone stream a third of its due; the fit finds the step's share.
+    rng = random.Random(5)
+    learner = SplitLearner(0.05)
+    for k in range(80):
+        t0, batch = 2.0 * k, 1 if k % 2 else 8
+        streams = {f"s{k}-{i}": (rng.randint(50, 400), 100 if i == 0 else rng.randint(20, 100))
+                   for i in range(batch)}
+        for rid, (prompt, _) in streams.items():
+            learner.open(rid, t0, True, prompt)
+        for tick in range(1, 101):
+            for rid, (prompt, n) in streams.items():
+                if tick <= n:
+                    learner.tokens(rid, t0 + tick / 100, 1)
+                if tick == n:
+                    learner.close(rid, t0 + tick / 100, prompt, n)
+        tokens = sum(n for _, n in streams.values())
+        prompts = sum(p for p, _ in streams.values())
+        learner.interval(t0, t0 + 1.0, 0.2 * tokens + 1.0 * 99 + 0.02 * prompts)
+        learner.interval(t0 + 1.0, t0 + 2.0, 50.0)  # idle: not learned from
+    w = learner.weights
+    assert w.learned
+
+    def token_j(batch: int) -> float:  # what the weights make of a token, at zero context
+        return 1.0 + w.step_weight / batch
+
+    # Within 20%: the prompt and context terms, which this workload barely tells apart, take
+    # some of it. Without the step term the ratio would be 1.
+    assert token_j(1) / token_j(8) == pytest.approx(1.2 / 0.325, rel=0.2)
 
 
 def test_a_restart_resumes_the_fit_aged_by_the_time_it_was_down() -> None:

@@ -59,19 +59,20 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
         startup_s = time.monotonic() - t_start
         sims_before = run.sim_energy()
         tag = f"{args.seed}-{setup.name.replace('@', '-').replace('.', '_').replace('+', '-')}"
+        warm: list[Outcome] = []
         if args.warmup:
             # A proxy that has been up a while: its split weights learned from other traffic.
             # Not compared; its energy stays in the conservation window (books and counters).
-            asyncio.run(drive(make_plan(args.warmup, args.seed + WARMUP_SEED_OFFSET),
+            warm = asyncio.run(drive(make_plan(args.warmup, args.seed + WARMUP_SEED_OFFSET),
                               f"http://{HOST}:{run.proxy.port}", args.concurrency, "warm-" + tag,
                               closed_loop=setup.busy))
         t_work = time.monotonic()
         outcomes = asyncio.run(drive(plan, f"http://{HOST}:{run.proxy.port}", args.concurrency, tag,
                                      closed_loop=setup.busy))
         workload_s = time.monotonic() - t_work
-        settle_s = asyncio.run(wait_measured(f"http://{HOST}:{run.proxy.port}", outcomes,
+        settle_s = asyncio.run(wait_measured(f"http://{HOST}:{run.proxy.port}", warm + outcomes,
                                              args.measure_timeout_s + 10 * setup.interval_s))
-        asyncio.run(fetch_truth(run.sims, outcomes))
+        asyncio.run(fetch_truth(run.sims, warm + outcomes))
         books = run.books()
         split_weights = {b["name"]: b.get("split_weights") for b in _get_json(
             run.proxy.port, "/v1/energy/backends", ADMIN_KEY)["data"]}
@@ -84,7 +85,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, plan: list[Planned], log_d
     prefill_j = {name: p.prefill_j_per_token() for name, p in profiles.items()}
     annotate(outcomes, setup.interval_s, prefill_j)
     idle_w = {name: p.idle_w for name, p in profiles.items()}
-    energy = energy_books(books, sims_before, sims_after, idle_w, outcomes)
+    energy = energy_books(books, sims_before, sims_after, idle_w, warm + outcomes)
     summary = summarize(setup, outcomes, energy)
     summary.update(startup_s=startup_s, workload_s=workload_s, settle_s=settle_s,
                    total_s=time.monotonic() - t_start, proxy_log_errors=proxy_log_errors,

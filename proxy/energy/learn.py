@@ -49,7 +49,7 @@ __all__ = ["SplitLearner", "SplitWeights"]
 # Feature scales, so the normal equations stay well conditioned: contexts and prompt lengths
 # in thousands of tokens.
 _KTOK = 1000.0
-_N = 5  # decode tokens, decode x context, prefill tokens, prompt x length, embedded tokens
+_N = 6  # decode tokens, decode x context, prefill tokens, prompt x length, embedded tokens, steps
 _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
 # Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
 # its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
@@ -57,7 +57,8 @@ _SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a 
 _MAX_CONTEXT_WEIGHT = 5e-4  # per context token: a 2000-token context at most doubles a token
 _MIN_CROSSOVER_TOKENS = 1000.0  # prefill_weight_sq <= prefill_weight / this
 _PRIOR_RANGE = 10.0  # prefill_weight within [prior / 10, prior * 10]
-_STATE_VERSION = 1  # of `SplitLearner.state()`: a file from another layout is ignored
+_MAX_STEP_WEIGHT = 64.0  # a token alone in its step weighs at most 65 of a full batch's
+_STATE_VERSION = 2  # of `SplitLearner.state()`: a file from another layout is ignored
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +76,7 @@ class SplitWeights(TokenWeights):
         return {"prefill_weight": self.prefill_weight, "prefill_weight_sq": self.prefill_weight_sq,
                 "decode_context_weight": self.decode_context_weight,
                 "embed_weight": self.embed_weight, "embed_weight_sq": self.embed_weight_sq,
+                "step_weight": self.step_weight,
                 "learned": self.learned,
                 "intervals": round(self.intervals, 1)}
 
@@ -237,6 +239,8 @@ class SplitLearner:
                     frac = self._clock.steps(max(first_s, a_s), min(end_s, b_s)) / steps
                 x[0] += frac * r.completion
                 x[1] += frac * r.completion * (r.prompt + r.completion / 2.0) / _KTOK
+        if x[0] > 0:
+            x[5] = self._clock.steps(a_s, b_s)
         return x if any(x) else None
 
     def ttft_s(self, prompt_tokens: int) -> float:
@@ -279,7 +283,7 @@ class SplitLearner:
         for _ in range(_SWEEPS):
             # The prior in joules: prefill_weight decode tokens per prompt token, no length or
             # context terms; it scales with the current joules per decode token.
-            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0, theta[4]]
+            prior = [theta[0], 0.0, self.prior.prefill_weight * theta[0], 0.0, theta[4], 0.0]
             for i in range(_N):
                 rho = self.ridge * g[i][i]
                 if g[i][i] <= 0:
@@ -297,7 +301,7 @@ class SplitLearner:
         if g[4][4] > 0:  # embeddings seen: their own term, bounded like the prefill's
             e1 = min(max(theta[4] / a, prior_w / _PRIOR_RANGE), prior_w * _PRIOR_RANGE)
         return SplitWeights(w1, w2, min(theta[1] / a / _KTOK, _MAX_CONTEXT_WEIGHT), e1, w2,
-                            learned=True, intervals=self._n_eff)
+                            min(theta[5] / a, _MAX_STEP_WEIGHT), learned=True, intervals=self._n_eff)
 
     # -- across restarts ----------------------------------------------------------------------
 

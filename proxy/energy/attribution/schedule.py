@@ -12,6 +12,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from proxy.energy.attribution.attributor import Attributor, IdleMode
+from proxy.energy.attribution.weights import TokenWeights
 from proxy.energy.timeline import EnergyTimeline
 
 __all__ = ["ScheduledRequest", "attribute_schedule"]
@@ -41,6 +42,7 @@ def attribute_schedule(
     share_max_s: float = 60.0,
     learn_idle_power: bool = True,
     place_by_steps: bool = False,
+    weights: TokenWeights | None = None,
 ) -> tuple[dict[str, float], float]:
     """Attribute a whole schedule offline: (joules per request id, idle joules).
 
@@ -48,12 +50,15 @@ def attribute_schedule(
     `sample_kind="power_w"`. Replays the events in time order through the live `Attributor`.
     Idle joules include share mode's carry left after the last request. Raises ValueError if
     the samples do not reach some request's end. `place_by_steps`: see
-    `Attributor.place_by_steps` (off by default here: the plain rule, exact by hand).
+    `Attributor.place_by_steps` (off by default here: the plain rule, exact by hand);
+    `weights`: all the split weights (instead of `prefill_weight` alone).
     """
     attributor = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=prefill_weight,
                             idle=idle, max_pending_s=math.inf, share_max_s=share_max_s,
                             learn_idle_power=learn_idle_power)
     attributor.place_by_steps = place_by_steps
+    if weights is not None:
+        attributor.weights = weights
     timeline = attributor.timeline
     add = timeline.add_energy_sample if sample_kind == "energy_j" else timeline.add_power_sample
     # (t_s, order, request or (request id, tokens) or sample value); at one instant requests

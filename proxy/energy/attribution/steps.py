@@ -22,24 +22,34 @@ _RATE_RATIO = 2.0  # stretches whose step rates differ less than this merge
 class StepClock:
     """Cumulative decode steps seen against time (s); times are appended in order."""
 
-    __slots__ = ("_t", "_m", "_base", "decoding_n")
+    __slots__ = ("_t", "_m", "_q", "_base", "_base_q", "decoding_n", "others_n")
 
     def __init__(self) -> None:
         self._t: list[float] = []
         self._m: list[float] = []  # cumulative steps up to and including _t[i]
+        self._q: list[float] = []  # cumulative per-request step shares (sum of 1 / batch)
         self._base = 0.0  # cumulative steps before _t[0] (arrivals forgotten)
+        self._base_q = 0.0  # cumulative shares before _t[0]
         self.decoding_n = 0  # open streams past their first token
+        self.others_n = 0  # open non-streamed generations (decoding, as far as anyone knows)
+
+    def batch(self) -> int:
+        """Requests in this replica's decode batch now (at least 1)."""
+        return max(1, self.decoding_n + self.others_n)
 
     def arrival(self, t_s: float, count: int) -> None:
         """A decoding stream got `count` tokens at `t_s`."""
         if count <= 0:
             return
         step = count / max(1, self.decoding_n)
+        share = step / self.batch()
         if self._t and t_s <= self._t[-1]:
             self._m[-1] += step  # same instant (or a late report): one entry
+            self._q[-1] += share
         else:
             self._t.append(t_s)
             self._m.append((self._m[-1] if self._m else self._base) + step)
+            self._q.append((self._q[-1] if self._q else self._base_q) + share)
 
     def moment_before(self, t_s: float) -> float | None:
         """The newest arrival before `t_s` and its burst (where the step that ends at `t_s`
@@ -56,13 +66,26 @@ class StepClock:
             return 0.0
         return self._m[j - 1] - (self._m[i - 1] if i > 0 else self._base)
 
+    def mean_share(self, lo_s: float, hi_s: float) -> float | None:
+        """One request's mean share of a step in (lo_s, hi_s] (1 / the batch it decoded in);
+        None where no step was seen."""
+        if hi_s <= lo_s or not self._t:
+            return None
+        i, j = bisect_right(self._t, lo_s), bisect_right(self._t, hi_s)
+        if j <= i:
+            return None
+        steps = self._m[j - 1] - (self._m[i - 1] if i > 0 else self._base)
+        shares = self._q[j - 1] - (self._q[i - 1] if i > 0 else self._base_q)
+        return shares / steps if steps > 0 else None
+
     def forget_before(self, t_s: float) -> None:
         """Drop arrivals at or before `t_s` (no unsettled request can ask about them)."""
         i = bisect_right(self._t, t_s)
         if i > 1024 or (i and i == len(self._t)):
-            self._base = self._m[i - 1]
+            self._base, self._base_q = self._m[i - 1], self._q[i - 1]
             del self._t[:i]
             del self._m[:i]
+            del self._q[:i]
 
     def pieces(self, lo_s: float, hi_s: float) -> list[tuple[float, float, float]]:
         """[lo_s, hi_s] as stretches of about constant step rate: (from s, to s, steps). A step

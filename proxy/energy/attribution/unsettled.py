@@ -67,6 +67,8 @@ class UnsettledRequests:
         self.by_key[key] = r
         self.unknown[key] = r
         self.open_n += 1
+        if not stream and not embedding:
+            self.clock.others_n += 1
         return r
 
     def find_open(self, request_id: str) -> RequestState | None:
@@ -80,6 +82,7 @@ class UnsettledRequests:
 
     def tokens(self, r: RequestState, t_s: float, count: int, weights: TokenWeights) -> None:
         """Streamed `r` got `count` tokens at `t_s` (not before its start)."""
+        shared = 0.0
         if r.first_token_s is None:
             r.first_token_s = t_s
             # Its prompt went through in the step that ended with its first token: after the
@@ -98,8 +101,11 @@ class UnsettledRequests:
             if not r.timed:
                 r.timed = True
                 self.ttft.observe(r.prompt_tokens, r.first_token_s - r.start_s)
+            shared = weights.step_share(count, 1.0 / self.clock.batch())
         if count > 0:
             weight = weights.decode(r.prompt_tokens + r.emitted, count)
+            if r.emitted:
+                weight += shared
             r.emitted += count
             r.arrivals.append((t_s, weight))
             r.pending_tokens += weight
@@ -112,12 +118,15 @@ class UnsettledRequests:
             self.unknown_prefills_n -= 1  # it leaves `unknown` below
         r.end_s = end_s
         self.open_n -= 1
+        if not r.stream and not r.embedding:
+            self.clock.others_n -= 1
         if r.stream and r.first_token_s is not None:
             self.clock.decoding_n -= 1
         r.prompt_tokens = max(prompt_tokens, 0)
         r.completion_tokens = max(completion_tokens, 0)
         weight = (weights.prompt(r.prompt_tokens, r.embedding)
-                  + weights.decode(r.prompt_tokens, r.completion_tokens))
+                  + weights.decode(r.prompt_tokens, r.completion_tokens)
+                  + weights.step_share(r.completion_tokens, 1.0 / (self.clock.batch() + 1)))
         self._rates.learn_request(weight, end_s - r.start_s)
         converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
@@ -153,8 +162,9 @@ class UnsettledRequests:
         steps = self.clock.steps(from_s, end_s)
         if steps <= 0 or end_s - from_s < MIN_SPAN_S or from_s - r.start_s < MIN_SPAN_S:
             return None
+        shared = weights.step_share(r.completion_tokens, self.clock.mean_share(from_s, end_s) or 0.0)
         return (from_s, weights.prompt(r.prompt_tokens, r.embedding),
-                weights.decode(r.prompt_tokens, r.completion_tokens), steps)
+                weights.decode(r.prompt_tokens, r.completion_tokens) + shared, steps)
 
     def forget(self, r: RequestState) -> None:
         """`r` is settled."""

@@ -25,6 +25,14 @@ class TokenWeights:
     decode_context_weight: float = 0.0  # per generated token, per context token
     embed_weight: float | None = None  # per embedded token; None: as prefill
     embed_weight_sq: float = 0.0  # per embedded token, per embedded token
+    # A decode step's shared work (reading the weights, the power floor while it runs), split
+    # equally among the requests in the step: a generated token in a batch of b weighs
+    # `step_weight / b` more. Why a token alone costs many times one in a full batch.
+    step_weight: float = 0.0
+
+    def step_share(self, count: float, mean_share: float) -> float:
+        """The shared-step weight of `count` tokens each decoded at `mean_share` (1 / batch)."""
+        return self.step_weight * count * mean_share
 
     def prefill(self, prompt_tokens: int) -> float:
         """The weight of prefilling a prompt of this many tokens."""
