@@ -8,6 +8,8 @@ Redis tests claim database 5 (no other test uses it) and a key prefix of their o
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import openai
 import pytest
 import redis
 
+from proxy.cli import main
 from proxy.keystore import open_keystore
 from proxy.keystore.base import ManagedKey
 from proxy.stores import parse_store
@@ -167,17 +170,13 @@ def test_revocation_reaches_a_second_replica_within_a_second(
     assert "Traceback" not in a.log() + b.log()
 
 
-def test_an_expired_key_is_refused(sims: dict[str, SimBackend], tmp_path: Path) -> None:
-    proxy = ProxyProc(keys_config(sims["h100"], "memory://"), tmp_path)
-    try:
-        made = create(proxy, tenant="acme", expires_at=time.time() + 1.0)
-        assert made["expires_at"].endswith("Z")
-        assert chat_status(proxy, made["key"]) == 200
-        wait_until(lambda: chat_status(proxy, made["key"]) == 401, 5, "the key to expire")
-        iso = create(proxy, tenant="acme", expires_at="2999-01-01T00:00:00Z")
-        assert iso["expires_at"] == "2999-01-01T00:00:00Z" and chat_status(proxy, iso["key"]) == 200
-    finally:
-        proxy.stop()
+def test_an_expired_key_is_refused(keys_proxy: ProxyProc) -> None:
+    made = create(keys_proxy, tenant="acme", expires_at=time.time() + 1.0)
+    assert made["expires_at"].endswith("Z")
+    assert chat_status(keys_proxy, made["key"]) == 200
+    wait_until(lambda: chat_status(keys_proxy, made["key"]) == 401, 5, "the key to expire")
+    iso = create(keys_proxy, tenant="acme", expires_at="2999-01-01T00:00:00Z")
+    assert iso["expires_at"] == "2999-01-01T00:00:00Z" and chat_status(keys_proxy, iso["key"]) == 200
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -250,3 +249,59 @@ def test_every_store_keeps_keys_and_versions(store: str, tmp_path: Path, request
     asyncio.run(body())
     for _ in ledgers:  # the shared store's clean-up
         pass
+
+
+def joulegate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`joulegate ARGS` in this process (the same parser and code as the console script):
+    exit status, stdout, stderr."""
+    try:
+        status = main(list(args))
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_the_keys_commands_drive_the_admin_api(keys_proxy: ProxyProc, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JG_TEST_ADMIN", ADMIN_KEY)
+    where = ("--url", keys_proxy.url, "--admin-key-env", "JG_TEST_ADMIN")
+    status, out, err = joulegate(capsys, "keys", "create", "--tenant", "cli-tenant", "--name", "from the CLI",
+                                 "--rpm", "50", "--expires", "2999-01-01T00:00:00Z", "--json", *where)
+    assert status == 0, err
+    key = json.loads(out)
+    assert (key["tenant"], key["rpm"], key["expires_at"]) == ("cli-tenant", 50, "2999-01-01T00:00:00Z")
+    assert chat_status(keys_proxy, key["key"]) == 200
+
+    status, out, err = joulegate(capsys, "keys", "list", *where)
+    assert status == 0, err
+    assert key["id"] in out and "from the CLI" in out and key["key"] not in out
+    as_json = json.loads(joulegate(capsys, "keys", "list", "--json", *where)[1])
+    assert key["id"] in [k["id"] for k in as_json["data"]]
+
+    status, out, _ = joulegate(capsys, "keys", "revoke", key["id"], *where)
+    assert status == 0 and f"revoked {key['id']}" in out
+    assert chat_status(keys_proxy, key["key"]) == 401
+
+    status, out, _ = joulegate(capsys, "keys", "create", "--tenant", "cli-tenant", *where)
+    assert status == 0 and re.search(r"^key: +sk-\S+$", out, re.M)
+    status, _, err = joulegate(capsys, "keys", "revoke", "key_nope", *where)
+    assert status == 1 and err.count("\n") == 1 and "HTTP 404" in err
+    monkeypatch.setenv("JG_TEST_ADMIN", KEYS["acme"])
+    status, _, err = joulegate(capsys, "keys", "list", *where)
+    assert status == 1 and "HTTP 403" in err
+
+
+@pytest.mark.parametrize("args", [
+    ("keys", "create", "--tenant", "t", "--rpm", "0"),
+    ("keys", "create", "--tenant", "t", "--tpm", "many"),
+    ("keys", "create", "--tenant", "t", "--expires", "next week"),
+    ("keys", "create", "--rpm", "5"),
+    ("keys", "list", "--url", "127.0.0.1:8080"),
+    ("keys", "revoke"),
+    ("keys", "list", "--admin-key-env", "JG_TEST_UNSET_VARIABLE"),
+])
+def test_bad_flags_exit_2_with_one_line(args: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = joulegate(capsys, *args)
+    assert status == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err

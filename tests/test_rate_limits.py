@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,7 +58,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 RESET = re.compile(r"^(\d+m)?\d+(\.\d+)?s$|^\d+ms$")
 
 
-def fresh_window(needed_s: float = 8.0) -> None:
+def fresh_window(needed_s: float = 3.0) -> None:
     """Return at once if `needed_s` of this minute's window are left, else when the next begins."""
     if 60 - time.time() % 60 < needed_s:
         start = window_of(time.time())
@@ -154,56 +155,56 @@ def metered_tenants(extra: str = "") -> str:
         "admin_api_keys_sha256")) + extra
 
 
-def test_rpm_refuses_with_openai_headers(sims: dict[str, SimBackend], tmp_path: Path) -> None:
-    proxy = ProxyProc(keys_config(sims["h100"], "memory://", metered_tenants()), tmp_path)
-    try:
-        keyed = create(proxy, tenant="acme", rpm=2, tpm=10_000)["key"]
-        managed = create(proxy, tenant="metered")["key"]  # no limit of its own: the tenant's applies
-        fresh_window()
-        assert [chat(proxy, keyed), chat(proxy, keyed)] == [200, 200]
-        with sdk(proxy, keyed) as client, pytest.raises(openai.RateLimitError) as info:
-            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-        assert info.value.code == "rate_limit_exceeded"
-        headers = info.value.response.headers
-        assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("2", "0")
-        assert headers["x-ratelimit-limit-tokens"] == "10000"
-        assert 0 < int(headers["x-ratelimit-remaining-tokens"]) < 10_000
-        assert RESET.match(headers["x-ratelimit-reset-requests"]) and RESET.match(headers["x-ratelimit-reset-tokens"])
-        assert 1 <= int(headers["retry-after"]) <= 60
-        assert chat(proxy, KEYS["acme"]) == 200  # acme's config key has no limit of its own
-
-        # The tenant's limit counts its config and managed keys together.
-        assert [chat(proxy, METERED_KEY), chat(proxy, managed), chat(proxy, METERED_KEY)] == [200] * 3
-        assert [chat(proxy, managed), chat(proxy, METERED_KEY)] == [429, 429]
-        assert counter(proxy, "joulegate_rate_limited_requests", 'kind="requests",scope="key",tenant="acme"') == 1
-        assert counter(proxy, "joulegate_rate_limited_requests", 'scope="tenant",tenant="metered"') == 2
-    finally:
-        proxy.stop()
-    assert "Traceback" not in proxy.log()
+@pytest.fixture(scope="module")
+def proxy(sims: dict[str, SimBackend], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProc]:
+    """One proxy on a memory ledger with the `metered` tenant; each test makes keys of its own."""
+    started = ProxyProc(keys_config(sims["h100"], "memory://", metered_tenants()), tmp_path_factory.mktemp("rl"))
+    yield started
+    started.stop()
+    assert "Traceback" not in started.log()
 
 
-def test_tpm_counts_the_billed_tokens(sims: dict[str, SimBackend], tmp_path: Path) -> None:
-    proxy = ProxyProc(keys_config(sims["h100"], "memory://"), tmp_path)
-    try:
-        key = create(proxy, tenant="acme", tpm=5000)["key"]
-        fresh_window()
-        with sdk(proxy, key) as client:
-            # No max_tokens: admitted as prompt + 256, billed as the engine's usage says.
-            answer = client.chat.completions.create(model=MODEL, messages=MESSAGES)
-            assert answer.usage is not None
-            billed = answer.usage.prompt_tokens + answer.usage.completion_tokens
-            assert billed != token_estimate(answer.usage.prompt_tokens, None)
+def test_rpm_refuses_with_openai_headers(proxy: ProxyProc) -> None:
+    keyed = create(proxy, tenant="acme", rpm=2, tpm=10_000)["key"]
+    managed = create(proxy, tenant="metered")["key"]  # no limit of its own: the tenant's applies
+    fresh_window()
+    assert [chat(proxy, keyed), chat(proxy, keyed)] == [200, 200]
+    with sdk(proxy, keyed) as client, pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert info.value.code == "rate_limit_exceeded"
+    headers = info.value.response.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("2", "0")
+    assert headers["x-ratelimit-limit-tokens"] == "10000"
+    assert 0 < int(headers["x-ratelimit-remaining-tokens"]) < 10_000
+    assert RESET.match(headers["x-ratelimit-reset-requests"]) and RESET.match(headers["x-ratelimit-reset-tokens"])
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert chat(proxy, KEYS["acme"]) == 200  # acme's config key has no limit of its own
 
-            def remaining() -> int:
-                # Larger than the limit alone: refused without counting, showing what is left.
-                with pytest.raises(openai.RateLimitError) as info:
-                    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
-                assert "too large" in str(info.value)
-                return int(info.value.response.headers["x-ratelimit-remaining-tokens"])
+    # The tenant's limit counts its config and managed keys together.
+    assert [chat(proxy, METERED_KEY), chat(proxy, managed), chat(proxy, METERED_KEY)] == [200] * 3
+    assert [chat(proxy, managed), chat(proxy, METERED_KEY)] == [429, 429]
+    assert counter(proxy, "joulegate_rate_limited_requests", 'kind="requests",scope="key",tenant="acme"') == 1
+    assert counter(proxy, "joulegate_rate_limited_requests", 'scope="tenant",tenant="metered"') == 2
 
-            wait_until(lambda: remaining() == 5000 - billed, 5, "the count to be corrected to the billed tokens")
-    finally:
-        proxy.stop()
+
+def test_tpm_counts_the_billed_tokens(proxy: ProxyProc) -> None:
+    key = create(proxy, tenant="acme", tpm=5000)["key"]
+    fresh_window()
+    with sdk(proxy, key) as client:
+        # No max_tokens: admitted as prompt + 256, billed as the engine's usage says.
+        answer = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert answer.usage is not None
+        billed = answer.usage.prompt_tokens + answer.usage.completion_tokens
+        assert billed != token_estimate(answer.usage.prompt_tokens, None)
+
+        def remaining() -> int:
+            # Larger than the limit alone: refused without counting, showing what is left.
+            with pytest.raises(openai.RateLimitError) as info:
+                client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5000)
+            assert "too large" in str(info.value)
+            return int(info.value.response.headers["x-ratelimit-remaining-tokens"])
+
+        wait_until(lambda: remaining() == 5000 - billed, 5, "the count to be corrected to the billed tokens")
 
 
 @pytest.mark.parametrize("store", ["redis", "postgresql"])
