@@ -32,6 +32,7 @@ class PostgresRateStore(RateStore):
 
     async def start(self) -> None:
         await self._pool.open(wait=False)
+        await self._ready()  # now, not in the first limited request's 50 ms
 
     async def close(self) -> None:
         await self._pool.close()
