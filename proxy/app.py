@@ -17,6 +17,7 @@ import orjson
 
 from policies import make_policy
 from proxy.accounting import Accounting
+from proxy.admin import KeysAdmin
 from proxy.auth import Authenticator, Principal
 from proxy.backends import BackendPool
 from proxy.config import Config, load_config
@@ -25,12 +26,17 @@ from proxy.energy.meter import EnergyMeter
 from proxy.energy.shares import make_exchange
 from proxy.errors import ProxyError, bad_request
 from proxy.governor.actuate import Governor
+from proxy.keystore import open_keystore
+from proxy.keystore.table import KeyTable
 from proxy.ledger import LedgerRecord, open_ledger
 from proxy.ledger.usage import parse_group_by, parse_time_s, rows_to_csv, usage_payload
 from proxy.metrics import Metrics
 from proxy.metrics_server import start_metrics_listener
+from proxy.ratelimit import open_rate_store
+from proxy.ratelimit.limiter import RateLimiter
 from proxy.records import RequestRecord
 from proxy.relay import REFUSAL, Receive, Relay, Scope, Send, scan_headers, send_error
+from proxy.stores import parse_store
 from proxy.telemetry import Telemetry
 
 log = logging.getLogger("joulegate")
@@ -86,8 +92,12 @@ class JouleGate:
                 self.meter.meters[backend.name].efficiency = backend.efficiency
         # Replicas sharing a backend each bill only their share (Redis, or engine metrics).
         self.exchange = make_exchange(config, self.meter, self.pool, self.metrics.registry)
+        # Managed keys and rate-limit counters live beside the ledger, in its store.
+        store = parse_store(config.ledger or "memory://")
+        self.keys = KeyTable(open_keystore(store), self.auth)
+        self.limiter = RateLimiter(config, open_rate_store(store), self.metrics)
         self.relay = Relay(config, self.pool, self.policy, self.auth, self.meter, self.accounting,
-                           self.telemetry)
+                           self.limiter, self.telemetry)
         # Other POST routes relayed upstream: an allowlist (config.DEFAULT_PASSTHROUGH), exact paths.
         self.passthrough = config.server.passthrough_paths()
         # /v1/responses is on that allowlist too: removed there, it is not served either.
@@ -102,12 +112,15 @@ class JouleGate:
             "/healthz": Route(self._healthz, ("GET", "HEAD")),
             "/readyz": Route(self._readyz, ("GET", "HEAD")),
         }
+        admin = KeysAdmin(self.auth, self.keys)  # managed API keys (proxy/admin.py)
+        self.routes["/v1/admin/keys"] = Route(admin.keys, ("GET", "POST"))
         if config.server.metrics_port is None:  # else /metrics is served on its own port only
             self.routes["/metrics"] = Route(self._metrics)
         self.prefix_routes: tuple[tuple[str, Route], ...] = (
             ("/v1/models/", Route(self._models)),
             # GET only, never passed through: these are the proxy's own.
             ("/v1/energy/", Route(self._energy_api, ("GET",))),
+            ("/v1/admin/keys/", Route(admin.key, ("GET", "DELETE"))),
         )
         self.passthrough_route = Route(self._passthrough, ("POST",))
         self.governor = Governor(config, self.pool, self.metrics)  # power caps: proxy/governor/
@@ -339,6 +352,8 @@ class JouleGate:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.accounting.start()
+                    await self.keys.start()
+                    await self.limiter.start()
                     await self.pool.start()
                     if self.config.energy.state_file is not None:
                         self.meter.load_state(self.config.energy.state_file, time.time())
@@ -371,6 +386,8 @@ class JouleGate:
                     self.meter.save_state(self.config.energy.state_file)
                 await self.pool.close()
                 await self.accounting.close()
+                await self.limiter.close()
+                await self.keys.close()
                 if self.telemetry is not None:  # after accounting booked the last requests
                     await asyncio.to_thread(self.telemetry.close)
                 await send({"type": "lifespan.shutdown.complete"})

@@ -70,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     keys_new = keys_sub.add_parser("new", help="make a random key; print it once with its sha256 for the config")
     keys_new.add_argument("--tenant", required=True, help="the tenant the key is for")
     keys_new.add_argument("--json", action="store_true", help='print {"tenant", "key", "sha256"}')
+    # Managed keys, through a running proxy's admin API (proxy/keys_cli.py).
+    from proxy.keys_cli import add_arguments, iso_time
+
+    keys_create = keys_sub.add_parser("create", help="make a managed key through the admin API; print it once")
+    keys_create.add_argument("--tenant", required=True, help="the tenant the key bills to")
+    keys_create.add_argument("--name", help="a label for the key")
+    keys_create.add_argument("--rpm", type=_positive_int, help="requests per minute for this key")
+    keys_create.add_argument("--tpm", type=_positive_int, help="tokens per minute for this key")
+    keys_create.add_argument("--expires", type=iso_time, help="when it stops working (ISO 8601; default never)")
+    keys_create.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
+    keys_list = keys_sub.add_parser("list", help="list managed keys (never their secrets)")
+    keys_list.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a managed key by its id")
+    keys_revoke.add_argument("id", help="the key's id (key_...)")
+    for managed in (keys_create, keys_list, keys_revoke):
+        add_arguments(managed)
 
     usage = sub.add_parser("usage", help="read the energy ledger")
     usage.add_argument("-c", "--config", default=os.environ.get("JOULEGATE_CONFIG"),
@@ -194,6 +210,11 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from proxy.keys import new_key_record
+
+    if args.keys_command != "new":
+        from proxy.keys_cli import run
+
+        return run(args)
 
     tenant = args.tenant.strip()
     if not tenant or tenant == "admin":

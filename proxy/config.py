@@ -302,6 +302,19 @@ class EnergyBudget(_Strict):
         return amount
 
 
+class RateLimit(_Strict):
+    """Requests and tokens a tenant may send per minute, across every replica sharing the ledger
+    store (fixed 60 s windows aligned to the minute)."""
+
+    rpm: int | None = Field(None, ge=1, description=(
+        "Requests per minute; past it 429 `rate_limit_exceeded` with `x-ratelimit-*` and "
+        "`retry-after` headers. null: no request limit."))
+    tpm: int | None = Field(None, ge=1, description=(
+        "Tokens per minute: a request counts its estimated prompt tokens plus max_tokens (256 "
+        "without one) when admitted, corrected to the tokens it was billed when it ends. null: no "
+        "token limit."))
+
+
 class TenantConfig(_Strict):
     name: str = Field(min_length=1, description="Tenant name, as booked in the ledger ('admin' is reserved).")
     api_keys_sha256: list[str] = Field(default_factory=list, description=(
@@ -309,6 +322,9 @@ class TenantConfig(_Strict):
     energy_budget: EnergyBudget | None = Field(None, description="Optional energy budget; null: none.")
     energy_budget_failure: Literal["open", "closed"] | None = Field(None, description=(
         "open or closed when the budget's store does not answer; null: the top-level setting."))
+    rate_limit: RateLimit | None = Field(None, description=(
+        "Requests and tokens per minute for the whole tenant (every key, config and managed, "
+        "together); null: none. Managed keys may carry their own on top."))
 
     @field_validator("name")
     @classmethod
@@ -418,6 +434,13 @@ class Config(_Strict):
     energy_budget_timeout_ms: float = Field(50.0, gt=0, description=(
         "Milliseconds a budget hold may wait for the ledger store before it counts as a store "
         "failure (see energy_budget_failure)."))
+    rate_limit_failure: Literal["open", "closed"] = Field("open", description=(
+        "A rate-limited request whose shared store (Redis, PostgreSQL) does not answer within "
+        "rate_limit_timeout_ms: open lets it through, closed refuses it with 503 "
+        "`rate_limit_unavailable`."))
+    rate_limit_timeout_ms: float = Field(50.0, gt=0, description=(
+        "Milliseconds a rate-limit check may wait for the shared store before it counts as a store "
+        "failure (see rate_limit_failure)."))
     governor: GovernorConfig = Field(default_factory=GovernorConfig, description=(
         "Power caps per backend (off, advise or apply)."))
     # Host and facility overhead and grid carbon: proxy/carbon.py.

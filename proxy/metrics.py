@@ -101,6 +101,16 @@ class Metrics:
         self.budget_store_failures = Counter(
             "joulegate_energy_budget_store_failures", "Budget checks the ledger store failed to answer.", ["mode"], registry=r,
         )
+        # Rate limits (proxy/ratelimit/): refusals by tenant (only tenants with limits, which an
+        # operator configured or an admin gave a managed key), and store failures by mode.
+        self.rate_limited = Counter(
+            "joulegate_rate_limited_requests", "Requests refused by a rate limit, by tenant, kind "
+            "(requests|tokens) and scope (key|tenant).", ["tenant", "kind", "scope"], registry=r,
+        )
+        self.rate_limit_store_failures = Counter(
+            "joulegate_rate_limit_store_failures", "Rate-limit checks the shared store failed to answer.",
+            ["mode"], registry=r,
+        )
 
         # Whether a backend's power readings can be trusted (set from its view at each scrape).
         self.power_clock_offset_s = Gauge(

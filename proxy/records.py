@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from proxy.ratelimit.limiter import RateTicket
     from proxy.telemetry import SpanStart
 
 
@@ -46,6 +47,9 @@ class RequestRecord:
     key: str = field(default_factory=lambda: os.urandom(12).hex())
     # Its span's ids, taken before it went upstream; None while tracing is off (proxy/telemetry.py).
     trace: SpanStart | None = None
+    # Its tokens as counted by a token-per-minute limit, corrected when it ends; None: no such
+    # limit applies (proxy/ratelimit/).
+    rate: RateTicket | None = None
 
     @property
     def billed_tokens(self) -> int:

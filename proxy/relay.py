@@ -37,6 +37,7 @@ from proxy.inbound import (
     read_body,
     scan_headers,
 )
+from proxy.ratelimit.limiter import RateLimiter
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
 from proxy.telemetry import SpanStart, Telemetry
@@ -89,6 +90,7 @@ class Relay:
         auth: Authenticator,
         meter: EnergyMeter,
         accounting: Accounting,
+        limiter: RateLimiter,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
@@ -97,6 +99,7 @@ class Relay:
         self.auth = auth
         self.meter = meter
         self.accounting = accounting
+        self.limiter = limiter  # only for principals with rate limits
         self.telemetry = telemetry  # None: tracing off, one check per request
         self.max_body_bytes = config.server.max_body_bytes
         self.read_timeout_s = config.server.client_read_timeout_s
@@ -144,10 +147,13 @@ class Relay:
                 payload, upstream_body, withhold_usage = parse_form(body, content_type, record), body, False
             else:
                 payload, upstream_body, withhold_usage = parse_json(body, kind, record)
+            max_tokens = max_output_tokens(payload, kind)
+            if principal.limits:  # over a rate limit: 429 before the budget or a GPU sees it
+                await self.limiter.admit(principal, record, max_tokens)
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
             left = await self.accounting.reserve_budget(
-                principal.tenant, record.key, record.prompt_estimate, max_output_tokens(payload, kind))
+                principal.tenant, record.key, record.prompt_estimate, max_tokens)
             if left is not None:
                 if self.accounting.budgets[principal.tenant].unit == "joules":
                     record.budget_left_j = left
@@ -165,6 +171,8 @@ class Relay:
             watch.stop()
             self.in_flight -= 1
             self.accounting.release_budget(record)  # a hold not handed to the ledger: refused
+            if record.rate is not None:  # its tokens per minute: from the estimate to the billed
+                self.limiter.settle(record)
 
     # -- routing and forwarding ---------------------------------------------------------------
 
