@@ -228,7 +228,7 @@ class EnergyConfig(_Strict):
     # proxy/energy/learn.py: a decayed non-negative fit of busy energy per 1 s window.
     learn: bool = Field(True, description=(
         "Learn each backend's split weights online from its power samples (length-dependent prefill, "
-        "context-dependent decode), starting from prefill_weight; false: prefill_weight alone."))
+        "context- and batch-dependent decode), starting from prefill_weight; false: prefill_weight alone."))
     # A restart would otherwise bill its first minutes at the prior while the fit relearns.
     state_file: str | None = Field(None, description=(
         "JSON file where the learned split weights are kept across restarts (written at shutdown, "
