@@ -110,6 +110,7 @@ def _build() -> dict[str, bytes | list[bytes]]:
         "completion": _json_response(b"HTTP/1.1 200 OK", _dumps(completion)),
         "models": _json_response(b"HTTP/1.1 200 OK", _dumps(models)),
         "not_found": _json_response(b"HTTP/1.1 404 Not Found", _dumps(not_found)),
+        "traces_ok": _json_response(b"HTTP/1.1 200 OK", b"{}"),
         "stream_chunks": chunks,
         "stream_usage": _http_chunk(b"data: " + _dumps(usage_event) + b"\n\n"),
         "stream_done": _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n",
@@ -120,6 +121,7 @@ _R = _build()
 RESP_COMPLETION: bytes = _R["completion"]  # type: ignore[assignment]
 RESP_MODELS: bytes = _R["models"]  # type: ignore[assignment]
 RESP_NOT_FOUND: bytes = _R["not_found"]  # type: ignore[assignment]
+RESP_TRACES_OK: bytes = _R["traces_ok"]  # type: ignore[assignment]
 STREAM_CHUNKS: list[bytes] = _R["stream_chunks"]  # type: ignore[assignment]
 STREAM_USAGE: bytes = _R["stream_usage"]  # type: ignore[assignment]
 STREAM_DONE: bytes = _R["stream_done"]  # type: ignore[assignment]
@@ -218,6 +220,8 @@ class MockProtocol(asyncio.Protocol):
             self._start_stream(include_usage)
         elif method == b"GET" and path == b"/v1/models":
             self.transport.write(RESP_MODELS)
+        elif method == b"POST" and path == b"/v1/traces":  # an OTLP/HTTP sink (bench.overhead --otel)
+            self.transport.write(RESP_TRACES_OK)
         else:
             self.transport.write(RESP_NOT_FOUND)
 

@@ -42,7 +42,7 @@ WRK_SCRIPT = BENCH_DIR / "wrk" / "chat.lua"
 RESULTS_DIR = BENCH_DIR / "results"
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
-PATHS = ("direct", "reference", "joulegate", "dashboards")
+PATHS = ("direct", "reference", "joulegate", "dashboards", "otel")
 #: --dashboards: the admin key its streams read /v1/energy/stream with (a bench-only secret).
 DASHBOARD_KEY = "sk-bench-dashboard-admin"
 IDLE_LOADAVG = 1.0  # 1-min load average above which the box was not idle before we started
@@ -354,7 +354,7 @@ def derive(points: list[Point]) -> tuple[dict[tuple[str, str, int], dict], list[
     for p in points:
         e: dict[str, float | None] = {}
         ref = _find(points, "reference", p.mode, p.conns)
-        if p.path in ("joulegate", "dashboards") and ref is not None:
+        if p.path in ("joulegate", "dashboards", "otel") and ref is not None:
             e["rps_ratio"] = _ratio(p.rps, ref.rps)
             e["p99_ratio"] = _ratio(p.p99_ms, ref.p99_ms)
             e["chunks_ratio"] = _ratio(p.chunks_per_s, ref.chunks_per_s)
@@ -404,6 +404,10 @@ def derive(points: list[Point]) -> tuple[dict[tuple[str, str, int], dict], list[
                extra.get(("dashboards", "json", 32), {}).get("rps_ratio"), 0.0, "info", "x")
         target("non-streamed c=32 req/s with dashboards open vs without",
                _ratio(dash32.rps, getattr(_find(points, "joulegate", "json", 32), "rps", None)), 0.0, "info", "x")
+    otel32 = _find(points, "otel", "json", 32)
+    if otel32 is not None:  # a figure: what tracing costs when it is on
+        target("non-streamed c=32 req/s with OTel tracing on vs off",
+               _ratio(otel32.rps, getattr(_find(points, "joulegate", "json", 32), "rps", None)), 0.0, "info", "x")
     target("streamed c=32 chunks/s vs reference",
            extra.get(("joulegate", "stream", 32), {}).get("chunks_ratio"),
            TARGET_STREAM_C32_CHUNKS_RATIO, ">=", "x")  # fmt: skip
@@ -462,8 +466,10 @@ def joulegate_argv(cmd: str | None, config: Path, port: int) -> list[str]:
 
 
 def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://",
-                 power_url: str | None = None, admin_sha256: str | None = None) -> Path:
-    """The proxy's config; `power_url`: a simulator whose power API feeds the energy path."""
+                 power_url: str | None = None, admin_sha256: str | None = None,
+                 otlp_endpoint: str | None = None) -> Path:
+    """The proxy's config; `power_url`: a simulator whose power API feeds the energy path;
+    `otlp_endpoint`: tracing on, spans exported there."""
     power = f"{{source: sim, url: '{power_url}', interval_s: 0.1}}" if power_url else "{source: none}"
     config = tmp / "joulegate-bench.yaml"
     config.write_text(
@@ -475,6 +481,7 @@ def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://"
         "anonymous_tenant: bench\n"
         f"ledger: '{ledger}'\n"
         + (f"admin_api_keys_sha256: ['{admin_sha256}']\n" if admin_sha256 else "")
+        + (f"telemetry: {{otlp_endpoint: '{otlp_endpoint}'}}\n" if otlp_endpoint else "")
     )
     return config
 
@@ -486,7 +493,8 @@ def plan(paths: list[str], stream_c1: bool) -> dict[str, list[tuple[str, int]]]:
         proxied.insert(2, ("stream", 1))
     # Direct streamed c=32 is context only: the mock's own ceiling for the streamed points.
     direct = [("json", 1), ("stream", 32)]
-    full = {"direct": direct, "reference": proxied, "joulegate": proxied, "dashboards": proxied}
+    full = {"direct": direct, "reference": proxied, "joulegate": proxied, "dashboards": proxied,
+            "otel": proxied}
     return {p: full[p] for p in PATHS if p in paths}
 
 
@@ -549,6 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="joulegate's ledger URL, e.g. redis://127.0.0.1:6379/0 (default memory://)")
     ap.add_argument("--energy", action="store_true",
                     help="feed joulegate's energy meter from a simulator's power API (energy headers on)")
+    ap.add_argument("--otel", action="store_true",
+                    help="also measure joulegate with OTel tracing on, spans sent to the mock (path `otel`)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = ap.parse_args(argv)
     args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -556,6 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.paths.append("dashboards")
     if args.dashboards <= 0:
         args.paths = [p for p in args.paths if p != "dashboards"]
+    if args.otel and "otel" not in args.paths:
+        args.paths.append("otel")
     bad = [p for p in args.paths if p not in PATHS]
     if bad or not args.paths:
         ap.error(f"--only: unknown path(s) {bad}; choose from {','.join(PATHS)}")
@@ -620,8 +632,9 @@ class Bench:
             ready = tcp_ready(port)
         else:
             admin = hashlib.sha256(DASHBOARD_KEY.encode()).hexdigest() if path == "dashboards" else None
+            otlp = f"http://{HOST}:{self.mock.port}/v1/traces" if path == "otel" else None
             config = write_config(self.tmp, port, self.mock.port, self.args.ledger,
-                                  self.power_url, admin)
+                                  self.power_url, admin, otlp)
             argv = joulegate_argv(self.args.joulegate_cmd, config, port)
             ready = models_ready(port, "/healthz")
         server = Server(path, argv, port, self.tmp)
