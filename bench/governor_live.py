@@ -23,7 +23,6 @@ import hashlib
 import os
 import random
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.demo import FLEET, MODEL, _free_port, _spawn, _wait_http
+from proxy.demo import FLEET, MODEL, _free_port, _spawn, _stop, _wait_http
 
 MODES = ("off", "apply")
 INTERVAL_S = 2.0  # the governor's decision interval here (the default 15 s would need a long run)
@@ -194,14 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"governed fleet at the end: {governor_state(fleets[1], admin_key)}")
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
 
 
 if __name__ == "__main__":

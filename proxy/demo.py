@@ -87,6 +87,18 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every child, newest first (the proxy before its backends); kill after 15 s."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -261,11 +273,4 @@ def run_demo(port: int = 8080, requests: int = 60, keep_running: bool = False) -
         print(f"joulegate demo: {exc} (logs in {workdir})", file=sys.stderr)
         return 1
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
