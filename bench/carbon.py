@@ -3,6 +3,7 @@ against `--objective carbon`, on two-site fleets, at light and heavy load.
 
     python -m bench.carbon                    # 10% and 80% load, seeds 1 and 2, both fleets
     python -m bench.carbon --loads 0.1 --seeds 1
+    python -m bench.carbon --policy efficiency+governor   # with caps and parking (--no-park: caps only)
 
 Fleets (docs/examples/): `carbon-fleet.yaml` (2x H100 on a steady 450 gCO2e/kWh grid at PUE
 1.3, 2x A100 on a solar-heavy grid at PUE 1.1 whose intensity follows a day curve, 40..400,
@@ -11,8 +12,9 @@ Fleets (docs/examples/): `carbon-fleet.yaml` (2x H100 on a steady 450 gCO2e/kWh 
 
 Columns: grams per 1k output tokens under each objective (idle and PUE included), the cut,
 the cut of the busy (non-idle) grams alone, the idle share of the joules run's grams (idle
-power is drawn whatever the routing, so it bounds the cut), SLO attainment of both.
-Writes bench/results/carbon-<timestamp>.json.
+power is drawn whatever the routing, so it bounds the cut; parking, with `+governor`, lowers
+it: asleep time is idle at sleep power), SLO attainment of both.
+Writes bench/results/carbon-<policy>-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ FLEETS = ("carbon-fleet.yaml", "carbon-fleet-mixed.yaml")
 DURATION_S = 1200.0
 
 
-def run_case(fleet_file: str, load: float, seed: int) -> dict[str, Any]:
+def run_case(fleet_file: str, load: float, seed: int, policy: str = "efficiency",
+             park: bool = True) -> dict[str, Any]:
     """Both objectives on one (fleet, load, seed); grams, SLO and the cut."""
     fleet = load_fleet(os.path.join(EXAMPLES, fleet_file))
     probe = synth_trace(1.0, DURATION_S, seed=seed)
     capacity_rps = fleet_capacity_rps(fleet, probe)
     trace = synth_trace(load * capacity_rps, DURATION_S, seed=seed)
-    runs = {obj: simulate(fleet, trace, "efficiency", objective=obj)
+    runs = {obj: simulate(fleet, trace, policy, objective=obj, park=park)
             for obj in ("joules", "carbon")}
     j, c = runs["joules"], runs["carbon"]
     assert j.gco2e_total and c.gco2e_total and j.idle_gco2e is not None and c.idle_gco2e is not None
     busy_j, busy_c = j.gco2e_total - j.idle_gco2e, c.gco2e_total - c.idle_gco2e
     return {
         "fleet": fleet_file, "load": load, "seed": seed, "requests": len(trace),
+        "policy": policy, "park": park and "+governor" in policy,
         "g_per_1k_joules": j.gco2e_per_1k_output_tokens,
         "g_per_1k_carbon": c.gco2e_per_1k_output_tokens,
         "cut": 1 - c.gco2e_total / j.gco2e_total,
@@ -77,17 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loads", default="0.1,0.8", help="shares of fleet capacity")
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--fleets", default=",".join(FLEETS))
+    p.add_argument("--policy", default="efficiency", help="efficiency or efficiency+governor")
+    p.add_argument("--no-park", action="store_true", help="+governor: caps only, nothing parked")
     args = p.parse_args(argv)
     rows = []
     for fleet_file in args.fleets.split(","):
         for load in (float(x) for x in args.loads.split(",")):
             for seed in (int(x) for x in args.seeds.split(",")):
-                rows.append(run_case(fleet_file, load, seed))
+                rows.append(run_case(fleet_file, load, seed, args.policy, not args.no_park))
                 print(format_table(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+    print(f"policy {args.policy}" + (" (no parking)" if args.no_park and "+governor" in args.policy else ""))
     print(format_table(rows))
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"carbon-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    tag = args.policy.replace("+", "-") + ("-nopark" if args.no_park and "+governor" in args.policy else "")
+    path = os.path.join(out_dir, f"carbon-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {path}")

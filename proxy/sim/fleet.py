@@ -34,11 +34,12 @@ from proxy.energy.attribution import ScheduledRequest, attribute_schedule
 from proxy.sim.engine import Engine, Request, Step
 from proxy.sim.fleet_file import FleetBackend, FleetError, load_fleet, parse_fleet
 from proxy.sim.governed import VirtualGovernor
+from proxy.sim.parking import DEFAULT_WAKE_S, FleetParking
 from proxy.sim.profiles import GpuProfile
 from proxy.sim.sites import CarbonBooks, Site
 from proxy.sim.traces import TraceRequest
 
-__all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_NAMES",
+__all__ = ["FleetBackend", "FleetError", "SimResult", "BackendResult", "POLICY_NAMES", "DEFAULT_WAKE_S",
            "load_fleet", "parse_fleet", "simulate", "make_sim_policy", "fleet_capacity_rps",
            "backend_capacity_rps"]
 
@@ -136,6 +137,9 @@ class SimResult:
     gco2e_total: float | None = None
     idle_gco2e: float | None = None
     objective: str = "joules"
+    # With `record_requests`, per trace request: (backend or None if rejected, time sent to it
+    # (after any wait for a wake-up), TTFT in s).
+    request_log: list[tuple[str | None, float, float]] | None = None
 
     @property
     def gco2e_per_1k_output_tokens(self) -> float | None:
@@ -210,7 +214,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
              slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.2, sample_interval_s: float = 0.1,
              attribute: bool = False,
              models: dict[str, EfficiencyModel] | None = None,
-             objective: str = "joules") -> SimResult:
+             objective: str = "joules", park: bool = True, wake_s: float = DEFAULT_WAKE_S,
+             record_requests: bool = False) -> SimResult:
     """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
 
     `models`: the learned models to use and feed, by backend name (fresh ones by default;
@@ -221,6 +226,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
 
     `objective`: what `efficiency` minimises, `joules` or `carbon` (joules x PUE x the
     site's intensity at the arrival; needs every backend to have a site).
+
+    `park`: with `+governor`, park the backends it advises parking (proxy/sim/parking.py); a
+    wake-up takes `wake_s`. `record_requests`: fill `SimResult.request_log`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
@@ -239,7 +247,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     model_list = [models[name] for name in names]
     base, _, extra = policy.partition("+")  # `efficiency+governor`: proxy/sim/governed.py
     chooser = make_sim_policy(base, models, slo_ttft_s, slo_tpot_s, objective)
-    gov = VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s) if extra == "governor" else None
+    parking = FleetParking(engines, wake_s) if extra == "governor" and park else None
+    gov = (VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s, parking=parking)
+           if extra == "governor" else None)
     books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
     last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""
@@ -253,6 +263,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     heap: list[tuple[float, int]] = []
     tickets: list[Ticket] = [(0, 0, 0.0)] * n_req
     first_s = [math.nan] * n_req
+    sent_s = [math.nan] * n_req
     end_s = [math.nan] * n_req
     truth_j = 0.0
     rejected = 0
@@ -262,6 +273,34 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     idle_at_end_j = [0.0] * n_b
     owner = [-1] * n_req
 
+    def route(i: int, t_s: float) -> None:
+        """Send request `i` at `t_s` where the policy says; wait for a wake-up or refuse it if
+        no awake backend has room."""
+        nonlocal rejected
+        req = trace[i]
+        views = [BackendView(names[b], parking is None or parking.routable(b), in_flight[b],
+                             max_concurrency=caps[b], **_site_terms(sites[b], t_s)) for b in range(n_b)]
+        choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
+        if choice is None:
+            if parking is None or not parking.wait(i, t_s):
+                rejected += 1
+            return
+        b = index[choice]
+        eng = engines[b]
+        eng.add(Request(str(i), req.prompt_tokens, req.output_tokens), t_s)
+        in_flight[b] += 1
+        served[b] += 1
+        owner[i] = b
+        sent_s[i] = t_s
+        tickets[i] = model_list[b].sent(t_s)
+        if attribute:
+            arrivals[i] = []
+        if steps[b] is None:
+            step = eng.plan_step(t_s)
+            steps[b] = step
+            if step is not None:
+                heapq.heappush(heap, (step.end_s, b))
+
     tick_n, next_tick_s = 1, sample_interval_s
     ai = 0
     inf = math.inf
@@ -269,9 +308,15 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     while True:
         t_arr = trace[ai].arrival_s if ai < n_req else inf
         t_step = heap[0][0] if heap else inf
-        if t_arr == inf and t_step == inf:
+        t_wake = parking.next_s if parking is not None else inf
+        if t_arr == inf and t_step == inf and t_wake == inf:
             break
-        if t_step <= next_tick_s and t_step <= t_arr:
+        if t_wake <= t_step and t_wake <= next_tick_s and t_wake <= t_arr:
+            assert parking is not None  # wake-ups end first at an instant: arrivals then see them
+            t_s = t_wake
+            for i in parking.finish_wakes(t_s):
+                route(i, t_s)
+        elif t_step <= next_tick_s and t_step <= t_arr:
             t_s, b = heapq.heappop(heap)
             step = steps[b]
             assert step is not None
@@ -313,7 +358,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
                 last_e_j[b] = e_j
                 if attribute:
                     samples[b].append((t_s, e_j))
-                model_list[b].power_sample(t_s, power_w)
+                if parking is None or parking.routable(b):  # asleep: its model learns nothing
+                    model_list[b].power_sample(t_s, power_w)
             if books is not None:
                 books.advance(t_s, count_idle=t_s <= last_arrival_s)
             if gov is not None:
@@ -322,37 +368,18 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
             next_tick_s = tick_n * sample_interval_s  # no drift over a long run
         else:
             t_s = t_arr
-            req = trace[ai]
-            i = ai
             ai += 1
             if ai == n_req:  # the last arrival: the offered span ends; idle so far counts
                 idle_at_end_j = [eng.idle_energy_j(t_s) for eng in engines]
                 if books is not None:
                     books.advance(t_s)
-            views = [BackendView(names[b], True, in_flight[b], max_concurrency=caps[b],
-                                 **_site_terms(sites[b], t_s)) for b in range(n_b)]
-            choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
-            if choice is None:
-                rejected += 1
-                continue
-            b = index[choice]
-            eng = engines[b]
-            eng.add(Request(str(i), req.prompt_tokens, req.output_tokens), t_s)
-            in_flight[b] += 1
-            served[b] += 1
-            owner[i] = b
-            tickets[i] = model_list[b].sent(t_s)
-            if attribute:
-                arrivals[i] = []
-            if steps[b] is None:
-                step = eng.plan_step(t_s)
-                steps[b] = step
-                if step is not None:
-                    heapq.heappush(heap, (step.end_s, b))
+            route(ai - 1, t_s)
 
     end_run_s = max(t_s, trace[-1].arrival_s if trace else 0.0)
     if books is not None:
         books.advance(end_run_s, count_idle=False)
+    if parking is not None:
+        parking.close(end_run_s)
     result = _summarise(
         policy, fleet, trace, engines, end_run_s, busy_s, served, tokens_by_backend, first_s,
         end_s, owner, rejected, truth_j, idle_at_end_j, slo_ttft_s, slo_tpot_s,
@@ -366,6 +393,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
         for b, name in enumerate(names):
             result.backends[name].gco2e = books.grams[b]
     result.governor = gov.summary() if gov is not None else None
+    if record_requests:
+        result.request_log = [(names[owner[i]] if owner[i] >= 0 else None, sent_s[i], first_s[i] - r.arrival_s)
+                              for i, r in enumerate(trace)]
     return result
 
 

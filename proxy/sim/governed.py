@@ -5,7 +5,14 @@ The fleet calls `sample` at each of its power samples (every 100 ms of virtual t
 each backend's requests in flight and requests routed to it so far; every `interval_s` the
 governor decides from the time-averaged load since its last decision (arrivals / s, and by
 Little's law the mean request time) and sets each engine's `power_cap_w`. It also books the
-time each backend spent at each cap. Units: seconds, watts.
+time each backend spent at each cap.
+
+With `parking` (proxy/sim/parking.py) it also parks and wakes, as the live apply mode does
+(proxy/governor/actuate.py): parked and waking backends are left out of the decision; if any is
+parked and `wake_advice` says the others no longer cover their expected load, the first parked
+one is woken (one wake-up at a time); otherwise at most one backend per interval is parked, one
+that `decide` advises parking (most idle power first) and that was idle (nothing routed, nothing
+in flight) for the whole interval before. Units: seconds, watts.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from typing import Any
 
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import min_limit_w
-from proxy.governor.decide import BackendInput, GovernorParams, decide
+from proxy.governor.decide import BackendInput, Decision, GovernorParams, decide, wake_advice
 from proxy.sim.engine import Engine
+from proxy.sim.parking import FleetParking
 
 INTERVAL_S = 15.0
 
@@ -25,8 +33,10 @@ class VirtualGovernor:
     """decide.py over simulated engines (one GPU each)."""
 
     def __init__(self, names: Sequence[str], engines: Sequence[Engine], models: Sequence[EfficiencyModel],
-                 slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S) -> None:
+                 slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
+                 parking: FleetParking | None = None) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
+        self.parking = parking
         self.interval_s = interval_s
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s)
         n = len(self.names)
@@ -38,6 +48,8 @@ class VirtualGovernor:
         self.changes = [0] * n
         self.parks_advised = [0] * n
         self.time_at_cap_s: list[dict[float, float]] = [{} for _ in range(n)]
+        self._idle_since_s: list[float | None] = [None] * n  # idle for every interval since
+        self._last_park_s: float | None = None
 
     def _cap_w(self, b: int) -> float:
         eng = self.engines[b]
@@ -52,8 +64,10 @@ class VirtualGovernor:
         if t_s + 1e-9 < self._next_s:
             return
         span_s = max(t_s - self._last_s, 1e-9)
+        up = [b for b in range(len(self.names)) if self.parking is None or self.parking.routable(b)]
         inputs = []
-        for b, name in enumerate(self.names):
+        for b in up:
+            name = self.names[b]
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
             board_w = self.engines[b].profile.board_limit_w
@@ -62,20 +76,54 @@ class VirtualGovernor:
                 mean_request_s=mean_load / rate if rate > 0 else 0.0, gpus=1,
                 min_w=min_limit_w(board_w), max_w=board_w, cap_w=self._cap_w(b),
                 last_change_s=self._last_change_s[b]))
-        for b, d in enumerate(decide(inputs, self.params, t_s)):
-            if d.cap_w != inputs[b].cap_w:
+        decisions = decide(inputs, self.params, t_s)
+        for b, x, d in zip(up, inputs, decisions, strict=True):
+            if d.cap_w != x.cap_w:
                 board_w = self.engines[b].profile.board_limit_w
                 self.engines[b].power_cap_w = None if d.cap_w >= board_w else d.cap_w
                 self._last_change_s[b] = t_s
                 self.changes[b] += 1
             self.parks_advised[b] += d.park
+        if self.parking is not None:
+            self._park_or_wake(t_s, up, inputs, decisions, in_flight, routed)
         self._routed = list(routed)
         self._load_s = [0.0] * len(self.names)
         self._last_s = t_s
         self._next_s = t_s + self.interval_s
 
+    def _park_or_wake(self, t_s: float, up: Sequence[int], inputs: Sequence[BackendInput],
+                      decisions: Sequence[Decision], in_flight: Sequence[int], routed: Sequence[int]) -> None:
+        """Wake one parked backend if the others near their capacity; else park at most one."""
+        parking = self.parking
+        assert parking is not None
+        for b in range(len(self.names)):
+            idle = (b in up and in_flight[b] == 0 and self._load_s[b] == 0.0
+                    and routed[b] == self._routed[b])
+            since = self._idle_since_s[b]
+            self._idle_since_s[b] = (self._last_s if since is None else since) if idle else None
+        parked = parking.parked()
+        if parked and wake_advice(inputs, self.params) is not None:
+            if not parking.waking():
+                parking.wake(parked[0], t_s)
+            return
+        if self._last_park_s is not None and t_s - self._last_park_s < 0.9 * self.interval_s:
+            return  # at most one park per interval
+        advised = [(b, x) for b, x, d in zip(up, inputs, decisions, strict=True) if d.park]
+        for b, _ in sorted(advised, key=lambda bx: -bx[1].model.idle_w):
+            since = self._idle_since_s[b]
+            if since is not None and t_s - since >= 0.9 * self.interval_s:
+                parking.park(b, t_s)
+                self._last_park_s, self._idle_since_s[b] = t_s, None
+                return
+
     def summary(self) -> dict[str, Any]:
-        """Per backend: seconds at each cap (W, as a string key), cap changes, parking advice."""
-        return {name: {"time_at_cap_s": {f"{cap:g}": round(s, 3) for cap, s in sorted(self.time_at_cap_s[b].items())},
-                       "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b]}
-                for b, name in enumerate(self.names)}
+        """Per backend: seconds at each cap (W, as a string key), cap changes, parking advice;
+        with parking, also seconds asleep, wake-ups and the parked intervals."""
+        out: dict[str, Any] = {}
+        for b, name in enumerate(self.names):
+            caps = sorted(self.time_at_cap_s[b].items())
+            out[name] = {"time_at_cap_s": {f"{cap:g}": round(s, 3) for cap, s in caps},
+                         "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b]}
+            if self.parking is not None:
+                out[name].update(self.parking.summary(b))
+        return out

@@ -17,7 +17,12 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["GpuProfile", "PROFILES", "get_profile", "profile_names"]
+__all__ = ["GpuProfile", "PROFILES", "SLEEP_POWER_RATIO", "get_profile", "profile_names"]
+
+#: Sleep power over idle power (vLLM sleep mode: weights offloaded, KV cache dropped). DERIVED,
+#: not measured: the board still idles its clocks and fans; half its idle draw is this
+#: project's assumption, not a figure from a GPU.
+SLEEP_POWER_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class GpuProfile:
             p0, p1 = pts[i - 1][2], pts[i][2]
             p = p0 + (p1 - p0) * (math.log2(batch) - x0) / (x1 - x0)
         return min(max(p, self.idle_w), self.board_limit_w)
+
+    @property
+    def sleep_w(self) -> float:
+        """Board power in W while the engine sleeps (parked): `SLEEP_POWER_RATIO` x idle."""
+        return SLEEP_POWER_RATIO * self.idle_w
 
     @property
     def kv_s_per_context_token(self) -> float:

@@ -37,6 +37,7 @@ from proxy.sim.api import (
 )
 from proxy.sim.engine import Engine, Request, RequestRecord
 from proxy.sim.limits_api import add_routes as add_limit_routes
+from proxy.sim.parking import DEFAULT_WAKE_S  # seconds `POST /wake_up` takes, as in `simulate`
 from proxy.sim.profiles import get_profile
 from proxy.sim.responses import ResponsesStream, parse_response
 from proxy.sim.sleep_api import add_routes as add_sleep_routes
@@ -45,8 +46,6 @@ from proxy.sim.sleep_api import is_sleeping
 __all__ = ["SimState", "STATE", "make_app", "run"]
 
 log = logging.getLogger("joulegate.sim")
-#: Seconds `POST /wake_up` takes by default: a small model's weights back from CPU memory.
-DEFAULT_WAKE_S = 2.0
 
 
 class _Sink:

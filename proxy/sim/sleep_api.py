@@ -2,8 +2,9 @@
 `GET /is_sleeping` -> `{"is_sleeping": bool}` (outside /v1, as vLLM serves them when started
 with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode).
 
-Asleep, the simulated GPU draws `SLEEP_POWER_RATIO` times its idle power and inference is
-refused with 503 (server.SimState.submit), as vLLM refuses it while the weights are offloaded.
+Asleep, the simulated GPU draws its profile's `sleep_w` (`SLEEP_POWER_RATIO`, 0.5, times its
+idle power; derived, see proxy/sim/profiles.py) and inference is refused with 503
+(server.SimState.submit), as vLLM refuses it while the weights are offloaded.
 `POST /wake_up` answers after the wake time (`wake_s`: JOULEGATE_SIM_WAKE_S or
 `sim-backend --wake-s`), the time a real engine takes to load its weights back; the GPU is
 asleep until then. Units: watts, seconds.
@@ -16,12 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["SLEEP_POWER_RATIO", "add_routes", "is_sleeping"]
+from proxy.sim.profiles import SLEEP_POWER_RATIO
 
-#: Sleep power over idle power. Derived, not measured: with the weights and the KV cache out of
-#: GPU memory the board still idles its clocks and fans; half its idle draw is this project's
-#: assumption, not a figure from a GPU.
-SLEEP_POWER_RATIO = 0.5
+__all__ = ["SLEEP_POWER_RATIO", "add_routes", "is_sleeping"]
 
 
 def is_sleeping(state: Any) -> bool:
@@ -42,7 +40,7 @@ def add_routes(app: web.Application, key: web.AppKey[Any], wake_s: float) -> Non
             # The simulator does not offload under load; the governor only parks idle engines.
             return _error(409, "the engine has requests running", None)
         if not is_sleeping(state):
-            state.engine.set_sleep_w(state.profile.idle_w * SLEEP_POWER_RATIO, state.now_s())
+            state.engine.set_sleep_w(state.profile.sleep_w, state.now_s())
         return web.Response(status=200)
 
     async def wake_up(request: web.Request) -> web.Response:
