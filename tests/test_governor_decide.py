@@ -16,6 +16,7 @@ from proxy.governor.decide import (
     GovernorParams,
     decide,
     decide_cap,
+    swap_advice,
 )
 
 PARAMS = GovernorParams(slo_ttft_s=2.0, slo_tpot_s=0.2, hold_s=15.0, max_step_w=100.0)
@@ -95,3 +96,17 @@ def test_parking_is_advice_for_idle_backends_the_rest_can_cover() -> None:
     # Load the rest cannot cover keeps the idle one up.
     swamped = decide([backend(in_flight=400, rate=200.0, name="a"), idle], PARAMS, now_s=100.0)
     assert not any(d.park for d in swamped)
+
+
+def test_a_parked_backend_on_a_cleaner_grid_wakes_to_take_the_load_back() -> None:
+    # Same GPUs: the awake one carries the load at 400 g/kWh; the parked one's grid is at 100.
+    awake, asleep = backend(in_flight=3, rate=1.0, name="dirty"), backend(0, 0.0, name="clean")
+    g_per_j = {"dirty": 400 / 3.6e6, "clean": 100 / 3.6e6}
+    swap = swap_advice([(asleep, g_per_j["clean"])], [(awake, g_per_j["dirty"])], PARAMS)
+    assert swap is not None and swap[0] == "clean" and "25%" in swap[1]
+    # Within the margin (a 10% cleaner grid), or the other way round: no wake-up.
+    assert swap_advice([(asleep, 360 / 3.6e6)], [(awake, g_per_j["dirty"])], PARAMS) is None
+    assert swap_advice([(asleep, g_per_j["dirty"])], [(awake, g_per_j["clean"])], PARAMS) is None
+    # Nothing awake carries load: nothing to take over.
+    assert swap_advice([(asleep, g_per_j["clean"])], [(backend(0, 0.0, name="dirty"), g_per_j["dirty"])],
+                       PARAMS) is None

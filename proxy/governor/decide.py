@@ -28,6 +28,9 @@ SLO) minus their expected load still covers `burst` times the fleet's expected l
 largest idle power is parked first, and one backend always stays up. A parked backend is woken
 (`wake_advice`) when the unparked ones' spare capacity no longer covers `burst` times their
 expected load: the inverse of the parking test, so a fleet does not park and wake at one load.
+Under the carbon objective a parked backend also wakes (`swap_advice`) when its grams per token
+at the dearest awake backend's load are `swap_margin` below that backend's: grids change through
+the day, and a backend parked at night must not stay parked once its site is the cleaner one.
 Units: watts, seconds, requests.
 """
 
@@ -39,7 +42,8 @@ from dataclasses import dataclass
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
 
-__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice", "wake_advice"]
+__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice", "swap_advice",
+           "wake_advice"]
 
 LOWER, RAISE, HOLD = "lower", "raise", "hold"
 
@@ -58,6 +62,7 @@ class GovernorParams:
     min_gain: float = 0.02  # nor ones that save less than this share of the J/token
     grid: int = 24  # candidate caps between the GPU's minimum and maximum
     max_load_share: float = 0.5  # a cap keeps the (stretched) load under this share of capacity
+    swap_margin: float = 0.2  # a parked backend wakes to take over when it costs this much less
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +234,27 @@ def wake_advice(up: Sequence[BackendInput], p: GovernorParams) -> str | None:
         return None
     return (f"the {len(up)} unparked have {spare:.1f} requests of spare capacity for {expected:.1f} expected "
             f"(under {p.burst:g}x)")
+
+
+def swap_advice(parked: Sequence[tuple[BackendInput, float]], up: Sequence[tuple[BackendInput, float]],
+                p: GovernorParams) -> tuple[str, str] | None:
+    """(parked backend to wake, why) when one would serve the awake fleet's dearest load for at
+    least `swap_margin` less; None otherwise. Each backend comes with its cost factor now (grams
+    CO2e per joule for the carbon objective): a site whose grid got cleaner while its backends
+    slept takes the load back, and the backend it relieves idles and is parked in turn."""
+    loaded = [(b, f, _expected_load(b)) for b, f in up if _expected_load(b) > 0]
+    if not parked or not loaded:
+        return None
+
+    def cost(b: BackendInput, factor: float, n: float) -> float:  # per token, serving n from idle
+        return factor * b.model.fill_j_per_token(0.0, max(n, 1.0))
+
+    dear, dear_f, n = max(loaded, key=lambda x: cost(*x))
+    best, best_f = min(parked, key=lambda bf: cost(bf[0], bf[1], n))
+    ratio = cost(best, best_f, n) / cost(dear, dear_f, n)
+    if ratio < 1.0 - p.swap_margin:
+        return best.name, f"costs {ratio:.0%} of {dear.name}'s per token at its load ({n:.1f} in flight)"
+    return None
 
 
 def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float) -> list[Decision]:

@@ -248,8 +248,9 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     base, _, extra = policy.partition("+")  # `efficiency+governor`: proxy/sim/governed.py
     chooser = make_sim_policy(base, models, slo_ttft_s, slo_tpot_s, objective)
     parking = FleetParking(engines, wake_s) if extra == "governor" and park else None
-    gov = (VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s, parking=parking)
-           if extra == "governor" else None)
+    cost_factor = (lambda b, t_s: sites[b].gco2e_per_j(t_s)) if objective == "carbon" else None  # type: ignore[union-attr]
+    gov = (VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s, parking=parking,
+                           cost_factor=cost_factor) if extra == "governor" else None)
     books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
     last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""

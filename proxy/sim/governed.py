@@ -17,12 +17,19 @@ in flight) for the whole interval before. Units: seconds, watts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import min_limit_w
-from proxy.governor.decide import BackendInput, Decision, GovernorParams, decide, wake_advice
+from proxy.governor.decide import (
+    BackendInput,
+    Decision,
+    GovernorParams,
+    decide,
+    swap_advice,
+    wake_advice,
+)
 from proxy.sim.engine import Engine
 from proxy.sim.parking import FleetParking
 
@@ -34,9 +41,14 @@ class VirtualGovernor:
 
     def __init__(self, names: Sequence[str], engines: Sequence[Engine], models: Sequence[EfficiencyModel],
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
-                 parking: FleetParking | None = None) -> None:
+                 parking: FleetParking | None = None,
+                 cost_factor: Callable[[int, float], float] | None = None) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
+        # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
+        # now cleaner wakes to take the load back (decide.swap_advice). None: joules, no swaps.
+        self.cost_factor = cost_factor
+        self.swaps = [0] * len(self.names)
         self.interval_s = interval_s
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s)
         n = len(self.names)
@@ -50,6 +62,13 @@ class VirtualGovernor:
         self.time_at_cap_s: list[dict[float, float]] = [{} for _ in range(n)]
         self._idle_since_s: list[float | None] = [None] * n  # idle for every interval since
         self._last_park_s: float | None = None
+
+    def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float) -> BackendInput:
+        board_w = self.engines[b].profile.board_limit_w
+        return BackendInput(
+            name=self.names[b], model=self.models[b], in_flight=in_flight, arrival_rate_per_s=rate_per_s,
+            mean_request_s=mean_request_s, gpus=1, min_w=min_limit_w(board_w), max_w=board_w,
+            cap_w=self._cap_w(b), last_change_s=self._last_change_s[b])
 
     def _cap_w(self, b: int) -> float:
         eng = self.engines[b]
@@ -67,15 +86,9 @@ class VirtualGovernor:
         up = [b for b in range(len(self.names)) if self.parking is None or self.parking.routable(b)]
         inputs = []
         for b in up:
-            name = self.names[b]
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
-            board_w = self.engines[b].profile.board_limit_w
-            inputs.append(BackendInput(
-                name=name, model=self.models[b], in_flight=in_flight[b], arrival_rate_per_s=rate,
-                mean_request_s=mean_load / rate if rate > 0 else 0.0, gpus=1,
-                min_w=min_limit_w(board_w), max_w=board_w, cap_w=self._cap_w(b),
-                last_change_s=self._last_change_s[b]))
+            inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0))
         decisions = decide(inputs, self.params, t_s)
         for b, x, d in zip(up, inputs, decisions, strict=True):
             if d.cap_w != x.cap_w:
@@ -106,6 +119,15 @@ class VirtualGovernor:
             if not parking.waking():
                 parking.wake(parked[0], t_s)
             return
+        if parked and self.cost_factor is not None and not parking.waking():
+            factor = self.cost_factor
+            swap = swap_advice([(self._input(b, 0, 0.0, 0.0), factor(b, t_s)) for b in parked],
+                               [(x, factor(b, t_s)) for b, x in zip(up, inputs, strict=True)], self.params)
+            if swap is not None:
+                b = self.names.index(swap[0])
+                parking.wake(b, t_s)
+                self.swaps[b] += 1
+                return
         if self._last_park_s is not None and t_s - self._last_park_s < 0.9 * self.interval_s:
             return  # at most one park per interval
         advised = [(b, x) for b, x, d in zip(up, inputs, decisions, strict=True) if d.park]
@@ -126,4 +148,6 @@ class VirtualGovernor:
                          "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b]}
             if self.parking is not None:
                 out[name].update(self.parking.summary(b))
+                if self.cost_factor is not None:
+                    out[name]["swap_wakes"] = self.swaps[b]
         return out
