@@ -50,6 +50,7 @@ class RequestRecord:
     # Its tokens as counted by a token-per-minute limit, corrected when it ends; None: no such
     # limit applies (proxy/ratelimit/).
     rate: RateTicket | None = None
+    rate_headers: list[tuple[bytes, bytes]] | None = None  # x-ratelimit-* for an admitted answer
 
     @property
     def billed_tokens(self) -> int:

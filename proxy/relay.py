@@ -442,6 +442,8 @@ class Relay:
         elif record.budget_left_g is not None:
             left_g = record.budget_left_g - (record.gco2e or 0.0)
             headers.append((b"x-energy-budget-remaining-gco2e", repr(max(left_g, 0.0)).encode()))
+        if record.rate_headers is not None:
+            headers += record.rate_headers
         if record.backend:
             headers.append((b"x-energy-backend", record.backend.encode()))
         if energy is not None and status == 200:
@@ -476,6 +478,8 @@ class Relay:
             headers.append((b"x-energy-budget-remaining-joules", repr(record.budget_left_j).encode()))
         elif record.budget_left_g is not None:
             headers.append((b"x-energy-budget-remaining-gco2e", repr(record.budget_left_g).encode()))
+        if record.rate_headers is not None:
+            headers += record.rate_headers
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         guard = self.watchdog.guard()
         error: str | None = None

@@ -168,7 +168,15 @@ def test_rpm_refuses_with_openai_headers(proxy: ProxyProc) -> None:
     keyed = create(proxy, tenant="acme", rpm=2, tpm=10_000)["key"]
     managed = create(proxy, tenant="metered")["key"]  # no limit of its own: the tenant's applies
     fresh_window()
-    assert [chat(proxy, keyed), chat(proxy, keyed)] == [200, 200]
+    # Admitted answers say where the client stands too (streamed and not), as OpenAI's do.
+    with sdk(proxy, keyed) as client:
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        assert (raw.headers["x-ratelimit-limit-requests"], raw.headers["x-ratelimit-remaining-requests"]) == ("2", "1")
+        assert RESET.match(raw.headers["x-ratelimit-reset-tokens"]) and "retry-after" not in raw.headers
+        with client.chat.completions.with_streaming_response.create(
+                model=MODEL, messages=MESSAGES, max_tokens=2, stream=True) as streamed:
+            assert streamed.headers["x-ratelimit-remaining-requests"] == "0"
+            assert int(streamed.headers["x-ratelimit-remaining-tokens"]) < 10_000
     with sdk(proxy, keyed) as client, pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert info.value.code == "rate_limit_exceeded"

@@ -78,6 +78,9 @@ class RateLimiter:
             self._store_failed(exc)
             return
         if admitted:
+            # As OpenAI does: every answer tells a limited client where it stands.
+            after = [(r + 1, t + tokens) for r, t in counts]  # the store returns the counts before
+            record.rate_headers = limit_headers(scopes, after, reset_s(window, now_s), retry_after=False)
             limited = tuple(s for s in scopes if s.tpm is not None)
             if limited:
                 record.rate = RateTicket(limited, window, tokens)

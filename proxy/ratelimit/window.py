@@ -85,9 +85,10 @@ def go_duration(seconds: float) -> str:
 
 
 def limit_headers(scopes: Sequence[RateScope], counts: Sequence[tuple[int, int]],
-                  reset_in_s: float) -> list[tuple[bytes, bytes]]:
-    """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` and `retry-after` for the
-    counts after a decision: per kind, the scope with the least left (the binding one)."""
+                  reset_in_s: float, retry_after: bool = True) -> list[tuple[bytes, bytes]]:
+    """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (and `retry-after`, for a
+    refusal) for the counts after a decision: per kind, the scope with the least left (the
+    binding one)."""
     headers: list[tuple[bytes, bytes]] = []
     reset = go_duration(reset_in_s).encode()
     for kind, slot in (("requests", 0), ("tokens", 1)):
@@ -101,5 +102,6 @@ def limit_headers(scopes: Sequence[RateScope], counts: Sequence[tuple[int, int]]
             headers += [(f"x-ratelimit-limit-{kind}".encode(), str(tightest[1]).encode()),
                         (f"x-ratelimit-remaining-{kind}".encode(), str(tightest[0]).encode()),
                         (f"x-ratelimit-reset-{kind}".encode(), reset)]
-    headers.append((b"retry-after", str(max(math.ceil(reset_in_s), 1)).encode()))
+    if retry_after:
+        headers.append((b"retry-after", str(max(math.ceil(reset_in_s), 1)).encode()))
     return headers
