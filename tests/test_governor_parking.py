@@ -6,7 +6,7 @@ proxy stops. `via: command` runs its commands; `advise` never parks."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,13 +70,16 @@ def _samples(proxy: c.ProxyProc) -> dict[tuple[str, tuple], float]:
 
 
 @contextmanager
-def fleet(tmp_path: Path, mode: str, park: str = "{via: vllm, wake_timeout_s: 10}"
+def fleet(tmp_path: Path, mode: str, park: str = "{via: vllm, wake_timeout_s: 10}",
+          configure: Callable[[str, dict[str, c.SimBackend]], str] | None = None,
           ) -> Iterator[tuple[dict[str, c.SimBackend], c.ProxyProc]]:
+    """Two sims and a proxy; `configure` rewrites the proxy's config (given the sims)."""
     sims: dict[str, c.SimBackend] = {}
     try:
         for name, profile in PROFILES.items():
             sims[name] = c.SimBackend(profile, tmp_path)
-        proxy = c.ProxyProc(_config(sims, mode, park), tmp_path)
+        config = _config(sims, mode, park)
+        proxy = c.ProxyProc(configure(config, sims) if configure else config, tmp_path)
         try:
             yield sims, proxy
         finally:
@@ -177,3 +180,27 @@ def test_advise_never_parks(tmp_path: Path) -> None:
         assert all(v["governor"]["parking"] is None for v in views.values())
         assert not any(_sleeping(s) for s in sims.values())
         assert "could be parked (advice only)" in proxy.log()
+
+
+def test_carbon_objective_wakes_a_parked_backend_whose_grid_turned_clean(tmp_path: Path) -> None:
+    # The h100's grid is dirty until `clean_at`, then 40x cleaner than the a100's. Idle at
+    # first, the h100 (more idle watts) is parked and the a100 serves; once the h100's grid is
+    # clean, the governor wakes it to take the load back, though the a100 has room to spare.
+    clean_at = time.time() + 10.0
+    (tmp_path / "solar.csv").write_text(f"timestamp,gco2e_per_kwh\n0,800\n{clean_at:.0f},10\n")
+
+    def sited(config: str, sims: dict[str, c.SimBackend]) -> str:
+        for name, site in (("h100", "solar"), ("a100", "steady")):
+            power = f"url: '{sims[name].url}', interval_s: 0.05}}"
+            config = config.replace(power, f"{power}, site: {site}")
+        return config + (f"sites:\n  - {{name: solar, pue: 1.1, carbon: {{csv: '{tmp_path / 'solar.csv'}'}}}}\n"
+                         "  - {name: steady, pue: 1.1, carbon: {gco2e_per_kwh: 400}}\n"
+                         "routing: {policy: efficiency, objective: carbon}\n")
+
+    with fleet(tmp_path, "apply", configure=sited) as (sims, proxy):
+        c.wait_until(lambda: _parked(proxy) == ["h100"], 15, "the governor to park the h100")
+        assert time.time() < clean_at, "parked too late for the test's schedule"
+        # A trickle of load on the a100 until the h100's grid turns clean and it takes over.
+        c.wait_until(lambda: _ask(proxy) == "h100", 30, "the h100 to wake and serve")
+        assert not _sleeping(sims["h100"]) and time.time() >= clean_at
+        assert "cleaner grid" in proxy.log()

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from proxy.backends import Backend, BackendPool
+from proxy.carbon import J_PER_KWH
 from proxy.config import Config
 from proxy.energy.sources.agent import auth_headers, tls_verify
 from proxy.governor.decide import (
@@ -41,6 +42,7 @@ from proxy.governor.decide import (
     GovernorParams,
     decide,
     park_advice,
+    swap_advice,
     wake_advice,
 )
 from proxy.governor.park import Parking
@@ -89,6 +91,9 @@ class Governor:
         parking = Parking(pool, metrics)
         self.parking: Parking | None = parking if self.mode == "apply" and parking.states else None
         self._last_park_s: float | None = None
+        # Carbon objective: a parked backend whose grid got cleaner takes the load back
+        # (decide.swap_advice); its cost factor is grams per joule at its site now.
+        self.carbon = config.routing.objective == "carbon"
 
     async def start(self) -> None:
         if self.mode == "off":
@@ -178,6 +183,10 @@ class Governor:
             if why is not None:
                 self.parking.wake(parked[0], why)  # not awaited: the next tick goes on meanwhile
                 return
+            swap = self._swap(parked, serving) if self.carbon else None
+            if swap is not None:
+                self.parking.wake(swap[0], swap[1])
+                return
         if self._last_park_s is not None and now_s - self._last_park_s < 0.9 * self.interval_s:
             return  # at most one park per interval
         advice = park_advice([i for _, i in serving], self.params)
@@ -188,6 +197,21 @@ class Governor:
                     self._last_park_s = now_s
                     t.idle_since_s = None
                 return
+
+    def _swap(self, parked: list[Backend], serving: list[tuple[_Target, BackendInput]]) -> tuple[Backend, str] | None:
+        """A parked backend to wake because it would serve the load for fewer grams now."""
+        def g_per_j(b: Backend) -> float | None:
+            kwh = b.site.gco2e_per_kwh() if b.site is not None else None
+            return None if kwh is None or b.site is None else b.site.pue * kwh / J_PER_KWH
+
+        asleep = [(BackendInput(name=b.name, model=b.efficiency, in_flight=0, arrival_rate_per_s=0.0,
+                                mean_request_s=0.0, gpus=1, min_w=0.0, max_w=0.0, cap_w=0.0), f)
+                  for b in parked if (f := g_per_j(b)) is not None]
+        awake = [(i, f) for t, i in serving if (f := g_per_j(t.backend)) is not None]
+        advice = swap_advice(asleep, awake, self.params)
+        if advice is None:
+            return None
+        return next(b for b in parked if b.name == advice[0]), f"a cleaner grid now: {advice[1]}"
 
     async def _read_limits(self, t: _Target) -> bool:
         assert t.client is not None and t.url is not None
