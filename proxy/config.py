@@ -399,6 +399,10 @@ class TelemetryConfig(_Strict):
         "turns tracing on; neither set: no tracing."))
     service_name: str = Field("joulegate", min_length=1, description=(
         "The `service.name` resource attribute of the spans."))
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "Share of requests that start a new trace (no `traceparent` from the client) which are "
+        "traced; the others are sent upstream as not sampled and make no span. A client's "
+        "`traceparent` decides for its own requests. Each span costs the proxy about 0.2 ms of CPU."))
 
     @field_validator("otlp_endpoint")
     @classmethod

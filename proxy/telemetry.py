@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,7 @@ class Telemetry:
 
         url = None if endpoint == "env" else endpoint.rstrip("/") + "/v1/traces"
         self._ids = _PresetIds()
+        self.sample_ratio = config.telemetry.sample_ratio  # of new traces; a client's flag rules its own
         # Every request is traced unless the client's traceparent says it is not sampled: the
         # flag sent upstream is decided before the span exists, so no sampler may overrule it.
         self.provider: TracerProvider = TracerProvider(
@@ -149,7 +151,8 @@ class Telemetry:
                 break
         span_id = os.urandom(8).hex()
         if parent is None:
-            traceparent, parent_span_id = f"00-{os.urandom(16).hex()}-{span_id}-01", None
+            sampled = "01" if self.sample_ratio >= 1.0 or random.random() < self.sample_ratio else "00"
+            traceparent, parent_span_id = f"00-{os.urandom(16).hex()}-{span_id}-{sampled}", None
         else:
             # The sampled bit as the client decided; the other flags are not ours to pass on.
             sampled = "01" if int(parent[2], 16) & 1 else "00"

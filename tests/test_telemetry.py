@@ -277,6 +277,26 @@ def test_tracing_off_sends_no_traceparent_upstream(sim: SimBackend, session_tmp:
         proc.stop()
 
 
+def test_sample_ratio_traces_a_share_of_new_traces_and_every_sampled_client_trace(
+        sim: SimBackend, receiver: OtlpReceiver, session_tmp: Path) -> None:
+    proc = _start_proxy(sim, session_tmp, f"telemetry: {{otlp_endpoint: '{receiver.url}', sample_ratio: 0}}\n",
+                        {"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        c = _client(proc)
+        for i in range(3):  # new traces: none sampled, sent upstream as not sampled
+            c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                      extra_headers={"x-request-id": f"unsampled-{i}"})
+            assert sim.truth(f"unsampled-{i}")["traceparent"].endswith("-00")
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_headers={
+            "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "client-sampled"})
+        assert receiver.span_of("client-sampled")["trace_id"] == CLIENT_TRACE
+        # The client-sampled span was exported after the others were ended: they would be here.
+        assert not [s for s in receiver.spans()
+                    if str(s["attributes"].get("joulegate.request_id", "")).startswith("unsampled-")]
+    finally:
+        proc.stop()
+
+
 def test_env_endpoint_turns_it_on_and_shutdown_flushes(sim: SimBackend, receiver: OtlpReceiver,
                                                        session_tmp: Path) -> None:
     # A batch delay longer than the test: these spans leave only through the flush at shutdown.
@@ -340,6 +360,10 @@ def test_config_keys() -> None:
     base = {"backends": [{"name": "a", "url": "http://127.0.0.1:1/v1"}]}
     assert Config.model_validate(base).telemetry.otlp_endpoint is None
     assert Config.model_validate(base).telemetry.service_name == "joulegate"
+    assert Config.model_validate(base).telemetry.sample_ratio == 1.0
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        parse_config("backends: [{name: a, url: 'http://127.0.0.1:1/v1'}]\n"
+                     "telemetry: {sample_ratio: 1.5}\n")
     with pytest.raises(ConfigError, match="otlp_endpoint"):
         parse_config("backends: [{name: a, url: 'http://127.0.0.1:1/v1'}]\n"
                      "telemetry: {otlp_endpoint: 'grpc://collector:4317'}\n")
