@@ -467,7 +467,7 @@ def joulegate_argv(cmd: str | None, config: Path, port: int) -> list[str]:
 
 def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://",
                  power_url: str | None = None, admin_sha256: str | None = None,
-                 otlp_endpoint: str | None = None) -> Path:
+                 otlp_endpoint: str | None = None, otel_sample: float = 1.0) -> Path:
     """The proxy's config; `power_url`: a simulator whose power API feeds the energy path;
     `otlp_endpoint`: tracing on, spans exported there."""
     power = f"{{source: sim, url: '{power_url}', interval_s: 0.1}}" if power_url else "{source: none}"
@@ -481,7 +481,8 @@ def write_config(tmp: Path, port: int, mock_port: int, ledger: str = "memory://"
         "anonymous_tenant: bench\n"
         f"ledger: '{ledger}'\n"
         + (f"admin_api_keys_sha256: ['{admin_sha256}']\n" if admin_sha256 else "")
-        + (f"telemetry: {{otlp_endpoint: '{otlp_endpoint}'}}\n" if otlp_endpoint else "")
+        + (f"telemetry: {{otlp_endpoint: '{otlp_endpoint}', sample_ratio: {otel_sample}}}\n"
+           if otlp_endpoint else "")
     )
     return config
 
@@ -559,6 +560,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="feed joulegate's energy meter from a simulator's power API (energy headers on)")
     ap.add_argument("--otel", action="store_true",
                     help="also measure joulegate with OTel tracing on, spans sent to the mock (path `otel`)")
+    ap.add_argument("--otel-sample", type=float, default=1.0, metavar="R",
+                    help="--otel: telemetry.sample_ratio (share of requests traced)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     args = ap.parse_args(argv)
     args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -634,7 +637,7 @@ class Bench:
             admin = hashlib.sha256(DASHBOARD_KEY.encode()).hexdigest() if path == "dashboards" else None
             otlp = f"http://{HOST}:{self.mock.port}/v1/traces" if path == "otel" else None
             config = write_config(self.tmp, port, self.mock.port, self.args.ledger,
-                                  self.power_url, admin, otlp)
+                                  self.power_url, admin, otlp, self.args.otel_sample)
             argv = joulegate_argv(self.args.joulegate_cmd, config, port)
             ready = models_ready(port, "/healthz")
         server = Server(path, argv, port, self.tmp)
