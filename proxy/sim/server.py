@@ -407,7 +407,9 @@ async def serve(profile: str, host: str, port: int, model: str | None, seed: int
     if wake_s is None:
         wake_s = float(os.environ.get("JOULEGATE_SIM_WAKE_S") or DEFAULT_WAKE_S)
     app = make_app(profile, model, seed, clock_skew_s=skew_s, wake_s=wake_s)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # A proxy's power stream (/v1/power/stream) never ends by itself: waiting the default 60 s
+    # for it would make a stopped simulator linger; 1 s lets answers in flight finish sending.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
