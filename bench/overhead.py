@@ -571,6 +571,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.paths = [p for p in args.paths if p != "dashboards"]
     if args.otel and "otel" not in args.paths:
         args.paths.append("otel")
+    if not args.otel:
+        args.paths = [p for p in args.paths if p != "otel"]
     bad = [p for p in args.paths if p not in PATHS]
     if bad or not args.paths:
         ap.error(f"--only: unknown path(s) {bad}; choose from {','.join(PATHS)}")
