@@ -106,7 +106,8 @@ def print_breakdown(s: dict[str, Any]) -> None:
     if learned:
         print("    split weights at the end (energy.learn): " + "; ".join(
             f"{n} prefill {w['prefill_weight']:.3f} + {w['prefill_weight_sq']:.2e}/tok, decode ctx "
-            f"{w['decode_context_weight']:.2e}/tok{'' if w['learned'] else ' (prior)'}"
+            f"{w['decode_context_weight']:.2e}/tok, step {w.get('step_weight', 0.0):.1f}"
+            f"{'' if w['learned'] else ' (prior)'}"
             for n, w in learned.items()))
     cal = s.get("calibration") or {}
     print("    implied prefill_weight from the truth: " + ", ".join(
