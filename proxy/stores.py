@@ -46,14 +46,19 @@ def parse_store(ledger_url: str) -> StoreURL:
 
 
 def redis_client(store: StoreURL) -> Any:
-    """A redis.asyncio client for `store`, with the ledger's socket time-out and one quick retry
-    (a pooled connection that died with a Redis restart)."""
+    """A redis.asyncio client for `store`, with the ledger's socket time-out (see redis_from_url)."""
+    return redis_from_url(store.url, store.options.get("socket_timeout_s", 2.0))
+
+
+def redis_from_url(url: str, timeout_s: float) -> Any:
+    """A redis.asyncio client with `timeout_s` for connecting and each reply, and one quick
+    retry: it covers a pooled connection that died with a Redis restart; longer outages are the
+    caller's business (the ledger buffers and journals), not the client's backoff."""
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    timeout_s = store.options.get("socket_timeout_s", 2.0)
-    return Redis.from_url(store.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                           retry=Retry(NoBackoff(), 1))
 
 

@@ -42,12 +42,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from proxy.ledger.base import BufferedLedger
 from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.usage import Bucket, BudgetUnit, grams_to_ug, hour_floor_s, joules_to_uj
+from proxy.stores import redis_from_url
 
 HOUR_S = 3600
 
@@ -174,12 +173,7 @@ class RedisLedger(BufferedLedger):
         self._reserve_script: Any = None
 
     async def _open(self) -> None:
-        # One quick retry covers a pooled connection that died with a Redis restart; longer
-        # outages are the ledger's business (buffer, journal), not the client's backoff.
-        self._redis = Redis.from_url(
-            self.url, socket_timeout=self._socket_timeout_s,
-            socket_connect_timeout=self._socket_timeout_s, retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = redis_from_url(self.url, self._socket_timeout_s)
         self._script = self._redis.register_script(WRITE_SCRIPT)
         self._reserve_script = self._redis.register_script(RESERVE_SCRIPT)
 
