@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from proxy.backends import Backend, BackendPool
-from proxy.carbon import J_PER_KWH
+from proxy.carbon import grams
 from proxy.config import Config
 from proxy.energy.sources.agent import auth_headers, tls_verify
 from proxy.governor.decide import (
@@ -200,9 +200,10 @@ class Governor:
 
     def _swap(self, parked: list[Backend], serving: list[tuple[_Target, BackendInput]]) -> tuple[Backend, str] | None:
         """A parked backend to wake because it would serve the load for fewer grams now."""
-        def g_per_j(b: Backend) -> float | None:
-            kwh = b.site.gco2e_per_kwh() if b.site is not None else None
-            return None if kwh is None or b.site is None else b.site.pue * kwh / J_PER_KWH
+        def g_per_j(b: Backend) -> float | None:  # grams of one joule of GPU energy, PUE included
+            site = b.site
+            kwh = site.gco2e_per_kwh() if site is not None else None
+            return None if site is None or kwh is None else grams(site.pue, kwh)
 
         asleep = [(BackendInput(name=b.name, model=b.efficiency, in_flight=0, arrival_rate_per_s=0.0,
                                 mean_request_s=0.0, gpus=1, min_w=0.0, max_w=0.0, cap_w=0.0), f)
