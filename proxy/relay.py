@@ -3,8 +3,9 @@
 One `Relay` serves every inference route (chat, completions, embeddings, other `/v1/*` calls
 that name a model). It speaks raw ASGI: no request or response objects on the way.
 
-A little past ~500 lines on purpose: the hot path stays readable top to bottom in one file;
-what it reads from the client before a backend sees it is proxy/inbound.py.
+About 600 lines on purpose: the hot path stays readable top to bottom in one file; what it
+reads from the client before a backend sees it is proxy/inbound.py, rate limits and budgets are
+one call each into proxy/ratelimit/ and proxy/accounting.py.
 """
 
 from __future__ import annotations

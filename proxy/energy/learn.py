@@ -50,7 +50,7 @@ __all__ = ["SplitLearner", "SplitWeights"]
 # in thousands of tokens.
 _KTOK = 1000.0
 _N = 6  # decode tokens, decode x context, prefill tokens, prompt x length, embedded tokens, steps
-_SWEEPS = 30  # coordinate-descent sweeps per solve (4 unknowns: converges in a few)
+_SWEEPS = 30  # coordinate-descent sweeps per solve (150 fit the attribution bench no better)
 # Bounds on what a fit may hand out, so a few noisy windows cannot bill one request many times
 # its due. The simulated GPUs' physics sit well inside them: a context token adds 4-7e-5 of a
 # token's weight, attention doubles a prompt token's weight at ~30k tokens.
