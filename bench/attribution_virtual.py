@@ -8,7 +8,9 @@ embeddings, streams, dropped streams) on one simulated GPU in virtual time and f
 `Attributor` exactly what the relay would (opens, stream token arrivals, closes, one power
 sample per interval), so two runs with the same seed print the same figures.
 
-Run: ``python -m bench.attribution_virtual [--seed S] [--requests N] [--profile P]``. Prints,
+Run: ``python -m bench.attribution_virtual [--seed S] [--requests N] [--profile P]
+[--spread-ms MS]`` (`--spread-ms`: each step's tokens reach the proxy up to MS apart, as from
+a busy event loop; 0, the default, delivers them all at the step's end). Prints,
 per configuration (open-loop arrivals or a busy closed loop, 100 ms or 1 s samples) and with
 learning off and on: per class (chat, long, embedding) the total error, per-tenant totals
 error (largest), per-request median and p90 |error|, and conservation.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
+import random
 import sys
 from dataclasses import dataclass, replace
 
@@ -39,9 +42,13 @@ class _Live:
 
 
 def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, concurrency: int,
-           learn: bool, verbose: bool = False) -> tuple[dict[str, tuple[float, float, str, str]], float]:
+           learn: bool, verbose: bool = False, spread_s: float = 0.0,
+           ) -> tuple[dict[str, tuple[float, float, str, str]], float]:
     """Per request id (proxy J, truth J, class, tenant), and conservation error in %;
-    `verbose` prints the learned weights at the end."""
+    `verbose` prints the learned weights at the end. `spread_s`: each token and answer of a
+    step reaches the proxy up to this long after the step ends (uniform, seeded), as an event
+    loop reading many streams one after the other delivers them."""
+    rng = random.Random(len(plan) * 7919 + round(spread_s * 1e6))
     eng = Engine(get_profile(profile))
     at = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=PREFILL_WEIGHT,
                     max_pending_s=math.inf)
@@ -98,24 +105,27 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
                 break
             continue
         samples_until(step.end_s)
-        for ev in eng.finish_step(step):
+        seen = [(step.end_s + (rng.uniform(0.0, spread_s) if spread_s else 0.0), ev)
+                for ev in eng.finish_step(step)]
+        seen.sort(key=lambda x: x[0])
+        for seen_s, ev in seen:
             r = ev.request_id
             if r not in live:
                 continue
             lv = live[r]
             if lv.plan.stream and ev.tokens:
                 lv.tokens += ev.tokens
-                at.tokens(r, step.end_s, ev.tokens)
+                at.tokens(r, seen_s, ev.tokens)
                 if learner is not None:
-                    learner.tokens(r, step.end_s, ev.tokens)
+                    learner.tokens(r, seen_s, ev.tokens)
                 if lv.plan.abort_after and lv.tokens >= lv.plan.abort_after and not ev.finished:
                     eng.abort(r, step.end_s)  # the client drops the stream
-                    close(r, step.end_s, lv.tokens)
+                    close(r, seen_s, lv.tokens)
                     continue
             if ev.finished:
                 rec = eng.record(r)
                 assert rec is not None
-                close(r, step.end_s, rec.completion_tokens)
+                close(r, seen_s, rec.completion_tokens)
         now_s = step.end_s
     samples_until(now_s + 2 * interval_s + 1.0)
     out = {}
@@ -148,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="h100-llama3.1-8b")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--verbose", action="store_true", help="print the learned split weights")
+    ap.add_argument("--spread-ms", type=float, default=0.0, metavar="MS",
+                    help="tokens and answers reach the proxy up to MS after their step (uniform)")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="first replay N requests of another seed, not compared")
     args = ap.parse_args(argv)
@@ -159,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         gap_s = warm[-1].at_s + 3.0
         plan = warm + [replace(p, index=p.index + len(warm), at_s=p.at_s + gap_s) for p in plan]
     warm = f" after {args.warmup} warm-up requests" if args.warmup else ""
-    print(f"{args.requests} requests (seed {args.seed}){warm} on one {args.profile}, virtual time; "
+    spread = f", tokens read up to {args.spread_ms:g} ms after their step" if args.spread_ms else ""
+    print(f"{args.requests} requests (seed {args.seed}){warm} on one {args.profile}, virtual time{spread}; "
           f"figures per class: total err%, tenant max%, req median%, req p90%")
     print(f"{'config':<14} {'learn':<5} {'cons%':>8}  " + "  ".join(f"{c:^27}" for c in ("all", *CLASSES)))
     for busy in (False, True):
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{'busy' if busy else 'open'}@{'100ms' if interval_s < 1 else '1s'}"
             for learn in (False, True):
                 rows, cons = replay(plan, args.profile, interval_s, busy, args.concurrency, learn,
-                                    args.verbose)
+                                    args.verbose, args.spread_ms / 1e3)
                 cells = []
                 for cls in ("all", *CLASSES):
                     mine = [r for rid, r in rows.items() if cls in ("all", r[2])

@@ -662,3 +662,37 @@ def test_a_queued_streams_prompt_weighs_in_the_step_before_its_first_token() -> 
     finals = feed(att, watts(100.0, 1.0))
     assert 1.0 < finals["q"] < 3.0
     assert finals["d"] + finals["q"] == pytest.approx(100.0, rel=1e-12)
+
+
+def _stepping(offset_s: float) -> dict[str, float]:
+    """Eight streams decode a step every 40 ms (ending 15 ms past each 40 ms mark, clear of
+    the 100 ms samples), the i-th reading its token of each step `offset_s` x i late; a prompt
+    "q" (weight 100) goes through in the step that ends at 1.015 s, an embedding "e" (weight
+    40) in the one that ends at 1.335 s."""
+    att = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=0.1, max_pending_s=math.inf)
+    for i in range(8):
+        att.open(f"s{i}", 0.0, True, 0)
+    att.open("q", 0.5, True, 1000)
+    att.open("e", 1.295, False, 400, embedding=True)
+    for k in range(51):
+        for i in range(8):
+            att.tokens(f"s{i}", 0.015 + 0.04 * k + offset_s * i, 1)
+        if k == 25:
+            att.tokens("q", 1.015 + offset_s * 8, 1)
+    att.close("e", 1.335, 400, 0)  # read first: a late read stretches its window (not this test's)
+    for i in range(8):
+        att.close(f"s{i}", 2.015 + offset_s * i, 0, 51)
+    att.close("q", 2.015 + offset_s * 8, 1000, 1)
+    return feed(att, watts(100.0, 2.2, 0.1))
+
+
+def test_a_steps_tokens_read_milliseconds_apart_are_still_one_step() -> None:
+    # The event loop reads one step's tokens from its streams one after the other: under load
+    # they reach the attributor milliseconds apart. That spread is delivery, not stepping: it
+    # must not squeeze the decode work into the few ms after each step (where a prompt or an
+    # embedding beside it would then look like the only work in the rest of the step).
+    together, apart = _stepping(0.0), _stepping(0.0005)
+    for rid in ("q", "e", "s0"):
+        assert apart[rid] == pytest.approx(together[rid], rel=0.05), rid
+    # The answers read up to 4 ms later keep the GPU busy that much longer: 100 W x 4 ms.
+    assert math.fsum(apart.values()) - math.fsum(together.values()) == pytest.approx(0.4, abs=0.05)

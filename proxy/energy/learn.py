@@ -141,7 +141,7 @@ class SplitLearner:
         else:
             # As in the attributor (attribution/unsettled.py): a later chunk is decode steps
             # and proves the first chunk was a first token.
-            self._clock.arrival(t_s, count)
+            self._clock.arrival(t_s, count, r.arrivals[-1][0] if r.arrivals else None)
             if len(r.arrivals) == 1:
                 self._ttft.observe(r.prompt, r.first_s - r.start_s)
         r.arrivals.append((t_s, count))

@@ -58,6 +58,7 @@ class RequestState:
     pending_tokens: float = 0.0  # sum of weights in `arrivals`
     timed: bool = False  # a chunk after the first came: its TTFT is a real one
     emitted: int = 0  # tokens seen so far: the next one's context is prompt + this
+    last_token_s: float | None = None  # when its latest tokens came (`arrivals` is drained)
     joules: float = 0.0  # settled share so far
     host_joules: float = 0.0  # settled host share so far (Attributor.host)
     guessed: bool = False  # a forced interval used provisional weights for it

@@ -97,7 +97,7 @@ class UnsettledRequests:
         elif count > 0:
             # A later chunk: decode steps (the first token closes a prefill step), and proof
             # that the first chunk was a first token, not a buffered whole answer.
-            self.clock.arrival(t_s, count)
+            self.clock.arrival(t_s, count, r.last_token_s)
             if not r.timed:
                 r.timed = True
                 self.ttft.observe(r.prompt_tokens, r.first_token_s - r.start_s)
@@ -107,6 +107,7 @@ class UnsettledRequests:
             if r.emitted:
                 weight += shared
             r.emitted += count
+            r.last_token_s = t_s
             r.arrivals.append((t_s, weight))
             r.pending_tokens += weight
             self.pending_w += weight
@@ -126,7 +127,7 @@ class UnsettledRequests:
         r.completion_tokens = max(completion_tokens, 0)
         weight = (weights.prompt(r.prompt_tokens, r.embedding)
                   + weights.decode(r.prompt_tokens, r.completion_tokens)
-                  + weights.step_share(r.completion_tokens, 1.0 / (self.clock.batch() + 1)))
+                  + weights.step_share(max(r.completion_tokens - 1, 0), 1.0 / (self.clock.batch() + 1)))
         self._rates.learn_request(weight, end_s - r.start_s)
         converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
@@ -162,7 +163,8 @@ class UnsettledRequests:
         steps = self.clock.steps(from_s, end_s)
         if steps <= 0 or end_s - from_s < MIN_SPAN_S or from_s - r.start_s < MIN_SPAN_S:
             return None
-        shared = weights.step_share(r.completion_tokens, self.clock.mean_share(from_s, end_s) or 0.0)
+        # Its first token came out of its prefill step, not a shared decode step (as a stream's).
+        shared = weights.step_share(max(r.completion_tokens - 1, 0), self.clock.mean_share(from_s, end_s) or 0.0)
         return (from_s, weights.prompt(r.prompt_tokens, r.embedding),
                 weights.decode(r.prompt_tokens, r.completion_tokens) + shared, steps)
 
