@@ -926,12 +926,39 @@ async def _reads_old_and_new_rows(ledger: Ledger) -> None:
         assert await ledger.get_request("new-1") == _NEW
         assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
         # A managed key's budget works on a migrated ledger too (its spend table is new there).
-        subject = key_subject("key_old")
-        ledger.record(replace(_NEW, request_id="new-2", key_subject=subject))
-        await ledger.flush()
-        assert await ledger.reserve(subject, subject_hold("x"), 1, _NEW.end_s, 10**9, 60.0) == (True, 1_000_000)
+        await _books_a_key_subject(ledger, "new-2")
     finally:
         await ledger.close()
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_ledger_from_before_key_budgets_gets_its_spend_table(store: Store) -> None:
+    """A database whose other tables are all there (a version before key budgets) still gets
+    `subject_spend` on start."""
+    assert store.database_url is not None
+
+    async def body() -> None:
+        first = store.open()
+        await first.start()
+        await first.close()
+        async with await psycopg.AsyncConnection.connect(store.database_url, autocommit=True) as conn:
+            await conn.execute("DROP TABLE subject_spend")
+        ledger = store.open()
+        await ledger.start()
+        try:
+            await _books_a_key_subject(ledger, _NEW.request_id)
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+async def _books_a_key_subject(ledger: Ledger, request_id: str) -> None:
+    """A record like `_NEW` with a key subject is booked to it (its 1 J) and read back."""
+    subject = key_subject("key_" + request_id)
+    ledger.record(replace(_NEW, request_id=request_id, key_subject=subject))
+    await ledger.flush()
+    assert await ledger.reserve(subject, subject_hold("x"), 1, _NEW.end_s, 10**9, 60.0) == (True, 1_000_000)
 
 
 @pytest.mark.parametrize("store", ["postgres"], indirect=True)
