@@ -17,12 +17,14 @@ from typing import Any
 
 import orjson
 
+from proxy.auth import KeyBudget
 from proxy.carbon import CarbonBook
 from proxy.config import Config, EnergyBudget
 from proxy.energy.attribution import Final
 from proxy.errors import ProxyError
 from proxy.ledger import Ledger, LedgerRecord
-from proxy.ledger.usage import UG_PER_G, UJ_PER_J, grams_to_ug, joules_to_uj
+from proxy.ledger.record import subject_hold
+from proxy.ledger.usage import UG_PER_G, UJ_PER_J, BudgetUnit, grams_to_ug, joules_to_uj
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from proxy.telemetry import Telemetry
@@ -111,7 +113,9 @@ class Accounting:
         # that runs longer (streams have no overall cap by default) has its hold extended by the
         # sweep (`_extend_holds`), so it never expires under a running request.
         self.hold_ttl_s = config.server.request_timeout_s + final_timeout_s + 60.0
-        # key -> (tenant, monotonic s its store expiry was last set): held, not yet handed to the ledger
+        # Hold key -> (tenant or key subject, monotonic s its store expiry was last set): held,
+        # not yet handed to the ledger. A request's tenant hold is keyed by its key, the hold on
+        # its managed key's own budget by `subject_hold(key)`.
         self._holds: dict[str, tuple[str, float]] = {}
         self._holds_extended_s = 0.0  # monotonic s of the sweep's last look at them
         self.prefill_weight = config.energy.prefill_weight
@@ -184,16 +188,36 @@ class Accounting:
         self._book(record)
 
     async def reserve_budget(self, tenant: str, key: str, prompt_tokens: int = 0,
-                             max_tokens: int | None = None) -> float | None:
+                             max_tokens: int | None = None,
+                             key_budget: KeyBudget | None = None) -> dict[BudgetUnit, float] | None:
         """Hold this request's estimate (`estimate_j`, or `estimate_g` for a budget in grams
-        CO2e: from its prompt tokens and its max_tokens) against the tenant's budget, atomically
-        in the ledger store, so concurrent requests cannot all pass the same check; returns what
-        was left before it, in the budget's unit (J or gCO2e; None: no budget, or the store
-        failed and the mode is open).
-        429 when nothing is left; 503 when the store failed and the mode is closed."""
+        CO2e: from its prompt tokens and its max_tokens) against its managed key's own budget
+        (`key_budget`) and its tenant's, atomically in the ledger store, so concurrent requests
+        cannot all pass the same check. Returns what was left before it per unit (J, gCO2e):
+        the least of the budgets in that unit; None when no budget applies (or the store failed
+        and the mode is open). 429 when either budget is spent (the other's hold is given back);
+        503 when the store failed and the mode is closed."""
         budget = self.budgets.get(tenant)
-        if budget is None:
+        if budget is None and key_budget is None:
             return None  # no budget: no store round trip
+        left: dict[BudgetUnit, float] = {}
+        if key_budget is not None:  # the key's first: usually the tighter, refused without the tenant's
+            await self._reserve_one(tenant, key_budget.subject, subject_hold(key), key_budget.budget,
+                                    f"API key {key_budget.label}", prompt_tokens, max_tokens, left)
+        if budget is not None:
+            try:
+                await self._reserve_one(tenant, tenant, key, budget, f"Tenant '{tenant}'", prompt_tokens,
+                                        max_tokens, left)
+            except ProxyError:
+                if key_budget is not None:  # refused on the tenant's: the key's hold goes back
+                    self._release(subject_hold(key))
+                raise
+        return left or None
+
+    async def _reserve_one(self, tenant: str, subject: str, hold: str, budget: EnergyBudget, who: str,
+                           prompt_tokens: int, max_tokens: int | None, left: dict[BudgetUnit, float]) -> None:
+        """One budget's hold (`subject`: the tenant, or a key's subject; `hold`: its hold key);
+        what was left goes into `left` (the least per unit)."""
         now_s = time.time()
         # The store counts integer µJ, or µg CO2e for a budget in grams.
         if budget.unit == "joules":
@@ -207,29 +231,36 @@ class Accounting:
         try:
             async with asyncio.timeout(self.budget_timeout_s):
                 reserved, used = await self.ledger.reserve(
-                    tenant, key, estimate_stored, period_start_s(budget.per, now_s), budget_stored,
+                    subject, hold, estimate_stored, period_start_s(budget.per, now_s), budget_stored,
                     self.hold_ttl_s, unit=budget.unit)
         except Exception as exc:  # slow or down (redis-py's errors are not OSErrors)
-            return self._store_failed(tenant, key, exc)
+            self._store_failed(tenant, subject, hold, who, exc)
+            return
         if not reserved:
             raise ProxyError(
-                429, f"Tenant '{tenant}' has used its {'energy' if unit_name == 'J' else 'carbon'} budget of"
+                429, f"{who} has used its {'energy' if unit_name == 'J' else 'carbon'} budget of"
                 f" {budget.amount:g} {unit_name} per {budget.per}.",
                 code="insufficient_quota", type="insufficient_quota",
                 headers=[(REMAINING_HEADER[budget.unit], b"0.0")],
             )
-        self._holds[key] = (tenant, time.monotonic())
-        return max(budget_stored - used, 0) / per_unit
+        self._holds[hold] = (subject, time.monotonic())
+        remaining = max(budget_stored - used, 0) / per_unit
+        left[budget.unit] = min(remaining, left.get(budget.unit, remaining))
 
     def release_budget(self, record: RequestRecord) -> None:
         """The request ends without being billed (refused, failed before a GPU): give its
-        hold back. A no-op for requests without one, so the relay calls it for every request,
+        holds back. A no-op for requests without one, so the relay calls it for every request,
         and for billed ones awaiting their measured value (the ledger write settles those)."""
         if record.key in self._awaiting:
             return
-        held = self._holds.pop(record.key, None)
+        self._release(record.key)
+        if record.key_subject:
+            self._release(subject_hold(record.key))
+
+    def _release(self, hold: str) -> None:
+        held = self._holds.pop(hold, None)
         if held is not None:
-            self._spawn(self.ledger.release(held[0], record.key))
+            self._spawn(self.ledger.release(held[0], hold))
 
     def estimate_j(self, tenant: str, budget_j: float, prompt_tokens: int = 0,
                    max_tokens: int | None = None) -> float:
@@ -269,22 +300,23 @@ class Accounting:
         margin = min(max(weighted / usual, 1.0), _EXTRAPOLATION_MAX)
         return rate_j * (self.prefill_weight * prompt_tokens + max_tokens) * margin
 
-    def _store_failed(self, tenant: str, key: str, exc: Exception) -> float | None:
+    def _store_failed(self, tenant: str, subject: str, hold: str, who: str, exc: Exception) -> None:
+        """The store did not answer a hold: the tenant's mode (a key's budget too) says."""
         mode = self.budget_failure.get(tenant, "open")
         self.metrics.budget_store_failures.labels(mode).inc()
         # A hold that lands after the timeout would block budget until it expires: drop it.
-        self._spawn(self.ledger.release(tenant, key))
+        self._spawn(self.ledger.release(subject, hold))
         now_s = time.monotonic()
         if now_s - self._last_store_warning_s > 10.0:
             self._last_store_warning_s = now_s
-            log.warning("budget hold for tenant %s failed (%s); requests are %s", tenant,
+            log.warning("budget hold for tenant %s failed (%s); requests are %s",
+                        tenant if subject == tenant else f"{tenant}, {who}",
                         type(exc).__name__ if str(exc) == "" else f"{type(exc).__name__}: {exc}",
                         "let through" if mode == "open" else "refused")
         if mode == "closed":
             raise ProxyError(503, "The energy budget cannot be checked right now (ledger store "
                              "unavailable); retry shortly.", code="energy_budget_unavailable",
                              headers=[(b"retry-after", b"1")])
-        return None
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._quietly(work))
@@ -328,6 +360,8 @@ class Accounting:
         # drops the hold in the same atomic step. Until here (the wait for a measured value
         # included) the sweep keeps extending it.
         self._holds.pop(record.key, None)
+        if record.key_subject:
+            self._holds.pop(subject_hold(record.key), None)
         if record.status == 200 and record.joules:
             self._learn_cost(record)
         self.ledger.record(LedgerRecord(
@@ -337,7 +371,7 @@ class Accounting:
             joules=record.joules or 0.0,
             joules_all_in=record.joules_all_in or 0.0, gco2e=record.gco2e or 0.0,
             method=record.energy_method or "none", start_s=record.start_s,
-            end_s=record.end_s or record.start_s, status=record.status,
+            end_s=record.end_s or record.start_s, status=record.status, key_subject=record.key_subject,
         ))
         self.metrics.observe_energy(record)
         if self.telemetry is not None:  # its energy is final now: the span can carry it
@@ -356,7 +390,8 @@ class Accounting:
             # says little about joules per token.
             return
         rate_j = record.joules / weighted
-        for who in (None, record.tenant) if record.tenant in self.budgets else (None,):
+        budgeted = record.tenant in self.budgets or record.key_subject
+        for who in (None, record.tenant) if budgeted else (None,):
             _fold(self._j_per_token, who, rate_j)
             _fold(self._completion_tokens, who, float(record.completion_tokens))
             _fold(self._weighted_tokens, who, weighted)

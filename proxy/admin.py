@@ -3,7 +3,8 @@ only), `GET /v1/admin/keys` (list them, never a secret or digest), `GET|DELETE
 /v1/admin/keys/{id}` (read one, revoke it). Admin keys only: a tenant key gets 403.
 
 A managed key may name any tenant, configured or not: its requests are billed to that name, and
-the config's limits and budget for a tenant of that name apply to it.
+the config's limits and budget for a tenant of that name apply to it. A key may carry its own
+rpm, tpm and `energy_budget` (the config's shape) on top: a request must fit both.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from proxy.auth import Authenticator
+from proxy.config import EnergyBudget
 from proxy.errors import ProxyError, bad_request, send_error
 from proxy.inbound import ClientGone, read_body, scan_headers
 from proxy.keystore.table import KeyTable
@@ -37,9 +40,10 @@ PREFIX = "/v1/admin/keys"
 class KeysAdmin:
     """Handlers for the admin keys routes, on top of the key table."""
 
-    def __init__(self, auth: Authenticator, table: KeyTable) -> None:
+    def __init__(self, auth: Authenticator, table: KeyTable, siteless: Sequence[str] = ()) -> None:
         self.auth = auth
         self.table = table
+        self.siteless = tuple(siteless)  # backends without a site: they book no grams
 
     async def keys(self, scope: Scope, receive: Receive, send: Send) -> None:
         """`/v1/admin/keys`: GET lists, POST creates."""
@@ -49,7 +53,7 @@ class KeysAdmin:
                 keys = await self._store(self.table.list())
                 await _send_json(send, 200, {"object": "list", "data": [k.view() for k in keys]})
                 return
-            fields = _create_fields(await _read_json(scope, receive))
+            fields = _create_fields(await _read_json(scope, receive), self.siteless)
             key, secret = await self._store(self.table.create(**fields))
             await _send_json(send, 201, {**key.view(), "key": secret})
         except ProxyError as exc:
@@ -98,8 +102,9 @@ async def _read_json(scope: Scope, receive: Receive) -> dict[str, Any]:
     return obj
 
 
-def _create_fields(obj: dict[str, Any]) -> dict[str, Any]:
-    """The `KeyTable.create` arguments of a POST body, or a 400 naming the bad field."""
+def _create_fields(obj: dict[str, Any], siteless: Sequence[str] = ()) -> dict[str, Any]:
+    """The `KeyTable.create` arguments of a POST body, or a 400 naming the bad field.
+    `siteless`: backends without a site, which rule out a budget in grams."""
     unknown = sorted(set(obj) - _FIELDS)
     if unknown:
         raise bad_request(f"Unknown field `{unknown[0][:64]}`; known: {', '.join(sorted(_FIELDS))}.",
@@ -111,12 +116,30 @@ def _create_fields(obj: dict[str, Any]) -> dict[str, Any]:
     name = obj.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > _MAX_NAME_CHARS):
         raise bad_request(f"`name` must be a string of at most {_MAX_NAME_CHARS} characters.", param="name")
-    if obj.get("energy_budget") is not None:
-        # Budgets are booked per tenant in every ledger store; a key has no spend of its own.
-        raise bad_request("`energy_budget` is not supported on a managed key: give the tenant an "
-                          "energy_budget in the config instead.", param="energy_budget")
     return {"tenant": tenant.strip(), "name": name, "expires_at_s": parse_expiry(obj.get("expires_at")),
-            "rpm": _limit(obj, "rpm"), "tpm": _limit(obj, "tpm")}
+            "rpm": _limit(obj, "rpm"), "tpm": _limit(obj, "tpm"),
+            "energy_budget": parse_budget(obj.get("energy_budget"), siteless)}
+
+
+def parse_budget(value: Any, siteless: Sequence[str] = ()) -> EnergyBudget | None:
+    """`energy_budget` as the config's model validates it (`{"joules": 5000, "per": "day"}`);
+    None stays None. 400 naming the param otherwise."""
+    if value is None:
+        return None
+    try:
+        budget = EnergyBudget.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise bad_request(f"`energy_budget`{'.' + where if where else ''}: {first['msg']} (expected "
+                          "{\"joules\" or \"gco2e\": amount, \"per\": \"hour\"|\"day\"|\"month\"}).",
+                          param="energy_budget") from None
+    if budget.unit == "gco2e" and siteless:
+        # As the config's check: a backend without a site books no grams, so the budget would
+        # never see those requests.
+        raise bad_request(f"`energy_budget` in gco2e needs a site on every backend (backend "
+                          f"'{siteless[0]}' has none).", param="energy_budget")
+    return budget
 
 
 def _limit(obj: dict[str, Any], field: str) -> int | None:

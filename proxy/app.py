@@ -112,7 +112,8 @@ class JouleGate:
             "/healthz": Route(self._healthz, ("GET", "HEAD")),
             "/readyz": Route(self._readyz, ("GET", "HEAD")),
         }
-        admin = KeysAdmin(self.auth, self.keys)  # managed API keys (proxy/admin.py)
+        admin = KeysAdmin(self.auth, self.keys,  # managed API keys (proxy/admin.py)
+                          siteless=[b.name for b in config.backends if b.site is None])
         self.routes["/v1/admin/keys"] = Route(admin.keys, ("GET", "POST"))
         if config.server.metrics_port is None:  # else /metrics is served on its own port only
             self.routes["/metrics"] = Route(self._metrics)

@@ -12,20 +12,31 @@ import hmac
 import time
 from dataclasses import dataclass
 
-from proxy.config import Config, RateLimit
+from proxy.config import Config, EnergyBudget, RateLimit
 from proxy.errors import ProxyError
 from proxy.ratelimit.window import RateScope
 
 
 @dataclass(frozen=True, slots=True)
+class KeyBudget:
+    """A managed key's own energy budget, on top of its tenant's."""
+
+    subject: str  # what the ledger books the key's spend and holds under (`key_subject`)
+    label: str  # how a refusal names the key: its id and name, never the secret
+    budget: EnergyBudget
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: the tenant billed, whether the key is an admin key, the managed key's id
-    (None for config keys) and the rate limits the request counts against (empty: none)."""
+    (None for config keys), the rate limits the request counts against (empty: none) and the
+    key's own energy budget (None: only the tenant's, if any)."""
 
     tenant: str
     is_admin: bool = False
     key_id: str | None = None
     limits: tuple[RateScope, ...] = ()
+    key_budget: KeyBudget | None = None
 
 
 def key_digest(api_key: str) -> str:
@@ -55,16 +66,16 @@ class Authenticator:
         self.managed: dict[str, tuple[Principal, float]] = {}
 
     def principal(self, tenant: str, key_id: str | None = None, rpm: int | None = None,
-                  tpm: int | None = None) -> Principal:
-        """The principal of a key of `tenant`: with the key's own limits (managed keys) and the
-        tenant's from the config, key first."""
+                  tpm: int | None = None, key_budget: KeyBudget | None = None) -> Principal:
+        """The principal of a key of `tenant`: with the key's own limits and budget (managed
+        keys) and the tenant's limits from the config, key first."""
         limits: list[RateScope] = []
         if key_id is not None and (rpm or tpm):
             limits.append(RateScope(f"key:{key_id}", tenant, rpm, tpm))
         tenant_limit = self._tenant_limits.get(tenant)
         if tenant_limit is not None:
             limits.append(RateScope(f"tenant:{tenant}", tenant, tenant_limit.rpm, tenant_limit.tpm))
-        return Principal(tenant, key_id=key_id, limits=tuple(limits))
+        return Principal(tenant, key_id=key_id, limits=tuple(limits), key_budget=key_budget)
 
     def authenticate(self, authorization: bytes | None) -> Principal:
         """The caller, or a 401 ProxyError. The key never appears in an error message."""

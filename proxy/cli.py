@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--tenant", required=True, help="the tenant the key is for")
     keys_new.add_argument("--json", action="store_true", help='print {"tenant", "key", "sha256"}')
     # Managed keys, through a running proxy's admin API (proxy/keys_cli.py).
-    from proxy.keys_cli import add_arguments, iso_time
+    from proxy.keys_cli import add_arguments, add_budget_arguments, iso_time
 
     keys_create = keys_sub.add_parser("create", help="make a managed key through the admin API; print it once")
     keys_create.add_argument("--tenant", required=True, help="the tenant the key bills to")
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_create.add_argument("--rpm", type=_positive_int, help="requests per minute for this key")
     keys_create.add_argument("--tpm", type=_positive_int, help="tokens per minute for this key")
     keys_create.add_argument("--expires", type=iso_time, help="when it stops working (ISO 8601; default never)")
+    add_budget_arguments(keys_create)
     keys_create.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
     keys_list = keys_sub.add_parser("list", help="list managed keys (never their secrets)")
     keys_list.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")

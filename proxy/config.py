@@ -316,7 +316,8 @@ class RateLimit(_Strict):
 
 
 class TenantConfig(_Strict):
-    name: str = Field(min_length=1, description="Tenant name, as booked in the ledger ('admin' is reserved).")
+    name: str = Field(min_length=1, description=(
+        "Tenant name, as booked in the ledger ('admin' is reserved; no control characters)."))
     api_keys_sha256: list[str] = Field(default_factory=list, description=(
         "Hex SHA-256 digests of the tenant's API keys (`joulegate keys new` prints one)."))
     energy_budget: EnergyBudget | None = Field(None, description="Optional energy budget; null: none.")
@@ -331,6 +332,10 @@ class TenantConfig(_Strict):
     def _not_reserved(cls, name: str) -> str:
         if name == "admin":
             raise ValueError("'admin' is reserved: requests made with admin keys are billed to it")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            # As the admin API's: a name is a ledger key and a metric label, and the ledger's
+            # budget subjects of managed keys start with a control character.
+            raise ValueError("a tenant name has no control characters")
         return name
 
     @field_validator("api_keys_sha256")

@@ -18,7 +18,9 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_KEY_ENV = "JOULEGATE_ADMIN_KEY"
-_COLUMNS = ("id", "tenant", "name", "created_at", "expires_at", "rpm", "tpm", "revoked")
+_COLUMNS = ("id", "tenant", "name", "created_at", "expires_at", "rpm", "tpm", "energy_budget", "revoked")
+#: How `keys list` shows a budget's unit.
+_UNIT = {"joules": "J", "gco2e": "gCO2e"}
 
 
 def iso_time(text: str) -> str:
@@ -28,6 +30,42 @@ def iso_time(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2025-12-31T23:59:59Z") from None
     return text
+
+
+def positive_amount(text: str) -> float:
+    """argparse type of a budget amount: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keys create`'s energy budget: an amount in one unit, and its period."""
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--energy-budget-joules", type=positive_amount, metavar="J",
+                        help="joules this key may use per period (on top of its tenant's budget)")
+    amount.add_argument("--energy-budget-gco2e", type=positive_amount, metavar="G",
+                        help="grams CO2e this key may emit per period (on top of its tenant's budget)")
+    parser.add_argument("--energy-budget-per", choices=("hour", "day", "month"),
+                        help="the budget's period, UTC (default day)")
+
+
+def budget_body(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `energy_budget` object of `keys create`'s flags; None without one. SystemExit 2
+    for a period without an amount."""
+    joules, gco2e, per = args.energy_budget_joules, args.energy_budget_gco2e, args.energy_budget_per
+    if joules is None and gco2e is None:
+        if per is not None:
+            print("joulegate: error: --energy-budget-per needs --energy-budget-joules or "
+                  "--energy-budget-gco2e", file=sys.stderr)
+            raise SystemExit(2)
+        return None
+    unit = {"joules": joules} if joules is not None else {"gco2e": gco2e}
+    return {**unit, "per": per or "day"}
 
 
 def http_url(text: str) -> str:
@@ -48,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """One admin-API call for `keys create|list|revoke`: 0; 1 (one line) when the call fails;
     2 without an admin key."""
+    budget = budget_body(args) if args.keys_command == "create" else None
     admin_key = os.environ.get(args.admin_key_env, "").strip()
     if not admin_key:
         print(f"joulegate: error: no admin key: set ${args.admin_key_env} (or name another variable "
@@ -55,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.keys_command == "create":
         body = {"tenant": args.tenant, "name": args.name, "rpm": args.rpm, "tpm": args.tpm,
-                "expires_at": args.expires}
+                "expires_at": args.expires, "energy_budget": budget}
         answer = _call(args.url, admin_key, "POST", "", {k: v for k, v in body.items() if v is not None})
     elif args.keys_command == "list":
         answer = _call(args.url, admin_key, "GET", "")
@@ -70,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"id:     {answer['id']}")
         print(f"key:    {answer['key']}")
         print(f"tenant: {answer['tenant']}")
+        if answer.get("energy_budget"):
+            print(f"budget: {format_budget(answer['energy_budget'])}")
         print("# the key is shown this once; `joulegate keys revoke ID` ends it")
     elif args.keys_command == "list":
         print(format_table(answer["data"]))
@@ -98,9 +139,21 @@ def _call(url: str, admin_key: str, method: str, path: str, body: dict[str, Any]
     return answer
 
 
+def format_budget(budget: dict[str, Any]) -> str:
+    """An `energy_budget` object as `5000 J/day` or `12.5 gCO2e/month`."""
+    unit = "joules" if budget.get("joules") is not None else "gco2e"
+    return f"{budget.get(unit):g} {_UNIT[unit]}/{budget.get('per', 'day')}"
+
+
 def format_table(keys: list[dict[str, Any]]) -> str:
     """Managed keys as an aligned text table, one row each."""
-    rows = [list(_COLUMNS)] + [["-" if k.get(c) is None else str(k.get(c)) for c in _COLUMNS] for k in keys]
+    def cell(key: dict[str, Any], column: str) -> str:
+        value = key.get(column)
+        if value is None:
+            return "-"
+        return format_budget(value) if column == "energy_budget" else str(value)
+
+    rows = [list(_COLUMNS)] + [[cell(k, c) for c in _COLUMNS] for k in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)

@@ -33,8 +33,11 @@ class RequestRecord:
     error: str | None = None
     joules: float | None = None  # attributed energy; None where the backend has no power source
     energy_method: str | None = None  # measured | estimated
-    budget_left_j: float | None = None  # the tenant's budget left when the request started
-    budget_left_g: float | None = None  # the same for a budget in grams CO2e
+    # What was left when the request started of its budgets in joules (the least of its
+    # tenant's and its managed key's), and of those in grams CO2e; None: no such budget.
+    budget_left_j: float | None = None
+    budget_left_g: float | None = None
+    key_subject: str = ""  # its managed key's budget subject, where that key has a budget
     # Carbon (proxy/carbon.py): host J billed like GPU J, (GPU + host) x PUE, and grams CO2e
     # of that at the site's grid intensity; None where unknown.
     host_joules: float | None = None

@@ -133,6 +133,8 @@ class Relay:
                                  code="rate_limit_exceeded", type="rate_limit_error", headers=_RETRY_SOON)
             principal = self.auth.authenticate(authorization)
             record.tenant = principal.tenant
+            if principal.key_budget is not None:  # its spend counts against its key's budget too
+                record.key_subject = principal.key_budget.subject
             watch.deadline_at(asyncio.get_running_loop().time() + self.read_timeout_s)
             try:
                 body = await read_body(receive, declared_length, self.max_body_bytes)
@@ -154,12 +156,9 @@ class Relay:
             # Over budget: refused before any GPU sees it (and after validation: a bad request
             # never costs a store round trip).
             left = await self.accounting.reserve_budget(
-                principal.tenant, record.key, record.prompt_estimate, max_tokens)
+                principal.tenant, record.key, record.prompt_estimate, max_tokens, principal.key_budget)
             if left is not None:
-                if self.accounting.budgets[principal.tenant].unit == "joules":
-                    record.budget_left_j = left
-                else:
-                    record.budget_left_g = left
+                record.budget_left_j, record.budget_left_g = left.get("joules"), left.get("gco2e")
             if self.telemetry is not None:  # the span's ids, sent upstream as its traceparent
                 self.telemetry.start(record, scope["headers"], payload)
             await self._forward(scope, watch, send, payload, upstream_body, withhold_usage, record, content_type)
@@ -440,7 +439,7 @@ class Relay:
         if record.budget_left_j is not None:
             left_j = record.budget_left_j - (record.joules or 0.0)
             headers.append((b"x-energy-budget-remaining-joules", repr(max(left_j, 0.0)).encode()))
-        elif record.budget_left_g is not None:
+        if record.budget_left_g is not None:  # both, under a joule budget and a gram one
             left_g = record.budget_left_g - (record.gco2e or 0.0)
             headers.append((b"x-energy-budget-remaining-gco2e", repr(max(left_g, 0.0)).encode()))
         if record.rate_headers is not None:
@@ -477,7 +476,7 @@ class Relay:
         ]
         if record.budget_left_j is not None:
             headers.append((b"x-energy-budget-remaining-joules", repr(record.budget_left_j).encode()))
-        elif record.budget_left_g is not None:
+        if record.budget_left_g is not None:
             headers.append((b"x-energy-budget-remaining-gco2e", repr(record.budget_left_g).encode()))
         if record.rate_headers is not None:
             headers += record.rate_headers

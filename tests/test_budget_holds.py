@@ -20,8 +20,11 @@ import openai
 import pytest
 
 from proxy.accounting import Accounting
-from proxy.config import ConfigError, parse_config
+from proxy.auth import KeyBudget
+from proxy.config import ConfigError, EnergyBudget, parse_config
+from proxy.errors import ProxyError
 from proxy.ledger import open_ledger
+from proxy.ledger.record import key_subject
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from tests.conftest import KEYS, MODEL, ProxyProc, SimBackend, backend_yaml, sha256, tenants_yaml
@@ -136,7 +139,7 @@ def test_a_running_requests_hold_outlives_its_ttl(store: str, tmp_path: Path) ->
         accounting.hold_ttl_s = 1.0
         await accounting.start()
         try:
-            assert await accounting.reserve_budget("strict", "long-stream") == 100.0
+            assert await accounting.reserve_budget("strict", "long-stream") == {"joules": 100.0}
             held_j = accounting.estimate_j("strict", 100.0)  # cold: a hundredth of the budget
             # A hold of the same TTL that nobody extends (a crashed replica's) shows when one TTL passed.
             now_s = time.time()
@@ -146,8 +149,53 @@ def test_a_running_requests_hold_outlives_its_ttl(store: str, tmp_path: Path) ->
                 assert time.monotonic() < deadline_s, "the unextended hold never expired"
                 await asyncio.sleep(0.05)
             # Past the TTL, the running request's hold still counts against its tenant.
-            left_j = await accounting.reserve_budget("strict", "next")
-            assert left_j == pytest.approx(100.0 - held_j), left_j
+            left = await accounting.reserve_budget("strict", "next")
+            assert left == {"joules": pytest.approx(100.0 - held_j)}, left
+        finally:
+            await accounting.close()
+
+    asyncio.run(body())
+
+
+def test_a_refusal_on_either_budget_gives_the_others_hold_back() -> None:
+    # A request holds on its key's budget and its tenant's; refused on one, it must not keep
+    # the other's hold (it would count until its TTL, an hour and more).
+    config = parse_config("backends:\n" + backend_yaml("b", "http://127.0.0.1:9", [MODEL]) + budget_tenants(100.0))
+    subject = key_subject("key_1")
+    key = KeyBudget(subject, "'ci' (key_1)", EnergyBudget(joules=10.0))
+
+    async def body() -> None:
+        accounting = Accounting(config, open_ledger("memory://"), Metrics())
+        await accounting.start()
+        ledger = accounting.ledger
+
+        async def used(who: str) -> int:
+            await asyncio.gather(*accounting._tasks)  # the spawned releases
+            ok, before = await ledger.reserve(who, "probe", 0, time.time(), 10**12, 60.0)
+            assert ok
+            await ledger.release(who, "probe")
+            return before
+
+        try:
+            # Cold holds are a hundredth of each budget: 0.1 J on the key's, 1 J on the tenant's.
+            assert await accounting.reserve_budget("strict", "r1", key_budget=key) == {"joules": 10.0}
+            assert (await used(subject), await used("strict")) == (100_000, 1_000_000)
+            # The tenant's budget is full: refused there, the key's new hold goes back.
+            assert (await ledger.reserve("strict", "fill", 99_000_000, time.time(), 100_000_000, 60.0))[0]
+            with pytest.raises(ProxyError, match="Tenant 'strict'") as refused:
+                await accounting.reserve_budget("strict", "r2", key_budget=key)
+            assert refused.value.status == 429
+            assert await used(subject) == 100_000
+            await ledger.release("strict", "fill")
+            # The key's budget is full: refused there, before any hold on the tenant's.
+            assert (await ledger.reserve(subject, "fill", 9_900_000, time.time(), 10_000_000, 60.0))[0]
+            with pytest.raises(ProxyError, match=r"API key 'ci' \(key_1\) has used its energy budget of 10 J"):
+                await accounting.reserve_budget("strict", "r3", key_budget=key)
+            assert await used("strict") == 1_000_000
+            # A request that never reached a GPU gives both of its holds back.
+            accounting.release_budget(RequestRecord(request_id="r1", key="r1", key_subject=subject, tenant="strict",
+                                                    model=MODEL, kind="chat", stream=False, start_s=time.time()))
+            assert (await used(subject), await used("strict")) == (9_900_000, 0)
         finally:
             await accounting.close()
 

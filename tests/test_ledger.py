@@ -30,6 +30,7 @@ import pytest
 import redis
 
 from proxy.ledger import GROUP_KEYS, Ledger, LedgerRecord, hour_floor_s, hour_iso, open_ledger
+from proxy.ledger.record import key_subject, subject_hold
 from proxy.ledger.usage import (
     format_table,
     grams_to_ug,
@@ -816,6 +817,59 @@ async def _reserved(pending: Awaitable[tuple[bool, int]]) -> bool:
     return (await pending)[0]
 
 
+# -- a managed key's own budget: a subject beside its tenant -----------------------------------
+
+
+def test_a_key_subject_counts_its_own_records_once_and_never_shows_in_usage(store: Store) -> None:
+    """A record with a key subject adds its µJ and µg to the tenant and to the subject, once
+    (a replay through another replica adds nothing); the tenant's other records count only
+    for the tenant; the write settles both of the request's holds; usage never lists the
+    subject, which no replica's reservation can miss."""
+    key = key_subject("key_0123")
+
+    async def body() -> None:
+        ledger, second = store.open(), store.open()
+        other = ledger if store.kind == "memory" else second  # another replica, where one can be
+        await ledger.start()
+        await second.start()
+        try:
+            now = time.time()
+            assert await ledger.reserve(key, subject_hold("a"), 3_000_000, now, 5_000_000, 60.0) == (True, 0)
+            assert await ledger.reserve("acme", "a", 3_000_000, now, 50_000_000, 60.0) == (True, 0)
+            # The key's hold counts against the key, not the tenant, and the reverse.
+            assert (await other.reserve(key, subject_hold("b"), 3_000_000, now, 5_000_000, 60.0)) == (True, 3_000_000)
+            await other.release(key, subject_hold("b"))
+            keyed = LedgerRecord("a", "acme", "m", "b", 1, 1, 1.5, "measured", now - 1, now, key="a",
+                                 joules_all_in=2.0, gco2e=0.25, key_subject=key)
+            ledger.record(keyed)
+            ledger.record(LedgerRecord("plain", "acme", "m", "b", 1, 1, 7.0, "measured", now - 1, now,
+                                       gco2e=0.5))
+            await ledger.flush()
+            other.record(keyed)  # the same request again, from another replica: counted once
+            await other.flush()
+            # Both holds were settled by the write: only the booked amounts count.
+            assert await other.reserve(key, subject_hold("c"), 1, now, 5_000_000, 60.0) == (True, 1_500_000)
+            assert await other.reserve("acme", "c", 1, now, 50_000_000, 60.0) == (True, 8_500_000)
+            assert await ledger.reserve(key, subject_hold("d"), 1, now, 10**6, 60.0, unit="gco2e") == (True, 250_000)
+            assert (await ledger.reserve(key, subject_hold("e"), 1, now, 1_500_001, 60.0))[0] is False
+            rows = await ledger.usage(group_by=("tenant",))
+            assert [(row.tenant, row.requests, row.joules_uj) for row in rows] == [("acme", 2, 8_500_000)]
+            assert (await ledger.get_request("a")) is not None
+        finally:
+            await ledger.close()
+            await second.close()
+
+    run(body)
+
+
+def test_a_journaled_record_keeps_its_key_subject(tmp_path: Path) -> None:
+    """A record spilled to the journal in an outage is replayed with its subject (rows carry it)."""
+    record = LedgerRecord("j", "acme", "m", "b", 1, 1, 2.0, "measured", T0, T0 + 1, key="k",
+                          key_subject=key_subject("key_1"))
+    assert LedgerRecord.from_row(record.to_row()) == record
+    assert LedgerRecord.from_row(record.to_row()[:15]).key_subject == ""  # a row from before
+
+
 # -- reasoning tokens: recorded everywhere, old ledgers still readable ---------------------------
 
 # The schema of a ledger file written before reasoning tokens were recorded.
@@ -871,8 +925,40 @@ async def _reads_old_and_new_rows(ledger: Ledger) -> None:
         await ledger.flush()
         assert await ledger.get_request("new-1") == _NEW
         assert await actual(ledger, ()) == {(): (2, 8, 47, 3_000_000, 30, 1_500_000, 250_000)}
+        # A managed key's budget works on a migrated ledger too (its spend table is new there).
+        await _books_a_key_subject(ledger, "new-2")
     finally:
         await ledger.close()
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_ledger_from_before_key_budgets_gets_its_spend_table(store: Store) -> None:
+    """A database whose other tables are all there (a version before key budgets) still gets
+    `subject_spend` on start."""
+    assert store.database_url is not None
+
+    async def body() -> None:
+        first = store.open()
+        await first.start()
+        await first.close()
+        async with await psycopg.AsyncConnection.connect(store.database_url, autocommit=True) as conn:
+            await conn.execute("DROP TABLE subject_spend")
+        ledger = store.open()
+        await ledger.start()
+        try:
+            await _books_a_key_subject(ledger, _NEW.request_id)
+        finally:
+            await ledger.close()
+
+    run(body)
+
+
+async def _books_a_key_subject(ledger: Ledger, request_id: str) -> None:
+    """A record like `_NEW` with a key subject is booked to it (its 1 J) and read back."""
+    subject = key_subject("key_" + request_id)
+    ledger.record(replace(_NEW, request_id=request_id, key_subject=subject))
+    await ledger.flush()
+    assert await ledger.reserve(subject, subject_hold("x"), 1, _NEW.end_s, 10**9, 60.0) == (True, 1_000_000)
 
 
 @pytest.mark.parametrize("store", ["postgres"], indirect=True)

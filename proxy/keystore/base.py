@@ -1,7 +1,8 @@
 """Managed API keys: what is stored of one (never the key itself), and the store interface.
 
 A managed key is made through the admin API (`POST /v1/admin/keys`); the store keeps its id,
-tenant, limits, times and the SHA-256 of the secret, as one JSON document per key, plus a
+tenant, limits, energy budget, times and the SHA-256 of the secret, as one JSON document per
+key (a field added later reads as its default from a document written before it), plus a
 version number that every change bumps, so replicas notice a change with one cheap read
 (`KeyStore.version`) and reload the table only then.
 """
@@ -29,6 +30,9 @@ class ManagedKey:
     rpm: int | None = None  # requests per minute for this key; None: no limit
     tpm: int | None = None  # tokens per minute for this key; None: no limit
     revoked_at_s: float | None = None
+    # Its own energy budget, as the config's `energy_budget` (`{"joules": 5000.0, "per": "day"}`);
+    # None: only its tenant's.
+    energy_budget: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -52,7 +56,7 @@ class ManagedKey:
         """The admin API's object for this key: never the secret, nor its digest."""
         return {"id": self.id, "object": "api_key", "tenant": self.tenant, "name": self.name,
                 "created_at": iso(self.created_at_s), "expires_at": iso(self.expires_at_s),
-                "rpm": self.rpm, "tpm": self.tpm, "energy_budget": None,
+                "rpm": self.rpm, "tpm": self.tpm, "energy_budget": self.energy_budget,
                 "revoked": self.revoked_at_s is not None, "revoked_at": iso(self.revoked_at_s)}
 
 

@@ -15,9 +15,13 @@ import logging
 import secrets
 import time
 
-from proxy.auth import Authenticator, key_digest
+from pydantic import ValidationError
+
+from proxy.auth import Authenticator, KeyBudget, key_digest
+from proxy.config import EnergyBudget
 from proxy.keys import new_key
 from proxy.keystore.base import KeyStore, ManagedKey, MemoryKeyStore
+from proxy.ledger.record import key_subject
 
 log = logging.getLogger("joulegate.keys")
 
@@ -67,9 +71,18 @@ class KeyTable:
 
     def _install(self, keys: list[ManagedKey]) -> None:
         principal = self.auth.principal
-        self.auth.managed = {
-            key.sha256: (principal(key.tenant, key.id, key.rpm, key.tpm), key.usable_until_s())
-            for key in keys}
+        managed = {}
+        for key in keys:
+            try:
+                budget = key_budget(key)
+            except ValidationError:
+                # A budget this version cannot read is not enforced as nothing: the key stops.
+                log.error("managed key %s: unreadable energy_budget %r; key disabled", key.id,
+                          key.energy_budget)
+                continue
+            managed[key.sha256] = (principal(key.tenant, key.id, key.rpm, key.tpm, budget),
+                                   key.usable_until_s())
+        self.auth.managed = managed
 
     async def _loop(self) -> None:
         while True:
@@ -92,12 +105,15 @@ class KeyTable:
     # -- the admin API's operations ------------------------------------------------------------
 
     async def create(self, tenant: str, name: str | None, expires_at_s: float | None,
-                     rpm: int | None, tpm: int | None) -> tuple[ManagedKey, str]:
+                     rpm: int | None, tpm: int | None,
+                     energy_budget: EnergyBudget | None = None) -> tuple[ManagedKey, str]:
         """A new key for `tenant`: stored (as its SHA-256) and usable here at once; returns it
         with the secret, which is shown this once and kept nowhere."""
         secret = new_key()
+        budget = None if energy_budget is None else energy_budget.model_dump(exclude_none=True)
         key = ManagedKey(id="key_" + secrets.token_hex(8), sha256=key_digest(secret), tenant=tenant,
-                         name=name, created_at_s=time.time(), expires_at_s=expires_at_s, rpm=rpm, tpm=tpm)
+                         name=name, created_at_s=time.time(), expires_at_s=expires_at_s, rpm=rpm, tpm=tpm,
+                         energy_budget=budget)
         await self.store.put(key)
         await self.refresh(force=True)
         return key, secret
@@ -117,3 +133,12 @@ class KeyTable:
             await self.store.put(key)
         await self.refresh(force=True)
         return key
+
+
+def key_budget(key: ManagedKey) -> KeyBudget | None:
+    """The key's own budget as the accounting enforces it; None without one. ValidationError
+    for a stored budget that is not a valid `energy_budget`."""
+    if key.energy_budget is None:
+        return None
+    label = f"'{key.name}' ({key.id})" if key.name else key.id
+    return KeyBudget(key_subject(key.id), label, EnergyBudget.model_validate(key.energy_budget))

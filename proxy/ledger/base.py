@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from proxy.ledger.journal import SpillJournal
-from proxy.ledger.record import LedgerRecord, LedgerStats, latest
+from proxy.ledger.record import LedgerRecord, LedgerStats, latest, subject_hold
 from proxy.ledger.usage import (
     UJ_PER_J,
     Bucket,
@@ -105,7 +105,10 @@ class Ledger(ABC):
         Returns (reserved, µJ used before this one). The hold ends when the record with this
         `key` is written (its actual joules replace it), on `release`, or when it expires.
         With `unit` "gco2e" every amount is micrograms CO2e instead: the records' grams are
-        summed, and only the tenant's holds in grams count."""
+        summed, and only the tenant's holds in grams count.
+
+        `tenant` may be a budget subject instead (`record.key_subject`): its spend is that of
+        the records naming it, and its hold on a request is keyed `subject_hold(key)`."""
 
     @abstractmethod
     async def release(self, tenant: str, key: str) -> None:
@@ -154,7 +157,8 @@ class BufferedLedger(Ledger):
         self._refreshing: set[tuple[str, int]] = set()
         self._refresh_tasks: set[asyncio.Task[None]] = set()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger")
-        self._held: dict[str, str] = {}  # budget holds this process made: key -> tenant
+        # Budget holds this process made: hold key -> tenant (or budget subject).
+        self._held: dict[str, str] = {}
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -214,11 +218,21 @@ class BufferedLedger(Ledger):
     async def _extend_store(self, holds: Sequence[tuple[str, str]], ttl_s: float) -> None:
         """`extend` in the store: only holds that exist get a new expiry."""
 
-    def _holds(self, records: Iterable[LedgerRecord]) -> list[tuple[str, str]]:
-        """(tenant, key) of the budget holds these records settle: a store's write drops them
-        in the same atomic step that adds the records' joules."""
+    def _holds(self, records: Sequence[LedgerRecord]) -> list[tuple[str, str]]:
+        """(tenant or subject, hold key) of the budget holds these records settle: a store's
+        write drops them in the same atomic step that adds the records' joules."""
         held = self._held
-        return [(rec.tenant, rec.key) for rec in records if rec.key in held]
+        out = [(rec.tenant, rec.key) for rec in records if rec.key in held]
+        for rec in records:
+            if rec.key_subject and subject_hold(rec.key) in held:
+                out.append((rec.key_subject, subject_hold(rec.key)))
+        return out
+
+    def _forget_holds(self, rec: LedgerRecord) -> None:
+        """The store has settled `rec`'s holds (tenant and key budget) with its write."""
+        self._held.pop(rec.key, None)
+        if rec.key_subject:
+            self._held.pop(subject_hold(rec.key), None)
 
     async def _run_io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -327,7 +341,7 @@ class BufferedLedger(Ledger):
                     self._settle(chunk)
                     for rec in chunk:
                         del self._inflight[rec.uid]
-                        self._held.pop(rec.key, None)
+                        self._forget_holds(rec)
             except BaseException as exc:
                 self._restore_inflight()
                 if not isinstance(exc, Exception):
@@ -410,7 +424,7 @@ class BufferedLedger(Ledger):
 
         def stored(records: Sequence[LedgerRecord]) -> None:
             for rec in records:  # from the journal's share to the store's
-                self._held.pop(rec.key, None)
+                self._forget_holds(rec)
                 self._note_stored((rec.tenant, hour_floor_s(rec.end_s)), joules_to_uj(rec.joules))
 
         return await self._journal.replay(self.chunk_size, self._write_chunk, stored)

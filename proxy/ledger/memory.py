@@ -23,7 +23,7 @@ class MemoryLedger(BufferedLedger):
         # (tenant, model, backend, hour_s) -> [requests, prompt_tokens, completion_tokens, uj,
         # reasoning_tokens, all-in µJ, µg CO2e]
         self._cells: dict[tuple[str, str, str, int], list[int]] = {}
-        # What budgets sum, by unit: (tenant, hour_s) -> µJ, or µg CO2e.
+        # What budgets sum, by unit: (tenant or key subject, hour_s) -> µJ, or µg CO2e.
         self._tenant_hour: dict[BudgetUnit, dict[tuple[str, int], int]] = {"joules": {}, "gco2e": {}}
         self._tenant_hour_uj = self._tenant_hour["joules"]
         # Budget holds: tenant -> key -> (µJ or µg, monotonic expiry, unit); no await between
@@ -51,10 +51,11 @@ class MemoryLedger(BufferedLedger):
             cell[4] += rec.reasoning_tokens
             cell[5] += joules_to_uj(rec.joules_all_in)
             cell[6] += grams_to_ug(rec.gco2e)
-            tenant_hour = (rec.tenant, hour)
-            self._tenant_hour_uj[tenant_hour] = self._tenant_hour_uj.get(tenant_hour, 0) + uj
-            spent_ug = self._tenant_hour["gco2e"]
-            spent_ug[tenant_hour] = spent_ug.get(tenant_hour, 0) + grams_to_ug(rec.gco2e)
+            ug = grams_to_ug(rec.gco2e)
+            spent_uj, spent_ug = self._tenant_hour_uj, self._tenant_hour["gco2e"]
+            for subject in (rec.tenant, rec.key_subject) if rec.key_subject else (rec.tenant,):
+                spent_uj[subject, hour] = spent_uj.get((subject, hour), 0) + uj
+                spent_ug[subject, hour] = spent_ug.get((subject, hour), 0) + ug
         return new
 
     async def _buckets(self, tenant: str | None, since_hour_s: int | None,

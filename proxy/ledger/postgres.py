@@ -1,9 +1,10 @@
 """`postgresql://user:pass@host:5432/db`: one ledger shared by many replicas and workers.
 
 Driver: psycopg 3 with psycopg_pool (async on the event loop, no I/O thread; fully typed, so
-`mypy --strict` checks the calls). The schema (tables `requests`, `aggregates`, `holds`) is
-created on start and columns added since the first version are added with ADD COLUMN IF NOT
-EXISTS, so an older database is migrated in place; both are safe to run from many processes.
+`mypy --strict` checks the calls). The schema (tables `requests`, `aggregates`, `holds`,
+`subject_spend`) is created on start, and again where a table is missing; columns added since
+the first version are added with ADD COLUMN IF NOT EXISTS, so an older database is migrated in
+place; both are safe to run from many processes.
 
 Idempotency: a chunk is one transaction. It inserts its records with `ON CONFLICT (request_id)
 DO NOTHING RETURNING request_id` and adds to the aggregates only the rows that statement
@@ -43,11 +44,14 @@ from proxy.ledger.redis import default_journal_path
 from proxy.ledger.sql import (
     BUCKET_COLUMNS,
     BUDGET_COLUMN,
+    SUBJECT_SPEND_TABLE,
     SUM_COLUMNS,
     Cell,
     add_to_cell,
+    add_to_spend,
     record_from_row,
     request_query,
+    spend_source,
     usage_rows,
     where,
 )
@@ -84,7 +88,9 @@ CREATE TABLE IF NOT EXISTS holds (
     expires_s DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
-"""
+""" + SUBJECT_SPEND_TABLE
+#: Every table SCHEMA makes: a database lacking one (older than it) gets SCHEMA run again.
+TABLES = ("requests", "aggregates", "holds", "subject_spend")
 #: Columns added since the first schema, with their definitions. Added only when missing: an
 #: ALTER TABLE, even a no-op one, waits for an exclusive lock behind every running query.
 MIGRATIONS = (
@@ -123,6 +129,12 @@ UPSERT_CELLS = (
     " reasoning_tokens = a.reasoning_tokens + excluded.reasoning_tokens,"
     " joules_all_in_uj = a.joules_all_in_uj + excluded.joules_all_in_uj,"
     " gco2e_ug = a.gco2e_ug + excluded.gco2e_ug"
+)
+UPSERT_SPEND = (
+    "INSERT INTO subject_spend AS s (subject, hour_s, joules_uj, gco2e_ug)"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " ON CONFLICT (subject, hour_s) DO UPDATE SET joules_uj = s.joules_uj + excluded.joules_uj,"
+    " gco2e_ug = s.gco2e_ug + excluded.gco2e_ug"
 )
 PRUNE_BATCH = 5000  # rows per delete, so a prune never holds many row locks for long
 
@@ -182,9 +194,9 @@ class PostgresLedger(BufferedLedger):
                 cur = await conn.execute(
                     "SELECT table_name, column_name FROM information_schema.columns"
                     " WHERE table_schema = current_schema()"
-                    " AND table_name IN ('requests', 'aggregates', 'holds')")
+                    " AND table_name = ANY(%s::text[])", (list(TABLES),))
                 have = {(str(table), str(column)) for table, column in await cur.fetchall()}
-                if {table for table, _ in have} != {"requests", "aggregates", "holds"}:
+                if {table for table, _ in have} != set(TABLES):
                     # Not when all are there: CREATE INDEX IF NOT EXISTS still locks out writers.
                     await conn.execute(SCHEMA)
                 for table, column, definition in MIGRATIONS:
@@ -238,12 +250,17 @@ class PostgresLedger(BufferedLedger):
             cur = await conn.execute(INSERT_REQUESTS, cols)
             inserted = {row[0] for row in await cur.fetchall()}
             cells: dict[Cell, list[int]] = {}
+            spend: dict[tuple[str, int], list[int]] = {}
             for rec in recs:
                 if rec.uid in inserted:  # else seen before: the aggregates already hold it
                     add_to_cell(cells, rec)
+                    add_to_spend(spend, rec)
             if cells:
                 rows = [(*key, *sums) for key, sums in sorted(cells.items())]
                 await conn.execute(UPSERT_CELLS, [list(col) for col in zip(*rows, strict=True)])
+            if spend:  # sorted, as the cells: one row-lock order across replicas
+                rows = [(*key, *sums) for key, sums in sorted(spend.items())]
+                await conn.execute(UPSERT_SPEND, [list(col) for col in zip(*rows, strict=True)])
             if holds:
                 await conn.execute("DELETE FROM holds WHERE key = ANY(%s::text[])", (holds,))
             return len(inserted)
@@ -279,7 +296,8 @@ class PostgresLedger(BufferedLedger):
     async def _reserve_store(self, tenant: str, key: str, uj: int, since_hour_s: int,
                              budget_uj: int, ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         now = time.time()
-        col = BUDGET_COLUMN[unit]  # a fixed column name, never input
+        col = BUDGET_COLUMN[unit]  # fixed names, never input
+        table, who = spend_source(tenant)
         held_uj, held_ug = (uj, 0) if unit == "joules" else (0, uj)
 
         async def step(conn: Conn) -> tuple[bool, int]:
@@ -289,8 +307,8 @@ class PostgresLedger(BufferedLedger):
                                (HOLDS_LOCK_CLASS, holds_lock_id(tenant)))
             await conn.execute("DELETE FROM holds WHERE tenant = %s AND expires_s <= %s", (tenant, now))
             cur = await conn.execute(
-                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM aggregates"
-                " WHERE tenant = %s AND hour_s >= %s)"
+                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM {table}"
+                f" WHERE {who} = %s AND hour_s >= %s)"
                 f" + (SELECT COALESCE(SUM({col}), 0) FROM holds WHERE tenant = %s)",
                 (tenant, since_hour_s, tenant))
             row = await cur.fetchone()

@@ -14,6 +14,25 @@ from proxy.ledger.usage import hour_floor_s
 #: Between a request id and its key in `LedgerRecord.uid`; never in an id the relay accepts
 #: (x-request-ids are printable).
 UID_SEP = "\x1f"
+#: Starts a budget subject that is not a tenant (`key_subject`); tenant names have no control
+#: characters (config and admin API check), so a subject never collides with a tenant's name.
+SUBJECT_MARK = "\x1e"
+
+
+def key_subject(key_id: str) -> str:
+    """The budget subject a managed key's own spend and holds are booked under."""
+    return f"{SUBJECT_MARK}key:{key_id}"
+
+
+def is_subject(name: str) -> bool:
+    """True for a budget subject (`key_subject`), False for a tenant."""
+    return name.startswith(SUBJECT_MARK)
+
+
+def subject_hold(key: str) -> str:
+    """The hold key of a request's hold on its managed key's budget; its tenant hold is `key`.
+    Distinct, as the SQL stores key holds by this alone."""
+    return f"{key}{UID_SEP}k"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +54,9 @@ class LedgerRecord:
     reasoning_tokens: int = 0  # of completion_tokens, where the engine reported them
     joules_all_in: float = 0.0  # (GPU + host) x PUE (proxy/carbon.py); 0 where not recorded
     gco2e: float = 0.0  # grams CO2e of joules_all_in at the site's grid intensity
+    # The budget subject of its managed key (`key_subject`), where that key has a budget of its
+    # own: the stores add the record's µJ and µg to this subject's spend as well; "" if none.
+    key_subject: str = ""
 
     @property
     def uid(self) -> str:
@@ -55,17 +77,19 @@ class LedgerRecord:
         """A compact JSON-able form, used by the journal and the Redis store."""
         return [self.request_id, self.tenant, self.model, self.backend, self.prompt_tokens,
                 self.completion_tokens, self.joules, self.method, self.start_s, self.end_s,
-                self.status, self.key, self.reasoning_tokens, self.joules_all_in, self.gco2e]
+                self.status, self.key, self.reasoning_tokens, self.joules_all_in, self.gco2e,
+                self.key_subject]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> LedgerRecord:
         """From `to_row`'s form; rows written before keys existed have 11 fields, before
-        reasoning tokens 12, before carbon 13."""
+        reasoning tokens 12, before carbon 13, before key budgets 15."""
         return cls(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]),
                    float(row[6]), str(row[7]), float(row[8]), float(row[9]), int(row[10]),
                    str(row[11]) if len(row) > 11 else "", int(row[12] or 0) if len(row) > 12 else 0,
                    float(row[13] or 0.0) if len(row) > 13 else 0.0,
-                   float(row[14] or 0.0) if len(row) > 14 else 0.0)
+                   float(row[14] or 0.0) if len(row) > 14 else 0.0,
+                   str(row[15] or "") if len(row) > 15 else "")
 
 
 @dataclass(frozen=True, slots=True)

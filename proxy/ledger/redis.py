@@ -13,6 +13,8 @@ Keys, under `key_prefix` (default `joulegate:`):
 - `tj:<tenant>`: a hash hour_s -> micro-joules; a budget check reads only its period's hours.
   `tg:<tenant>`: the same in micrograms CO2e, for budgets in grams (hours written before it was
   kept have none: a gram budget counts from the first write of a version that keeps it).
+  A managed key with a budget of its own has both under its budget subject too
+  (`tj:<subject>`, `tg:<subject>`; `record.key_subject`), summed from its requests alone.
 - `hold:<tenant>` / `holdx:<tenant>`: budget holds of requests in flight (key -> micro-joules)
   and their expiry (sorted set, score = ms); `holdg:<tenant>`: holds in micrograms CO2e, under
   the same expiry set. RESERVE_SCRIPT checks and holds in one step; the write script drops a
@@ -81,16 +83,20 @@ while i <= #ARGV do
     local a, g = tonumber(ARGV[i + 11]), tonumber(ARGV[i + 12])
     if a > 0 then h['a:' .. group] = (h['a:' .. group] or 0) + a end
     if g > 0 then h['g:' .. group] = (h['g:' .. group] or 0) + g end
-    local t = spend[tenant]
-    if not t then t = {}; spend[tenant] = t end
-    t[hour] = (t[hour] or 0) + uj
-    if g > 0 then
-      local tg = spend_g[tenant]
-      if not tg then tg = {}; spend_g[tenant] = tg end
-      tg[hour] = (tg[hour] or 0) + g
+    local subjects = {tenant}
+    if ARGV[i + 13] ~= '' then subjects[2] = ARGV[i + 13] end  -- its key's budget subject
+    for _, who in ipairs(subjects) do
+      local t = spend[who]
+      if not t then t = {}; spend[who] = t end
+      t[hour] = (t[hour] or 0) + uj
+      if g > 0 then
+        local tg = spend_g[who]
+        if not tg then tg = {}; spend_g[who] = tg end
+        tg[hour] = (tg[hour] or 0) + g
+      end
     end
   end
-  i = i + 13
+  i = i + 14
 end
 for hour, fields in pairs(cells) do
   redis.call('ZADD', p .. 'hours', 'NX', hour, hour)
@@ -196,7 +202,7 @@ class RedisLedger(BufferedLedger):
             args += (rec.uid, ttl_ms, orjson.dumps(rec.to_row()), rec.hour_s, group,
                      rec.tenant, rec.prompt_tokens, rec.completion_tokens, joules_to_uj(rec.joules),
                      rec.request_id, rec.reasoning_tokens, joules_to_uj(rec.joules_all_in),
-                     grams_to_ug(rec.gco2e))
+                     grams_to_ug(rec.gco2e), rec.key_subject)
         self._client()  # raises if not started
         holds = [part for hold in self._holds(records) for part in hold]
         return int(await self._script(keys=holds, args=args))

@@ -1,7 +1,8 @@
 """What the SQL stores (SQLite, PostgreSQL) share: rows to records and usage, cells, filters.
 
 Both keep the same tables: `requests` (one row per record, keyed by its uid), `aggregates`
-(integer sums per tenant x model x backend x hour_s) and `holds`.
+(integer sums per tenant x model x backend x hour_s), `holds`, and `subject_spend` (µJ and µg
+per budget subject x hour_s: a managed key's own spend, for its budget; never usage).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from proxy.ledger.record import UID_SEP, LedgerRecord, split_uid
+from proxy.ledger.record import UID_SEP, LedgerRecord, is_subject, split_uid
 from proxy.ledger.usage import UJ_PER_J, BudgetUnit, UsageRow, grams_to_ug, hour_iso, joules_to_uj
 
 #: A `requests` row as `record_from_row` reads it (the key's slot is empty: it is in the uid).
@@ -27,6 +28,31 @@ Cell = tuple[str, str, str, int]
 #: The column a budget of each unit sums, in `aggregates` and in `holds` alike (a hold's amount
 #: is in its unit's column; the other is 0).
 BUDGET_COLUMN: dict[BudgetUnit, str] = {"joules": "joules_uj", "gco2e": "gco2e_ug"}
+
+
+#: A budget subject's spend per hour (`record.key_subject`), added in the transaction that
+#: inserts its records; upserts take `SUBJECT_SPEND_VALUES` rows.
+SUBJECT_SPEND_TABLE = """
+CREATE TABLE IF NOT EXISTS subject_spend (
+    subject TEXT NOT NULL, hour_s BIGINT NOT NULL,
+    joules_uj BIGINT NOT NULL DEFAULT 0, gco2e_ug BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (subject, hour_s)
+);
+"""
+
+
+def spend_source(who: str) -> tuple[str, str]:
+    """(table, column) a budget of `who` sums its spend from: a tenant's aggregates, or a
+    budget subject's own rows."""
+    return ("subject_spend", "subject") if is_subject(who) else ("aggregates", "tenant")
+
+
+def add_to_spend(spend: dict[tuple[str, int], list[int]], rec: LedgerRecord) -> None:
+    """Add `rec` to its key subject's [µJ, µg CO2e] of its hour, if it has one."""
+    if rec.key_subject:
+        sums = spend.setdefault((rec.key_subject, rec.hour_s), [0, 0])
+        sums[0] += joules_to_uj(rec.joules)
+        sums[1] += grams_to_ug(rec.gco2e)
 
 
 def record_from_row(row: Sequence[Any]) -> LedgerRecord:

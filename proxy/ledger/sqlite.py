@@ -32,10 +32,13 @@ from proxy.ledger.record import LedgerRecord, latest
 from proxy.ledger.sql import (
     BUCKET_COLUMNS,
     BUDGET_COLUMN,
+    SUBJECT_SPEND_TABLE,
     SUM_COLUMNS,
     add_to_cell,
+    add_to_spend,
     record_from_row,
     request_query,
+    spend_source,
     usage_rows,
     where,
 )
@@ -72,7 +75,7 @@ CREATE TABLE IF NOT EXISTS holds (
     gco2e_ug INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS holds_tenant ON holds (tenant, expires_s);
-"""
+""" + SUBJECT_SPEND_TABLE  # a file made before key budgets gets it on open, as IF NOT EXISTS
 
 INSERT_REQUEST = (
     "INSERT OR IGNORE INTO requests (request_id, tenant, model, backend, prompt_tokens,"
@@ -90,6 +93,11 @@ UPSERT_CELL = (
     " joules_uj = joules_uj + excluded.joules_uj,"
     " reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,"
     " joules_all_in_uj = joules_all_in_uj + excluded.joules_all_in_uj,"
+    " gco2e_ug = gco2e_ug + excluded.gco2e_ug"
+)
+UPSERT_SPEND = (
+    "INSERT INTO subject_spend (subject, hour_s, joules_uj, gco2e_ug) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (subject, hour_s) DO UPDATE SET joules_uj = joules_uj + excluded.joules_uj,"
     " gco2e_ug = gco2e_ug + excluded.gco2e_ug"
 )
 #: Columns added since the first schema, with their definitions (ALTER TABLE on open).
@@ -153,12 +161,13 @@ class SqliteLedger(BufferedLedger):
                       ttl_s: float, unit: BudgetUnit) -> tuple[bool, int]:
         conn = self._holds_db()
         now = time.time()
-        col = BUDGET_COLUMN[unit]  # a fixed column name, never input
+        col = BUDGET_COLUMN[unit]  # fixed names, never input
+        table, who = spend_source(tenant)
         conn.execute("BEGIN IMMEDIATE")  # the write lock first: the read and the insert are one step
         try:
             conn.execute("DELETE FROM holds WHERE tenant = ? AND expires_s <= ?", (tenant, now))
             used = int(conn.execute(
-                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM aggregates WHERE tenant = ? AND hour_s >= ?)"
+                f"SELECT (SELECT COALESCE(SUM({col}), 0) FROM {table} WHERE {who} = ? AND hour_s >= ?)"
                 f" + (SELECT COALESCE(SUM({col}), 0) FROM holds WHERE tenant = ?)",
                 (tenant, since_hour_s, tenant)).fetchone()[0])
             reserved = used < budget_uj
@@ -208,6 +217,7 @@ class SqliteLedger(BufferedLedger):
     def _write_sync(self, records: Sequence[LedgerRecord], holds: Sequence[tuple[str, str]] = ()) -> int:
         conn = self._db()
         cells: dict[tuple[str, str, str, int], list[int]] = {}
+        spend: dict[tuple[str, int], list[int]] = {}
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -220,7 +230,9 @@ class SqliteLedger(BufferedLedger):
                 if cur.rowcount != 1:
                     continue  # seen before: the aggregates already hold it
                 add_to_cell(cells, rec)
+                add_to_spend(spend, rec)
             conn.executemany(UPSERT_CELL, [(*key, *sums) for key, sums in cells.items()])
+            conn.executemany(UPSERT_SPEND, [(*key, *sums) for key, sums in spend.items()])
             conn.executemany("DELETE FROM holds WHERE key = ?", [(key,) for _, key in holds])
             conn.execute("COMMIT")
         except BaseException:
