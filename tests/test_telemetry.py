@@ -20,7 +20,8 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from proxy.config import Config, ConfigError, parse_config
-from proxy.telemetry import parse_traceparent
+from proxy.sse import StreamTap
+from proxy.telemetry import AnswerTap, SpanStart, parse_traceparent
 from tests.conftest import (
     KEYS,
     MODEL,
@@ -449,6 +450,42 @@ def test_configured_without_the_packages_exits_at_start_saying_so(
     assert done.returncode == 2, done.stderr
     assert "pip install 'joulegate[otel]'" in done.stderr
     assert ("OTEL_EXPORTER_OTLP_ENDPOINT" if how == "env" else "telemetry.otlp_endpoint") in done.stderr
+
+
+def _span_start(flags: str = "01") -> SpanStart:
+    return SpanStart(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}", None, None, "/v1/chat/completions")
+
+
+def test_answer_tap_reads_id_model_and_finish_reasons_off_the_bytes() -> None:
+    span = _span_start()
+    tap = span.tap(False, 1 << 20)
+    assert isinstance(tap, AnswerTap)
+    events = [  # spaced JSON, two choices, a tool call's own id, text that looks like a key
+        b'data: {"id": "chatcmpl-9", "model": "llama-x", "choices": [{"index": 0, "delta": {"content": '
+        b'"say \\"finish_reason\\": \\"stop\\""}, "finish_reason": null}]}',
+        b'data: {"id":"chatcmpl-9","model":"llama-x","choices":[{"index":1,"delta":{"tool_calls":'
+        b'[{"id":"call_1","function":{"arguments":"{}"}}]},"finish_reason":"tool_calls"}]}',
+        b'data: {"id":"chatcmpl-9","model":"llama-x","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}',
+        b'data: {"id":"chatcmpl-9","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}',
+        b"data: [DONE]",
+    ]
+    body = b"\n\n".join(events) + b"\n\n"
+    for i in range(0, len(body), 5):  # events split anywhere
+        tap.feed(body[i:i + 5])
+    assert tap.done and tap.usage is not None and tap.delta_chunks == 2
+    assert (span.response_id, span.response_model) == ("chatcmpl-9", "llama-x")
+    assert span.finish_reasons == ["tool_calls", "length"]
+
+
+def test_only_a_sampled_span_reads_the_answer() -> None:
+    span = _span_start("00")
+    assert type(span.tap(False, 1 << 20)) is StreamTap
+    span.take_answer({"id": "x", "model": "m", "choices": [{"finish_reason": "stop"}]})
+    assert (span.response_id, span.response_model, span.finish_reasons) == (None, None, None)
+    sampled = _span_start()
+    sampled.take_answer({"id": "x", "model": "m" * 300, "choices": [{"finish_reason": "stop"}, {"finish_reason": None}]})
+    assert sampled.response_id == "x" and sampled.response_model == "m" * 256
+    assert sampled.finish_reasons == ["stop"]
 
 
 @pytest.mark.parametrize(("header", "parsed"), [
