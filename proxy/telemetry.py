@@ -39,7 +39,8 @@ ENV_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPO
 #: spans are named and told apart by their route instead.
 OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings",
               "response": "chat"}
-#: The longest engine-given string kept on a span (an id, a model name); longer ones are cut.
+#: The longest engine-given string kept on a span (an id, a model name): longer ones are cut
+#: from a JSON answer, and left out where a stream's bytes are searched.
 _MAX_VALUE = 256
 #: The most finish reasons kept: one per choice, and `n` is the client's to choose.
 _MAX_REASONS = 64
