@@ -160,10 +160,12 @@ class Relay:
             if left is not None:
                 record.budget_left_j, record.budget_left_g = left.get("joules"), left.get("gco2e")
             if self.telemetry is not None:  # the span's ids, sent upstream as its traceparent
-                self.telemetry.start(record, scope["headers"], payload)
+                self.telemetry.start(record, scope, payload)
             await self._forward(scope, watch, send, payload, upstream_body, withhold_usage, record, content_type)
         except ProxyError as exc:
             record.status = exc.status
+            if self.telemetry is not None and record.backend is None:  # refused before a backend: no booking
+                self.telemetry.refused(record, scope, exc.code or exc.type)
             await send_error(send, exc, record.request_id)
         except ClientGone:
             record.status = 499
@@ -469,7 +471,9 @@ class Relay:
         stopped reading: 499; no chunk for stream_idle_timeout_s or past stream_max_s: 504) or
         the client leaves (499); the upstream is closed at once and what was generated is booked.
         """
-        tap = StreamTap(record.kind == "response", self.config.server.max_sse_line_bytes)
+        # Traced: a tap that also reads the answer's id, model and finish reasons for the span.
+        tap = (StreamTap if record.trace is None else record.trace.tap)(
+            record.kind == "response", self.config.server.max_sse_line_bytes)
         headers = _SSE_HEADERS + [
             (b"x-request-id", record.request_id.encode()),
             (b"x-energy-backend", (record.backend or "").encode()),
@@ -592,6 +596,8 @@ def _take_usage(data: bytes, record: RequestRecord) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
+    if record.trace is not None:  # traced: the span names the engine's answer
+        record.trace.take_answer(obj)
     usage = answer_usage(obj)
     if usage is not None:
         record.prompt_tokens, record.completion_tokens, record.reasoning_tokens = usage

@@ -20,7 +20,8 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from proxy.config import Config, ConfigError, parse_config
-from proxy.telemetry import parse_traceparent
+from proxy.sse import StreamTap
+from proxy.telemetry import AnswerTap, SpanStart, parse_traceparent
 from tests.conftest import (
     KEYS,
     MODEL,
@@ -28,6 +29,7 @@ from tests.conftest import (
     ProxyProc,
     SimBackend,
     backend_yaml,
+    sha256,
     tenants_yaml,
     wait_until,
 )
@@ -36,6 +38,12 @@ from tests.faults.servers import FaultServer
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 MESSAGES = [{"role": "user", "content": "Trace the joules of this sentence, please."}]
+METERED_KEY = "sk-test-metered-0004"  # a tenant allowed one request a minute
+#: Attributes only a request a backend had may carry.
+BOOKED_ONLY = ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.request.max_tokens",
+               "gen_ai.response.id", "gen_ai.response.model", "gen_ai.response.finish_reasons",
+               "joulegate.energy.joules", "joulegate.energy.method", "joulegate.backend",
+               "server.address", "server.port")
 
 
 class OtlpReceiver:
@@ -109,7 +117,11 @@ class OtlpReceiver:
 
 
 def _value(value: Any) -> Any:
-    return getattr(value, value.WhichOneof("value"))
+    """An OTLP AnyValue as Python: a scalar, or a list for an array."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, kind)
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +139,12 @@ def sim(session_tmp: Path) -> Iterator[SimBackend]:
 
 
 def _config(sim: SimBackend, telemetry: str = "") -> str:
+    tenants = tenants_yaml().replace("admin_api_keys_sha256", (
+        f"  - {{name: metered, api_keys_sha256: ['{sha256(METERED_KEY)}'], rate_limit: {{rpm: 1}}}}\n"
+        "admin_api_keys_sha256"))
     return ("backends:\n"
             + backend_yaml("h100", sim.url, [MODEL], f", power: {{source: sim, url: '{sim.url}', interval_s: 0.05}}")
-            + "ledger: memory://\n" + tenants_yaml() + telemetry)
+            + "ledger: memory://\n" + tenants + telemetry)
 
 
 def _start_proxy(sim: SimBackend, tmp: Path, telemetry: str, env: dict[str, str]) -> ProxyProc:
@@ -243,6 +258,94 @@ def test_every_inference_route_has_its_span_and_a_new_trace_without_a_client_one
     assert len(traces) == 3  # a new trace per request
 
 
+def test_spans_name_the_engines_answer_and_the_backend(
+        traced: ProxyProc, receiver: OtlpReceiver, sim: SimBackend) -> None:
+    c = _client(traced)
+    whole = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5,
+                                      extra_headers={"x-request-id": "trace-answer-whole"})
+    chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, stream=True,
+                                            extra_headers={"x-request-id": "trace-answer-stream"}))
+    response = c.responses.create(model=MODEL, input="Joules?", max_output_tokens=8,
+                                  extra_headers={"x-request-id": "trace-answer-response"})
+
+    attrs = receiver.span_of("trace-answer-whole")["attributes"]
+    assert whole.choices[0].finish_reason == "length"  # 5 tokens asked: cut short
+    assert attrs["gen_ai.response.id"] == whole.id
+    assert attrs["gen_ai.response.model"] == whole.model
+    assert attrs["gen_ai.response.finish_reasons"] == ["length"]
+    assert attrs["server.address"] == "127.0.0.1"
+    assert attrs["server.port"] == sim.port
+
+    streamed = receiver.span_of("trace-answer-stream")["attributes"]
+    reasons = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert reasons == ["length"]
+    assert streamed["gen_ai.response.id"] == chunks[0].id
+    assert streamed["gen_ai.response.model"] == chunks[0].model
+    assert streamed["gen_ai.response.finish_reasons"] == reasons
+    assert streamed["server.port"] == sim.port
+
+    answered = receiver.span_of("trace-answer-response")["attributes"]
+    assert answered["gen_ai.response.id"] == response.id
+    assert answered["gen_ai.response.model"] == response.model
+    assert "gen_ai.response.finish_reasons" not in answered  # a Responses answer has a status instead
+
+
+def test_refused_requests_get_one_error_span_without_usage(traced: ProxyProc, receiver: OtlpReceiver) -> None:
+    bad_key = openai.OpenAI(base_url=traced.url + "/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4,
+            extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "refused-401"})
+    metered = openai.OpenAI(base_url=traced.url + "/v1", api_key=METERED_KEY, max_retries=0, timeout=30)
+    metered.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                    extra_headers={"x-request-id": "metered-1"})
+    with pytest.raises(openai.RateLimitError):
+        metered.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                        extra_headers={"x-request-id": "refused-429"})
+
+    unauthorised = receiver.span_of("refused-401")
+    assert unauthorised["name"] == "chat"  # the body was never read: no model
+    assert unauthorised["status_code"] == 2  # STATUS_CODE_ERROR
+    assert unauthorised["trace_id"] == CLIENT_TRACE and unauthorised["parent_span_id"] == CLIENT_SPAN
+    attrs = unauthorised["attributes"]
+    assert attrs["http.response.status_code"] == 401
+    assert attrs["error.type"] == "invalid_api_key"
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert "joulegate.tenant" not in attrs and "gen_ai.request.model" not in attrs
+    assert not [name for name in BOOKED_ONLY if name in attrs]
+    assert "sk-wrong" not in repr(unauthorised)
+
+    limited = receiver.span_of("refused-429")
+    assert limited["name"] == f"chat {MODEL}"
+    assert limited["status_code"] == 2
+    assert limited["parent_span_id"] == ""  # no client trace: a root of its own
+    attrs = limited["attributes"]
+    assert attrs["http.response.status_code"] == 429
+    assert attrs["error.type"] == "rate_limit_exceeded"
+    assert attrs["joulegate.tenant"] == "metered"
+    assert attrs["gen_ai.request.model"] == MODEL
+    assert not [name for name in BOOKED_ONLY if name in attrs]
+    assert limited["end_ns"] >= limited["start_ns"]
+    # The admitted request's span is the usual one.
+    assert receiver.span_of("metered-1")["attributes"]["gen_ai.usage.output_tokens"] > 0
+
+
+def test_pass_through_span_is_named_by_its_route(traced: ProxyProc, receiver: OtlpReceiver) -> None:
+    # The simulator serves no moderations: its 404 is still an answer a backend gave.
+    answer = httpx.post(f"{traced.url}/v1/moderations", json={"model": MODEL, "input": "joules"}, timeout=30,
+                        headers={"Authorization": f"Bearer {KEYS['acme']}", "x-request-id": "trace-other"})
+    span = receiver.span_of("trace-other")
+    assert span["name"] == "POST /v1/moderations"
+    attrs = span["attributes"]
+    assert "gen_ai.operation.name" not in attrs
+    assert attrs["http.route"] == "/v1/moderations"
+    assert attrs["http.request.method"] == "POST"
+    assert attrs["http.response.status_code"] == answer.status_code
+    assert attrs["gen_ai.request.model"] == MODEL
+    assert attrs["joulegate.backend"] == "h100"
+    assert "gen_ai.usage.input_tokens" not in attrs  # no usage from the engine: bytes are no tokens
+
+
 def test_a_5xx_answer_is_an_error_span(receiver: OtlpReceiver, session_tmp: Path) -> None:
     broken = FaultServer("not_json")  # 200 with a body that is no JSON: the proxy answers 502
     try:
@@ -287,9 +390,18 @@ def test_sample_ratio_traces_a_share_of_new_traces_and_every_sampled_client_trac
             c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
                                       extra_headers={"x-request-id": f"unsampled-{i}"})
             assert sim.truth(f"unsampled-{i}")["traceparent"].endswith("-00")
+        bad_key = openai.OpenAI(base_url=proc.url + "/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError):  # refused: sampled as any new trace
+            bad_key.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                            extra_headers={"x-request-id": "unsampled-refused"})
+        with pytest.raises(openai.AuthenticationError):
+            bad_key.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_headers={
+                "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "client-sampled-refused"})
         c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_headers={
             "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-request-id": "client-sampled"})
         assert receiver.span_of("client-sampled")["trace_id"] == CLIENT_TRACE
+        refused = receiver.span_of("client-sampled-refused")
+        assert refused["trace_id"] == CLIENT_TRACE and refused["attributes"]["http.response.status_code"] == 401
         # The client-sampled span was exported after the others were ended: they would be here.
         assert not [s for s in receiver.spans()
                     if str(s["attributes"].get("joulegate.request_id", "")).startswith("unsampled-")]
@@ -338,6 +450,42 @@ def test_configured_without_the_packages_exits_at_start_saying_so(
     assert done.returncode == 2, done.stderr
     assert "pip install 'joulegate[otel]'" in done.stderr
     assert ("OTEL_EXPORTER_OTLP_ENDPOINT" if how == "env" else "telemetry.otlp_endpoint") in done.stderr
+
+
+def _span_start(flags: str = "01") -> SpanStart:
+    return SpanStart(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}", None, None, "/v1/chat/completions")
+
+
+def test_answer_tap_reads_id_model_and_finish_reasons_off_the_bytes() -> None:
+    span = _span_start()
+    tap = span.tap(False, 1 << 20)
+    assert isinstance(tap, AnswerTap)
+    events = [  # spaced JSON, two choices, a tool call's own id, text that looks like a key
+        b'data: {"id": "chatcmpl-9", "model": "llama-x", "choices": [{"index": 0, "delta": {"content": '
+        b'"say \\"finish_reason\\": \\"stop\\""}, "finish_reason": null}]}',
+        b'data: {"id":"chatcmpl-9","model":"llama-x","choices":[{"index":1,"delta":{"tool_calls":'
+        b'[{"id":"call_1","function":{"arguments":"{}"}}]},"finish_reason":"tool_calls"}]}',
+        b'data: {"id":"chatcmpl-9","model":"llama-x","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}',
+        b'data: {"id":"chatcmpl-9","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}',
+        b"data: [DONE]",
+    ]
+    body = b"\n\n".join(events) + b"\n\n"
+    for i in range(0, len(body), 5):  # events split anywhere
+        tap.feed(body[i:i + 5])
+    assert tap.done and tap.usage is not None and tap.delta_chunks == 2
+    assert (span.response_id, span.response_model) == ("chatcmpl-9", "llama-x")
+    assert span.finish_reasons == ["tool_calls", "length"]
+
+
+def test_only_a_sampled_span_reads_the_answer() -> None:
+    span = _span_start("00")
+    assert type(span.tap(False, 1 << 20)) is StreamTap
+    span.take_answer({"id": "x", "model": "m", "choices": [{"finish_reason": "stop"}]})
+    assert (span.response_id, span.response_model, span.finish_reasons) == (None, None, None)
+    sampled = _span_start()
+    sampled.take_answer({"id": "x", "model": "m" * 300, "choices": [{"finish_reason": "stop"}, {"finish_reason": None}]})
+    assert sampled.response_id == "x" and sampled.response_model == "m" * 256
+    assert sampled.finish_reasons == ["stop"]
 
 
 @pytest.mark.parametrize(("header", "parsed"), [
