@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.base import BackendView, Policy, RequestInfo
@@ -279,9 +279,14 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
         no awake backend has room."""
         nonlocal rejected
         req = trace[i]
-        views = [BackendView(names[b], parking is None or parking.routable(b), in_flight[b],
+        views = [BackendView(names[b], parking is None or parking.accepts(b), in_flight[b],
                              max_concurrency=caps[b], **_site_terms(sites[b], t_s)) for b in range(n_b)]
-        choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
+        info = RequestInfo(model_name, req.prompt_tokens)
+        choice = chooser.choose(info, views, t_s)
+        if choice is None and parking is not None and any(parking.draining):
+            # A draining backend is awake: it takes what no other has room for (before a wait).
+            views = [replace(v, healthy=parking.routable(b)) for b, v in enumerate(views)]
+            choice = chooser.choose(info, views, t_s)
         if choice is None:
             if parking is None or not parking.wait(i, t_s):
                 rejected += 1
