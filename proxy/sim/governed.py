@@ -50,12 +50,13 @@ class VirtualGovernor:
     def __init__(self, names: Sequence[str], engines: Sequence[Engine], models: Sequence[EfficiencyModel],
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
                  parking: FleetParking | None = None,
-                 cost_factor: Callable[[int, float], float] | None = None) -> None:
+                 cost_factor: Callable[[int, float], float] | None = None, caps: bool = True) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
         # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
         # now cleaner wakes to take the load back (decide.swap_advice). None: joules, no swaps.
         self.cost_factor = cost_factor
+        self.caps = caps  # False: caps are decided (parking reads the decisions) but not set
         if parking is not None and cost_factor is not None:
             parking.wake_choice = self._cheapest_asleep
         self.swaps = [0] * len(self.names)
@@ -111,7 +112,7 @@ class VirtualGovernor:
             inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s))
         decisions = decide(inputs, self.params, t_s)
         for b, x, d in zip(up, inputs, decisions, strict=True):
-            if d.cap_w != x.cap_w:
+            if self.caps and d.cap_w != x.cap_w:
                 board_w = self.engines[b].profile.board_limit_w
                 self.engines[b].power_cap_w = None if d.cap_w >= board_w else d.cap_w
                 self._last_change_s[b] = t_s
