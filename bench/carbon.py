@@ -3,7 +3,8 @@ against `--objective carbon`, on two-site fleets, at light and heavy load.
 
     python -m bench.carbon                    # 10% and 80% load, seeds 1 and 2, both fleets
     python -m bench.carbon --loads 0.1 --seeds 1
-    python -m bench.carbon --policy efficiency+governor   # with caps and parking (--no-park: caps only)
+    python -m bench.carbon --policy efficiency+governor   # with caps and parking (--no-park: caps
+                                                          # only; --no-caps: parking only)
 
 Fleets (docs/examples/): `carbon-fleet.yaml` (2x H100 on a steady 450 gCO2e/kWh grid at PUE
 1.3, 2x A100 on a solar-heavy grid at PUE 1.1 whose intensity follows a day curve, 40..400,
@@ -36,20 +37,20 @@ DURATION_S = 1200.0
 
 
 def run_case(fleet_file: str, load: float, seed: int, policy: str = "efficiency",
-             park: bool = True) -> dict[str, Any]:
+             park: bool = True, caps: bool = True) -> dict[str, Any]:
     """Both objectives on one (fleet, load, seed); grams, SLO and the cut."""
     fleet = load_fleet(os.path.join(EXAMPLES, fleet_file))
     probe = synth_trace(1.0, DURATION_S, seed=seed)
     capacity_rps = fleet_capacity_rps(fleet, probe)
     trace = synth_trace(load * capacity_rps, DURATION_S, seed=seed)
-    runs = {obj: simulate(fleet, trace, policy, objective=obj, park=park)
+    runs = {obj: simulate(fleet, trace, policy, objective=obj, park=park, power_caps=caps)
             for obj in ("joules", "carbon")}
     j, c = runs["joules"], runs["carbon"]
     assert j.gco2e_total and c.gco2e_total and j.idle_gco2e is not None and c.idle_gco2e is not None
     busy_j, busy_c = j.gco2e_total - j.idle_gco2e, c.gco2e_total - c.idle_gco2e
     return {
         "fleet": fleet_file, "load": load, "seed": seed, "requests": len(trace),
-        "policy": policy, "park": park and "+governor" in policy,
+        "policy": policy, "park": park and "+governor" in policy, "caps": caps and "+governor" in policy,
         "g_per_1k_joules": j.gco2e_per_1k_output_tokens,
         "g_per_1k_carbon": c.gco2e_per_1k_output_tokens,
         "cut": 1 - c.gco2e_total / j.gco2e_total,
@@ -83,18 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fleets", default=",".join(FLEETS))
     p.add_argument("--policy", default="efficiency", help="efficiency or efficiency+governor")
     p.add_argument("--no-park", action="store_true", help="+governor: caps only, nothing parked")
+    p.add_argument("--no-caps", action="store_true", help="+governor: parking only, no power caps")
     args = p.parse_args(argv)
+    if args.no_park and args.no_caps:
+        p.error("--no-park and --no-caps together leave plain efficiency: use --policy efficiency")
     rows = []
     for fleet_file in args.fleets.split(","):
         for load in (float(x) for x in args.loads.split(",")):
             for seed in (int(x) for x in args.seeds.split(",")):
-                rows.append(run_case(fleet_file, load, seed, args.policy, not args.no_park))
+                rows.append(run_case(fleet_file, load, seed, args.policy, not args.no_park, not args.no_caps))
                 print(format_table(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
-    print(f"policy {args.policy}" + (" (no parking)" if args.no_park and "+governor" in args.policy else ""))
+    governed = "+governor" in args.policy
+    variant = " (no parking)" if args.no_park else " (no caps)" if args.no_caps else ""
+    print(f"policy {args.policy}" + (variant if governed else ""))
     print(format_table(rows))
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
-    tag = args.policy.replace("+", "-") + ("-nopark" if args.no_park and "+governor" in args.policy else "")
+    tag = args.policy.replace("+", "-") + (("-nopark" if args.no_park else "-nocaps" if args.no_caps else "")
+                                           if governed else "")
     path = os.path.join(out_dir, f"carbon-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)

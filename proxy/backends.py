@@ -47,6 +47,9 @@ class Backend:
         self.healthy = True
         # Parked by the governor (proxy/governor/park.py): asleep, so never routed to.
         self.parked = False
+        # Draining (the governor's carbon swap woke a cleaner backend to take its load): awake,
+        # routed to only when no other backend has room, parked once empty.
+        self.draining = False
         self.in_flight = 0
         # Learned power, token rate and latency vs load: fed by the relay and the power
         # meter (time.time() seconds), read by the efficiency policy.
@@ -59,12 +62,14 @@ class Backend:
         if config.api_key:
             self.upstream_headers["Authorization"] = f"Bearer {config.api_key}"
 
-    def view(self) -> BackendView:
-        """The policy's snapshot of this backend."""
+    def view(self, draining_ok: bool = False) -> BackendView:
+        """The policy's snapshot of this backend (a draining one as unhealthy unless
+        `draining_ok`)."""
         load = self.engine_load
         return BackendView(
             name=self.name,
-            healthy=self.healthy and not self.parked and not self.circuit_open(),
+            healthy=(self.healthy and not self.parked and not self.circuit_open()
+                     and (draining_ok or not self.draining)),
             in_flight=self.in_flight,
             queued=load.waiting if load else 0,
             running=load.running if load else None,

@@ -193,6 +193,10 @@ class Relay:
             stream=record.stream,
         )
         name = self.policy.choose(info, views, time.time())
+        if name is None and any(b.draining for b in candidates if b.name not in tried):
+            # A draining backend is awake: it takes what no other has room for.
+            views = [b.view(draining_ok=True) for b in candidates if b.name not in tried]
+            name = self.policy.choose(info, views, time.time())
         if name is None:
             if tried:
                 error = failure or ProxyError(502, "No backend for this model could be reached.",

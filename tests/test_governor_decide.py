@@ -14,8 +14,11 @@ from proxy.governor.decide import (
     RAISE,
     BackendInput,
     GovernorParams,
+    cheapest_to_wake,
     decide,
     decide_cap,
+    park_advice,
+    serve_cost_per_token,
     swap_advice,
 )
 
@@ -23,10 +26,13 @@ PARAMS = GovernorParams(slo_ttft_s=2.0, slo_tpot_s=0.2, hold_s=15.0, max_step_w=
 
 
 def backend(in_flight: int = 1, rate: float = 0.5, cap_w: float = 700.0, name: str = "h100",
-            last_change_s: float | None = None, model: EfficiencyModel | None = None) -> BackendInput:
+            last_change_s: float | None = None, model: EfficiencyModel | None = None,
+            g_per_kwh: float | None = None) -> BackendInput:
+    """`g_per_kwh`: the carbon objective's cost per joule at that grid; None: the joules one."""
     return BackendInput(name=name, model=model or EfficiencyModel(), in_flight=in_flight, arrival_rate_per_s=rate,
                         mean_request_s=2.0, gpus=1, min_w=200.0, max_w=700.0, cap_w=cap_w,
-                        last_change_s=last_change_s)
+                        last_change_s=last_change_s,
+                        cost_per_j=1.0 if g_per_kwh is None else g_per_kwh / 3.6e6)
 
 
 def test_light_load_lowers_by_a_bounded_step_and_saves_energy() -> None:
@@ -100,13 +106,58 @@ def test_parking_is_advice_for_idle_backends_the_rest_can_cover() -> None:
 
 def test_a_parked_backend_on_a_cleaner_grid_wakes_to_take_the_load_back() -> None:
     # Same GPUs: the awake one carries the load at 400 g/kWh; the parked one's grid is at 100.
-    awake, asleep = backend(in_flight=3, rate=1.0, name="dirty"), backend(0, 0.0, name="clean")
-    g_per_j = {"dirty": 400 / 3.6e6, "clean": 100 / 3.6e6}
-    swap = swap_advice([(asleep, g_per_j["clean"])], [(awake, g_per_j["dirty"])], PARAMS)
-    assert swap is not None and swap[0] == "clean" and "25%" in swap[1]
+    awake, asleep = backend(in_flight=3, rate=1.0, name="dirty", g_per_kwh=400), backend(0, 0.0, name="clean", g_per_kwh=100)
+    swap = swap_advice([asleep], [awake], PARAMS)
+    assert swap is not None and (swap.wake, swap.relieve) == ("clean", "dirty") and "25%" in swap.reason
     # Within the margin (a 10% cleaner grid), or the other way round: no wake-up.
-    assert swap_advice([(asleep, 360 / 3.6e6)], [(awake, g_per_j["dirty"])], PARAMS) is None
-    assert swap_advice([(asleep, g_per_j["dirty"])], [(awake, g_per_j["clean"])], PARAMS) is None
+    assert swap_advice([replace(asleep, cost_per_j=360 / 3.6e6)], [awake], PARAMS) is None
+    assert swap_advice([replace(asleep, cost_per_j=awake.cost_per_j)],
+                       [replace(awake, cost_per_j=asleep.cost_per_j)], PARAMS) is None
     # Nothing awake carries load: nothing to take over.
-    assert swap_advice([(asleep, g_per_j["clean"])], [(backend(0, 0.0, name="dirty"), g_per_j["dirty"])],
-                       PARAMS) is None
+    assert swap_advice([asleep], [backend(0, 0.0, name="dirty", g_per_kwh=400)], PARAMS) is None
+
+
+def _drawing(idle_w: float, busy_w: float) -> EfficiencyModel:
+    """A model that has seen the GPU idle at `idle_w`, and at `busy_w` making 100 tokens/s per
+    request with one to four requests decoding."""
+    m = EfficiencyModel()
+    for i in range(200):
+        n = i % 5
+        m.observe_interval(n, idle_w if n == 0 else busy_w + 10.0 * n, 100.0 * n, float(i), in_flight=n)
+    m.refresh()
+    return m
+
+
+def test_swaps_move_load_between_grids_not_between_equal_gpus_on_one_grid() -> None:
+    # One grid, the parked GPU's model cheaper (learnt elsewhere, or noise): the router, not a
+    # wake-up, arbitrates between GPUs whose joules weigh the same.
+    awake = backend(in_flight=3, rate=1.0, name="a", model=_drawing(100.0, 400.0), g_per_kwh=400)
+    asleep = backend(0, 0.0, name="b", model=_drawing(50.0, 150.0), g_per_kwh=400)
+    assert serve_cost_per_token(asleep, 3.0) < 0.8 * serve_cost_per_token(awake, 3.0)
+    assert swap_advice([asleep], [awake], PARAMS) is None
+    assert swap_advice([replace(asleep, cost_per_j=399 / 3.6e6)], [awake], PARAMS) is not None
+
+
+def test_serving_cost_counts_idle_power() -> None:
+    # The same climb from idle per token, twice the idle draw: dearer to keep awake.
+    lean, idle_heavy = _drawing(50.0, 250.0), _drawing(150.0, 350.0)
+    assert lean.fill_j_per_token(0.0, 1.0) == pytest.approx(idle_heavy.fill_j_per_token(0.0, 1.0), rel=0.05)
+    assert serve_cost_per_token(backend(model=idle_heavy), 1.0) > 1.3 * serve_cost_per_token(backend(model=lean), 1.0)
+
+
+def test_carbon_parks_the_idle_backend_with_the_most_idle_grams_first() -> None:
+    # Room to park one of two equal idle GPUs: under the joules objective the first listed,
+    # under the carbon one the one on the dirtier grid.
+    busy = backend(in_flight=4, rate=1.0, name="busy")
+    joules = park_advice([busy, backend(0, 0.0, name="clean"), backend(0, 0.0, name="dirty")], PARAMS)
+    assert list(joules) == ["clean"]
+    carbon = park_advice([replace(busy, cost_per_j=100 / 3.6e6), backend(0, 0.0, name="clean", g_per_kwh=40),
+                          backend(0, 0.0, name="dirty", g_per_kwh=585)], PARAMS)
+    assert list(carbon) == ["dirty"]
+
+
+def test_the_cleanest_parked_backend_is_the_one_to_wake() -> None:
+    parked = [backend(0, 0.0, name="dirty", g_per_kwh=585), backend(0, 0.0, name="clean", g_per_kwh=44)]
+    assert cheapest_to_wake(parked) == "clean"
+    assert cheapest_to_wake([backend(0, 0.0, name="x"), backend(0, 0.0, name="y")]) == "x"  # equals: first
+    assert cheapest_to_wake([]) is None

@@ -184,7 +184,7 @@ def test_advise_never_parks(tmp_path: Path) -> None:
 
 def test_carbon_objective_wakes_a_parked_backend_whose_grid_turned_clean(tmp_path: Path) -> None:
     # The h100's grid is dirty until `clean_at`, then 40x cleaner than the a100's. Idle at
-    # first, the h100 (more idle watts) is parked and the a100 serves; once the h100's grid is
+    # first, the h100 (more idle grams) is parked and the a100 serves; once the h100's grid is
     # clean, the governor wakes it to take the load back, though the a100 has room to spare.
     clean_at = time.time() + 10.0
     (tmp_path / "solar.csv").write_text(f"timestamp,gco2e_per_kwh\n0,800\n{clean_at:.0f},10\n")
@@ -204,3 +204,7 @@ def test_carbon_objective_wakes_a_parked_backend_whose_grid_turned_clean(tmp_pat
         c.wait_until(lambda: _ask(proxy) == "h100", 30, "the h100 to wake and serve")
         assert not _sleeping(sims["h100"]) and time.time() >= clean_at
         assert "cleaner grid" in proxy.log()
+        # The relieved a100 drains (nothing new routed to it) and, empty, is parked in turn.
+        c.wait_until(lambda: _parked(proxy) == ["a100"], 15, "the relieved a100 to be parked")
+        assert "a100 drains: h100 serves in its place" in proxy.log() and _sleeping(sims["a100"])
+        assert _ask(proxy) == "h100"

@@ -123,3 +123,16 @@ def test_simulate_cli_parking_flags_table_and_json(tmp_path: Path, capsys: pytes
     assert main_simulate([*args, "--no-park", "--json", str(out)]) == 0
     assert "parked_s" not in json.loads(out.read_text())["details"]["efficiency+governor"]["governor"]["l4"]
     assert main_simulate([*args, "--wake-s", "-1"]) == 2
+
+
+def test_parking_without_caps_leaves_every_gpu_at_its_board_limit() -> None:
+    trace = synth_trace(3.0, 90.0, seed=1)
+    both = simulate(FLEET, trace, "efficiency+governor")
+    parking_only = simulate(FLEET, trace, "efficiency+governor", power_caps=False)
+    assert both.governor is not None and parking_only.governor is not None
+    assert sum(g["cap_changes"] for g in both.governor.values()) > 0
+    for fb in FLEET:
+        g = parking_only.governor[fb.name]
+        assert g["cap_changes"] == 0 and list(g["time_at_cap_s"]) == [f"{fb.profile.board_limit_w:g}"]
+    assert sum(g["parked_s"] for g in parking_only.governor.values()) > 60.0
+    assert _balanced(parking_only)

@@ -11,7 +11,11 @@ call decide.py, and by `governor.mode`
           `park:` parked and woken (park.py): at most one park per interval, only a backend
           idle for a whole interval that decide.py would park; a parked one is woken when the
           unparked ones near their capacity (decide.wake_advice) or a request finds no other
-          backend (the relay waits for it); all are woken when the proxy stops.
+          backend (the relay waits for it); all are woken when the proxy stops. Under the
+          carbon objective parking ranks by grams: the idle backend with the most idle grams is
+          parked first, a wake-up wakes the parked backend that would serve for the fewest
+          grams, and a swap (decide.swap_advice) wakes a backend on a now-cleaner grid and
+          drains the one it relieves (routed to only when no other has room), parked when empty.
 Caps: backends with another power source are left alone (they may still be parked).
 
 Load per backend, from what the proxy already keeps (nothing on the hot path): requests in
@@ -40,7 +44,9 @@ from proxy.governor.decide import (
     BackendInput,
     Decision,
     GovernorParams,
+    cheapest_to_wake,
     decide,
+    idle_cost_rate,
     park_advice,
     swap_advice,
     wake_advice,
@@ -94,6 +100,9 @@ class Governor:
         # Carbon objective: a parked backend whose grid got cleaner takes the load back
         # (decide.swap_advice); its cost factor is grams per joule at its site now.
         self.carbon = config.routing.objective == "carbon"
+        if self.parking is not None and self.carbon:
+            self.parking.choose_wake = self._cheapest_asleep  # a request wakes the cleanest
+        self._handover: dict[str, str] = {}  # a swap's woken backend -> the one it relieves
 
     async def start(self) -> None:
         if self.mode == "off":
@@ -174,23 +183,40 @@ class Governor:
         return decisions
 
     async def _park_or_wake(self, loads: list[tuple[_Target, BackendInput]], now_s: float) -> None:
-        """Wake one parked backend if the others near their capacity; else park at most one."""
+        """Wake one parked backend if the others near their capacity; else carry a swap on, or
+        park at most one."""
         assert self.parking is not None
         serving = [(t, i) for t, i in loads if t.backend.healthy and not t.backend.circuit_open()]
         parked = self.parking.parked()
+        draining = [t.backend for t, _ in serving if t.backend.draining]
         if parked:
             why = wake_advice([i for _, i in serving], self.params)
             if why is not None:
-                self.parking.wake(parked[0], why)  # not awaited: the next tick goes on meanwhile
+                if draining:  # the capacity is needed: a draining backend is awake already
+                    for b in draining:
+                        b.draining = False
+                    self._handover.clear()
+                    return
+                wake = self._cheapest_asleep(parked) if self.carbon else parked[0]
+                self.parking.wake(wake, why)  # not awaited: the next tick goes on meanwhile
                 return
-            swap = self._swap(parked, serving) if self.carbon else None
+            swap = self._swap(parked, serving) if self.carbon and not draining and not self._handover else None
             if swap is not None:
-                self.parking.wake(swap[0], swap[1])
+                woken, relieved, why = swap
+                self._handover[woken.name] = relieved.name
+                self.parking.wake(woken, why)
+                return
+        self._carry_handover(serving)
+        for t, _ in serving:  # a swap's second half: relieved and now empty
+            if t.backend.draining and t.backend.in_flight == 0 and self.parking.parkable(t.backend):
+                if await self.parking.park(t.backend, "relieved by a backend on a cleaner grid"):
+                    t.backend.draining = False
+                    self._last_park_s, t.idle_since_s = now_s, None
                 return
         if self._last_park_s is not None and now_s - self._last_park_s < 0.9 * self.interval_s:
             return  # at most one park per interval
         advice = park_advice([i for _, i in serving], self.params)
-        for t, _ in sorted(serving, key=lambda x: -x[1].model.idle_w):
+        for t, _ in sorted(serving, key=lambda x: -idle_cost_rate(x[1])):
             idle_s = now_s - t.idle_since_s if t.idle_since_s is not None else 0.0
             if t.backend.name in advice and self.parking.parkable(t.backend) and idle_s >= 0.9 * self.interval_s:
                 if await self.parking.park(t.backend, advice[t.backend.name]):
@@ -198,21 +224,58 @@ class Governor:
                     t.idle_since_s = None
                 return
 
-    def _swap(self, parked: list[Backend], serving: list[tuple[_Target, BackendInput]]) -> tuple[Backend, str] | None:
-        """A parked backend to wake because it would serve the load for fewer grams now."""
-        def g_per_j(b: Backend) -> float | None:  # grams of one joule of GPU energy, PUE included
-            site = b.site
-            kwh = site.gco2e_per_kwh() if site is not None else None
-            return None if site is None or kwh is None else grams(site.pue, kwh)
+    def _carry_handover(self, serving: list[tuple[_Target, BackendInput]]) -> None:
+        """Drain the backends relieved by a swap whose woken backend now serves; forget swaps
+        whose wake-up failed or whose relieved backend is gone."""
+        assert self.parking is not None
+        awake = {t.backend.name: t.backend for t, _ in serving}
+        for woken, relieved in list(self._handover.items()):
+            state = self.parking.states.get(woken)
+            waking = state is not None and state.waking is not None and not state.waking.done()
+            if woken in awake and relieved in awake:
+                awake[relieved].draining = True
+                log.info("governor: backend %s drains: %s serves in its place", relieved, woken)
+            elif waking:
+                continue
+            del self._handover[woken]
 
-        asleep = [(BackendInput(name=b.name, model=b.efficiency, in_flight=0, arrival_rate_per_s=0.0,
-                                mean_request_s=0.0, gpus=1, min_w=0.0, max_w=0.0, cap_w=0.0), f)
-                  for b in parked if (f := g_per_j(b)) is not None]
-        awake = [(i, f) for t, i in serving if (f := g_per_j(t.backend)) is not None]
-        advice = swap_advice(asleep, awake, self.params)
+    def _g_per_j(self, b: Backend) -> float | None:
+        """Grams of one joule of GPU energy at `b`'s site now, PUE included; None: unknown."""
+        site = b.site
+        kwh = site.gco2e_per_kwh() if site is not None else None
+        return None if site is None or kwh is None else grams(site.pue, kwh)
+
+    def _cost_per_j(self, b: Backend) -> float:
+        """`BackendInput.cost_per_j`: 1 under the joules objective; under the carbon one grams
+        per joule, an unknown intensity priced at the dearest known (as the router prices it)."""
+        if not self.carbon:
+            return 1.0
+        own = self._g_per_j(b)
+        if own is not None:
+            return own
+        known = [f for t in self.targets if (f := self._g_per_j(t.backend)) is not None]
+        return max(known) if known else 1.0
+
+    def _asleep_input(self, b: Backend) -> BackendInput:
+        return BackendInput(name=b.name, model=b.efficiency, in_flight=0, arrival_rate_per_s=0.0,
+                            mean_request_s=0.0, gpus=1, min_w=0.0, max_w=0.0, cap_w=0.0,
+                            cost_per_j=self._cost_per_j(b))
+
+    def _cheapest_asleep(self, parked: list[Backend]) -> Backend:
+        """Carbon objective: the parked backend that would serve for the fewest grams now."""
+        name = cheapest_to_wake([self._asleep_input(b) for b in parked])
+        return next((b for b in parked if b.name == name), parked[0])
+
+    def _swap(self, parked: list[Backend],
+              serving: list[tuple[_Target, BackendInput]]) -> tuple[Backend, Backend, str] | None:
+        """(parked backend to wake, awake backend it relieves, why): one on a now-cleaner grid
+        would serve the load for fewer grams."""
+        advice = swap_advice([self._asleep_input(b) for b in parked], [i for _, i in serving], self.params)
         if advice is None:
             return None
-        return next(b for b in parked if b.name == advice[0]), f"a cleaner grid now: {advice[1]}"
+        by_name = {t.backend.name: t.backend for t, _ in serving}
+        woken = next(b for b in parked if b.name == advice.wake)
+        return woken, by_name[advice.relieve], f"a cleaner grid now: {advice.reason}"
 
     async def _read_limits(self, t: _Target) -> bool:
         assert t.client is not None and t.url is not None
@@ -257,7 +320,8 @@ class Governor:
             name=b.name, model=b.efficiency, in_flight=in_flight, arrival_rate_per_s=rate, mean_request_s=mean_s,
             gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in gpus),
             max_w=min(float(g["max_w"]) for g in gpus),
-            cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s)
+            cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s,
+            cost_per_j=self._cost_per_j(b))
 
     async def _act(self, t: _Target, d: Decision, now_s: float) -> None:
         name = t.backend.name

@@ -25,12 +25,15 @@ below the current one or the predicted draw, whichever is lower (raising to keep
 Parking (decided here, done by actuate.py/park.py in apply mode): an idle backend (nothing in flight, no arrivals) can be parked when
 the other unparked backends' SLO capacity (the load at which their predicted TPOT reaches the
 SLO) minus their expected load still covers `burst` times the fleet's expected load; the
-largest idle power is parked first, and one backend always stays up. A parked backend is woken
+largest idle cost is parked first (idle W x `cost_per_j`: watts under the joules objective,
+grams under the carbon one), and one backend always stays up. A parked backend is woken
 (`wake_advice`) when the unparked ones' spare capacity no longer covers `burst` times their
 expected load: the inverse of the parking test, so a fleet does not park and wake at one load.
-Under the carbon objective a parked backend also wakes (`swap_advice`) when its grams per token
-at the dearest awake backend's load are `swap_margin` below that backend's: grids change through
-the day, and a backend parked at night must not stay parked once its site is the cleaner one.
+Under the carbon objective a parked backend also wakes (`swap_advice`) when it is on a cleaner
+grid and its grams per token at the dearest awake backend's load, idle power included, are
+`swap_margin` below that backend's: grids change through the day, and a backend parked at night
+must not stay parked once its site is the cleaner one. The backend it relieves is drained and
+parked, and a wake-up for capacity wakes the cleanest parked backend (`cheapest_to_wake`).
 Units: watts, seconds, requests.
 """
 
@@ -42,8 +45,8 @@ from dataclasses import dataclass
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
 
-__all__ = ["BackendInput", "Decision", "GovernorParams", "decide", "decide_cap", "park_advice", "swap_advice",
-           "wake_advice"]
+__all__ = ["BackendInput", "Decision", "GovernorParams", "Swap", "cheapest_to_wake", "decide", "decide_cap",
+           "idle_cost_rate", "park_advice", "serve_cost_per_token", "swap_advice", "wake_advice"]
 
 LOWER, RAISE, HOLD = "lower", "raise", "hold"
 
@@ -80,6 +83,10 @@ class BackendInput:
     max_w: float
     cap_w: float  # in force now
     last_change_s: float | None = None
+    # What one joule of this backend costs in the objective's unit: 1 under the joules
+    # objective, grams CO2e per joule at its site now (PUE included) under the carbon one.
+    # Parking and waking rank backends by it, so the joules objective's order is unchanged.
+    cost_per_j: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,13 +213,21 @@ def _slo_capacity(b: BackendInput, p: GovernorParams) -> float:
     return b.model.plan(p.slo_ttft_s / (1 + p.margin), p.slo_tpot_s / (1 + p.margin)).cap
 
 
+def idle_cost_rate(b: BackendInput) -> float:
+    """What `b` costs per second while awake and idle: idle W x `cost_per_j` (W under the joules
+    objective, grams/s under the carbon one). Parking saves in proportion to it."""
+    return b.model.idle_w * b.cost_per_j
+
+
 def park_advice(backends: Sequence[BackendInput], p: GovernorParams) -> dict[str, str]:
-    """{backend: reason} for the idle backends that could be parked, most idle power first."""
+    """{backend: reason} for the idle backends that could be parked, the dearest idle first
+    (`idle_cost_rate`: most idle power under the joules objective, most idle grams under the
+    carbon one, so a clean site's GPUs stay up while a dirty site's sleep)."""
     total_expected = sum(_expected_load(b) for b in backends)
     idle = [b for b in backends if b.in_flight == 0 and b.arrival_rate_per_s == 0.0]
     up = {b.name: b for b in backends}
     out: dict[str, str] = {}
-    for b in sorted(idle, key=lambda x: -x.model.idle_w):
+    for b in sorted(idle, key=lambda x: -idle_cost_rate(x)):
         if len(up) <= 1:
             break
         rest = [x for x in up.values() if x.name != b.name]
@@ -236,25 +251,69 @@ def wake_advice(up: Sequence[BackendInput], p: GovernorParams) -> str | None:
             f"(under {p.burst:g}x)")
 
 
-def swap_advice(parked: Sequence[tuple[BackendInput, float]], up: Sequence[tuple[BackendInput, float]],
-                p: GovernorParams) -> tuple[str, str] | None:
-    """(parked backend to wake, why) when one would serve the awake fleet's dearest load for at
-    least `swap_margin` less; None otherwise. Each backend comes with its cost factor now (grams
-    CO2e per joule for the carbon objective): a site whose grid got cleaner while its backends
-    slept takes the load back, and the backend it relieves idles and is parked in turn."""
-    loaded = [(b, f, _expected_load(b)) for b, f in up if _expected_load(b) > 0]
-    if not parked or not loaded:
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """`swap_advice`'s answer: wake `wake`, and once it serves, drain `relieve` (route nothing
+    new to it) and park it when its last request is done."""
+
+    wake: str
+    relieve: str
+    reason: str
+
+
+def serve_cost_per_token(b: BackendInput, n: float) -> float:
+    """What `b` costs per output token while awake serving `n` requests (at least one), idle
+    power included: P(n) / R(n) x `cost_per_j`. When one backend takes over another's load the
+    other is parked, so its idle power is saved too; a marginal cost above idle would leave that
+    out and can rank two GPUs the wrong way round (an A100's climb from idle is cheaper than an
+    H100's, its whole draw per token dearer)."""
+    m = max(n, 1.0)
+    rate = b.model.tokens_per_s(m)
+    return b.model.power_w(m) / rate * b.cost_per_j if rate > 0 else float("inf")
+
+
+def cheapest_to_wake(parked: Sequence[BackendInput], n: float = 1.0) -> str | None:
+    """The parked backend that would serve `n` requests for the least (`serve_cost_per_token`);
+    the first listed among equals; None if none is parked."""
+    if not parked:
         return None
+    return min(parked, key=lambda b: serve_cost_per_token(b, n)).name
 
-    def cost(b: BackendInput, factor: float, n: float) -> float:  # per token, serving n from idle
-        return factor * b.model.fill_j_per_token(0.0, max(n, 1.0))
 
-    dear, dear_f, n = max(loaded, key=lambda x: cost(*x))
-    best, best_f = min(parked, key=lambda bf: cost(bf[0], bf[1], n))
-    ratio = cost(best, best_f, n) / cost(dear, dear_f, n)
-    if ratio < 1.0 - p.swap_margin:
-        return best.name, f"costs {ratio:.0%} of {dear.name}'s per token at its load ({n:.1f} in flight)"
-    return None
+def _cleaner(b: BackendInput, than: BackendInput, n: float, p: GovernorParams) -> float | None:
+    """`b`'s cost per token at load `n` over `than`'s when `b` is on a cleaner grid per joule
+    and at least `swap_margin` cheaper per token; else None. The grid is what changes over a
+    day: two backends on one grid are left to the router, whose models' noise between equal GPUs
+    is larger than any margin worth a wake-up."""
+    if not b.cost_per_j < than.cost_per_j:
+        return None
+    ratio = serve_cost_per_token(b, n) / serve_cost_per_token(than, n)
+    return ratio if ratio < 1.0 - p.swap_margin else None
+
+
+def _dearest_loaded(up: Sequence[BackendInput]) -> tuple[BackendInput, float] | None:
+    loaded = [(b, _expected_load(b)) for b in up if _expected_load(b) > 0]
+    return max(loaded, key=lambda bn: serve_cost_per_token(*bn)) if loaded else None
+
+
+def swap_advice(parked: Sequence[BackendInput], up: Sequence[BackendInput], p: GovernorParams) -> Swap | None:
+    """Which parked backend to wake, and which awake one it relieves, when the parked one is on
+    a cleaner grid (`cost_per_j`: grams per joule under the carbon objective) and would serve the
+    awake fleet's dearest load for at least `swap_margin` less (`serve_cost_per_token`); None
+    otherwise. A site whose grid got cleaner while its backends slept takes the load back.
+
+    The relieved backend must be drained (nothing new routed to it): otherwise the router, which
+    prices the next requests at the margin, keeps feeding the backend already busy (its climb
+    from idle is paid) and the woken one idles until it is parked again."""
+    dearest = _dearest_loaded(up)
+    if not parked or dearest is None:
+        return None
+    dear, n = dearest
+    options = [(r, b) for b in parked if (r := _cleaner(b, dear, n, p)) is not None]
+    if not options:
+        return None
+    ratio, best = min(options, key=lambda rb: rb[0])
+    return Swap(best.name, dear.name, f"costs {ratio:.0%} of {dear.name}'s per token at its load ({n:.1f} in flight)")
 
 
 def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float) -> list[Decision]:

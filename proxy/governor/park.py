@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,9 @@ class Parking:
         self.metrics = metrics
         self.states = {b.name: _State(b, b.config.park) for b in pool.backends if b.config.park.via != "none"}
         self._client: httpx.AsyncClient | None = None
+        # Which parked backend a request wakes; None: the first listed. The carbon objective's
+        # governor sets it so the cleanest wakes, not the first listed.
+        self.choose_wake: Callable[[list[Backend]], Backend] | None = None
 
     def parkable(self, backend: Backend) -> bool:
         return backend.name in self.states
@@ -109,7 +113,8 @@ class Parking:
         if not parked:
             return False
         waking = [b for b in parked if (t := self.states[b.name].waking) is not None and not t.done()]
-        task = self.wake((waking or parked)[0], f"a request for {model} found no other backend")
+        pick = waking[0] if waking else self.choose_wake(parked) if self.choose_wake is not None else parked[0]
+        task = self.wake(pick, f"a request for {model} found no other backend")
         # Shielded: a client that leaves does not stop a wake-up others may wait for.
         return await asyncio.shield(task)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.base import BackendView, Policy, RequestInfo
@@ -215,7 +215,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
              attribute: bool = False,
              models: dict[str, EfficiencyModel] | None = None,
              objective: str = "joules", park: bool = True, wake_s: float = DEFAULT_WAKE_S,
-             record_requests: bool = False) -> SimResult:
+             record_requests: bool = False, power_caps: bool = True) -> SimResult:
     """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
 
     `models`: the learned models to use and feed, by backend name (fresh ones by default;
@@ -228,7 +228,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     site's intensity at the arrival; needs every backend to have a site).
 
     `park`: with `+governor`, park the backends it advises parking (proxy/sim/parking.py); a
-    wake-up takes `wake_s`. `record_requests`: fill `SimResult.request_log`.
+    wake-up takes `wake_s`. `power_caps`: with `+governor`, set the power caps it decides (False:
+    parking only, to tell what each saves). `record_requests`: fill `SimResult.request_log`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
@@ -250,7 +251,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     parking = FleetParking(engines, wake_s) if extra == "governor" and park else None
     cost_factor = (lambda b, t_s: sites[b].gco2e_per_j(t_s)) if objective == "carbon" else None  # type: ignore[union-attr]
     gov = (VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s, parking=parking,
-                           cost_factor=cost_factor) if extra == "governor" else None)
+                           cost_factor=cost_factor, caps=power_caps) if extra == "governor" else None)
     books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
     last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""
@@ -279,9 +280,14 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
         no awake backend has room."""
         nonlocal rejected
         req = trace[i]
-        views = [BackendView(names[b], parking is None or parking.routable(b), in_flight[b],
+        views = [BackendView(names[b], parking is None or parking.accepts(b), in_flight[b],
                              max_concurrency=caps[b], **_site_terms(sites[b], t_s)) for b in range(n_b)]
-        choice = chooser.choose(RequestInfo(model_name, req.prompt_tokens), views, t_s)
+        info = RequestInfo(model_name, req.prompt_tokens)
+        choice = chooser.choose(info, views, t_s)
+        if choice is None and parking is not None and any(parking.draining):
+            # A draining backend is awake: it takes what no other has room for (before a wait).
+            views = [replace(v, healthy=parking.routable(b)) for b, v in enumerate(views)]
+            choice = chooser.choose(info, views, t_s)
         if choice is None:
             if parking is None or not parking.wait(i, t_s):
                 rejected += 1

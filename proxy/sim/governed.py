@@ -11,8 +11,14 @@ With `parking` (proxy/sim/parking.py) it also parks and wakes, as the live apply
 (proxy/governor/actuate.py): parked and waking backends are left out of the decision; if any is
 parked and `wake_advice` says the others no longer cover their expected load, the first parked
 one is woken (one wake-up at a time); otherwise at most one backend per interval is parked, one
-that `decide` advises parking (most idle power first) and that was idle (nothing routed, nothing
+that `decide` advises parking (the dearest idle first) and that was idle (nothing routed, nothing
 in flight) for the whole interval before. Units: seconds, watts.
+
+Under the carbon objective (`cost_factor`: grams per joule of a backend now) parking ranks by
+grams rather than joules: the idle backend parked first is the one whose idle power costs the
+most grams, a wake-up (for capacity or on demand) wakes the parked backend that would serve for
+the fewest grams, and a swap (decide.swap_advice) wakes a cheaper parked backend and drains the
+one it relieves (nothing new is routed to it once the other is up), which is parked when empty.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from proxy.governor.decide import (
     BackendInput,
     Decision,
     GovernorParams,
+    cheapest_to_wake,
     decide,
+    idle_cost_rate,
     swap_advice,
     wake_advice,
 )
@@ -42,12 +50,15 @@ class VirtualGovernor:
     def __init__(self, names: Sequence[str], engines: Sequence[Engine], models: Sequence[EfficiencyModel],
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
                  parking: FleetParking | None = None,
-                 cost_factor: Callable[[int, float], float] | None = None) -> None:
+                 cost_factor: Callable[[int, float], float] | None = None, caps: bool = True) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
         # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
         # now cleaner wakes to take the load back (decide.swap_advice). None: joules, no swaps.
         self.cost_factor = cost_factor
+        self.caps = caps  # False: caps are decided (parking reads the decisions) but not set
+        if parking is not None and cost_factor is not None:
+            parking.wake_choice = self._cheapest_asleep
         self.swaps = [0] * len(self.names)
         self.interval_s = interval_s
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s)
@@ -63,12 +74,22 @@ class VirtualGovernor:
         self._idle_since_s: list[float | None] = [None] * n  # idle for every interval since
         self._last_park_s: float | None = None
 
-    def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float) -> BackendInput:
+    def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float,
+               t_s: float) -> BackendInput:
         board_w = self.engines[b].profile.board_limit_w
         return BackendInput(
             name=self.names[b], model=self.models[b], in_flight=in_flight, arrival_rate_per_s=rate_per_s,
             mean_request_s=mean_request_s, gpus=1, min_w=min_limit_w(board_w), max_w=board_w,
-            cap_w=self._cap_w(b), last_change_s=self._last_change_s[b])
+            cap_w=self._cap_w(b), last_change_s=self._last_change_s[b],
+            cost_per_j=self.cost_factor(b, t_s) if self.cost_factor is not None else 1.0)
+
+    def _asleep_inputs(self, parked: Sequence[int], t_s: float) -> list[BackendInput]:
+        return [self._input(b, 0, 0.0, 0.0, t_s) for b in parked]
+
+    def _cheapest_asleep(self, asleep: list[int], t_s: float) -> int:
+        """Carbon objective: the asleep backend that would serve for the fewest grams now."""
+        name = cheapest_to_wake(self._asleep_inputs(asleep, t_s))
+        return self.names.index(name) if name is not None else asleep[0]
 
     def _cap_w(self, b: int) -> float:
         eng = self.engines[b]
@@ -88,10 +109,10 @@ class VirtualGovernor:
         for b in up:
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
-            inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0))
+            inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s))
         decisions = decide(inputs, self.params, t_s)
         for b, x, d in zip(up, inputs, decisions, strict=True):
-            if d.cap_w != x.cap_w:
+            if self.caps and d.cap_w != x.cap_w:
                 board_w = self.engines[b].profile.board_limit_w
                 self.engines[b].power_cap_w = None if d.cap_w >= board_w else d.cap_w
                 self._last_change_s[b] = t_s
@@ -115,23 +136,35 @@ class VirtualGovernor:
             since = self._idle_since_s[b]
             self._idle_since_s[b] = (self._last_s if since is None else since) if idle else None
         parked = parking.parked()
+        draining = [b for b in up if parking.draining[b]]
         if parked and wake_advice(inputs, self.params) is not None:
-            if not parking.waking():
-                parking.wake(parked[0], t_s)
+            if draining:  # the capacity is needed: a draining backend is awake already
+                for b in draining:
+                    parking.undrain(b)
+            elif not parking.waking():
+                wake = parked[0]
+                if self.cost_factor is not None:  # carbon: the cleanest, not the first listed
+                    wake = self._cheapest_asleep([b for b in parked if parking.asleep_since_s[b] is not None]
+                                                 or parked, t_s)
+                parking.wake(wake, t_s)
             return
-        if parked and self.cost_factor is not None and not parking.waking():
-            factor = self.cost_factor
-            swap = swap_advice([(self._input(b, 0, 0.0, 0.0), factor(b, t_s)) for b in parked],
-                               [(x, factor(b, t_s)) for b, x in zip(up, inputs, strict=True)], self.params)
+        if parked and self.cost_factor is not None and not parking.waking() and not draining:
+            swap = swap_advice(self._asleep_inputs(parked, t_s), inputs, self.params)
             if swap is not None:
-                b = self.names.index(swap[0])
-                parking.wake(b, t_s)
-                self.swaps[b] += 1
+                woken, relieved = self.names.index(swap.wake), self.names.index(swap.relieve)
+                parking.wake(woken, t_s)
+                parking.hand_over(woken, relieved)
+                self.swaps[woken] += 1
+                return
+        for b in draining:  # a swap's second half: relieved and now empty
+            if in_flight[b] == 0 and self.engines[b].current_step is None and not self.engines[b].has_work:
+                parking.park(b, t_s)
+                self._last_park_s, self._idle_since_s[b] = t_s, None
                 return
         if self._last_park_s is not None and t_s - self._last_park_s < 0.9 * self.interval_s:
             return  # at most one park per interval
         advised = [(b, x) for b, x, d in zip(up, inputs, decisions, strict=True) if d.park]
-        for b, _ in sorted(advised, key=lambda bx: -bx[1].model.idle_w):
+        for b, _ in sorted(advised, key=lambda bx: -idle_cost_rate(bx[1])):
             since = self._idle_since_s[b]
             if since is not None and t_s - since >= 0.9 * self.interval_s:
                 parking.park(b, t_s)

@@ -9,7 +9,10 @@ module holds what the fleet needs to honour it:
   engine draws its awake idle power (the weights are being loaded back).
 - a request that finds no awake backend with room waits for a wake-up (one under way, or one
   started for it, `on_demand`) and is routed again when it ends, as the live relay does; the
-  wait is in its TTFT.
+  wait is in its TTFT. Which asleep backend wakes: the first, or `wake_choice`'s pick.
+- draining: a backend relieved by a swap (the governor woke a cheaper one to take its load)
+  takes nothing new once the one it hands over to is awake, unless no other has room; the
+  governor parks it when it is empty.
 
 Energy stays exact: the engine books idle time at the draw in force before each change
 (`Engine.set_sleep_w`), so asleep time is idle energy at sleep power. Units: seconds.
@@ -18,7 +21,7 @@ Energy stays exact: the engine books idle time at the draw in force before each 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.sim.engine import Engine
@@ -46,10 +49,27 @@ class FleetParking:
         self.intervals: list[list[tuple[float, float]]] = [[] for _ in range(n)]  # (parked, woken)
         self.waiting: list[int] = []  # requests (trace indices) waiting for a wake-up
         self.next_s = math.inf  # the earliest end of a wake-up under way: the fleet's next event
+        self.draining = [False] * n
+        self._handover: dict[int, int] = {}  # waking backend -> the one it relieves once awake
+        # (asleep backends, t_s) -> the one to wake on demand; None: the first. The carbon
+        # objective's governor sets it so a request wakes the cleanest, not the first listed.
+        self.wake_choice: Callable[[list[int], float], int] | None = None
 
     def routable(self, b: int) -> bool:
         """Neither asleep nor waking: the router may pick it."""
         return self.asleep_since_s[b] is None and self.waking_until_s[b] is None
+
+    def accepts(self, b: int) -> bool:
+        """Routable and not draining: the router may send it new requests."""
+        return self.routable(b) and not self.draining[b]
+
+    def hand_over(self, woken: int, relieved: int) -> None:
+        """Once `woken` (waking now) is awake, drain `relieved`."""
+        self._handover[woken] = relieved
+
+    def undrain(self, b: int) -> None:
+        """`b` takes new requests again (the fleet needs its capacity)."""
+        self.draining[b] = False
 
     def parked(self) -> list[int]:
         """Backends asleep or waking, in fleet order (as the live pool lists its parked)."""
@@ -65,6 +85,7 @@ class FleetParking:
             raise RuntimeError(f"backend {b} is busy or already parked")
         eng.set_sleep_w(eng.profile.sleep_w, t_s)
         self.asleep_since_s[b] = t_s
+        self.draining[b] = False
 
     def wake(self, b: int, t_s: float, on_demand: bool = False) -> None:
         """Start waking asleep backend `b` at `t_s`; it is routable `wake_s` later."""
@@ -87,7 +108,8 @@ class FleetParking:
             asleep = [b for b in range(len(self.engines)) if self.asleep_since_s[b] is not None]
             if not asleep:
                 return False
-            self.wake(asleep[0], t_s, on_demand=True)
+            pick = self.wake_choice(asleep, t_s) if self.wake_choice is not None else asleep[0]
+            self.wake(pick, t_s, on_demand=True)
         self.waiting.append(i)
         return True
 
@@ -96,6 +118,9 @@ class FleetParking:
         for b, until in enumerate(self.waking_until_s):
             if until is not None and until <= t_s:
                 self.waking_until_s[b] = None
+                relieved = self._handover.pop(b, None)
+                if relieved is not None and self.routable(relieved):
+                    self.draining[relieved] = True
         self.next_s = min((u for u in self.waking_until_s if u is not None), default=math.inf)
         waiting, self.waiting = self.waiting, []
         return waiting
