@@ -12,8 +12,9 @@ heavy load what each achieves when well filled (docs/routing.md says why neither
 "to the SLO cap" works). Among the backends whose predicted TPOT at n + 1 and TTFT behind the
 requests now awaiting their first token meet the SLO (upper estimates, not means), and whose
 oldest such request has not waited too long already, the cheapest wins. If none qualifies,
-the one with the most relative headroom takes it, so load spreads in proportion to what each
-backend holds.
+the one with the most relative headroom takes it (the least over its worst guard: in flight vs
+its cap, waiting vs its wait cap, its oldest wait vs the wait limit), so load spreads in
+proportion to what each backend holds and a backend with a standing queue is fed last.
 
 Why this packs. A GPU's power is strongly concave in its batch while its token rate grows
 almost linearly, so the first request on an idle GPU costs ~1.7 J per token (it wakes the
@@ -155,10 +156,14 @@ class Efficiency:
                 if cost < best_cost:  # ties go to the first listed
                     best, best_cost = name, cost
             elif best is None:
-                # Nobody qualifies (yet): remember the one with the most relative headroom.
-                # A cap of 0 (one request alone breaks the SLO there) ranks last.
+                # Nobody qualifies (yet): remember the one with the most relative headroom, by
+                # all three guards: a backend whose queue has waited 10x the limit is 10x over,
+                # however far below its learnt caps its counts are (those curves can be wrong
+                # for minutes; the wait is measured now). A cap of 0 (one request alone breaks
+                # the SLO there) ranks last.
                 over = max((n + 1) / cap if cap > 0 else 1e18 * (n + 1),
-                           (q + 1) / wait_cap if wait_cap > 0 else 1e18 * (q + 1))
+                           (q + 1) / wait_cap if wait_cap > 0 else 1e18 * (q + 1),
+                           model.oldest_wait_s(now_s) / max_wait_s if model.waiting else 0.0)
                 if over < spill_load:
                     spill, spill_load = name, over
         return best if best is not None else spill

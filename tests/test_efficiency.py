@@ -135,6 +135,18 @@ def test_efficiency_spills_to_most_headroom_and_skips_the_unusable() -> None:
     assert policy.choose(REQ, [], 0.0) is None
 
 
+def test_efficiency_spills_away_from_a_standing_queue() -> None:
+    # Both over their caps; "a" by fewer requests in flight, but its queue has waited 5 s (a
+    # backend whose learnt caps say more than it serves): the spill must not keep feeding it.
+    models = {"a": h100_like(), "b": h100_like()}
+    policy = Efficiency(models)
+    cap = models["a"].plan(policy.ttft_limit_s, policy.tpot_limit_s).cap
+    over = [view("a", int(1.5 * cap)), view("b", int(2 * cap))]
+    assert policy.choose(REQ, over, 100.0) == "a"
+    models["a"].sent(95.0)
+    assert policy.choose(REQ, over, 100.0) == "b"
+
+
 def test_efficiency_routes_unknown_backends_on_the_prior() -> None:
     policy = Efficiency()
     assert policy.choose(REQ, [view("x"), view("y")], 0.0) == "x"  # equal priors: first listed
