@@ -222,10 +222,12 @@ class BufferedLedger(Ledger):
         """(tenant or subject, hold key) of the budget holds these records settle: a store's
         write drops them in the same atomic step that adds the records' joules."""
         held = self._held
-        out = [(rec.tenant, rec.key) for rec in records if rec.key in held]
+        out = []
         for rec in records:
-            if rec.key_subject and subject_hold(rec.key) in held:
-                out.append((rec.key_subject, subject_hold(rec.key)))
+            if rec.key in held:
+                out.append((rec.tenant, rec.key))
+            if rec.key_subject and (hold := subject_hold(rec.key)) in held:
+                out.append((rec.key_subject, hold))
         return out
 
     def _forget_holds(self, rec: LedgerRecord) -> None:
