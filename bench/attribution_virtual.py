@@ -42,12 +42,14 @@ class _Live:
 
 
 def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, concurrency: int,
-           learn: bool, verbose: bool = False, spread_s: float = 0.0,
+           learn: bool, verbose: bool = False, spread_s: float = 0.0, whole_upstream: bool = False,
            ) -> tuple[dict[str, tuple[float, float, str, str]], float]:
     """Per request id (proxy J, truth J, class, tenant), and conservation error in %;
     `verbose` prints the learned weights at the end. `spread_s`: each token and answer of a
     step reaches the proxy up to this long after the step ends (uniform, seeded), as an event
-    loop reading many streams one after the other delivers them."""
+    loop reading many streams one after the other delivers them. `whole_upstream`: non-streamed
+    answers are seen only when they end (backends[].stream_upstream off); else their tokens are
+    seen as a stream's, as the proxy does where it streams them upstream."""
     rng = random.Random(len(plan) * 7919 + round(spread_s * 1e6))
     eng = Engine(get_profile(profile))
     at = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=PREFILL_WEIGHT,
@@ -61,6 +63,9 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
     finals: dict[str, float] = {}
     now_s, next_sample_s, prev_s = 0.0, 0.0, None
 
+    def timed_tokens(p: Planned) -> bool:
+        return p.stream or (not whole_upstream and p.kind != "embedding")
+
     def rid(p: Planned) -> str:
         return f"r{p.index}"
 
@@ -69,9 +74,10 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
         eng.add(req, t_s)
         live[req.request_id] = _Live(p)
         embedding = p.kind == "embedding"
-        at.open(req.request_id, t_s, p.stream, p.prompt_tokens, embedding)
+        timed = timed_tokens(p)
+        at.open(req.request_id, t_s, timed, p.prompt_tokens, embedding)
         if learner is not None:
-            learner.open(req.request_id, t_s, p.stream, p.prompt_tokens, embedding)
+            learner.open(req.request_id, t_s, timed, p.prompt_tokens, embedding)
 
     def close(r: str, t_s: float, completion: int) -> None:
         p = live.pop(r).plan
@@ -113,12 +119,12 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
             if r not in live:
                 continue
             lv = live[r]
-            if lv.plan.stream and ev.tokens:
+            if timed_tokens(lv.plan) and ev.tokens:
                 lv.tokens += ev.tokens
                 at.tokens(r, seen_s, ev.tokens)
                 if learner is not None:
                     learner.tokens(r, seen_s, ev.tokens)
-                if lv.plan.abort_after and lv.tokens >= lv.plan.abort_after and not ev.finished:
+                if lv.plan.stream and lv.plan.abort_after and lv.tokens >= lv.plan.abort_after and not ev.finished:
                     eng.abort(r, step.end_s)  # the client drops the stream
                     close(r, seen_s, lv.tokens)
                     continue
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="print the learned split weights")
     ap.add_argument("--spread-ms", type=float, default=0.0, metavar="MS",
                     help="tokens and answers reach the proxy up to MS after their step (uniform)")
+    ap.add_argument("--whole-upstream", action="store_true",
+                    help="non-streamed answers asked whole upstream (backends[].stream_upstream: false)")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="first replay N requests of another seed, not compared")
     args = ap.parse_args(argv)
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = warm + [replace(p, index=p.index + len(warm), at_s=p.at_s + gap_s) for p in plan]
     warm = f" after {args.warmup} warm-up requests" if args.warmup else ""
     spread = f", tokens read up to {args.spread_ms:g} ms after their step" if args.spread_ms else ""
+    spread += ", non-streamed answers asked whole upstream" if args.whole_upstream else ""
     print(f"{args.requests} requests (seed {args.seed}){warm} on one {args.profile}, virtual time{spread}; "
           f"figures per class: total err%, tenant max%, req median%, req p90%")
     print(f"{'config':<14} {'learn':<5} {'cons%':>8}  " + "  ".join(f"{c:^27}" for c in ("all", *CLASSES)))
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{'busy' if busy else 'open'}@{'100ms' if interval_s < 1 else '1s'}"
             for learn in (False, True):
                 rows, cons = replay(plan, args.profile, interval_s, busy, args.concurrency, learn,
-                                    args.verbose, args.spread_ms / 1e3)
+                                    args.verbose, args.spread_ms / 1e3, args.whole_upstream)
                 cells = []
                 for cls in ("all", *CLASSES):
                     mine = [r for rid, r in rows.items() if cls in ("all", r[2])

@@ -21,6 +21,9 @@ class RequestRecord:
     kind: str  # chat | completion | embedding | response | other
     stream: bool
     start_s: float
+    # Not streamed to the client but asked upstream as a stream and gathered (proxy/gather.py):
+    # its tokens were timed as a stream's.
+    gathered: bool = False
     backend: str | None = None
     status: int = 0
     prompt_tokens: int = 0

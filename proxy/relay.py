@@ -3,7 +3,7 @@
 One `Relay` serves every inference route (chat, completions, embeddings, other `/v1/*` calls
 that name a model). It speaks raw ASGI: no request or response objects on the way.
 
-About 600 lines on purpose: the hot path stays readable top to bottom in one file; what it
+About 650 lines on purpose: the hot path stays readable top to bottom in one file; what it
 reads from the client before a backend sees it is proxy/inbound.py, rate limits and budgets are
 one call each into proxy/ratelimit/ and proxy/accounting.py.
 """
@@ -29,6 +29,7 @@ from proxy.backends import Backend, BackendPool
 from proxy.config import Config
 from proxy.energy.meter import EnergyMeter
 from proxy.errors import REFUSAL, ProxyError, model_not_found, send_error
+from proxy.gather import Gatherer, gatherable, streamed_body
 from proxy.inbound import (
     ClientGone,
     ClientWatch,
@@ -226,6 +227,9 @@ class Relay:
             suffix += "?" + scope["query_string"].decode("latin-1")
         tried: set[str] = set()
         failure: ProxyError | None = None
+        # A non-streamed chat or completion: streamed upstream where its backend does that.
+        gather = content_type is None and not record.stream and gatherable(payload, record.kind)
+        streamed: bytes | None = None
         hold: _Hold | None = None
         resp: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
@@ -242,11 +246,15 @@ class Relay:
                         raise parked.error from None
                     continue
                 tried.add(backend.name)
+                record.gathered = gather and backend.stream_upstream
+                if record.gathered:
+                    streamed = streamed or streamed_body(payload)
                 hold = self._hold(backend, record)
                 # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).
                 watch.deadline_at(loop.time() + self.request_timeout_s)
                 try:
-                    resp = await self._post(backend, suffix, body, record.request_id, content_type, record.trace)
+                    resp = await self._post(backend, suffix, streamed if record.gathered and streamed else body,
+                                            record.request_id, content_type, record.trace)
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
                     # Refused, unreachable, or closed before answering even on a fresh connection:
                     # nothing reached the client yet, so another backend may answer.
@@ -282,8 +290,13 @@ class Relay:
                 watch.deadline_at(None)
                 await self._relay_stream(send, resp, payload, withhold_usage, record, hold, watch)
                 return
+            status, content_type_out = resp.status, resp.headers.get("Content-Type", "application/json")
             try:
-                data = await resp.read()
+                if record.gathered and status == 200 and resp.content_type == "text/event-stream":
+                    status, data = await self._gather(resp, record, hold)
+                    content_type_out = "application/json"
+                else:
+                    data = await resp.read()
             except TimeoutError:
                 resp.close()
                 raise self._book_failed(hold, record, payload, _timed_out()) from None
@@ -293,7 +306,7 @@ class Relay:
                 raise self._book_failed(hold, record, payload, ProxyError(
                     502, f"The backend broke off its answer: {type(exc).__name__}.", code="upstream_error")) from None
             watch.stop()  # the upstream is done: what is left is sending, however slowly
-            await self._relay_whole(send, resp, data, record, hold)
+            await self._relay_whole(send, status, content_type_out.encode("latin-1"), data, record, hold)
         except asyncio.CancelledError:
             if not (watch.cancelled or watch.timed_out):
                 raise
@@ -352,10 +365,11 @@ class Relay:
         """Take a slot on `backend` for this request: in_flight, an efficiency ticket, a meter entry."""
         backend.in_flight += 1
         sent_s = time.time()
-        hold = _Hold(backend, backend.efficiency.sent(sent_s, record.stream))
+        timed = record.stream or record.gathered  # its tokens' times will be seen
+        hold = _Hold(backend, backend.efficiency.sent(sent_s, timed))
         # A rough prompt size lets attribution settle before usage arrives.
         # Keyed by record.key: clients may send the same x-request-id twice, even at once.
-        self.meter.open(backend.name, record.key, sent_s, record.stream, record.prompt_estimate,
+        self.meter.open(backend.name, record.key, sent_s, timed, record.prompt_estimate,
                         record.kind == "embedding")
         return hold
 
@@ -376,8 +390,8 @@ class Relay:
             return
         if record.end_s is None:
             record.end_s = time.time()
-        if not (record.stream and record.first_token_s is not None):
-            model.tokens(record.completion_tokens)  # not streamed: all at the end
+        if record.first_token_s is None:
+            model.tokens(record.completion_tokens)  # no token seen on the way: all at the end
         model.finished(record.end_s, hold.ticket, record.first_token_s, record.completion_tokens)
         self._close_energy(record)
 
@@ -416,13 +430,12 @@ class Relay:
             record.energy_method = result.method
             self.accounting.carbon.fill(record, result.host_joules)
 
-    async def _relay_whole(self, send: Send, resp: aiohttp.ClientResponse, data: bytes, record: RequestRecord,
-                           hold: _Hold) -> None:
+    async def _relay_whole(self, send: Send, upstream_status: int, content_type: bytes, data: bytes,
+                           record: RequestRecord, hold: _Hold) -> None:
         """A non-streamed answer (or an upstream error), read in full: book it, which frees the
         backend slot before a slow client takes its time, add energy headers, send."""
         record.end_s = time.time()
-        status = booked_status = resp.status
-        content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
+        status = booked_status = upstream_status
         if status == 200 and record.kind != "other":
             if not _take_usage(data, record):
                 # A success the client could not parse: say what went wrong instead.
@@ -434,7 +447,8 @@ class Relay:
         elif status == 200 and content_type.startswith(b"application/json"):
             _take_usage(data, record)  # pass-through: the engine's usage where it gives one
         elif status >= 500 and not _looks_like_error(data):
-            status, data = 502, ProxyError(502, f"The backend answered HTTP {resp.status}.", code="upstream_error").body()
+            status, data = 502, ProxyError(502, f"The backend answered HTTP {upstream_status}.",
+                                           code="upstream_error").body()
             content_type = _JSON
         if status == 200 and not record.usage_reported:
             # No usage: the prompt's estimate, so the request still weighs in the energy split.
@@ -492,19 +506,13 @@ class Relay:
         guard = self.watchdog.guard()
         error: str | None = None
         status = 200
-        backend, meter, counted = record.backend or "", self.meter, 0
-        model, ticket = hold.backend.efficiency, hold.ticket
+        counted = 0
         try:
             async for chunk in resp.content.iter_any():
                 guard.chunks += 1
                 out = tap.feed(chunk)
                 if tap.delta_chunks != counted:
-                    now_s = time.time()
-                    if record.first_token_s is None:
-                        record.first_token_s = now_s
-                        model.first_token(now_s, ticket)
-                    meter.tokens(backend, record.key, now_s, tap.delta_chunks - counted)
-                    model.tokens(tap.delta_chunks - counted)
+                    self._tokens_seen(record, hold, tap.delta_chunks - counted)
                     counted = tap.delta_chunks
                 if out:
                     guard.sending = True
@@ -562,6 +570,45 @@ class Relay:
             return
         closing = tap.finish(energy, client_wants_usage=not withhold_usage)
         await send({"type": "http.response.body", "body": closing, "more_body": False})
+
+    async def _gather(self, resp: aiohttp.ClientResponse, record: RequestRecord, hold: _Hold) -> tuple[int, bytes]:
+        """Read the stream asked for on a non-streamed request's behalf, timing its tokens as a
+        stream's; the status and body of its whole answer. A stream broken off raises as a
+        broken body does; the tokens counted by then are the request's."""
+        tap = StreamTap(False, self.config.server.max_sse_line_bytes)
+        gathered = Gatherer(record.kind == "chat")
+        counted = 0
+        try:
+            async for chunk in resp.content.iter_any():
+                out = tap.feed(chunk)
+                if tap.delta_chunks != counted:
+                    self._tokens_seen(record, hold, tap.delta_chunks - counted)
+                    counted = tap.delta_chunks
+                if out:
+                    gathered.feed(out)
+        finally:
+            record.completion_tokens = tap.delta_chunks  # what a stream broken off books
+        if not tap.done and gathered.error is None:
+            raise aiohttp.ClientPayloadError("the stream ended before [DONE]")
+        if tap.usage_event is not None:
+            gathered.add(tap.usage_event)
+        elif tap.usage is None and gathered.error is None and hold.backend.stream_upstream:
+            # The engine ignores stream_options: its whole answers carry usage, its streams do
+            # not. Its engine counts are worth more than token times: stop streaming upstream.
+            hold.backend.stream_upstream = False
+            log.warning("backend %s: streams carry no usage; non-streamed answers are no longer "
+                        "streamed upstream", hold.backend.name)
+        return gathered.answer()
+
+    def _tokens_seen(self, record: RequestRecord, hold: _Hold, count: int) -> None:
+        """`count` more generated tokens read from the upstream stream, now."""
+        now_s = time.time()
+        model = hold.backend.efficiency
+        if record.first_token_s is None:
+            record.first_token_s = now_s
+            model.first_token(now_s, hold.ticket)
+        self.meter.tokens(hold.backend.name, record.key, now_s, count)
+        model.tokens(count)
 
     def _cut_reason(self, reason: str, record: RequestRecord) -> tuple[int, str]:
         """The status and error the watchdog's cut books, logged once."""

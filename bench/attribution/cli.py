@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="energy.prefill_weight for the proxy (default: the proxy's own default)")
     ap.add_argument("--no-learn", action="store_true",
                     help="energy.learn: false (one fixed prefill_weight, no length/context terms)")
+    ap.add_argument("--whole-upstream", action="store_true",
+                    help="backends[].stream_upstream: false (non-streamed answers asked whole upstream)")
     ap.add_argument("--plain-serve", action="store_true",
                     help="run the stock `joulegate serve` (no books: external conservation only)")
     ap.add_argument("--measure-timeout-s", type=float, default=30.0,

@@ -26,13 +26,14 @@ def sha256(text: str) -> str:
 
 
 def proxy_config(setup: Setup, sims: dict[str, Server], prefill_weight: float | None,
-                 learn: bool = True) -> str:
+                 learn: bool = True, whole_upstream: bool = False) -> str:
     lines = ["server: {host: 127.0.0.1}", "backends:"]
     for name, sim in sims.items():
         base = f"http://{HOST}:{sim.port}"
         url = base + "/metrics" if setup.source == "dcgm" else base
         lines.append(f"  - {{name: {name}, url: '{base}/v1', models: [{MODEL}], power: "
-                     f"{{source: {setup.source}, url: '{url}', interval_s: {setup.interval_s}}}}}")
+                     f"{{source: {setup.source}, url: '{url}', interval_s: {setup.interval_s}}}"
+                     + (", stream_upstream: false}" if whole_upstream else "}"))
     lines.append("routing: {policy: least_loaded}")
     energy = "energy: {idle: separate"
     if prefill_weight is not None:
@@ -150,7 +151,7 @@ class Run(Fleet):
                    {backends[0][0]: self.setup.skew_s} if self.setup.skew_s else None)
         cfg = self.log_dir / f"{tag}-joulegate.yaml"
         cfg.write_text(proxy_config(self.setup, self.sims, self.args.prefill_weight,
-                                    not self.args.no_learn))
+                                    not self.args.no_learn, self.args.whole_upstream))
         # Power from every backend, and at least two samples' worth of it, before any request.
         self.start_proxy(tag, cfg, "bench.attribution", self.args.plain_serve, ADMIN_KEY,
                          2.5 * self.setup.interval_s)
