@@ -7,6 +7,7 @@ engine would have given, with the engine's usage booked.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -196,6 +197,31 @@ def test_a_gathered_completion_is_the_engines_whole_answer(proxy: ProxyProc, sim
     assert resp.usage is not None and resp.usage.model_dump(exclude_none=True) == whole["usage"]
     assert booked(proxy, "gather-completion")["completion_tokens"] == 7
     assert ttft_ms(proxy, "gather-completion") is not None
+
+
+def test_a_client_leaving_a_gathered_answer_stops_the_engine_and_is_booked(proxy: ProxyProc, sim: SimBackend) -> None:
+    rid = "gather-left"
+    payload = {"model": MODEL, "messages": TEXT, "max_tokens": 3000}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and hangs up
+        httpx.post(f"{proxy.url}/v1/chat/completions", json=payload, timeout=httpx.Timeout(10.0, read=1.0),
+                   headers={"Authorization": f"Bearer {KEYS['acme']}", "x-request-id": rid})
+    left_s = time.time()
+    wait_until(lambda: sim.truth(rid).get("end_s") is not None, 10, "the engine to drop the request")
+    truth = sim.truth(rid)
+    assert truth["end_s"] - left_s < 1.0  # the proxy closed the engine's stream at once
+    view: dict[str, Any] = {}
+
+    def booked_now() -> bool:
+        resp = httpx.get(f"{proxy.url}/v1/energy/requests/{rid}", timeout=10,
+                         headers={"Authorization": f"Bearer {KEYS['acme']}"})
+        view.update(resp.json() if resp.status_code == 200 else {})
+        return resp.status_code == 200
+
+    wait_until(booked_now, 10, "the request to be booked")
+    # What the engine generated until the hang-up, counted from the stream's deltas.
+    assert view["status"] == 499 and 0 < view["completion_tokens"] < 3000
+    assert abs(view["completion_tokens"] - truth["completion_tokens"]) <= 2, (view, truth)
+    assert view["joules"] is not None and view["joules"] > 0
 
 
 def test_an_engine_whose_streams_carry_no_usage_gets_whole_requests_again(proxy: ProxyProc, sim: SimBackend) -> None:
