@@ -43,7 +43,7 @@ from proxy.ratelimit.limiter import RateLimiter
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
 from proxy.telemetry import SpanStart, Telemetry
-from proxy.usage import answer_usage, max_output_tokens
+from proxy.usage import answer_usage, max_output_tokens, requested_max_tokens
 from proxy.watchdog import SendWatchdog
 
 log = logging.getLogger("joulegate.relay")
@@ -190,7 +190,7 @@ class Relay:
         info = RequestInfo(
             model=record.model,
             prompt_tokens=record.prompt_estimate,
-            max_output_tokens=payload.get("max_tokens") or payload.get("max_completion_tokens"),
+            max_output_tokens=requested_max_tokens(payload),
             stream=record.stream,
         )
         name = self.policy.choose(info, views, time.time())

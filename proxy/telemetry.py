@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from proxy.config import Config, ConfigError
 from proxy.records import RequestRecord
 from proxy.sse import StreamTap
+from proxy.usage import requested_max_tokens
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -240,7 +241,7 @@ class Telemetry:
     def start(self, record: RequestRecord, scope: dict[str, Any], payload: dict[str, Any]) -> None:
         """Take the span's ids before the request goes upstream (`record.trace`): the client's
         trace, if its `traceparent` is valid, else a new one."""
-        record.trace = self._ids_for(scope, _max_tokens(payload))
+        record.trace = self._ids_for(scope, requested_max_tokens(payload))
 
     def book(self, record: RequestRecord) -> None:
         """Make and end the request's span, from its record as booked (energy final)."""
@@ -361,12 +362,3 @@ def _server(url: str) -> tuple[str, int]:
     """A backend URL's host and port (the scheme's default where it names none)."""
     parts = urlsplit(url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def _max_tokens(payload: dict[str, Any]) -> int | None:
-    """The request's own limit on generated tokens (per choice), if it gives one."""
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = payload.get(field)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None

@@ -107,14 +107,23 @@ def _walk(value: Any, depth: int) -> tuple[int, int, int]:
     return chars, media, items
 
 
+def requested_max_tokens(payload: dict[str, Any]) -> int | None:
+    """The request's own limit on generated tokens per choice (`max_tokens`,
+    `max_completion_tokens`, or the Responses API's `max_output_tokens`); None: it gives none."""
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = payload.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
 def max_output_tokens(payload: dict[str, Any], kind: str) -> int | None:
     """The most tokens this request may generate, all choices together (a budget hold is sized
     from it); None: it does not say."""
     if kind == "embedding":
         return 0
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = payload.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            n = payload.get("n")
-            return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
-    return None
+    value = requested_max_tokens(payload)
+    n = payload.get("n")
+    if value is not None and isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        return value * n
+    return value
