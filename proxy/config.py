@@ -192,7 +192,7 @@ class BackendConfig(_Strict):
     # Measured (bench/attribution_virtual --stream-upstream): per-request p90 error 19-23% ->
     # 12-15%, per-tenant max 2.9-5.3% -> 0.6-1.9% on a mixed workload at 100 ms sampling.
     stream_upstream: bool | None = Field(None, description=(
-        "Ask the engine to stream non-streamed chat and completion answers and gather them into the "
+        "Ask the engine to stream non-streamed chat, completion and Responses API answers and gather them into the "
         "one JSON answer the client asked for, so each token's time is seen and the energy split "
         "places the request as exactly as a stream; null: on where the backend has a power source. "
         "Turned off for the backend by itself if its streams carry no usage."))

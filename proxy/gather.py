@@ -1,10 +1,11 @@
-"""A non-streamed chat or completion answer, gathered from the engine's stream.
+"""A non-streamed chat, completion or Responses API answer, gathered from the engine's stream.
 
 Where a backend streams upstream (`backends[].stream_upstream`), the proxy asks the engine to
 stream what the client asked for whole. It then sees when each token was made, so the energy
 split places that request's prefill and decode steps as exactly as a stream's, instead of
 guessing them from when the answer arrived. The client still gets the one JSON answer it asked
-for, built here from the chunks: the fields a whole answer has, in the engine's own words.
+for, built here from the chunks: the fields a whole answer has, in the engine's own words. A
+Responses API stream ends with the whole `response` object: that is the answer.
 
 Requests whose whole answer carries what a stream cannot (vLLM's `prompt_logprobs`, `best_of`,
 beam search) and requests that already name `stream_options` go upstream as sent.
@@ -26,7 +27,7 @@ _TEXT_LOGPROBS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 def gatherable(payload: dict[str, Any], kind: str) -> bool:
     """Whether a request may go upstream as a stream and be gathered for its client."""
-    if kind not in ("chat", "completion") or payload.get("stream"):
+    if kind not in ("chat", "completion", "response") or payload.get("stream"):
         return False
     for name in _WHOLE_ONLY:
         value = payload.get(name)
@@ -35,9 +36,28 @@ def gatherable(payload: dict[str, Any], kind: str) -> bool:
     return True
 
 
-def streamed_body(payload: dict[str, Any]) -> bytes:
-    """The request as sent upstream: streamed, with the usage chunk asked for."""
+def streamed_body(payload: dict[str, Any], kind: str) -> bytes:
+    """The request as sent upstream: streamed, with the usage chunk asked for (a Responses
+    stream's final event always carries it)."""
+    if kind == "response":
+        return orjson.dumps({**payload, "stream": True})
     return orjson.dumps({**payload, "stream": True, "stream_options": {"include_usage": True}})
+
+
+def final_response(event: dict[str, Any]) -> tuple[int, bytes]:
+    """A Responses stream's final event as the whole answer: the `response` object it carries
+    (completed or incomplete); a failed one as the engine's error."""
+    response = event.get("response")
+    if not isinstance(response, dict):
+        return 502, orjson.dumps({"error": {"message": "The backend's final event held no response.",
+                                            "type": "upstream_error", "param": None, "code": "upstream_error"}})
+    if event.get("type") == "response.failed":
+        found = response.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
+        return 502, orjson.dumps({"error": {"message": error.get("message", "The backend failed the response."),
+                                            "type": "upstream_error", "param": None,
+                                            "code": error.get("code", "upstream_error")}})
+    return 200, orjson.dumps(response)
 
 
 class _Choice:

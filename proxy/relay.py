@@ -29,7 +29,7 @@ from proxy.backends import Backend, BackendPool
 from proxy.config import Config
 from proxy.energy.meter import EnergyMeter
 from proxy.errors import REFUSAL, ProxyError, model_not_found, send_error
-from proxy.gather import Gatherer, gatherable, streamed_body
+from proxy.gather import Gatherer, final_response, gatherable, streamed_body
 from proxy.inbound import (
     ClientGone,
     ClientWatch,
@@ -248,7 +248,7 @@ class Relay:
                 tried.add(backend.name)
                 record.gathered = gather and backend.stream_upstream
                 if record.gathered:
-                    streamed = streamed or streamed_body(payload)
+                    streamed = streamed or streamed_body(payload, record.kind)
                 hold = self._hold(backend, record)
                 # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).
                 watch.deadline_at(loop.time() + self.request_timeout_s)
@@ -575,7 +575,8 @@ class Relay:
         """Read the stream asked for on a non-streamed request's behalf, timing its tokens as a
         stream's; the status and body of its whole answer. A stream broken off raises as a
         broken body does; the tokens counted by then are the request's."""
-        tap = StreamTap(False, self.config.server.max_sse_line_bytes)
+        responses = record.kind == "response"
+        tap = StreamTap(responses, self.config.server.max_sse_line_bytes)
         gathered = Gatherer(record.kind == "chat")
         counted = 0
         try:
@@ -584,12 +585,14 @@ class Relay:
                 if tap.delta_chunks != counted:
                     self._tokens_seen(record, hold, tap.delta_chunks - counted)
                     counted = tap.delta_chunks
-                if out:
+                if out and not responses:
                     gathered.feed(out)
         finally:
             record.completion_tokens = tap.delta_chunks  # what a stream broken off books
         if not tap.done and gathered.error is None:
-            raise aiohttp.ClientPayloadError("the stream ended before [DONE]")
+            raise aiohttp.ClientPayloadError("the stream ended before its last event")
+        if tap.final is not None:  # a Responses stream: its last event holds the whole answer
+            return final_response(tap.final)
         if tap.usage_event is not None:
             gathered.add(tap.usage_event)
         elif tap.usage is None and gathered.error is None and hold.backend.stream_upstream:

@@ -80,7 +80,7 @@ class StreamTap:
     """
 
     __slots__ = ("_parts", "_size", "_last", "_sep", "_responses", "_max_event_bytes", "delta_chunks", "usage",
-                 "usage_event", "done", "_done_line", "first_token_seen", "overflow")
+                 "usage_event", "done", "_done_line", "first_token_seen", "overflow", "final")
 
     def __init__(self, responses: bool = False, max_event_bytes: int = 1 << 20) -> None:
         self._parts: list[bytes] = []  # the unfinished event's fragments
@@ -96,6 +96,7 @@ class StreamTap:
         self._done_line = False
         self.first_token_seen = False
         self.overflow = False
+        self.final: dict[str, Any] | None = None  # a Responses stream's final event, decoded
 
     def feed(self, chunk: bytes) -> bytes:
         """Account for `chunk` and return what can be forwarded now (maybe b"").
@@ -184,6 +185,7 @@ class StreamTap:
                 if isinstance(obj, dict) and obj.get("type") in (
                         "response.completed", "response.failed", "response.incomplete"):
                     self.done = True
+                    self.final = obj
                     self.usage = answer_usage(obj) or self.usage
 
     def _hold_back(self, complete: bytes) -> bytes:

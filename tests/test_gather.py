@@ -16,7 +16,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletion
 
-from proxy.gather import Gatherer, gatherable, streamed_body
+from proxy.gather import Gatherer, final_response, gatherable, streamed_body
 from tests.conftest import (
     KEYS,
     MODEL,
@@ -47,12 +47,14 @@ def test_only_non_streamed_chat_and_completions_whose_answer_a_stream_can_give_a
     assert gatherable({"model": "m", "prompt": "x", "best_of": 1, "stream": False}, "completion")
     assert not gatherable({"model": "m", "messages": [], "stream": True}, "chat")
     assert not gatherable({"model": "m", "input": "x"}, "embedding")
-    assert not gatherable({"model": "m", "input": "x"}, "response")
     assert not gatherable({"model": "m", "prompt": "x", "best_of": 2}, "completion")
     assert not gatherable({"model": "m", "prompt": "x", "prompt_logprobs": 0}, "completion")
     assert not gatherable({"model": "m", "messages": [], "stream_options": {}}, "chat")  # the engine's error to give
-    body = orjson.loads(streamed_body({"model": "m", "messages": [], "stream": False}))
+    body = orjson.loads(streamed_body({"model": "m", "messages": [], "stream": False}, "chat"))
     assert body == {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    assert gatherable({"model": "m", "input": "x"}, "response")
+    assert orjson.loads(streamed_body({"model": "m", "input": "x"}, "response")) == {
+        "model": "m", "input": "x", "stream": True}
 
 
 def test_a_chat_stream_gathers_into_the_whole_answer() -> None:
@@ -119,6 +121,13 @@ def test_an_error_event_mid_stream_is_the_answer() -> None:
     g.feed(sse({"object": "error", "message": "bad", "type": "BadRequestError", "code": "x"}))
     status, body = g.answer()
     assert status == 502 and orjson.loads(body)["error"]["type"] == "BadRequestError"
+    # A Responses stream's last event is the answer; a failed one is the engine's error.
+    done = {"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "output": []}}
+    assert final_response(done) == (200, orjson.dumps(done["response"]))
+    failed = {"type": "response.failed", "response": {"status": "failed", "error": {"code": "server_error",
+                                                                                    "message": "engine died"}}}
+    status, body = final_response(failed)
+    assert status == 502 and orjson.loads(body)["error"]["message"] == "engine died"
 
 
 # -- through the proxy, against a simulated engine -----------------------------------------------
@@ -197,6 +206,32 @@ def test_a_gathered_completion_is_the_engines_whole_answer(proxy: ProxyProc, sim
     assert resp.usage is not None and resp.usage.model_dump(exclude_none=True) == whole["usage"]
     assert booked(proxy, "gather-completion")["completion_tokens"] == 7
     assert ttft_ms(proxy, "gather-completion") is not None
+
+
+@pytest.mark.parametrize("shape", ["", "reasoning", "tools"])
+def test_a_gathered_responses_answer_is_the_engines_whole_answer(proxy: ProxyProc, sim: SimBackend,
+                                                                 shape: str) -> None:
+    rid = f"gather-response-{shape or 'plain'}"
+    client = sdk_client(proxy)
+    raw = client.responses.with_raw_response.create(model=MODEL, input="Tell me about Lisbon.",
+                                                    max_output_tokens=8, extra_body={"sim_shape": shape},
+                                                    extra_headers={"x-request-id": rid})
+    gathered = orjson.loads(raw.content)
+    whole = whole_from_engine(sim, "/responses", {"model": MODEL, "input": "Tell me about Lisbon.",
+                                                  "max_output_tokens": 8, "sim_shape": shape})
+    assert set(gathered) == set(whole)
+    for answer in (gathered, whole):
+        for volatile in ("id", "created_at"):
+            answer.pop(volatile)
+        for item in answer["output"]:
+            item.pop("id", None)
+            item.pop("call_id", None)
+    assert gathered == whole
+    parsed = raw.parse()
+    assert parsed.usage is not None and parsed.usage.output_tokens == 8
+    view = booked(proxy, rid)
+    assert (view["prompt_tokens"], view["completion_tokens"]) == (parsed.usage.input_tokens, 8)
+    assert ttft_ms(proxy, rid) is not None  # its tokens were seen on the way
 
 
 def test_a_client_leaving_a_gathered_answer_stops_the_engine_and_is_booked(proxy: ProxyProc, sim: SimBackend) -> None:
