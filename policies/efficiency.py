@@ -40,9 +40,22 @@ from policies.base import BackendView, RequestInfo
 from policies.curves import RoutePlan
 from policies.model import EfficiencyModel
 
-__all__ = ["Efficiency"]
+__all__ = ["MAX_WAIT_FRACTION", "Efficiency", "takes_more"]
 
 _INF = float("inf")
+#: A backend whose oldest request awaiting its first token has waited this share of the TTFT
+#: SLO takes nothing new (`Efficiency`'s default `max_wait_fraction`).
+MAX_WAIT_FRACTION = 0.3
+
+
+def takes_more(plan: RoutePlan, in_flight: int, waiting: int, oldest_wait_s: float, max_wait_s: float) -> bool:
+    """Whether the SLO guard lets a backend take one more request: `in_flight` requests on it
+    (its engine's count if larger), `waiting` of them awaiting their first token, the oldest
+    for `oldest_wait_s` s, against its `plan` for the SLO and a wait limit of `max_wait_s` s.
+    `Efficiency.choose` applies the same test inline (its hot path); the governor asks it
+    between decisions whether a burst has left the router nowhere within the SLO."""
+    return (in_flight + 1 <= plan.cap and waiting + 1 <= plan.wait_cap
+            and (waiting == 0 or oldest_wait_s <= max_wait_s))
 
 
 class Efficiency:
@@ -72,7 +85,7 @@ class Efficiency:
         slo_tpot_s: float = 0.2,
         ttft_margin: float = 1.0,
         tpot_margin: float = 1.0,
-        max_wait_fraction: float = 0.3,
+        max_wait_fraction: float = MAX_WAIT_FRACTION,
         objective: str = "joules",
     ) -> None:
         if objective not in ("joules", "carbon"):
@@ -147,6 +160,7 @@ class Efficiency:
             if v.queued > q:
                 q = v.queued
             cap, wait_cap = plan.cap, plan.wait_cap
+            # `takes_more`, inline: this runs per backend per request.
             if n + 1 <= cap and q + 1 <= wait_cap and (
                     model.waiting == 0 or model.oldest_wait_s(now_s) <= max_wait_s):
                 cost = plan.cost(n, delta)
