@@ -10,8 +10,10 @@ call decide.py, and by `governor.mode`
           answering (an agent restores its own limits when it stops); and backends with a
           `park:` parked and woken (park.py): at most one park per interval, only a backend
           idle for a whole interval that decide.py would park; a parked one is woken when the
-          unparked ones near their capacity (decide.wake_advice) or a request finds no other
-          backend (the relay waits for it); all are woken when the proxy stops. Under the
+          unparked ones near their capacity (decide.wake_advice), when between two ticks a burst
+          leaves none that the router's SLO guard lets take more (burst.py, looked at every
+          WATCH_S), or when a request finds no other backend (the relay waits for it); all are
+          woken when the proxy stops. Under the
           carbon objective parking ranks by grams: the idle backend with the most idle grams is
           parked first, a wake-up wakes the parked backend that would serve for the fewest
           grams, and a swap (decide.swap_advice) wakes a backend on a now-cleaner grid and
@@ -39,6 +41,7 @@ from proxy.backends import Backend, BackendPool
 from proxy.carbon import grams
 from proxy.config import Config
 from proxy.energy.sources.agent import auth_headers, tls_verify
+from proxy.governor.burst import at_now, burst_wake_advice
 from proxy.governor.decide import (
     HOLD,
     BackendInput,
@@ -58,6 +61,8 @@ from proxy.power_limits import PATH
 log = logging.getLogger("joulegate.governor")
 
 CALL_TIMEOUT_S = 5.0
+#: Seconds between two looks for a burst between decisions (apply mode, with parking).
+WATCH_S = 0.1
 
 
 @dataclass
@@ -75,6 +80,7 @@ class _Target:
     error: str | None = None
     seen: tuple[float, float, float, int] | None = None  # (t_s, completions, duration sum, in flight)
     idle_since_s: float | None = None  # nothing arrived nor ran since (monotonic s)
+    decided: BackendInput | None = None  # the last decision's input (for the watch between)
 
 
 class Governor:
@@ -89,7 +95,8 @@ class Governor:
         self.interval_s = config.governor.interval_s
         slo = config.routing.slo
         self.params = GovernorParams(slo_ttft_s=slo.ttft_ms / 1e3, slo_tpot_s=slo.tpot_ms / 1e3,
-                                     hold_s=0.9 * self.interval_s)  # a tick a little early still counts
+                                     hold_s=0.9 * self.interval_s,  # a tick a little early still counts
+                                     rewake_s=self.interval_s)
         self.metrics = metrics
         self.targets = [_Target(b, _limits_url(b)) for b in pool.backends]
         self._task: asyncio.Task[None] | None = None
@@ -103,6 +110,7 @@ class Governor:
         if self.parking is not None and self.carbon:
             self.parking.choose_wake = self._cheapest_asleep  # a request wakes the cleanest
         self._handover: dict[str, str] = {}  # a swap's woken backend -> the one it relieves
+        self._last_burst_wake_s: float | None = None  # monotonic s
 
     async def start(self) -> None:
         if self.mode == "off":
@@ -154,7 +162,14 @@ class Governor:
         deadline_s = loop.time()
         while True:
             deadline_s = max(deadline_s + self.interval_s, loop.time())
-            await asyncio.sleep(deadline_s - loop.time())
+            # With parking, look for a burst the awake backends cannot carry every WATCH_S.
+            while self.parking is not None and deadline_s - loop.time() > WATCH_S:
+                await asyncio.sleep(WATCH_S)
+                try:
+                    self.watch()
+                except Exception:
+                    log.exception("governor watch failed")
+            await asyncio.sleep(max(deadline_s - loop.time(), 0.0))
             try:
                 await self.tick()
             except Exception:  # a bug must not stop the governor, nor the proxy
@@ -174,11 +189,15 @@ class Governor:
         ready = [t for t in up if t.client is not None and await self._read_limits(t)]
         inputs = [self._input(t, now_s) for t in ready]
         decisions = decide(inputs, self.params, now_s)
+        for t in self.targets:
+            t.decided = None
         for t, d in zip(ready, decisions, strict=True):
             await self._act(t, d, now_s)
         if self.parking is not None:
             # Backends without a readable power agent get no cap but still count for parking.
             loads = list(zip(ready, inputs, strict=True)) + [(t, self._input(t, now_s)) for t in up if t.url is None]
+            for t, i in loads:
+                t.decided = i
             await self._park_or_wake(loads, now_s)
         return decisions
 
@@ -192,13 +211,7 @@ class Governor:
         if parked:
             why = wake_advice([i for _, i in serving], self.params)
             if why is not None:
-                if draining:  # the capacity is needed: a draining backend is awake already
-                    for b in draining:
-                        b.draining = False
-                    self._handover.clear()
-                    return
-                wake = self._cheapest_asleep(parked) if self.carbon else parked[0]
-                self.parking.wake(wake, why)  # not awaited: the next tick goes on meanwhile
+                self._wake_for_capacity(parked, draining, why)
                 return
             swap = self._swap(parked, serving) if self.carbon and not draining and not self._handover else None
             if swap is not None:
@@ -223,6 +236,40 @@ class Governor:
                     self._last_park_s = now_s
                     t.idle_since_s = None
                 return
+
+    def _wake_for_capacity(self, parked: list[Backend], draining: list[Backend], why: str) -> Backend | None:
+        """Capacity is short: draining backends take new requests again (they are awake), else
+        one parked backend wakes (not awaited); the one woken, if any."""
+        assert self.parking is not None
+        if draining:  # the capacity is needed: a draining backend is awake already
+            for b in draining:
+                b.draining = False
+            self._handover.clear()
+            return None
+        wake = self._cheapest_asleep(parked) if self.carbon else parked[0]
+        self.parking.wake(wake, why)  # not awaited: the governor goes on meanwhile
+        return wake
+
+    def watch(self) -> Backend | None:
+        """Between two ticks: wake a parked backend at once when the awake ones cannot carry a
+        burst (proxy/governor/burst.py); the one woken, if any."""
+        if self.parking is None:
+            return None
+        parked = self.parking.parked()
+        states = self.parking.states
+        if not parked or any((w := s.waking) is not None and not w.done() for s in states.values()):
+            return None
+        now_s, model_now_s = time.monotonic(), time.time()  # the models' events are on time.time()
+        serving = [t for t in self.targets if not t.backend.parked and t.backend.healthy
+                   and not t.backend.circuit_open()]
+        # A backend woken since the last tick has no input of its own yet: no load but now's.
+        up = [at_now(t.decided or self._asleep_input(t.backend), t.backend.in_flight, t.backend.efficiency.waiting,
+                     t.backend.efficiency.oldest_wait_s(model_now_s)) for t in serving if not t.backend.draining]
+        why = burst_wake_advice(up, self.params, now_s, self._last_burst_wake_s)
+        if why is None:
+            return None
+        self._last_burst_wake_s = now_s
+        return self._wake_for_capacity(parked, [t.backend for t in serving if t.backend.draining], why)
 
     def _carry_handover(self, serving: list[tuple[_Target, BackendInput]]) -> None:
         """Drain the backends relieved by a swap whose woken backend now serves; forget swaps

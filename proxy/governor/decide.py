@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policies.efficiency import MAX_WAIT_FRACTION
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
 
@@ -66,6 +67,11 @@ class GovernorParams:
     grid: int = 24  # candidate caps between the GPU's minimum and maximum
     max_load_share: float = 0.5  # a cap keeps the (stretched) load under this share of capacity
     swap_margin: float = 0.2  # a parked backend wakes to take over when it costs this much less
+    # Between two decisions (proxy/governor/burst.py): a parked backend wakes at once when no
+    # awake backend passes the router's SLO guard, whose wait limit is this share of the TTFT
+    # SLO (the router's own); at most once per `rewake_s` seconds (both governors: their interval).
+    wake_wait_share: float = MAX_WAIT_FRACTION
+    rewake_s: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,10 @@ class BackendInput:
     # objective, grams CO2e per joule at its site now (PUE included) under the carbon one.
     # Parking and waking rank backends by it, so the joules objective's order is unchanged.
     cost_per_j: float = 1.0
+    # Requests now awaiting their first token, and how long (s) the oldest of them has waited:
+    # burst.py reads them between decisions; the decisions themselves do not.
+    waiting: int = 0
+    oldest_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,9 @@ With `parking` (proxy/sim/parking.py) it also parks and wakes, as the live apply
 parked and `wake_advice` says the others no longer cover their expected load, the first parked
 one is woken (one wake-up at a time); otherwise at most one backend per interval is parked, one
 that `decide` advises parking (the dearest idle first) and that was idle (nothing routed, nothing
-in flight) for the whole interval before. Units: seconds, watts.
+in flight) for the whole interval before. Between two decisions, at every sample, a burst that
+leaves no awake backend the router's SLO guard lets take more wakes one at once (burst.py; at
+most one such wake-up per interval). Units: seconds, watts.
 
 Under the carbon objective (`cost_factor`: grams per joule of a backend now) parking ranks by
 grams rather than joules: the idle backend parked first is the one whose idle power costs the
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from policies.model import EfficiencyModel
+from proxy.governor.burst import at_now, burst_wake_advice
 from proxy.governor.capmodel import min_limit_w
 from proxy.governor.decide import (
     BackendInput,
@@ -61,7 +64,8 @@ class VirtualGovernor:
             parking.wake_choice = self._cheapest_asleep
         self.swaps = [0] * len(self.names)
         self.interval_s = interval_s
-        self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s)
+        self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s,
+                                     rewake_s=interval_s)
         n = len(self.names)
         self._last_s = 0.0
         self._next_s = interval_s
@@ -73,6 +77,9 @@ class VirtualGovernor:
         self.time_at_cap_s: list[dict[float, float]] = [{} for _ in range(n)]
         self._idle_since_s: list[float | None] = [None] * n  # idle for every interval since
         self._last_park_s: float | None = None
+        self._decided: dict[int, BackendInput] = {}  # the last decision's input, by backend
+        self._last_burst_wake_s: float | None = None
+        self.burst_wakes = [0] * n
 
     def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float,
                t_s: float) -> BackendInput:
@@ -102,6 +109,8 @@ class VirtualGovernor:
             cap = self._cap_w(b)
             self.time_at_cap_s[b][cap] = self.time_at_cap_s[b].get(cap, 0.0) + dt_s
         if t_s + 1e-9 < self._next_s:
+            if self.parking is not None:
+                self._between(t_s, in_flight)
             return
         span_s = max(t_s - self._last_s, 1e-9)
         up = [b for b in range(len(self.names)) if self.parking is None or self.parking.routable(b)]
@@ -111,6 +120,7 @@ class VirtualGovernor:
             mean_load = self._load_s[b] / span_s
             inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s))
         decisions = decide(inputs, self.params, t_s)
+        self._decided = dict(zip(up, inputs, strict=True))
         for b, x, d in zip(up, inputs, decisions, strict=True):
             if self.caps and d.cap_w != x.cap_w:
                 board_w = self.engines[b].profile.board_limit_w
@@ -138,15 +148,7 @@ class VirtualGovernor:
         parked = parking.parked()
         draining = [b for b in up if parking.draining[b]]
         if parked and wake_advice(inputs, self.params) is not None:
-            if draining:  # the capacity is needed: a draining backend is awake already
-                for b in draining:
-                    parking.undrain(b)
-            elif not parking.waking():
-                wake = parked[0]
-                if self.cost_factor is not None:  # carbon: the cleanest, not the first listed
-                    wake = self._cheapest_asleep([b for b in parked if parking.asleep_since_s[b] is not None]
-                                                 or parked, t_s)
-                parking.wake(wake, t_s)
+            self._wake_for_capacity(t_s, draining, parked)
             return
         if parked and self.cost_factor is not None and not parking.waking() and not draining:
             swap = swap_advice(self._asleep_inputs(parked, t_s), inputs, self.params)
@@ -171,6 +173,43 @@ class VirtualGovernor:
                 self._last_park_s, self._idle_since_s[b] = t_s, None
                 return
 
+    def _wake_for_capacity(self, t_s: float, draining: Sequence[int], parked: Sequence[int]) -> int | None:
+        """Capacity is short: draining backends take new requests again (they are awake), else
+        one parked backend wakes (one wake-up at a time); the one woken, if any."""
+        parking = self.parking
+        assert parking is not None
+        if draining:  # the capacity is needed: a draining backend is awake already
+            for b in draining:
+                parking.undrain(b)
+            return None
+        if parking.waking():
+            return None
+        wake = parked[0]
+        if self.cost_factor is not None:  # carbon: the cleanest, not the first listed
+            wake = self._cheapest_asleep([b for b in parked if parking.asleep_since_s[b] is not None]
+                                         or list(parked), t_s)
+        parking.wake(wake, t_s)
+        return wake
+
+    def _between(self, t_s: float, in_flight: Sequence[int]) -> None:
+        """Between two decisions: wake a parked backend at once when the awake ones cannot carry
+        a burst (proxy/governor/burst.py)."""
+        parking = self.parking
+        assert parking is not None
+        if parking.waking() or all(since is None for since in parking.asleep_since_s):
+            return
+        up = [b for b in range(len(self.names)) if parking.routable(b)]
+        # A backend woken since the last decision has no input of its own yet: no load but now's.
+        now = [at_now(self._decided.get(b) or self._input(b, 0, 0.0, 0.0, t_s), in_flight[b],
+                      self.models[b].waiting, self.models[b].oldest_wait_s(t_s))
+               for b in up if not parking.draining[b]]
+        if burst_wake_advice(now, self.params, t_s, self._last_burst_wake_s) is None:
+            return
+        self._last_burst_wake_s = t_s
+        woken = self._wake_for_capacity(t_s, [b for b in up if parking.draining[b]], parking.parked())
+        if woken is not None:
+            self.burst_wakes[woken] += 1
+
     def summary(self) -> dict[str, Any]:
         """Per backend: seconds at each cap (W, as a string key), cap changes, parking advice;
         with parking, also seconds asleep, wake-ups and the parked intervals."""
@@ -181,6 +220,7 @@ class VirtualGovernor:
                          "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b]}
             if self.parking is not None:
                 out[name].update(self.parking.summary(b))
+                out[name]["burst_wakes"] = self.burst_wakes[b]
                 if self.cost_factor is not None:
                     out[name]["swap_wakes"] = self.swaps[b]
         return out
