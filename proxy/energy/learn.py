@@ -161,8 +161,6 @@ class SplitLearner:
             r.prefill_from_s = r.start_s
             if r.embedding:  # its pass: the step that ended with its answer, as the attributor has it
                 before_s = self._clock.moment_before(r.end_s)
-                if before_s is not None:
-                    before_s = min(before_s, r.end_s - self._clock.step_s)
                 r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
 
     # -- samples -----------------------------------------------------------------------------

@@ -134,8 +134,6 @@ class UnsettledRequests:
             # the time it queued: weigh it as a prompt whose first token was that answer.
             before_s = self.clock.moment_before(end_s)
             r.stream, r.first_token_s = True, end_s
-            if before_s is not None:  # at least a typical step: its answer may be read late
-                before_s = min(before_s, end_s - self.clock.step_s)
             r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
         converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
