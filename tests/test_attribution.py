@@ -664,7 +664,7 @@ def test_a_queued_streams_prompt_weighs_in_the_step_before_its_first_token() -> 
     assert finals["d"] + finals["q"] == pytest.approx(100.0, rel=1e-12)
 
 
-def _stepping(offset_s: float, embed_open_s: float = 1.295) -> dict[str, float]:
+def _stepping(offset_s: float) -> dict[str, float]:
     """Eight streams decode a step every 40 ms (ending 15 ms past each 40 ms mark, clear of
     the 100 ms samples), the i-th reading its token of each step `offset_s` x i late; a prompt
     "q" (weight 100) goes through in the step that ends at 1.015 s, an embedding "e" (weight
@@ -673,7 +673,7 @@ def _stepping(offset_s: float, embed_open_s: float = 1.295) -> dict[str, float]:
     for i in range(8):
         att.open(f"s{i}", 0.0, True, 0)
     att.open("q", 0.5, True, 1000)
-    att.open("e", embed_open_s, False, 400, embedding=True)
+    att.open("e", 1.295, False, 400, embedding=True)
     for k in range(51):
         for i in range(8):
             att.tokens(f"s{i}", 0.015 + 0.04 * k + offset_s * i, 1)
@@ -696,12 +696,3 @@ def test_a_steps_tokens_read_milliseconds_apart_are_still_one_step() -> None:
         assert apart[rid] == pytest.approx(together[rid], rel=0.05), rid
     # The answers read up to 4 ms later keep the GPU busy that much longer: 100 W x 4 ms.
     assert math.fsum(apart.values()) - math.fsum(together.values()) == pytest.approx(0.4, abs=0.05)
-
-
-def test_an_embedding_that_queued_weighs_in_the_step_that_answered_it() -> None:
-    # Sent at 0.5 s, it waited in the engine's queue until its pass in the step that ended at
-    # 1.335 s: it must weigh there, as one sent just before that step does, not spread over
-    # the decode steps it waited through (where it would take the streams' energy).
-    queued, on_time = _stepping(0.0, embed_open_s=0.5), _stepping(0.0)
-    assert queued["e"] == pytest.approx(on_time["e"], rel=0.02)
-    assert queued["s0"] == pytest.approx(on_time["s0"], rel=0.02)

@@ -157,11 +157,6 @@ class SplitLearner:
         r.completion = max(completion_tokens, 0)
         if r.stream and r.first_s is None:
             r.stream = False  # no token came while streaming: place its work like a non-stream
-        if not r.stream:
-            r.prefill_from_s = r.start_s
-            if r.embedding:  # its pass: the step that ended with its answer, as the attributor has it
-                before_s = self._clock.moment_before(r.end_s)
-                r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
 
     # -- samples -----------------------------------------------------------------------------
 
@@ -235,7 +230,7 @@ class SplitLearner:
                 first_s = end_s
                 if r.completion > 0:
                     first_s = min(end_s, r.start_s + self.ttft_s(r.prompt))
-                frac = _overlap(r.prefill_from_s, first_s, a_s, b_s)
+                frac = _overlap(r.start_s, first_s, a_s, b_s)
                 x[4 if r.embedding else 2] += frac * r.prompt
                 x[3] += frac * r.prompt * length
                 frac = _overlap(first_s, end_s, a_s, b_s) if end_s > first_s else 0.0

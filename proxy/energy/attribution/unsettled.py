@@ -129,12 +129,6 @@ class UnsettledRequests:
                   + weights.decode(r.prompt_tokens, r.completion_tokens)
                   + weights.step_share(max(r.completion_tokens - 1, 0), 1.0 / (self.clock.batch() + 1)))
         self._rates.learn_request(weight, end_s - r.start_s)
-        if r.embedding and self.place:
-            # An embedding is one pass in the step that ended with its answer, not spread over
-            # the time it queued: weigh it as a prompt whose first token was that answer.
-            before_s = self.clock.moment_before(end_s)
-            r.stream, r.first_token_s = True, end_s
-            r.prefill_from_s = max(r.start_s, before_s if before_s is not None else r.start_s)
         converted = False
         if r.stream and (r.first_token_s is None or r.first_token_s >= end_s):
             if r.completion_tokens > 0:
