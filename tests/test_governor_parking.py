@@ -132,6 +132,22 @@ def test_apply_parks_an_idle_backend_serves_from_the_other_and_wakes_it_on_stop(
         assert "woke up" in proxy.log()
 
 
+def test_parking_only_never_sets_a_power_limit(tmp_path: Path) -> None:
+    def no_caps(config: str, _: dict[str, c.SimBackend]) -> str:
+        return config.replace("governor: {mode: apply", "governor: {caps: false, mode: apply")
+
+    with fleet(tmp_path, "apply", configure=no_caps) as (sims, proxy):
+        board_w = {n: httpx.get(f"{s.url}/v1/power/limits", timeout=5).json()["gpus"][0]["power_limit_w"]
+                   for n, s in sims.items()}
+        c.wait_until(lambda: len(_parked(proxy)) == 1, 20, "the governor to park one backend")
+        for _ in range(4):
+            _ask(proxy)
+        for name, sim in sims.items():
+            now_w = httpx.get(f"{sim.url}/v1/power/limits", timeout=5).json()["gpus"][0]["power_limit_w"]
+            assert now_w == board_w[name], name  # parked or not, never capped
+        assert all(v["governor"].get("applied_cap_w") is None for v in _views(proxy).values())
+
+
 def test_a_request_with_only_the_parked_backend_left_waits_for_its_wake_up(tmp_path: Path) -> None:
     with fleet(tmp_path, "apply") as (sims, proxy):
         c.wait_until(lambda: len(_parked(proxy)) == 1, 20, "the governor to park one backend")

@@ -93,6 +93,7 @@ class Governor:
             log.warning("governor.mode apply needs a single worker; advising only")
             self.mode = "advise"
         self.interval_s = config.governor.interval_s
+        self.caps = config.governor.caps  # False: parking only, no power limit is ever set
         slo = config.routing.slo
         self.params = GovernorParams(slo_ttft_s=slo.ttft_ms / 1e3, slo_tpot_s=slo.tpot_ms / 1e3,
                                      hold_s=0.9 * self.interval_s,  # a tick a little early still counts
@@ -186,7 +187,7 @@ class Governor:
                     await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
             else:
                 up.append(t)
-        ready = [t for t in up if t.client is not None and await self._read_limits(t)]
+        ready = [t for t in up if self.caps and t.client is not None and await self._read_limits(t)]
         inputs = [self._input(t, now_s) for t in ready]
         decisions = decide(inputs, self.params, now_s)
         for t in self.targets:
@@ -195,7 +196,8 @@ class Governor:
             await self._act(t, d, now_s)
         if self.parking is not None:
             # Backends without a readable power agent get no cap but still count for parking.
-            loads = list(zip(ready, inputs, strict=True)) + [(t, self._input(t, now_s)) for t in up if t.url is None]
+            loads = list(zip(ready, inputs, strict=True)) + [(t, self._input(t, now_s)) for t in up
+                                                             if t.url is None or not self.caps]
             for t, i in loads:
                 t.decided = i
             await self._park_or_wake(loads, now_s)
