@@ -222,5 +222,9 @@ def test_carbon_objective_wakes_a_parked_backend_whose_grid_turned_clean(tmp_pat
         assert "cleaner grid" in proxy.log()
         # The relieved a100 drains (nothing new routed to it) and, empty, is parked in turn.
         c.wait_until(lambda: _parked(proxy) == ["a100"], 15, "the relieved a100 to be parked")
-        assert "a100 drains: h100 serves in its place" in proxy.log() and _sleeping(sims["a100"])
+        # Drained first, or, where the h100 took every request at once, idle for a whole
+        # interval before the handover's tick (seen on a loaded machine): parked either way.
+        log = proxy.log()
+        assert "a100 drains: h100 serves in its place" in log or "backend a100 parked: idle" in log
+        assert _sleeping(sims["a100"])
         assert _ask(proxy) == "h100"
