@@ -171,20 +171,12 @@ class Backend:
         lo, hi = min_limit_w(profile.board_limit_w), profile.board_limit_w
         self.caps = sorted({*(lo + (hi - lo) * i / CAP_STEPS for i in range(CAP_STEPS + 1)), math.inf})
         self.batches = list(range(1, profile.max_batch + 1))
-        kv_s = profile.kv_s_per_context_token * (load.decode_context_tokens - profile.ref_context_tokens)
         # Per cap: decode step time and power at each integer batch, and the throughput b / t.
         self.step: dict[float, list[float]] = {}
         self.watts: dict[float, list[float]] = {}
         self.thr: dict[float, list[float]] = {}
         for cap in self.caps:
-            ts, ws = [], []
-            for b in self.batches:
-                t0 = max(profile.step_time_s(b) + kv_s * b, 0.5 * profile.step_time_s(1))
-                t, w = capped(t0, profile.power_w(b), cap, profile.idle_w, DECODE_CLOCK_SENSITIVITY)
-                ts.append(t)
-                ws.append(w)
-            self.step[cap], self.watts[cap] = ts, ws
-            self.thr[cap] = [b / t for b, t in zip(self.batches, ts, strict=True)]
+            self.add_cap(cap)
 
     def _prefill(self, cap: float, tokens_eq: float) -> tuple[float, float]:
         p = self.p
@@ -192,7 +184,7 @@ class Backend:
                       PREFILL_CLOCK_SENSITIVITY)
 
     def add_cap(self, cap: float) -> None:
-        """Tabulate decode at `cap` too (a cap off the grid)."""
+        """Tabulate decode at `cap` (the grid's, or one off it)."""
         if cap in self.step:
             return
         p = self.p
