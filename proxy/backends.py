@@ -58,8 +58,8 @@ class Backend:
         self.site: Site | None = None  # set by the app: PUE and grid intensity (carbon routing)
         self.last_error: str | None = None
         self.last_check_s: float | None = None
-        # Non-streamed chat and completions go upstream as streams (proxy/gather.py): the
-        # energy split then sees their tokens' times. Only worth it where energy is split.
+        # Non-streamed chat, completions and responses go upstream as streams (proxy/gather.py):
+        # the energy split then sees their tokens' times. Only worth it where energy is split.
         self.stream_upstream = (config.stream_upstream if config.stream_upstream is not None
                                 else config.power.source != "none")
         self.upstream_headers: dict[str, str] = {"Content-Type": "application/json"}

@@ -227,9 +227,9 @@ class Relay:
             suffix += "?" + scope["query_string"].decode("latin-1")
         tried: set[str] = set()
         failure: ProxyError | None = None
-        # A non-streamed chat or completion: streamed upstream where its backend does that.
+        # Not streamed to the client: streamed upstream and gathered where its backend does that.
         gather = content_type is None and not record.stream and gatherable(payload, record.kind)
-        streamed: bytes | None = None
+        streamed: bytes | None = None  # the streamed body, made once if any backend needs it
         hold: _Hold | None = None
         resp: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
@@ -247,14 +247,14 @@ class Relay:
                     continue
                 tried.add(backend.name)
                 record.gathered = gather and backend.stream_upstream
+                sent = body
                 if record.gathered:
-                    streamed = streamed or streamed_body(payload, record.kind)
+                    sent = streamed = streamed or streamed_body(payload, record.kind)
                 hold = self._hold(backend, record)
                 # One timer bounds the head and a non-streamed body (not a stream: the watchdog's).
                 watch.deadline_at(loop.time() + self.request_timeout_s)
                 try:
-                    resp = await self._post(backend, suffix, streamed if record.gathered and streamed else body,
-                                            record.request_id, content_type, record.trace)
+                    resp = await self._post(backend, suffix, sent, record.request_id, content_type, record.trace)
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError) as exc:
                     # Refused, unreachable, or closed before answering even on a fresh connection:
                     # nothing reached the client yet, so another backend may answer.
