@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from bench.attribution import CLASSES, Planned, _quantile, make_plan
 from proxy.energy.attribution import Attributor
+from proxy.energy.attribution.restate import ColdStart
 from proxy.energy.learn import SplitLearner
 from proxy.energy.timeline import EnergyTimeline
 from proxy.sim.engine import Engine, Request
@@ -43,7 +44,7 @@ class _Live:
 
 def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, concurrency: int,
            learn: bool, verbose: bool = False, spread_s: float = 0.0, whole_upstream: bool = False,
-           ) -> tuple[dict[str, tuple[float, float, str, str]], float]:
+           restate: bool = True) -> tuple[dict[str, tuple[float, float, str, str]], float]:
     """Per request id (proxy J, truth J, class, tenant), and conservation error in %;
     `verbose` prints the learned weights at the end. `spread_s`: each token and answer of a
     step reaches the proxy up to this long after the step ends (uniform, seeded), as an event
@@ -55,6 +56,16 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
     at = Attributor(EnergyTimeline(max_age_s=math.inf), prefill_weight=PREFILL_WEIGHT,
                     max_pending_s=math.inf)
     learner = SplitLearner(PREFILL_WEIGHT) if learn else None
+    # As the proxy does: the first minutes settled again once the weights are learned.
+    cold: ColdStart | None = ColdStart() if learn and restate else None
+
+    def make() -> Attributor:
+        return Attributor(at.timeline, prefill_weight=PREFILL_WEIGHT, max_pending_s=math.inf)
+
+    def call(name: str, *args: object) -> object:
+        if cold is not None:
+            cold.record(name, *args)
+        return getattr(at, name)(*args)
     pending = sorted(plan, key=lambda p: p.at_s)
     queue: list[tuple[float, int]] = [] if busy else [(p.at_s, p.index) for p in pending]
     heapq.heapify(queue)
@@ -75,25 +86,33 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
         live[req.request_id] = _Live(p)
         embedding = p.kind == "embedding"
         timed = timed_tokens(p)
-        at.open(req.request_id, t_s, timed, p.prompt_tokens, embedding)
+        call("open", req.request_id, t_s, timed, p.prompt_tokens, embedding)
         if learner is not None:
             learner.open(req.request_id, t_s, timed, p.prompt_tokens, embedding)
 
     def close(r: str, t_s: float, completion: int) -> None:
         p = live.pop(r).plan
-        at.close(r, t_s, p.prompt_tokens, completion)
+        call("close", r, t_s, p.prompt_tokens, completion)
         if learner is not None:
             learner.close(r, t_s, p.prompt_tokens, completion)
 
     def samples_until(t_s: float) -> None:
-        nonlocal next_sample_s, prev_s
+        nonlocal next_sample_s, prev_s, at, cold
         while next_sample_s <= t_s:
             at.timeline.add_energy_sample(next_sample_s, eng.energy_j(next_sample_s))
             if learner is not None and prev_s is not None:
                 learner.interval(prev_s, next_sample_s, at.timeline.joules_between(prev_s, next_sample_s))
                 learner.weights.apply_to(at)
             prev_s = next_sample_s
-            finals.update((f.request_id, f.joules) for f in at.advance(next_sample_s))
+            if cold is not None:
+                cold.record("advance", next_sample_s, next_sample_s)
+            got = at.advance(next_sample_s)
+            if cold is not None and learner is not None:
+                w = learner.weights
+                at, got, over = cold.settle(at, got, w, w.learned, w.intervals, next_sample_s, make)
+                if over:
+                    cold = None
+            finals.update((f.request_id, f.joules) for f in got)
             next_sample_s += interval_s
 
     while queue or waiting or live or eng.has_work:
@@ -121,7 +140,7 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
             lv = live[r]
             if timed_tokens(lv.plan) and ev.tokens:
                 lv.tokens += ev.tokens
-                at.tokens(r, seen_s, ev.tokens)
+                call("tokens", r, seen_s, ev.tokens)
                 if learner is not None:
                     learner.tokens(r, seen_s, ev.tokens)
                 if lv.plan.stream and lv.plan.abort_after and lv.tokens >= lv.plan.abort_after and not ev.finished:
@@ -134,6 +153,10 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
                 close(r, seen_s, rec.completion_tokens)
         now_s = step.end_s
     samples_until(now_s + 2 * interval_s + 1.0)
+    if cold is not None and learner is not None:  # the run ends inside the hold
+        w = learner.weights
+        at, got, _ = cold.settle(at, [], w, w.learned, w.intervals, now_s, make, ending=True)
+        finals.update((f.request_id, f.joules) for f in got)
     out = {}
     for p in plan:
         rec = eng.record(rid(p))
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens and answers reach the proxy up to MS after their step (uniform)")
     ap.add_argument("--whole-upstream", action="store_true",
                     help="non-streamed answers asked whole upstream (backends[].stream_upstream: false)")
+    ap.add_argument("--no-restate", action="store_true",
+                    help="keep the first minutes as settled with the prior weights")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="first replay N requests of another seed, not compared")
     args = ap.parse_args(argv)
@@ -189,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{'busy' if busy else 'open'}@{'100ms' if interval_s < 1 else '1s'}"
             for learn in (False, True):
                 rows, cons = replay(plan, args.profile, interval_s, busy, args.concurrency, learn,
-                                    args.verbose, args.spread_ms / 1e3, args.whole_upstream)
+                                    args.verbose, args.spread_ms / 1e3, args.whole_upstream,
+                                    not args.no_restate)
                 cells = []
                 for cls in ("all", *CLASSES):
                     mine = [r for rid, r in rows.items() if cls in ("all", r[2])

@@ -315,6 +315,8 @@ class JouleGate:
                 "idle_w": meter.idle_w() if meter else None,
                 # The learned split weights (energy.learn); admin keys only, like power and idle.
                 "split_weights": meter.learner.weights.as_dict() if meter and meter.learner else None,
+                # How many finals a cold start holds for the learned weights (0: none held).
+                "finals_held": meter.held_n if meter else None,
                 "tokens_per_joule": meter.recent_tokens_per_joule() if meter else None,
                 "cluster": self.exchange.backend_state(backend.name) if self.exchange else None,
                 # Can the readings be trusted: clock offset, sample gaps, discards, resets.

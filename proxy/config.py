@@ -240,6 +240,11 @@ class EnergyConfig(_Strict):
     state_file: str | None = Field(None, description=(
         "JSON file where the learned split weights are kept across restarts (written at shutdown, "
         "read at start, aged by the time in between; relative: beside the config); null: learned anew."))
+    # proxy/energy/attribution/restate.py. Bounded below the accounting's 120 s wait for a final.
+    cold_start_hold_s: float = Field(60.0, ge=0, le=100, description=(
+        "While a backend's split weights are still the prior (a cold start with learn on), its requests' "
+        "final energy is held up to this long (s after the first one ended) and settled again once the "
+        "weights are learned; 0: book the first requests with the prior weights."))
 
 
 class SiteCarbonConfig(_Strict):

@@ -106,7 +106,8 @@ def test_meter_splits_rapl_host_energy_and_conserves_it(tmp_path: Path) -> None:
     make_tree(tmp_path, ZONES)
     rapl = RaplReader.open(str(tmp_path))
     assert rapl is not None
-    cfg = parse_config("backends:\n  - {name: b, url: 'http://127.0.0.1:9'}\n")
+    # The attributor is driven directly here, past the meter's cold-start record: no hold.
+    cfg = parse_config("backends:\n  - {name: b, url: 'http://127.0.0.1:9'}\nenergy: {cold_start_hold_s: 0}\n")
     finals: list[Final] = []
     meter = BackendMeter("b", cfg.backends[0].power, cfg, lambda _, f: finals.append(f))
     t0 = time.time() - 3.0  # the meter settles against the wall clock

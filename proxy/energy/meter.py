@@ -11,16 +11,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from policies.model import EfficiencyModel
 from proxy.config import Config, PowerConfig
 from proxy.energy.attribution import Attributor, Final
+from proxy.energy.attribution.restate import ColdStart
 from proxy.energy.learn import SplitLearner
 from proxy.energy.sources import PowerSample, PowerSource, make_source
 from proxy.energy.timeline import EnergyTimeline
@@ -66,11 +68,15 @@ class BackendMeter:
                  on_final: Callable[[str, Final], None]) -> None:
         self.name = name
         self.timeline = EnergyTimeline()
-        self.attributor = Attributor(
-            self.timeline, prefill_weight=config.energy.prefill_weight, idle=config.energy.idle,
-        )
+        self._prefill_weight = config.energy.prefill_weight
+        self._idle = config.energy.idle
+        self.attributor = self._new_attributor()
         self._on_final = on_final
         self.learner = SplitLearner(config.energy.prefill_weight) if config.energy.learn else None
+        # Until the split weights are learned, the attributor's calls are recorded and its
+        # finals held, to be settled again with the learned weights (restate.py).
+        hold_s = config.energy.cold_start_hold_s
+        self.cold: ColdStart | None = ColdStart(hold_s) if self.learner is not None and hold_s > 0 else None
         # Host energy (power.host_w, constant), sampled at the GPU's sample times.
         self.host_w = power.host_w
         if self.host_w is not None:
@@ -89,6 +95,9 @@ class BackendMeter:
         self._heard_s = time.time()  # when a reading last arrived (or the meter was made)
         self._bridged = False  # the timeline ends in a bridge: the next reading's step is modelled
         self._gaps: deque[tuple[float, float]] = deque()  # (heard s, s since the previous sample)
+
+    def _new_attributor(self) -> Attributor:
+        return Attributor(self.timeline, prefill_weight=self._prefill_weight, idle=self._idle)
 
     def _on_sample(self, sample: PowerSample) -> None:
         prev_s = self.timeline.last_sample_s
@@ -115,7 +124,7 @@ class BackendMeter:
         if (self._bridged or sample.gap_before) and prev_s is not None \
                 and self.timeline.last_sample_s != prev_s:
             self._bridged = False
-            self.attributor.mark_modelled(prev_s, self.timeline.last_sample_s or prev_s)
+            self.mark_modelled(prev_s, self.timeline.last_sample_s or prev_s)
         elif self.learner is not None and prev_s is not None and sample.t_s > prev_s:
             self.learner.interval(prev_s, sample.t_s, self.timeline.joules_between(prev_s, sample.t_s))
             self.learner.weights.apply_to(self.attributor)
@@ -152,7 +161,7 @@ class BackendMeter:
         if now_s <= from_s:
             return
         tl.add_modelled_power(now_s, power_w)
-        self.attributor.mark_modelled(from_s, now_s)
+        self.mark_modelled(from_s, now_s)
         self.modelled_j += power_w * (now_s - from_s)
         self._bridged = True
         self.settle(now_s)
@@ -192,11 +201,53 @@ class BackendMeter:
             "power_counter_resets": source.counters.resets if source else 0,
         }
 
-    def settle(self, now_s: float | None = None) -> None:
-        """Settle what the samples and the other replicas' weights allow; hand out finals."""
-        for final in self.attributor.advance(now_s):
+    @property
+    def held_n(self) -> int:
+        """Finals a cold start holds until the split weights are learned (0 once it is over)."""
+        cold = self.cold
+        return len(cold.held) if cold is not None else 0
+
+    def mark_modelled(self, a_s: float, b_s: float) -> None:
+        """The timeline's joules over [a_s, b_s] are a model's guess (Attributor.mark_modelled)."""
+        if self.cold is not None:
+            self.cold.record("mark_modelled", a_s, b_s)
+        self.attributor.mark_modelled(a_s, b_s)
+
+    def settle(self, now_s: float | None = None, *, ending: bool = False) -> None:
+        """Settle what the samples and the other replicas' weights allow; hand out finals.
+        `ending`: the proxy stops, so a cold start's held finals go out now."""
+        cold = self.cold
+        if cold is not None:
+            cold.record("advance", now_s, self.timeline.last_sample_s)
+        finals = self.attributor.advance(now_s)
+        if cold is not None:
+            finals = self._settle_cold(cold, finals, time.time() if now_s is None else now_s, ending)
+        for final in finals:
             self._recent.append((final.completion_tokens, final.joules))
             self._on_final(self.name, final)
+
+    def _settle_cold(self, cold: ColdStart, finals: list[Final], now_s: float, ending: bool) -> list[Final]:
+        """Hold finals while the weights are the prior; once learned, settle the record again."""
+        a = self.attributor
+        if a.publish_local or a.foreign_until_s != math.inf or self.learner is None:
+            # Replicas share this backend: the others split with the weights already published.
+            self.cold = None
+            return cold.held + finals
+        w = self.learner.weights
+        try:
+            fresh, out, over = cold.settle(a, finals, w, w.learned, w.intervals, now_s,
+                                           self._new_attributor, ending=ending)
+        except Exception:  # never lose what was settled: the held finals go out as they are
+            log.exception("restating the first requests of %s failed; booked as first settled", self.name)
+            self.cold = None
+            return cold.held
+        if fresh is not a:
+            log.info("%s: %d requests of the cold start settled again with learned split weights "
+                     "(%.0f fit windows)", self.name, len(out), w.intervals)
+            self.attributor = fresh
+        if over:
+            self.cold = None
+        return out
 
     def recent_tokens_per_joule(self) -> float | None:
         """Completion tokens per joule over the last finalized requests."""
@@ -258,6 +309,8 @@ class EnergyMeter:
                 log.warning("energy state of %s not used: %s", name, exc)
                 continue
             weights.apply_to(meter.attributor)
+            if weights.learned:
+                meter.cold = None  # not a cold start: the weights are learned already
             log.info("split weights of %s resumed from %s (%.1f windows of evidence left)",
                      name, path, weights.intervals)
 
@@ -285,6 +338,8 @@ class EnergyMeter:
             if meter.source is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(meter.source.close(), 5)
+            if meter.cold is not None:  # a cold start's held finals are booked before we stop
+                meter.settle(time.time(), ending=True)
 
     def power_health(self, backend: str) -> dict[str, float | int | None]:
         """BackendMeter.power_health of `backend`, every field None where it has no source."""
@@ -295,6 +350,8 @@ class EnergyMeter:
              embedding: bool = False) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
+            if meter.cold is not None:
+                meter.cold.record("open", request_id, start_s, stream, prompt_tokens, embedding)
             meter.attributor.open(request_id, start_s, stream, prompt_tokens, embedding)
             if meter.learner is not None:
                 meter.learner.open(request_id, start_s, stream, prompt_tokens, embedding)
@@ -302,6 +359,8 @@ class EnergyMeter:
     def tokens(self, backend: str, request_id: str, t_s: float, count: int) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
+            if meter.cold is not None:
+                meter.cold.record("tokens", request_id, t_s, count)
             meter.attributor.tokens(request_id, t_s, count)
             if meter.learner is not None:
                 meter.learner.tokens(request_id, t_s, count)
@@ -312,6 +371,8 @@ class EnergyMeter:
         if meter is not None:
             # A request with no tokens has no weight: it takes energy only from slices where it
             # was alone, which are microseconds long for a refused connection.
+            if meter.cold is not None:
+                meter.cold.record("close", request_id, t_s, 0, 0)
             meter.attributor.close(request_id, t_s, 0, 0)
             if meter.learner is not None:
                 meter.learner.close(request_id, t_s, 0, 0)
@@ -322,9 +383,14 @@ class EnergyMeter:
         meter = self.meters.get(backend)
         if meter is None:
             return None
+        if meter.cold is not None:
+            meter.cold.record("close", request_id, end_s, prompt_tokens, completion_tokens)
         estimate = meter.attributor.close(request_id, end_s, prompt_tokens, completion_tokens)
         if meter.learner is not None:
             meter.learner.close(request_id, end_s, prompt_tokens, completion_tokens)
+        if meter.cold is not None and estimate.method == "measured":
+            # Settled already, but with the prior weights: the final comes with the restatement.
+            estimate = replace(estimate, method="estimated")
         tokens = prompt_tokens if embedding else completion_tokens
         a = meter.attributor
         host_j = estimate.joules * a.host_attributed_j / a.books.attributed_j \

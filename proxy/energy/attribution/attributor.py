@@ -56,7 +56,7 @@ class Attributor:
         "books", "idle_w", "rates", "foreign", "foreign_until_s", "foreign_max_wait_s",
         "foreign_estimate_density", "publish_local", "local", "weighed_until_s", "_weighed_e_j",
         "_weighed", "unsettled", "_ready", "_horizon_s", "_modelled", "host", "host_measured_j",
-        "host_attributed_j",
+        "host_attributed_j", "samples_until_s",
     )
 
     def __init__(
@@ -114,6 +114,9 @@ class Attributor:
         self.host: EnergyTimeline | None = None
         self.host_measured_j = 0.0
         self.host_attributed_j = 0.0
+        # Settle with the timeline's samples up to here only: a replay (restate.py) runs on a
+        # timeline that already holds later samples than the moment it replays.
+        self.samples_until_s = _INF
 
     @property
     def prefill_weight(self) -> float:
@@ -336,18 +339,21 @@ class Attributor:
         """Settle every interval that can be settled, oldest first."""
         tl, books = self.timeline, self.books
         last_s = tl.last_sample_s
+        if last_s is not None and last_s > self.samples_until_s:
+            last_s = self.samples_until_s
         if last_s is not None and last_s > self._horizon_s:
             self._horizon_s = last_s
         force_before_s = self._horizon_s - self.max_pending_s
         if books.until_s is None or self.weighed_until_s is None:
             first_s = tl.first_sample_s
-            if first_s is None:
+            if first_s is None or first_s > self.samples_until_s:
                 self._give_up(force_before_s)
                 return
             books.begin(first_s, tl.energy_j(first_s))
             self.weighed_until_s, self._weighed_e_j = first_s, books.first_e_j
         # Phase one: fix the local weights of every interval whose requests are all known.
-        while (nxt := tl.sample_after(self.weighed_until_s)) is not None:
+        while (nxt := tl.sample_after(self.weighed_until_s)) is not None \
+                and nxt[0] <= self.samples_until_s:
             a_s, (b_s, b_e_j) = self.weighed_until_s, nxt
             # Work pending too long goes through with provisional weights.
             if a_s >= force_before_s and self.unsettled.blocked(a_s, b_s):

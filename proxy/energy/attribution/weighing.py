@@ -136,7 +136,7 @@ def weigh_interval(
             break  # start order: the rest start later too
         e_s = r.end_s if r.end_s is not None else _INF
         if e_s <= a_s:  # ended before the interval: a late close, or before any sample
-            r.guessed = r.guessed or e_s <= (first_finalized_s or a_s)
+            r.guessed = r.guessed or e_s <= (a_s if first_finalized_s is None else first_finalized_s)
             done.append(r)
             continue
         k = len(reqs)
