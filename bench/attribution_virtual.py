@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 
 from bench.attribution import CLASSES, Planned, _quantile, make_plan
 from proxy.energy.attribution import Attributor
-from proxy.energy.attribution.restate import ColdStart
+from proxy.energy.attribution.restate import EARLY_WINDOWS, ColdStart
+from proxy.energy.attribution.weights import TokenWeights
 from proxy.energy.learn import SplitLearner
 from proxy.energy.timeline import EnergyTimeline
 from proxy.sim.engine import Engine, Request
@@ -61,6 +62,9 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
 
     def make() -> Attributor:
         return Attributor(at.timeline, prefill_weight=PREFILL_WEIGHT, max_pending_s=math.inf)
+
+    def early() -> TokenWeights | None:
+        return learner.early_weights(EARLY_WINDOWS) if learner is not None else None
 
     def call(name: str, *args: object) -> object:
         if cold is not None:
@@ -108,8 +112,7 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
                 cold.record("advance", next_sample_s, next_sample_s)
             got = at.advance(next_sample_s)
             if cold is not None and learner is not None:
-                w = learner.weights
-                at, got, over = cold.settle(at, got, w, w.learned, w.intervals, next_sample_s, make)
+                at, got, over = cold.settle(at, got, early, learner.weights.intervals, next_sample_s, make)
                 if over:
                     cold = None
             finals.update((f.request_id, f.joules) for f in got)
@@ -154,8 +157,7 @@ def replay(plan: list[Planned], profile: str, interval_s: float, busy: bool, con
         now_s = step.end_s
     samples_until(now_s + 2 * interval_s + 1.0)
     if cold is not None and learner is not None:  # the run ends inside the hold
-        w = learner.weights
-        at, got, _ = cold.settle(at, [], w, w.learned, w.intervals, now_s, make, ending=True)
+        at, got, _ = cold.settle(at, [], early, learner.weights.intervals, now_s, make, ending=True)
         finals.update((f.request_id, f.joules) for f in got)
     out = {}
     for p in plan:

@@ -97,6 +97,18 @@ def test_prior_until_enough_busy_intervals() -> None:
     assert learner.pending == 0 and not w.learned and w.prefill_weight == 0.07
 
 
+def test_an_early_fit_from_fewer_windows_for_a_caller_that_must_settle_now() -> None:
+    learner, _truth = drive("h100-llama3.1-8b", 1, requests=60)  # about 5 windows
+    assert not learner.weights.learned and 2.0 < learner.weights.intervals < learner.min_intervals
+    early = learner.early_weights(2.0)
+    assert early is not None and early.learned and early.step_weight > 0
+    assert early.prefill_weight != learner.prior.prefill_weight
+    assert learner.early_weights(learner.weights.intervals + 1.0) is None
+    assert SplitLearner(0.05).early_weights(2.0) is None  # no windows at all: only the prior
+    learner, _truth = drive("h100-llama3.1-8b", 1, requests=150)
+    assert learner.weights.learned and learner.early_weights(2.0) == learner.weights
+
+
 def test_unclosed_request_does_not_stall_learning_forever() -> None:
     learner = SplitLearner(0.05, max_pending_s=5.0, min_intervals=1)
     learner.open("stuck", 0.0, True, 10)

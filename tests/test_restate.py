@@ -77,7 +77,7 @@ def test_the_replay_settles_as_if_the_learned_weights_had_been_there_from_the_st
     def advance(now_s: float) -> list[Final]:
         cold.record("advance", now_s, timeline.last_sample_s)
         got = live.advance(now_s)
-        _, out, over = cold.settle(live, got, LEARNED, False, 0.0, now_s, make)
+        _, out, over = cold.settle(live, got, lambda: LEARNED, 0.0, now_s, make)
         assert out == [] and not over  # held while the weights are the prior
         return out
 
@@ -87,7 +87,7 @@ def test_the_replay_settles_as_if_the_learned_weights_had_been_there_from_the_st
     assert traffic(call, advance, timeline) == []
     assert len(cold.held) == 5
     prior = {f.request_id: f.joules for f in cold.held}
-    fresh, out, over = cold.settle(live, [], LEARNED, True, 40.0, 3.0, make)
+    fresh, out, over = cold.settle(live, [], lambda: LEARNED, 40.0, 3.0, make)
     assert over and fresh is not live and fresh.weights == LEARNED
     assert [f.request_id for f in out] == [f.request_id for f in expected]
     for got, want in zip(out, expected, strict=True):
@@ -127,7 +127,7 @@ def test_a_replay_in_small_chunks_settles_the_same() -> None:
     recorded_n = len(cold.events)
     calls, over, attributor = 0, False, live
     while not over:
-        attributor, out, over = cold.settle(live, [], LEARNED, True, 40.0, 3.0,
+        attributor, out, over = cold.settle(live, [], lambda: LEARNED, 40.0, 3.0,
                                             lambda: Attributor(timeline, prefill_weight=0.05))
         calls += 1
         assert over or (attributor is live and out == [])
@@ -152,7 +152,7 @@ def test_held_finals_go_out_as_settled_when_the_weights_are_not_learned_in_time(
             out.extend(got)
             return got
         cold.record("advance", now_s, timeline.last_sample_s)
-        attributor, got, cold_over = cold.settle(live, live.advance(now_s), live.weights, False, 3.0,
+        attributor, got, cold_over = cold.settle(live, live.advance(now_s), lambda: None, 3.0,
                                                  now_s, lambda: Attributor(timeline))
         assert attributor is live
         out.extend(got)
@@ -191,6 +191,9 @@ class _StubLearner:
     def tokens(self, *_: object) -> None: ...
     def close(self, *_: object) -> None: ...
     def interval(self, *_: object) -> None: ...
+
+    def early_weights(self, _min_windows: float) -> SplitWeights | None:
+        return self.weights if self.weights.learned else None
 
 
 def _meter(finals: list[Final]) -> tuple[EnergyMeter, BackendMeter]:

@@ -273,11 +273,22 @@ class SplitLearner:
                 row[j] += x[i] * x[j]
         self._n_eff += 1.0
 
-    def _solve(self) -> SplitWeights:
+    def early_weights(self, min_windows: float) -> SplitWeights | None:
+        """The fit from as few as `min_windows` windows (below `min_intervals`, so noisier than
+        `weights`), for a caller that must settle now; None where even that cannot tell."""
+        if self.weights.learned:
+            return self.weights
+        weights = self._solve(min_windows)
+        return weights if weights.learned else None
+
+    def _solve(self, min_windows: float | None = None) -> SplitWeights:
         """Non-negative ridge least squares by coordinate descent; the prior where the data
-        cannot tell (too few intervals, no decode tokens, or a feature never seen)."""
+        cannot tell (fewer than `min_windows` windows, by default `min_intervals`; no decode
+        tokens, or a feature never seen)."""
         g, xy = self._gram, self._xy
-        if self._n_eff < self.min_intervals or g[0][0] <= 0 or g[2][2] <= 0:
+        if min_windows is None:
+            min_windows = self.min_intervals
+        if self._n_eff < min_windows or g[0][0] <= 0 or g[2][2] <= 0:
             return SplitWeights(self.prior.prefill_weight, intervals=self._n_eff)
         theta = [max(0.0, xy[i] / g[i][i]) if g[i][i] > 0 else 0.0 for i in range(_N)]
         for _ in range(_SWEEPS):

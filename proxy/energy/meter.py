@@ -22,7 +22,7 @@ from pathlib import Path
 from policies.model import EfficiencyModel
 from proxy.config import Config, PowerConfig
 from proxy.energy.attribution import Attributor, Final
-from proxy.energy.attribution.restate import ColdStart
+from proxy.energy.attribution.restate import EARLY_WINDOWS, ColdStart
 from proxy.energy.learn import SplitLearner
 from proxy.energy.sources import PowerSample, PowerSource, make_source
 from proxy.energy.timeline import EnergyTimeline
@@ -233,17 +233,18 @@ class BackendMeter:
             # Replicas share this backend: the others split with the weights already published.
             self.cold = None
             return cold.held + finals
-        w = self.learner.weights
+        learner = self.learner
+        windows = learner.weights.intervals
         try:
-            fresh, out, over = cold.settle(a, finals, w, w.learned, w.intervals, now_s,
-                                           self._new_attributor, ending=ending)
+            fresh, out, over = cold.settle(a, finals, lambda: learner.early_weights(EARLY_WINDOWS),
+                                           windows, now_s, self._new_attributor, ending=ending)
         except Exception:  # never lose what was settled: the held finals go out as they are
             log.exception("restating the first requests of %s failed; booked as first settled", self.name)
             self.cold = None
             return cold.held
         if fresh is not a:
             log.info("%s: %d requests of the cold start settled again with learned split weights "
-                     "(%.0f fit windows)", self.name, len(out), w.intervals)
+                     "(%.0f fit windows)", self.name, len(out), windows)
             self.attributor = fresh
         if over:
             self.cold = None

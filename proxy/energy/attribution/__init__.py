@@ -59,6 +59,7 @@ Where each part lives (one idea per module):
   provisional.py  the estimate before samples arrive: learned rates, provisional weights
   foreign.py      the weights crossing replicas: the others' step function, this one's own
   attributor.py   `Attributor`: the live state that drives the above, interval by interval
+  restate.py      `ColdStart`: a cold start's finals held, then settled again with learned weights
   schedule.py     `attribute_schedule`: a whole recorded schedule, offline
   sums.py         compensated running sums
 

@@ -9,7 +9,7 @@ carries on as the live attributor. Every request is in the record from its open,
 settles exactly once, in the replacement. The hold ends early when the backend has had
 nothing in flight for `idle_s` (a backend that idles between requests rarely gives the learner
 a fully busy window) and at the latest `hold_s` after the first held request ended: then the
-record is replayed with whatever the learner has (at least its first 10 windows), or, with
+record is replayed with whatever fit the learner can give from fewer windows, or, with
 nothing learned, the held finals go out as they were settled.
 
 Pure: no I/O, no clock reads; times are seconds on the attributor's clock, passed in.
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from proxy.energy.attribution.attributor import Attributor
 from proxy.energy.attribution.request import Final
 from proxy.energy.attribution.weights import TokenWeights
 
-__all__ = ["ColdStart", "Verdict"]
-
-Verdict = Literal["wait", "replay", "release"]
+__all__ = ["EARLY_WINDOWS", "ColdStart"]
 
 #: Nothing in flight this long (s) ends the hold.
 IDLE_S = 1.0
@@ -38,9 +36,13 @@ HOLD_S = 60.0
 #: Recorded calls replayed per `settle` at least: 10-20 ms of work on a busy 2-core machine.
 CHUNK_EVENTS = 2000
 #: Fit windows (of about 1 s, fully busy) behind the weights before the replay: the learner
-#: hands out weights from 10, which are still noisy (20, 30 and 40 tried on the virtual
-#: bench, seeds 1-4: 40 gave the smallest per-tenant errors).
+#: hands out weights from 10, which are still noisy (10 to 80 tried on the virtual bench,
+#: seeds 1-4: 40 gave the smallest per-tenant errors).
 MIN_WINDOWS = 40.0
+#: When the hold is over sooner, the fewest windows a fit for the replay may rest on
+#: (SplitLearner.early_weights): a short busy burst gives a few, and on the virtual bench (80
+#: requests, seeds 1-4) they beat the prior on three seeds of four (3 and 5 gave the same).
+EARLY_WINDOWS = 5.0
 
 
 class ColdStart:
@@ -74,43 +76,40 @@ class ColdStart:
         `advance`: now_s, then the newest sample time, s, or None before the first)."""
         self.events.append((call, args))
 
-    def verdict(self, learned: bool, windows: float, now_s: float, in_flight: int) -> Verdict:
-        """Replay once the weights rest on `min_windows` fit windows, or when the hold ends
-        (idle, or out of time) with weights learned at all; release the held finals as they are
-        when it ends without."""
-        if learned and windows >= self.min_windows:
-            return "replay"
+    def hold_over(self, now_s: float, in_flight: int) -> bool:
+        """Whether the hold ends without the windows wanted: the backend has had nothing in
+        flight for `idle_s`, or the first held final is `hold_s` old."""
         if in_flight:
             self._idle_since_s = None
         elif self._idle_since_s is None:
             self._idle_since_s = now_s
-        if self.held and (now_s - self.held[0].end_s > self.hold_s
-                          or self._idle_since_s is not None and now_s - self._idle_since_s >= self.idle_s):
-            return "replay" if learned else "release"
-        return "wait"
+        return bool(self.held) and (
+            now_s - self.held[0].end_s > self.hold_s
+            or self._idle_since_s is not None and now_s - self._idle_since_s >= self.idle_s)
 
-    def settle(self, attributor: Attributor, finals: list[Final], weights: TokenWeights,
-               learned: bool, windows: float, now_s: float, make: Callable[[], Attributor],
-               *, ending: bool = False) -> tuple[Attributor, list[Final], bool]:
+    def settle(self, attributor: Attributor, finals: list[Final],
+               weights: Callable[[], TokenWeights | None], windows: float, now_s: float,
+               make: Callable[[], Attributor], *, ending: bool = False,
+               ) -> tuple[Attributor, list[Final], bool]:
         """Take one `advance`'s finals. Returns (the attributor to use from now on, the finals
-        to hand out now, whether the cold start is over: then drop this object). `ending`:
-        the owner stops (replay all now if the weights are learned at all, else release).
+        to hand out now, whether the cold start is over: then drop this object). `weights()`:
+        the best fit the learner can give now (None: only the prior), from `windows` fit
+        windows; `ending`: the owner stops (replay all now if there is a fit, else release).
 
-        The replay goes a chunk of the record per call (`CHUNK_EVENTS`, or twice what was
-        recorded since the previous call if more), so no call stalls the caller for long; the
-        live attributor carries on (its finals held) until the replay has caught up."""
+        The replay starts once the fit rests on `min_windows` windows, or when the hold is over
+        with a fit from fewer; it goes a chunk of the record per call (`chunk_events`, or twice
+        what was recorded since the previous call if more), so no call stalls the caller for
+        long; the live attributor carries on (its finals held) until the replay has caught up."""
         self.held.extend(finals)
         if self.fresh is None:
-            if ending:
-                verdict: Verdict = "replay" if learned else "release"
-            else:
-                verdict = self.verdict(learned, windows, now_s, attributor.open_requests)
-            if verdict == "wait":
+            if not (ending or windows >= self.min_windows
+                    or self.hold_over(now_s, attributor.open_requests)):
                 return attributor, [], False
-            if verdict == "release":
-                return attributor, self.held, True
+            fit = weights()
+            if fit is None:
+                return attributor, self.held, True  # nothing learned: as first settled
             self.fresh = make()
-            self.fresh.weights = weights
+            self.fresh.weights = fit
             self.fresh.host = attributor.host  # the same host timeline; its books start over
             self._seen_n = len(self.events)
         fresh = self.fresh
