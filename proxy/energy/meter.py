@@ -209,9 +209,9 @@ class BackendMeter:
 
     def mark_modelled(self, a_s: float, b_s: float) -> None:
         """The timeline's joules over [a_s, b_s] are a model's guess (Attributor.mark_modelled)."""
+        self.attributor.mark_modelled(a_s, b_s)
         if self.cold is not None:
             self.cold.record("mark_modelled", a_s, b_s)
-        self.attributor.mark_modelled(a_s, b_s)
 
     def settle(self, now_s: float | None = None, *, ending: bool = False) -> None:
         """Settle what the samples and the other replicas' weights allow; hand out finals.
@@ -351,18 +351,18 @@ class EnergyMeter:
              embedding: bool = False) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
-            if meter.cold is not None:
-                meter.cold.record("open", request_id, start_s, stream, prompt_tokens, embedding)
             meter.attributor.open(request_id, start_s, stream, prompt_tokens, embedding)
+            if meter.cold is not None:  # recorded once the attributor took it
+                meter.cold.record("open", request_id, start_s, stream, prompt_tokens, embedding)
             if meter.learner is not None:
                 meter.learner.open(request_id, start_s, stream, prompt_tokens, embedding)
 
     def tokens(self, backend: str, request_id: str, t_s: float, count: int) -> None:
         meter = self.meters.get(backend)
         if meter is not None:
+            meter.attributor.tokens(request_id, t_s, count)
             if meter.cold is not None:
                 meter.cold.record("tokens", request_id, t_s, count)
-            meter.attributor.tokens(request_id, t_s, count)
             if meter.learner is not None:
                 meter.learner.tokens(request_id, t_s, count)
 
@@ -372,9 +372,9 @@ class EnergyMeter:
         if meter is not None:
             # A request with no tokens has no weight: it takes energy only from slices where it
             # was alone, which are microseconds long for a refused connection.
+            meter.attributor.close(request_id, t_s, 0, 0)
             if meter.cold is not None:
                 meter.cold.record("close", request_id, t_s, 0, 0)
-            meter.attributor.close(request_id, t_s, 0, 0)
             if meter.learner is not None:
                 meter.learner.close(request_id, t_s, 0, 0)
 
@@ -384,9 +384,9 @@ class EnergyMeter:
         meter = self.meters.get(backend)
         if meter is None:
             return None
+        estimate = meter.attributor.close(request_id, end_s, prompt_tokens, completion_tokens)
         if meter.cold is not None:
             meter.cold.record("close", request_id, end_s, prompt_tokens, completion_tokens)
-        estimate = meter.attributor.close(request_id, end_s, prompt_tokens, completion_tokens)
         if meter.learner is not None:
             meter.learner.close(request_id, end_s, prompt_tokens, completion_tokens)
         if meter.cold is not None and estimate.method == "measured":

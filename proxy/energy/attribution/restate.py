@@ -33,6 +33,8 @@ IDLE_S = 1.0
 #: the accounting's wait for a final (proxy/accounting.py, 120 s), after which it books the
 #: estimate.
 HOLD_S = 60.0
+#: A record this long ends the hold (about 100 MB: a minute at some 10,000 tokens a second).
+MAX_EVENTS = 600_000
 #: Recorded calls replayed per `settle` at least: 10-20 ms of work on a busy 2-core machine.
 CHUNK_EVENTS = 2000
 #: Fit windows (of about 1 s, fully busy) behind the weights before the replay: the learner
@@ -78,12 +80,12 @@ class ColdStart:
 
     def hold_over(self, now_s: float, in_flight: int) -> bool:
         """Whether the hold ends without the windows wanted: the backend has had nothing in
-        flight for `idle_s`, or the first held final is `hold_s` old."""
+        flight for `idle_s`, the first held final is `hold_s` old, or the record is full."""
         if in_flight:
             self._idle_since_s = None
         elif self._idle_since_s is None:
             self._idle_since_s = now_s
-        return bool(self.held) and (
+        return len(self.events) > MAX_EVENTS or bool(self.held) and (
             now_s - self.held[0].end_s > self.hold_s
             or self._idle_since_s is not None and now_s - self._idle_since_s >= self.idle_s)
 
