@@ -99,9 +99,10 @@ class ColdStart:
         windows; `ending`: the owner stops (replay all now if there is a fit, else release).
 
         The replay starts once the fit rests on `min_windows` windows, or when the hold is over
-        with a fit from fewer; it goes a chunk of the record per call (`chunk_events`, or twice
-        what was recorded since the previous call if more), so no call stalls the caller for
-        long; the live attributor carries on (its finals held) until the replay has caught up."""
+        with a fit from fewer; it goes a chunk of the record per call (`chunk_events`, twice
+        what was recorded since the previous call, or a twentieth of what is left, whichever is
+        most), so no call stalls the caller for long; the live attributor carries on (its
+        finals held) until the replay has caught up."""
         self.held.extend(finals)
         if self.fresh is None:
             if not (ending or windows >= self.min_windows
@@ -117,7 +118,11 @@ class ColdStart:
         fresh = self.fresh
         grown = len(self.events) - self._seen_n
         self._seen_n = len(self.events)
-        self._replay(fresh, len(self.events) if ending else self._done + max(self.chunk_events, 2 * grown))
+        backlog = len(self.events) - self._done
+        # At least a twentieth of what is left, so a long record catches up within 20 samples,
+        # well inside the accounting's wait for a final.
+        step = max(self.chunk_events, 2 * grown, backlog // 20)
+        self._replay(fresh, len(self.events) if ending else self._done + step)
         if self._done < len(self.events):
             return attributor, [], False
         fresh.samples_until_s = math.inf
