@@ -57,9 +57,7 @@ from proxy.governor.decide import (
 from proxy.governor.fast import (
     FAST_RAISE,
     FastRaise,
-    burst_raises,
     fast_raise_advice,
-    raised_lately,
 )
 from proxy.governor.park import Parking
 from proxy.governor.target import Target, durations, limits_url
@@ -163,8 +161,8 @@ class Governor:
             while (self.parking is not None or self.fast) and deadline_s - loop.time() > WATCH_S:
                 await asyncio.sleep(WATCH_S)
                 try:
-                    await self.raise_fast()  # first: a raise is cheaper than a wake-up
                     self.watch()
+                    await self.raise_fast()
                 except Exception:
                     log.exception("governor watch failed")
             await asyncio.sleep(max(deadline_s - loop.time(), 0.0))
@@ -252,35 +250,24 @@ class Governor:
 
     def watch(self) -> Backend | None:
         """Between two ticks: wake a parked backend at once when the awake ones cannot carry a
-        burst (proxy/governor/burst.py), unless a fast raise made for it may still drain the
-        queue (fast.py: caps are raised first); the one woken, if any."""
-        burst = self._burst(time.monotonic())
-        if burst is None:
-            return None
-        serving, why = burst
-        now_s = time.monotonic()
-        if self.fast and raised_lately([t.fast_at_s for t in serving], self.params, now_s):
-            return None
-        assert self.parking is not None
-        self._last_burst_wake_s = now_s
-        return self._wake_for_capacity(self.parking.parked(), [t.backend for t in serving if t.backend.draining], why)
-
-    def _burst(self, now_s: float) -> tuple[list[Target], str] | None:
-        """(the serving targets, why) when a burst leaves no awake backend within the router's
-        SLO guard while one is parked and none is waking (burst.py); None otherwise."""
+        burst (proxy/governor/burst.py); the one woken, if any."""
         if self.parking is None:
             return None
+        parked = self.parking.parked()
         states = self.parking.states
-        if not self.parking.parked() or any((w := s.waking) is not None and not w.done() for s in states.values()):
+        if not parked or any((w := s.waking) is not None and not w.done() for s in states.values()):
             return None
-        model_now_s = time.time()  # the models' events are on time.time()
+        now_s, model_now_s = time.monotonic(), time.time()  # the models' events are on time.time()
         serving = [t for t in self.targets if not t.backend.parked and t.backend.healthy
                    and not t.backend.circuit_open()]
         # A backend woken since the last tick has no input of its own yet: no load but now's.
         up = [at_now(t.decided or self._asleep_input(t.backend), t.backend.in_flight, t.backend.efficiency.waiting,
                      t.backend.efficiency.oldest_wait_s(model_now_s)) for t in serving if not t.backend.draining]
         why = burst_wake_advice(up, self.params, now_s, self._last_burst_wake_s)
-        return None if why is None else (serving, why)
+        if why is None:
+            return None
+        self._last_burst_wake_s = now_s
+        return self._wake_for_capacity(parked, [t.backend for t in serving if t.backend.draining], why)
 
     async def raise_fast(self) -> list[FastRaise]:
         """Between two ticks: raise the cap of each backend on which a queue forms (fast.py),
@@ -289,15 +276,6 @@ class Governor:
             return []
         now_s, model_now_s = time.monotonic(), time.time()  # the models' events are on time.time()
         out = []
-        burst = self._burst(now_s) if self.mode == "apply" else None
-        if burst is not None:  # raise every capped awake backend before waking a parked one
-            serving, why = burst
-            capped = [replace(t.decided, cap_w=w) for t in serving
-                      if t.decided is not None and not t.backend.draining and (w := self._held_w(t)) is not None]
-            for r in burst_raises(capped, why):
-                if await self._fast_apply(next(x for x in serving if x.backend.name == r.name), r, now_s):
-                    out.append(r)
-            return out
         for t in self.targets:
             d, held_w = t.decision, self._held_w(t)
             if t.decided is None or d is None or held_w is None or t.backend.parked:

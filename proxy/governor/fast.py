@@ -21,12 +21,11 @@ Units: watts, seconds, requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy.governor.decide import BackendInput, GovernorParams
 
-__all__ = ["FAST_RAISE", "FastRaise", "burst_raises", "fast_raise_advice", "queue_reason", "raised_lately"]
+__all__ = ["FAST_RAISE", "FastRaise", "fast_raise_advice", "queue_reason"]
 
 #: The action label of a fast raise (metrics, logs, the governor view).
 FAST_RAISE = "fast_raise"
@@ -71,18 +70,3 @@ def fast_raise_advice(b: BackendInput, p: GovernorParams, safe_cap_w: float | No
     target_w = b.max_w if at_safe else min(safe_cap_w, b.max_w)
     return FastRaise(b.name, target_w, b.cap_w, f"a queue forms: {why}")
 
-
-def burst_raises(up: Sequence[BackendInput], why: str) -> list[FastRaise]:
-    """A burst would wake a parked backend (`burst.burst_wake_advice` said `why`): the raises to
-    the maximum of the awake backends still capped below it, to be made first. A raise costs no
-    idle power and acts at the next engine step; a wake-up adds a GPU's idle draw and takes its
-    wake time. Deeper caps queue first-token waits sooner, so without this a burst the raised
-    caps would carry woke parked backends (in the simulator, within seconds of parking them)."""
-    return [FastRaise(b.name, b.max_w, b.cap_w, f"a burst, raised before any wake-up: {why}")
-            for b in up if b.cap_w < b.max_w]
-
-
-def raised_lately(last_raise_s: Sequence[float | None], p: GovernorParams, now_s: float) -> bool:
-    """Whether a fast raise less than `fast_dwell_s` ago may still drain the queue: a wake-up for
-    the same burst waits until then."""
-    return any(t_s is not None and now_s - t_s < p.fast_dwell_s for t_s in last_raise_s)

@@ -42,7 +42,7 @@ from proxy.governor.decide import (
     swap_advice,
     wake_advice,
 )
-from proxy.governor.fast import burst_raises, fast_raise_advice, raised_lately
+from proxy.governor.fast import fast_raise_advice
 from proxy.sim.engine import Engine
 from proxy.sim.parking import FleetParking
 
@@ -234,19 +234,8 @@ class VirtualGovernor:
         now = [at_now(self._decided.get(b) or self._input(b, 0, 0.0, 0.0, t_s), in_flight[b],
                       self.models[b].waiting, self.models[b].oldest_wait_s(t_s))
                for b in up if not parking.draining[b]]
-        why = burst_wake_advice(now, self.params, t_s, self._last_burst_wake_s)
-        if why is None:
+        if burst_wake_advice(now, self.params, t_s, self._last_burst_wake_s) is None:
             return
-        if self.params.fast:  # raise the awake backends' caps before waking one (fast.py)
-            awake = [b for b in up if not parking.draining[b]]
-            raises = burst_raises([replace(x, cap_w=self._cap_w(b)) for b, x in zip(awake, now, strict=True)], why)
-            for b, r in zip((b for b in awake if self._cap_w(b) < self.engines[b].profile.board_limit_w), raises,
-                            strict=True):
-                self.fast_raised[b].append((round(t_s, 3), r.previous_cap_w, r.cap_w))
-                self._set_cap(b, r.cap_w)
-                self._last_fast_s[b] = t_s
-            if raises or raised_lately([self._last_fast_s[b] for b in awake], self.params, t_s):
-                return
         self._last_burst_wake_s = t_s
         woken = self._wake_for_capacity(t_s, [b for b in up if parking.draining[b]], parking.parked())
         if woken is not None:
