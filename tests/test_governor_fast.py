@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,82 +117,73 @@ def _queue(backend: Any, waited_s: float, n: int = 3) -> None:
         backend.efficiency.sent(time.time() - waited_s)
 
 
-async def _capped_tick(gov: Governor, sim: c.SimBackend) -> float:
-    """One decision at light load (one request in flight, none queued); the cap it holds."""
-    await gov.start()
-    b = gov.targets[0].backend
-    b.in_flight = 1
-    await gov.tick()
-    d = gov.targets[0].decision
-    assert d is not None and d.safe_cap_w is not None
-    return d.cap_w
+Body = Callable[[Governor, Any, c.SimBackend, float, float], Awaitable[None]]
+
+
+def _run_live(tmp_path: Path, mode: str, body: Body) -> None:
+    """A sim backend governed in `mode` with one decision taken at light load, then `body(gov,
+    backend, sim, board_w, cap_w)` while the governor's own loop runs; everything stopped after."""
+    sim = c.SimBackend("h100-llama3.1-8b", tmp_path)
+    try:
+        board_w = _limit_w(sim)
+
+        async def go() -> None:
+            gov, backend = _live(sim, mode)
+            try:
+                await gov.start()
+                backend.in_flight = 1  # one request, none queued
+                await gov.tick()
+                d = gov.targets[0].decision
+                assert d is not None and d.safe_cap_w is not None and d.cap_w < board_w, "no cap at light load"
+                await body(gov, backend, sim, board_w, d.cap_w)
+            finally:
+                backend.in_flight = 0
+                await gov.close()
+
+        asyncio.run(asyncio.wait_for(go(), 30))
+        assert _limit_w(sim) == board_w  # put back on close (apply), never changed (advise)
+    finally:
+        sim.stop()
+
+
+async def _until(done: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Wait for `done()` (the governor's own loop watches every WATCH_S), failing after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + timeout_s
+    while not done():
+        assert loop.time() < deadline_s, f"no {what} within {timeout_s} s"
+        await asyncio.sleep(0.02)
 
 
 def test_live_apply_a_queue_raises_the_sims_cap_within_a_bounded_time(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    sim = c.SimBackend("h100-llama3.1-8b", tmp_path)
-    try:
-        board_w = _limit_w(sim)
+    async def body(gov: Governor, backend: Any, sim: c.SimBackend, board_w: float, cap_w: float) -> None:
+        assert _limit_w(sim) == cap_w, "the decision's cap was not set"
+        assert await gov.raise_fast() == []  # no queue, no raise
+        _queue(backend, waited_s=1.0)
+        await _until(lambda: _limit_w(sim) > cap_w, "fast raise")
+        view = gov.view("h100")
+        assert view is not None and view["fast_raises"] >= 1
+        assert view["fast_raise"]["from_w"] == cap_w and "awaited its first token" in view["fast_raise"]["reason"]
+        assert gov.targets[0].applied_w == _limit_w(sim)
+        assert gov.metrics.governor_decisions.labels("h100", FAST_RAISE)._value.get() >= 1
 
-        async def go() -> None:
-            gov, backend = _live(sim, "apply")
-            try:
-                cap_w = await _capped_tick(gov, sim)
-                assert cap_w < board_w and _limit_w(sim) == cap_w, "the decision did not cap the idle sim"
-                assert await gov.raise_fast() == []  # no queue, no raise
-                _queue(backend, waited_s=1.0)
-                loop = asyncio.get_running_loop()
-                deadline_s = loop.time() + 5.0
-                while _limit_w(sim) <= cap_w:  # the governor's own loop watches every WATCH_S
-                    assert loop.time() < deadline_s, "no fast raise within 5 s"
-                    await asyncio.sleep(0.02)
-                view = gov.view("h100")
-                assert view is not None and view["fast_raises"] >= 1
-                assert view["fast_raise"]["from_w"] == cap_w and "awaited its first token" in view["fast_raise"]["reason"]
-                assert gov.targets[0].applied_w == _limit_w(sim)
-                sample = gov.metrics.governor_decisions.labels("h100", FAST_RAISE)._value.get()
-                assert sample >= 1
-            finally:
-                backend.in_flight = 0
-                await gov.close()
-            assert _limit_w(sim) == board_w  # put back on close
-
-        with caplog.at_level(logging.INFO, logger="joulegate.governor"):
-            asyncio.run(asyncio.wait_for(go(), 30))
-        raised = [r.getMessage() for r in caplog.records if "fast raise" in r.getMessage()]
-        assert raised and "a queue forms" in raised[0] and "awaited its first token" in raised[0]
-    finally:
-        sim.stop()
+    with caplog.at_level(logging.INFO, logger="joulegate.governor"):
+        _run_live(tmp_path, "apply", body)
+    raised = [r.getMessage() for r in caplog.records if "fast raise" in r.getMessage()]
+    assert raised and "a queue forms" in raised[0] and "awaited its first token" in raised[0]
 
 
 def test_live_advise_a_queue_changes_nothing_but_logs_the_advice(tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    sim = c.SimBackend("h100-llama3.1-8b", tmp_path)
-    try:
-        board_w = _limit_w(sim)
+    async def body(gov: Governor, backend: Any, sim: c.SimBackend, board_w: float, cap_w: float) -> None:
+        _queue(backend, waited_s=1.0)
+        await _until(lambda: bool((gov.view("h100") or {}).get("fast_raises")), "fast raise advice")
+        view = gov.view("h100")
+        assert view is not None and view["fast_raise"]["cap_w"] > cap_w and view["applied_cap_w"] is None
+        assert view["cap_w"] == cap_w  # the decision's advice stands; the raise is advised on top
+        assert _limit_w(sim) == board_w  # advice only
 
-        async def go() -> None:
-            gov, backend = _live(sim, "advise")
-            try:
-                cap_w = await _capped_tick(gov, sim)
-                assert cap_w < board_w
-                _queue(backend, waited_s=1.0)
-                loop = asyncio.get_running_loop()
-                deadline_s = loop.time() + 5.0
-                while not (gov.view("h100") or {}).get("fast_raises"):  # the loop watches every WATCH_S
-                    assert loop.time() < deadline_s, "no fast raise advised within 5 s"
-                    await asyncio.sleep(0.02)
-                view = gov.view("h100")
-                assert view is not None and view["fast_raise"]["cap_w"] > cap_w and view["applied_cap_w"] is None
-                assert view["cap_w"] == cap_w  # the decision's advice stands; the raise is advised on top
-                assert _limit_w(sim) == board_w  # advice only
-            finally:
-                backend.in_flight = 0
-                await gov.close()
-
-        with caplog.at_level(logging.INFO, logger="joulegate.governor"):
-            asyncio.run(asyncio.wait_for(go(), 30))
-        assert any("advise fast raise" in r.getMessage() for r in caplog.records)
-        assert _limit_w(sim) == board_w
-    finally:
-        sim.stop()
+    with caplog.at_level(logging.INFO, logger="joulegate.governor"):
+        _run_live(tmp_path, "advise", body)
+    assert any("advise fast raise" in r.getMessage() for r in caplog.records)
