@@ -4,7 +4,7 @@ virtual time.
 
     python -m bench.governor                # 300 s traces, seeds 1 and 2 (~3 min on a shared core)
     python -m bench.governor 60 1           # trace seconds, comma-separated seeds
-    python -m bench.governor 300 1,2 --loads 0.6,0.9 --policies governor --no-fast
+    python -m bench.governor 300 1,2 --loads 0.6,0.9 --policies governor --fast
     python -m bench.governor 300 1,2 --fleet "b200+a100"      # a fleet of bench/fleets.py
 
 Fleet, trace shape and SLO as bench/routing.py (2x h100, 2x a100, 2x l4; TTFT <= 2 s, TPOT <=
@@ -15,8 +15,8 @@ SLO points over round_robin's (when round_robin ran). The governor's cap model i
 simulator's own (proxy/governor/capmodel.py), so these figures are an upper bound on what the same
 decisions earn on a GPU whose response to a cap differs. Parking: asleep at half the idle
 power (derived), a wake-up takes 2 s (proxy/sim/parking.py); `park%` is the share of GPU-time
-asleep, pooled over the seeds. `--no-fast`: the governor without the fast raise (caps that keep
-burst headroom under a fixed cap: the caps of before); `fast%`: fast raises per backend-minute.
+asleep, pooled over the seeds. `--fast`: the governor with the fast raise (deeper caps, raised at
+once when a queue forms; governor.fast_raise); `fast%`: fast raises per backend-minute.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default="all", choices=("all", "governor"),
                    help="governor: round_robin and the two efficiency+governor rows only")
     p.add_argument("--fleet", choices=sorted(FLEETS), help="a bench/fleets.py mix instead of bench/routing's")
-    p.add_argument("--no-fast", action="store_true", help="the governor without the fast raise")
+    p.add_argument("--fast", action="store_true", help="the governor with the fast raise (governor.fast_raise)")
     return p.parse_args(argv)
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     capacity = fleet_capacity_rps(parse_fleet(spec), reference, SLO_TPOT_S) if args.fleet else capacity_rps()
     policies = [x for x in POLICIES if args.policies == "all" or x[1] != "efficiency"]
     print(f"fleet {args.fleet or 'bench/routing'}; capacity {capacity:.2f} req/s; {args.duration_s:.0f} s traces; "
-          f"seeds {seeds}; fast raise {'off' if args.no_fast else 'on'}")
+          f"seeds {seeds}; fast raise {'on' if args.fast else 'off'}")
     print(f"{'load':>5} {'policy':<28}{'tok/J':>8}{'SLO%':>7}{'TTFT p99':>10}{'TPOT p99':>10}{'park%':>7}"
           f"{'fast%':>7}{'vs rr':>7}{'dSLO':>6}")
     for load in (float(x) for x in args.loads.split(",")):
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             slo, ttft, tpot = [], [], []
             for seed in seeds:
                 r = simulate(parse_fleet(spec), synth_trace(load * capacity, args.duration_s, seed=seed), policy,
-                             slo_ttft_s=SLO_TTFT_S, slo_tpot_s=SLO_TPOT_S, park=park, fast_raise=not args.no_fast)
+                             slo_ttft_s=SLO_TTFT_S, slo_tpot_s=SLO_TPOT_S, park=park, fast_raise=args.fast)
                 tokens += r.output_tokens
                 joules += r.joules
                 slo.append(r.slo_attainment)

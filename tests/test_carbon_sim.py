@@ -204,10 +204,8 @@ def test_a_carbon_swap_hands_the_load_over_once_and_parks_the_relieved_backend(t
     fleet = load_fleet(str(tmp_path / "f.yaml"))
     models: dict = {}
     simulate(fleet, synth_trace(8.0, 60.0, seed=9), "round_robin", models=models)  # both learnt
-    # The caps of before: under the fast raise's deeper caps a's first-token waits wake b for a
-    # burst at 22 s, before the swap this test is about (docs/governor.md, Limits).
     r = simulate(fleet, synth_trace(2.0, 150.0, seed=1), "efficiency+governor", objective="carbon",
-                 models=models, record_requests=True, fast_raise=False)
+                 models=models, record_requests=True)
     assert r.governor is not None and r.request_log is not None
     a, b = r.governor["a"], r.governor["b"]
     assert b["parked_intervals_s"][0] == [15.0, 60.0] and b["swap_wakes"] == 1

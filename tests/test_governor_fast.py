@@ -80,7 +80,7 @@ def _burst_trace() -> list[TraceRequest]:
 
 def test_a_queue_on_a_deeply_capped_simulated_backend_raises_its_cap_within_the_wait_limit() -> None:
     fleet = parse_fleet({"backends": [{"name": "h100", "profile": "h100-llama3.1-8b"}]})
-    r = simulate(fleet, _burst_trace(), "efficiency+governor", park=False)
+    r = simulate(fleet, _burst_trace(), "efficiency+governor", park=False, fast_raise=True)
     assert r.governor is not None
     gov = r.governor["h100"]
     assert all(t_s >= 40.5 for t_s, _, _ in gov["fast_raised"])  # no queue before the burst
@@ -90,8 +90,8 @@ def test_a_queue_on_a_deeply_capped_simulated_backend_raises_its_cap_within_the_
     # The first request of the burst waits `fast_wait_share` of the TTFT SLO, then the next
     # 100 ms sample raises the cap (a step under way may finish first).
     assert t_s <= 40.5 + PARAMS.fast_wait_share * PARAMS.slo_ttft_s + 0.3 and to_w > from_w
-    # Without the fast raise the cap stays until the decision at 45 s.
-    slow = simulate(fleet, _burst_trace(), "efficiency+governor", park=False, fast_raise=False)
+    # Without it (the default) the cap stays until the decision at 45 s.
+    slow = simulate(fleet, _burst_trace(), "efficiency+governor", park=False)
     assert slow.governor is not None and slow.governor["h100"]["fast_raises"] == 0
 
 
@@ -101,7 +101,7 @@ def test_a_queue_on_a_deeply_capped_simulated_backend_raises_its_cap_within_the_
 def _live(sim: c.SimBackend, mode: str) -> tuple[Governor, Any]:
     power = f"power: {{source: sim, url: '{sim.url}'}}"
     config = parse_config(f"backends:\n  - {{name: h100, url: '{sim.url}/v1', models: [m], {power}}}\n"
-                          f"governor: {{mode: {mode}, interval_s: 3600}}\n")
+                          f"governor: {{mode: {mode}, interval_s: 3600, fast_raise: true}}\n")
     pool = BackendPool(config)
     return Governor(config, pool, Metrics()), pool.backends[0]
 

@@ -36,12 +36,9 @@ def _balanced(r: SimResult) -> bool:
 
 
 def test_light_load_parks_idle_backends_and_saves_energy() -> None:
-    # The caps of before (no fast raise): with the fast raise's deeper caps the router spreads
-    # this trace onto an L4 that is then never idle for a whole interval, and parking saves
-    # nothing here (docs/governor.md, Limits).
     trace = synth_trace(3.0, 90.0, seed=1)
-    awake = simulate(FLEET, trace, "efficiency+governor", park=False, fast_raise=False)
-    parked = simulate(FLEET, trace, "efficiency+governor", record_requests=True, fast_raise=False)
+    awake = simulate(FLEET, trace, "efficiency+governor", park=False)
+    parked = simulate(FLEET, trace, "efficiency+governor", record_requests=True)
     assert parked.governor is not None and awake.governor is not None
     parked_s = {name: g["parked_s"] for name, g in parked.governor.items()}
     assert sum(parked_s.values()) > 60.0 and parked_s["h100"] == 0.0  # the one serving stays up
@@ -80,9 +77,7 @@ def test_rising_load_wakes_a_parked_backend_which_then_serves() -> None:
     light = synth_trace(2.0, 60.0, seed=3)
     heavy = [TraceRequest(60.0 + q.arrival_s, q.prompt_tokens, q.output_tokens)
              for q in synth_trace(10.0, 30.0, seed=4)]
-    # The caps of before: under the fast raise's deeper caps the light part's first-token waits
-    # wake the parked backends for bursts before the heavy part, which then finds them awake.
-    r = simulate(FLEET, light + heavy, "efficiency+governor", record_requests=True, fast_raise=False)
+    r = simulate(FLEET, light + heavy, "efficiency+governor", record_requests=True)
     assert r.governor is not None and r.request_log is not None
     woken = [name for name, g in r.governor.items() if g["wakes"] >= 1]
     assert woken and all(r.governor[n]["on_demand_wakes"] == 0 for n in woken)  # the governor's doing

@@ -215,7 +215,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
              attribute: bool = False,
              models: dict[str, EfficiencyModel] | None = None,
              objective: str = "joules", park: bool = True, wake_s: float = DEFAULT_WAKE_S,
-             record_requests: bool = False, power_caps: bool = True, fast_raise: bool = True) -> SimResult:
+             record_requests: bool = False, power_caps: bool = True, fast_raise: bool = False) -> SimResult:
     """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
 
     `models`: the learned models to use and feed, by backend name (fresh ones by default;
@@ -230,7 +230,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     `park`: with `+governor`, park the backends it advises parking (proxy/sim/parking.py); a
     wake-up takes `wake_s`. `power_caps`: with `+governor`, set the power caps it decides (False:
     parking only, to tell what each saves); `fast_raise`: deeper caps, raised at once when a queue
-    forms between two decisions (proxy/governor/fast.py; False: the caps of before). `record_requests`: fill `SimResult.request_log`.
+    forms between two decisions (proxy/governor/fast.py; False, the default: burst headroom under a fixed cap). `record_requests`: fill `SimResult.request_log`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")

@@ -56,7 +56,7 @@ class VirtualGovernor:
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
                  parking: FleetParking | None = None,
                  cost_factor: Callable[[int, float], float] | None = None, caps: bool = True,
-                 fast: bool = True) -> None:
+                 fast: bool = False) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
         # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
