@@ -416,7 +416,8 @@ class Governor:
             max_w=min(float(g["max_w"]) for g in gpus),
             cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s,
             cost_per_j=self._cost_per_j(b),
-            learned_cap_w=learned_w if self.mode == "apply" else None)  # advice leaves the GPU's own cap
+            # Advice leaves the GPU's own cap; without the fast raise caps move only at decisions.
+            learned_cap_w=learned_w if self.mode == "apply" and self.fast else None)
 
     async def _act(self, t: Target, d: Decision, now_s: float) -> None:
         name = t.backend.name

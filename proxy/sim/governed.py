@@ -130,7 +130,9 @@ class VirtualGovernor:
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
             x = self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s)
-            inputs.append(replace(x, learned_cap_w=self._cap_ws[b] / span_s) if not __import__("os").environ.get("NOLEARN") else x)
+            # Caps move between decisions only with the fast raise; otherwise the cap in force is
+            # the one learnt at, exactly (a mean of equal caps may round below the board limit).
+            inputs.append(replace(x, learned_cap_w=self._cap_ws[b] / span_s) if self.params.fast else x)
         decisions = decide(inputs, self.params, t_s)
         self._decided = dict(zip(up, inputs, strict=True))
         self._safe_w = {b: d.safe_cap_w for b, d in zip(up, decisions, strict=True)}
