@@ -403,6 +403,12 @@ class GovernorConfig(_Strict):
     # (docs/carbon.md): parking alone cut grams 33-38 % with the SLO kept, caps and parking 8-24 %.
     caps: bool = Field(True, description=(
         "Set power caps (apply mode); false: parking only, every GPU at its own limit."))
+    # Off by default: +4% tokens/J at 30-60% load on bench/routing's fleet, -7-9% on b200+h100+l4
+    # (docs/governor.md, The fast raise).
+    fast_raise: bool = Field(False, description=(
+        "Choose deeper caps and, between two decisions (every 100 ms), raise a backend's cap at once "
+        "when a queue forms on it (advise mode: advice only); false: caps keep burst headroom "
+        "under a fixed cap."))
 
     @field_validator("mode", mode="before")
     @classmethod

@@ -18,12 +18,16 @@ FLEET = parse_fleet({"backends": [
 ]})
 
 
-def test_governor_saves_energy_at_light_load_keeping_the_slo() -> None:
+@pytest.mark.parametrize(("fast", "slo_slack"), [(False, 0.01), (True, 0.02)])
+def test_governor_saves_energy_at_light_load_keeping_the_slo(fast: bool, slo_slack: float) -> None:
     trace = synth_trace(3.0, 90.0, seed=1)
     plain = simulate(FLEET, trace, "efficiency")
-    governed = simulate(FLEET, trace, "efficiency+governor")
+    governed = simulate(FLEET, trace, "efficiency+governor", fast_raise=fast)
     assert governed.output_tokens_per_joule > 1.05 * plain.output_tokens_per_joule
-    assert governed.slo_attainment >= plain.slo_attainment - 0.01
+    # The fast raise's deeper caps cost this small fleet 2 points here (5 of 255 requests: the
+    # router spilt a burst onto an L4 at its lowest limit while the H100 was capped deep;
+    # docs/governor.md, Limits); the caps of before keep it within 1.
+    assert governed.slo_attainment >= plain.slo_attainment - slo_slack
     assert governed.conservation_error_j < 1e-6 * governed.joules  # capped steps still balance
     assert plain.governor is None and governed.governor is not None
     h100 = governed.governor["h100"]

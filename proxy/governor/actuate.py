@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -54,33 +54,20 @@ from proxy.governor.decide import (
     swap_advice,
     wake_advice,
 )
+from proxy.governor.fast import (
+    FAST_RAISE,
+    FastRaise,
+    fast_raise_advice,
+)
 from proxy.governor.park import Parking
+from proxy.governor.target import Target, durations, limits_url
 from proxy.metrics import Metrics
-from proxy.power_limits import PATH
 
 log = logging.getLogger("joulegate.governor")
 
 CALL_TIMEOUT_S = 5.0
 #: Seconds between two looks for a burst between decisions (apply mode, with parking).
 WATCH_S = 0.1
-
-
-@dataclass
-class _Target:
-    """One governed backend and what the governor remembers of it."""
-
-    backend: Backend
-    url: str | None  # the agent's limits URL; None: not governable
-    client: httpx.AsyncClient | None = None
-    gpus: list[dict[str, Any]] = field(default_factory=list)  # the last GET's entries
-    original_w: dict[int, float] = field(default_factory=dict)  # before our first change
-    applied_w: float | None = None
-    last_change_s: float | None = None
-    decision: Decision | None = None
-    error: str | None = None
-    seen: tuple[float, float, float, int] | None = None  # (t_s, completions, duration sum, in flight)
-    idle_since_s: float | None = None  # nothing arrived nor ran since (monotonic s)
-    decided: BackendInput | None = None  # the last decision's input (for the watch between)
 
 
 class Governor:
@@ -95,11 +82,13 @@ class Governor:
         self.interval_s = config.governor.interval_s
         self.caps = config.governor.caps  # False: parking only, no power limit is ever set
         slo = config.routing.slo
+        # Deeper caps, raised at once when a queue forms between two ticks (fast.py).
+        self.fast = self.caps and config.governor.fast_raise
         self.params = GovernorParams(slo_ttft_s=slo.ttft_ms / 1e3, slo_tpot_s=slo.tpot_ms / 1e3,
                                      hold_s=0.9 * self.interval_s,  # a tick a little early still counts
-                                     rewake_s=self.interval_s)
+                                     rewake_s=self.interval_s, fast=self.fast)
         self.metrics = metrics
-        self.targets = [_Target(b, _limits_url(b)) for b in pool.backends]
+        self.targets = [Target(b, limits_url(b)) for b in pool.backends]
         self._task: asyncio.Task[None] | None = None
         # Parking acts only in apply mode, and only where some backend says how (park.via).
         parking = Parking(pool, metrics)
@@ -156,6 +145,10 @@ class Governor:
                 "action": d.action if d else None, "reason": d.reason if d else None,
                 "park": d.park if d else False, "park_reason": d.park_reason if d else None,
                 "original_limits_w": {str(i): w for i, w in t.original_w.items()} or None,
+                "safe_cap_w": d.safe_cap_w if d else None, "fast_raises": t.fast_raises,
+                "fast_raise": ({"cap_w": t.fast.cap_w, "from_w": t.fast.previous_cap_w, "reason": t.fast.reason,
+                                "age_s": round(time.monotonic() - t.fast_at_s, 3) if t.fast_at_s else None}
+                               if t.fast else None),
                 "parking": self.parking.view(name) if self.parking is not None else None}
 
     async def _loop(self) -> None:
@@ -163,11 +156,13 @@ class Governor:
         deadline_s = loop.time()
         while True:
             deadline_s = max(deadline_s + self.interval_s, loop.time())
-            # With parking, look for a burst the awake backends cannot carry every WATCH_S.
-            while self.parking is not None and deadline_s - loop.time() > WATCH_S:
+            # Every WATCH_S: with parking, look for a burst the awake backends cannot carry; with
+            # the fast raise, for a queue forming under a cap.
+            while (self.parking is not None or self.fast) and deadline_s - loop.time() > WATCH_S:
                 await asyncio.sleep(WATCH_S)
                 try:
                     self.watch()
+                    await self.raise_fast()
                 except Exception:
                     log.exception("governor watch failed")
             await asyncio.sleep(max(deadline_s - loop.time(), 0.0))
@@ -192,7 +187,8 @@ class Governor:
         decisions = decide(inputs, self.params, now_s)
         for t in self.targets:
             t.decided = None
-        for t, d in zip(ready, decisions, strict=True):
+        for t, i, d in zip(ready, inputs, decisions, strict=True):
+            t.decided = i
             await self._act(t, d, now_s)
         if self.parking is not None:
             # Backends without a readable power agent get no cap but still count for parking.
@@ -203,7 +199,7 @@ class Governor:
             await self._park_or_wake(loads, now_s)
         return decisions
 
-    async def _park_or_wake(self, loads: list[tuple[_Target, BackendInput]], now_s: float) -> None:
+    async def _park_or_wake(self, loads: list[tuple[Target, BackendInput]], now_s: float) -> None:
         """Wake one parked backend if the others near their capacity; else carry a swap on, or
         park at most one."""
         assert self.parking is not None
@@ -273,7 +269,55 @@ class Governor:
         self._last_burst_wake_s = now_s
         return self._wake_for_capacity(parked, [t.backend for t in serving if t.backend.draining], why)
 
-    def _carry_handover(self, serving: list[tuple[_Target, BackendInput]]) -> None:
+    async def raise_fast(self) -> list[FastRaise]:
+        """Between two ticks: raise the cap of each backend on which a queue forms (fast.py),
+        through its agent in apply mode, as advice only in advise mode; the raises (or advice)."""
+        if not self.fast:
+            return []
+        now_s, model_now_s = time.monotonic(), time.time()  # the models' events are on time.time()
+        out = []
+        for t in self.targets:
+            d, held_w = t.decision, self._held_w(t)
+            if t.decided is None or d is None or held_w is None or t.backend.parked:
+                continue
+            b = t.backend
+            now = replace(at_now(t.decided, b.in_flight, b.efficiency.waiting, b.efficiency.oldest_wait_s(model_now_s)),
+                          cap_w=held_w)
+            advice = fast_raise_advice(now, self.params, d.safe_cap_w, now_s, t.fast_at_s)
+            if advice is None:
+                continue
+            if await self._fast_apply(t, advice, now_s):
+                out.append(advice)
+        return out
+
+    async def _fast_apply(self, t: Target, advice: FastRaise, now_s: float) -> bool:
+        """Make (apply) or advise (advise) one fast raise: logged, counted, shown; whether done."""
+        b = t.backend
+        t.hold(self._held_w(t), now_s)  # the model learnt at the cap held until now
+        if self.mode == "apply":
+            if not await self._set(t, advice.cap_w):
+                return False
+            log.info("governor: backend %s: fast raise cap to %.0f W (from %.0f W): %s", b.name, t.applied_w,
+                     advice.previous_cap_w, advice.reason)
+        else:
+            t.advised_w = advice.cap_w
+            log.info("governor: backend %s: advise fast raise to %.0f W (from %.0f W): %s", b.name,
+                     advice.cap_w, advice.previous_cap_w, advice.reason)
+        t.fast, t.fast_at_s = advice, now_s
+        t.fast_raises += 1
+        self.metrics.governor_decisions.labels(b.name, FAST_RAISE).inc()
+        self.metrics.governor_cap_w.labels(b.name).set(advice.cap_w if self.mode == "advise" else t.applied_w or 0.0)
+        return True
+
+    def _held_w(self, t: Target) -> float | None:
+        """The per-GPU cap the governor holds on `t` now: set (apply) or advised (advise)."""
+        if self.mode == "advise":
+            return t.advised_w
+        if t.applied_w is not None:
+            return t.applied_w
+        return max(float(g["power_limit_w"]) for g in t.gpus) if t.gpus else None
+
+    def _carry_handover(self, serving: list[tuple[Target, BackendInput]]) -> None:
         """Drain the backends relieved by a swap whose woken backend now serves; forget swaps
         whose wake-up failed or whose relieved backend is gone."""
         assert self.parking is not None
@@ -316,7 +360,7 @@ class Governor:
         return next((b for b in parked if b.name == name), parked[0])
 
     def _swap(self, parked: list[Backend],
-              serving: list[tuple[_Target, BackendInput]]) -> tuple[Backend, Backend, str] | None:
+              serving: list[tuple[Target, BackendInput]]) -> tuple[Backend, Backend, str] | None:
         """(parked backend to wake, awake backend it relieves, why): one on a now-cleaner grid
         would serve the load for fewer grams."""
         advice = swap_advice([self._asleep_input(b) for b in parked], [i for _, i in serving], self.params)
@@ -326,7 +370,7 @@ class Governor:
         woken = next(b for b in parked if b.name == advice.wake)
         return woken, by_name[advice.relieve], f"a cleaner grid now: {advice.reason}"
 
-    async def _read_limits(self, t: _Target) -> bool:
+    async def _read_limits(self, t: Target) -> bool:
         assert t.client is not None and t.url is not None
         try:
             resp = await t.client.get(t.url)
@@ -350,9 +394,9 @@ class Governor:
         t.gpus, t.error = gpus, None
         return True
 
-    def _input(self, t: _Target, now_s: float) -> BackendInput:
+    def _input(self, t: Target, now_s: float) -> BackendInput:
         b = t.backend
-        count, total_s = _durations(self.metrics, b.name)
+        count, total_s = durations(self.metrics, b.name)
         in_flight = b.in_flight
         rate, mean_s = 0.0, 0.0
         if t.seen is not None and now_s > t.seen[0]:
@@ -363,6 +407,7 @@ class Governor:
             # Idle for the whole interval: nothing finished, nothing in flight at either end.
             idle = done == 0 and in_flight == 0 and t.seen[3] == 0
             t.idle_since_s = (t.idle_since_s if t.idle_since_s is not None else t.seen[0]) if idle else None
+        learned_w = t.learned_cap_w(self._held_w(t), now_s, t.seen[0] if t.seen is not None else None)
         t.seen = (now_s, count, total_s, in_flight)
         gpus = t.gpus or [{"min_w": 0.0, "max_w": 0.0, "power_limit_w": 0.0}]  # no agent: parking only
         return BackendInput(
@@ -370,12 +415,14 @@ class Governor:
             gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in gpus),
             max_w=min(float(g["max_w"]) for g in gpus),
             cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s,
-            cost_per_j=self._cost_per_j(b))
+            cost_per_j=self._cost_per_j(b),
+            # Advice leaves the GPU's own cap; without the fast raise caps move only at decisions.
+            learned_cap_w=learned_w if self.mode == "apply" and self.fast else None)
 
-    async def _act(self, t: _Target, d: Decision, now_s: float) -> None:
+    async def _act(self, t: Target, d: Decision, now_s: float) -> None:
         name = t.backend.name
         previous = t.decision
-        t.decision = d
+        t.decision, t.advised_w = d, d.cap_w
         self.metrics.governor_decisions.labels(name, d.action).inc()
         if d.park:
             self.metrics.governor_decisions.labels(name, "park").inc()
@@ -393,20 +440,26 @@ class Governor:
         self.metrics.governor_cap_w.labels(name).set(
             d.cap_w if self.mode == "advise" else (t.applied_w or d.previous_cap_w))
 
-    async def _apply(self, t: _Target, d: Decision, now_s: float) -> None:
-        assert t.client is not None and t.url is not None
-        originals = {int(g["index"]): float(g["power_limit_w"]) for g in t.gpus}
-        answer = await self._put(t, {i: d.cap_w for i in originals})
-        if answer is None:
+    async def _apply(self, t: Target, d: Decision, now_s: float) -> None:
+        if not await self._set(t, d.cap_w):
             return
-        for index, watts in originals.items():
-            t.original_w.setdefault(index, watts)
-        t.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
         t.last_change_s = now_s
         log.info("governor: backend %s: %s cap to %.0f W (from %.0f W): %s", t.backend.name, d.action,
                  t.applied_w, d.previous_cap_w, d.reason)
 
-    async def _put(self, t: _Target, limits_w: dict[int, float]) -> dict[str, Any] | None:
+    async def _set(self, t: Target, cap_w: float) -> bool:
+        """Set every GPU of `t` to `cap_w`, remembering the limits found first; whether it was set."""
+        assert t.client is not None and t.url is not None
+        originals = {int(g["index"]): float(g["power_limit_w"]) for g in t.gpus}
+        answer = await self._put(t, {i: cap_w for i in originals})
+        if answer is None:
+            return False
+        for index, watts in originals.items():
+            t.original_w.setdefault(index, watts)
+        t.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
+        return True
+
+    async def _put(self, t: Target, limits_w: dict[int, float]) -> dict[str, Any] | None:
         """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in t.error)."""
         assert t.client is not None and t.url is not None
         body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
@@ -419,7 +472,7 @@ class Governor:
             log.warning("governor: backend %s: %s", t.backend.name, t.error)
             return None
 
-    async def _restore(self, t: _Target, why: str) -> None:
+    async def _restore(self, t: Target, why: str) -> None:
         if await self._put(t, t.original_w) is None:
             log.warning("governor: backend %s: could not restore its power limits (%s)", t.backend.name, why)
             return
@@ -427,23 +480,3 @@ class Governor:
                  sorted(t.original_w.values()), why)
         t.original_w.clear()
         t.applied_w = None
-
-
-def _limits_url(backend: Backend) -> str | None:
-    power = backend.config.power
-    if power.source not in ("agent", "sim") or not power.url:
-        return None
-    return power.url.rstrip("/") + PATH
-
-
-def _durations(metrics: Metrics, backend: str) -> tuple[float, float]:
-    """(requests finished, their total duration in s) on `backend`, from the duration histogram."""
-    count = total_s = 0.0
-    for family in metrics.duration_s.collect():
-        for sample in family.samples:
-            if sample.labels.get("backend") == backend:
-                if sample.name.endswith("_count"):
-                    count += sample.value
-                elif sample.name.endswith("_sum"):
-                    total_s += sample.value
-    return count, total_s

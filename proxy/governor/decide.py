@@ -40,14 +40,14 @@ Units: watts, seconds, requests.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.efficiency import MAX_WAIT_FRACTION
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
 
 __all__ = ["BackendInput", "Decision", "GovernorParams", "Swap", "cheapest_to_wake", "decide", "decide_cap",
-           "idle_cost_rate", "park_advice", "serve_cost_per_token", "swap_advice", "wake_advice"]
+           "fast_params", "idle_cost_rate", "park_advice", "serve_cost_per_token", "swap_advice", "wake_advice"]
 
 LOWER, RAISE, HOLD = "lower", "raise", "hold"
 
@@ -72,6 +72,25 @@ class GovernorParams:
     # SLO (the router's own); at most once per `rewake_s` seconds (both governors: their interval).
     wake_wait_share: float = MAX_WAIT_FRACTION
     rewake_s: float = 15.0
+    # With the fast raise (proxy/governor/fast.py: a queue between two decisions raises the cap
+    # at once) a burst is met with clock headroom, not slack under a fixed cap, so the cap chosen
+    # may be deeper: it keeps the SLO with these knobs instead of burst / margin / max_load_share
+    # / max_step_w above, which still give the safe cap the fast raise goes to.
+    # Measured in bench.governor (docs/governor.md): the load guard (0.5) and the 100 W step
+    # were what held caps high at 60% load; a first-token wait of 0.15-0.4 x the TTFT SLO is
+    # what capped prefill takes anyway at large batches, and raised caps at once after each
+    # decision lowered them.
+    fast: bool = False
+    fast_burst: float = 1.0
+    fast_margin: float = 0.2
+    fast_load_share: float = 1.0
+    fast_max_step_w: float = 500.0
+    # A queue, between two decisions: the oldest request has awaited its first token this share
+    # of the TTFT SLO, or the model's upper TPOT at the load in flight passes this share of the
+    # TPOT SLO. A cap already at the safe one goes to the maximum, `fast_dwell_s` after the last.
+    fast_wait_share: float = 0.6
+    fast_tpot_share: float = 0.8
+    fast_dwell_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +107,11 @@ class BackendInput:
     min_w: float
     max_w: float
     cap_w: float  # in force now
+    # The time-weighted mean cap since the last decision, which the model's latest observations
+    # were made at (None: `cap_w`). With the fast raise the cap moves between decisions, and
+    # scaling what the model learnt under a deep cap from the raised one would read the deep
+    # cap's latency as the raised cap's, and no cap would fit again.
+    learned_cap_w: float | None = None
     last_change_s: float | None = None
     # What one joule of this backend costs in the objective's unit: 1 under the joules
     # objective, grams CO2e per joule at its site now (PUE included) under the carbon one.
@@ -111,6 +135,9 @@ class Decision:
     j_per_token_ratio: float  # predicted J/token at cap_w over that at the cap in force
     park: bool = False
     park_reason: str = ""
+    # The cap the conservative knobs (burst, margin, max_load_share) would keep, for the fast
+    # raise to go to when a queue forms under a deeper `cap_w` (None: no fast raise).
+    safe_cap_w: float | None = None
 
 
 def _expected_load(b: BackendInput) -> float:
@@ -125,10 +152,12 @@ class _Predictor:
         self.b = b
         self.idle_w = b.model.idle_w / g
         measured_w = b.model.power_w(n) / g
-        binding = b.cap_w < b.max_w and measured_w >= 0.95 * b.cap_w
+        learned_w = b.cap_w if b.learned_cap_w is None else b.learned_cap_w
+        binding = learned_w < b.max_w and measured_w >= 0.95 * learned_w
         self.decode_w = b.max_w if binding else max(measured_w, self.idle_w)
-        self.base_decode = self._decode(b.cap_w)
-        self.base_prefill = self._prefill(b.cap_w)
+        self.base_decode = self._decode(learned_w)  # latency is scaled from where it was learnt
+        self.base_prefill = self._prefill(learned_w)
+        self.now_decode = self._decode(b.cap_w)  # J/token from the cap in force
 
     def _decode(self, cap_w: float) -> tuple[float, float]:
         return capped(1.0, self.decode_w, cap_w, self.idle_w, DECODE_CLOCK_SENSITIVITY)
@@ -144,7 +173,7 @@ class _Predictor:
 
     def j_per_token_ratio(self, cap_w: float) -> float:
         seconds, watts = self._decode(cap_w)
-        base_s, base_w = self.base_decode
+        base_s, base_w = self.now_decode
         return (seconds * watts) / (base_s * base_w)
 
 
@@ -170,16 +199,44 @@ def _keeps_slo(b: BackendInput, p: GovernorParams, cap_w: float, loads: Sequence
     return None
 
 
-def decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
-    """The cap for one backend (see the module docstring)."""
+def _options(b: BackendInput, p: GovernorParams) -> tuple[tuple[float, float], list[_Predictor], _Predictor,
+                                                           list[float]]:
+    """(loads checked, their predictors, the pricing predictor, the caps that keep the SLO)."""
     current = min(max(b.cap_w, b.min_w), b.max_w)
-    expected = _expected_load(b)
-    loads = (float(b.in_flight), expected * p.burst)
+    loads = (float(b.in_flight), _expected_load(b) * p.burst)
     predictors = [_Predictor(b, n) for n in loads]
-    cost = _Predictor(b, max(expected, 1.0))  # priced at the load expected, at least one request
+    cost = _Predictor(b, max(_expected_load(b), 1.0))  # priced at the load expected, at least one request
     step_w = (b.max_w - b.min_w) / max(p.grid, 1)
     candidates = sorted({current, b.max_w, *(b.min_w + i * step_w for i in range(p.grid + 1))})
-    feasible = [c for c in candidates if _keeps_slo(b, p, c, loads, predictors) is None]
+    return loads, predictors, cost, [c for c in candidates if _keeps_slo(b, p, c, loads, predictors) is None]
+
+
+def _cheapest(feasible: Sequence[float], cost: _Predictor) -> float:
+    """Fewest J/token; among equals (caps that do not bind) the highest, which risks least."""
+    return min(feasible, key=lambda c: (round(cost.j_per_token_ratio(c), 4), -c))
+
+
+def fast_params(p: GovernorParams) -> GovernorParams:
+    """`p` with the knobs a cap keeps when the fast raise meets bursts (`GovernorParams.fast`)."""
+    return replace(p, burst=p.fast_burst, margin=p.fast_margin, max_load_share=p.fast_load_share,
+                   max_step_w=p.fast_max_step_w)
+
+
+def decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
+    """The cap for one backend (see the module docstring); with `p.fast`, chosen with the fast
+    knobs, and the cap the conservative ones keep as `safe_cap_w` for the fast raise."""
+    if not p.fast:
+        return _decide_cap(b, p, now_s)
+    d = _decide_cap(b, fast_params(p), now_s)
+    _, _, cost, feasible = _options(b, p)
+    safe_w = _cheapest(feasible, cost) if feasible else b.max_w
+    return replace(d, safe_cap_w=max(safe_w, d.cap_w))
+
+
+def _decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
+    current = min(max(b.cap_w, b.min_w), b.max_w)
+    expected = _expected_load(b)
+    loads, predictors, cost, feasible = _options(b, p)
     load_text = f"{b.in_flight} in flight, {b.arrival_rate_per_s:.2f} req/s, expected {expected:.1f}"
 
     def hold(reason: str) -> Decision:
@@ -191,8 +248,7 @@ def decide_cap(b: BackendInput, p: GovernorParams, now_s: float) -> Decision:
             return hold(f"at the maximum; SLO at risk even so ({why})")
         return Decision(b.name, RAISE, b.max_w, current, f"SLO at risk ({why}); {load_text}",
                         cost.j_per_token_ratio(b.max_w))
-    # Fewest J/token; among equals (caps that do not bind) the highest, which risks least.
-    best = min(feasible, key=lambda c: (round(cost.j_per_token_ratio(c), 4), -c))
+    best = _cheapest(feasible, cost)
     if current not in feasible:
         # A faster clock only helps, so every feasible cap lies above the current one.
         target = best
@@ -333,7 +389,6 @@ def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: floa
     for b in backends:
         d = decide_cap(b, params, now_s)
         if b.name in parks:
-            d = Decision(d.name, d.action, d.cap_w, d.previous_cap_w, d.reason, d.j_per_token_ratio,
-                         park=True, park_reason=parks[b.name])
+            d = replace(d, park=True, park_reason=parks[b.name])
         out.append(d)
     return out

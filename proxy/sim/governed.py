@@ -26,6 +26,7 @@ one it relieves (nothing new is routed to it once the other is up), which is par
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from policies.model import EfficiencyModel
@@ -41,6 +42,7 @@ from proxy.governor.decide import (
     swap_advice,
     wake_advice,
 )
+from proxy.governor.fast import fast_raise_advice
 from proxy.sim.engine import Engine
 from proxy.sim.parking import FleetParking
 
@@ -53,7 +55,8 @@ class VirtualGovernor:
     def __init__(self, names: Sequence[str], engines: Sequence[Engine], models: Sequence[EfficiencyModel],
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
                  parking: FleetParking | None = None,
-                 cost_factor: Callable[[int, float], float] | None = None, caps: bool = True) -> None:
+                 cost_factor: Callable[[int, float], float] | None = None, caps: bool = True,
+                 fast: bool = False) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
         # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
@@ -64,13 +67,15 @@ class VirtualGovernor:
             parking.wake_choice = self._cheapest_asleep
         self.swaps = [0] * len(self.names)
         self.interval_s = interval_s
+        # `fast`: deeper caps, raised at once when a queue forms between two decisions (fast.py).
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s,
-                                     rewake_s=interval_s)
+                                     rewake_s=interval_s, fast=fast and caps)
         n = len(self.names)
         self._last_s = 0.0
         self._next_s = interval_s
         self._routed = [0] * n
         self._load_s = [0.0] * n  # integral of requests in flight since the last decision
+        self._cap_ws = [0.0] * n  # integral of the cap (W s) since the last decision
         self._last_change_s: list[float | None] = [None] * n
         self.changes = [0] * n
         self.parks_advised = [0] * n
@@ -80,6 +85,9 @@ class VirtualGovernor:
         self._decided: dict[int, BackendInput] = {}  # the last decision's input, by backend
         self._last_burst_wake_s: float | None = None
         self.burst_wakes = [0] * n
+        self._safe_w: dict[int, float | None] = {}  # the last decision's safe cap, by backend
+        self._last_fast_s: list[float | None] = [None] * n
+        self.fast_raised: list[list[tuple[float, float, float]]] = [[] for _ in range(n)]  # (t_s, from W, to W)
 
     def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float,
                t_s: float) -> BackendInput:
@@ -108,7 +116,10 @@ class VirtualGovernor:
             self._load_s[b] += in_flight[b] * dt_s
             cap = self._cap_w(b)
             self.time_at_cap_s[b][cap] = self.time_at_cap_s[b].get(cap, 0.0) + dt_s
+            self._cap_ws[b] += cap * dt_s
         if t_s + 1e-9 < self._next_s:
+            if self.params.fast:
+                self._fast(t_s, in_flight)
             if self.parking is not None:
                 self._between(t_s, in_flight)
             return
@@ -118,13 +129,16 @@ class VirtualGovernor:
         for b in up:
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
-            inputs.append(self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s))
+            x = self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s)
+            # Caps move between decisions only with the fast raise; otherwise the cap in force is
+            # the one learnt at, exactly (a mean of equal caps may round below the board limit).
+            inputs.append(replace(x, learned_cap_w=self._cap_ws[b] / span_s) if self.params.fast else x)
         decisions = decide(inputs, self.params, t_s)
         self._decided = dict(zip(up, inputs, strict=True))
+        self._safe_w = {b: d.safe_cap_w for b, d in zip(up, decisions, strict=True)}
         for b, x, d in zip(up, inputs, decisions, strict=True):
             if self.caps and d.cap_w != x.cap_w:
-                board_w = self.engines[b].profile.board_limit_w
-                self.engines[b].power_cap_w = None if d.cap_w >= board_w else d.cap_w
+                self._set_cap(b, d.cap_w)
                 self._last_change_s[b] = t_s
                 self.changes[b] += 1
             self.parks_advised[b] += d.park
@@ -132,6 +146,7 @@ class VirtualGovernor:
             self._park_or_wake(t_s, up, inputs, decisions, in_flight, routed)
         self._routed = list(routed)
         self._load_s = [0.0] * len(self.names)
+        self._cap_ws = [0.0] * len(self.names)
         self._last_s = t_s
         self._next_s = t_s + self.interval_s
 
@@ -191,6 +206,24 @@ class VirtualGovernor:
         parking.wake(wake, t_s)
         return wake
 
+    def _fast(self, t_s: float, in_flight: Sequence[int]) -> None:
+        """Between two decisions: raise a capped backend's cap at once when a queue forms on it
+        (proxy/governor/fast.py); the next decision may lower it again."""
+        for b, decided in self._decided.items():
+            if self.parking is not None and not self.parking.routable(b):
+                continue
+            model = self.models[b]
+            now = replace(at_now(decided, in_flight[b], model.waiting, model.oldest_wait_s(t_s)), cap_w=self._cap_w(b))
+            advice = fast_raise_advice(now, self.params, self._safe_w.get(b), t_s, self._last_fast_s[b])
+            if advice is not None:
+                self.fast_raised[b].append((round(t_s, 3), advice.previous_cap_w, advice.cap_w))
+                self._set_cap(b, advice.cap_w)
+                self._last_fast_s[b] = t_s
+
+    def _set_cap(self, b: int, cap_w: float) -> None:
+        board_w = self.engines[b].profile.board_limit_w
+        self.engines[b].power_cap_w = None if cap_w >= board_w else cap_w
+
     def _between(self, t_s: float, in_flight: Sequence[int]) -> None:
         """Between two decisions: wake a parked backend at once when the awake ones cannot carry
         a burst (proxy/governor/burst.py)."""
@@ -217,7 +250,8 @@ class VirtualGovernor:
         for b, name in enumerate(self.names):
             caps = sorted(self.time_at_cap_s[b].items())
             out[name] = {"time_at_cap_s": {f"{cap:g}": round(s, 3) for cap, s in caps},
-                         "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b]}
+                         "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b],
+                         "fast_raises": len(self.fast_raised[b]), "fast_raised": self.fast_raised[b]}
             if self.parking is not None:
                 out[name].update(self.parking.summary(b))
                 out[name]["burst_wakes"] = self.burst_wakes[b]

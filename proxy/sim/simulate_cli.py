@@ -36,6 +36,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction[Any]) -> argparse.Argume
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--wake-s", type=float, default=DEFAULT_WAKE_S,
                    help=f"seconds a parked backend takes to wake up (default {DEFAULT_WAKE_S:g})")
+    p.add_argument("--fast-raise", action="store_true",
+                   help="+governor: deeper caps, raised at once when a queue forms (governor.fast_raise)")
     p.add_argument("--no-park", action="store_true",
                    help="+governor sets caps only: nothing is parked (to see what parking saves)")
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
@@ -74,7 +76,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     slo_ttft_s, slo_tpot_s = args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3
     results = [simulate(fleet, trace, p, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
                         attribute=args.check_attribution, objective=objective,
-                        park=not getattr(args, "no_park", False), wake_s=wake_s) for p in policies]
+                        park=not getattr(args, "no_park", False), wake_s=wake_s,
+                        fast_raise=getattr(args, "fast_raise", False)) for p in policies]
     capacity_rps = fleet_capacity_rps(fleet, trace, slo_tpot_s)
     print(format_results(results, capacity_rps, args.slo_ttft_ms, args.slo_tpot_ms))
     try:
