@@ -17,6 +17,8 @@ decisions earn on a GPU whose response to a cap differs. Parking: asleep at half
 power (derived), a wake-up takes 2 s (proxy/sim/parking.py); `park%` is the share of GPU-time
 asleep, pooled over the seeds. `--fast`: the governor with the fast raise (deeper caps, raised at
 once when a queue forms; governor.fast_raise); `fast%`: fast raises per backend-minute.
+`--slo-target T`: the governor with an attainment target (governor.slo_target; caps also follow
+a fleet clock set from measured latency, proxy/governor/clock.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="governor: round_robin and the two efficiency+governor rows only")
     p.add_argument("--fleet", choices=sorted(FLEETS), help="a bench/fleets.py mix instead of bench/routing's")
     p.add_argument("--fast", action="store_true", help="the governor with the fast raise (governor.fast_raise)")
+    p.add_argument("--slo-target", type=float, default=None,
+                   help="the governor's attainment target (governor.slo_target), e.g. 0.95")
     return p.parse_args(argv)
 
 
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     capacity = fleet_capacity_rps(parse_fleet(spec), reference, SLO_TPOT_S) if args.fleet else capacity_rps()
     policies = [x for x in POLICIES if args.policies == "all" or x[1] != "efficiency"]
     print(f"fleet {args.fleet or 'bench/routing'}; capacity {capacity:.2f} req/s; {args.duration_s:.0f} s traces; "
-          f"seeds {seeds}; fast raise {'on' if args.fast else 'off'}")
+          f"seeds {seeds}; fast raise {'on' if args.fast else 'off'}; attainment target {args.slo_target or 'none'}")
     print(f"{'load':>5} {'policy':<28}{'tok/J':>8}{'SLO%':>7}{'TTFT p99':>10}{'TPOT p99':>10}{'park%':>7}"
           f"{'fast%':>7}{'vs rr':>7}{'dSLO':>6}")
     for load in (float(x) for x in args.loads.split(",")):
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             slo, ttft, tpot = [], [], []
             for seed in seeds:
                 r = simulate(parse_fleet(spec), synth_trace(load * capacity, args.duration_s, seed=seed), policy,
-                             slo_ttft_s=SLO_TTFT_S, slo_tpot_s=SLO_TPOT_S, park=park, fast_raise=args.fast)
+                             slo_ttft_s=SLO_TTFT_S, slo_tpot_s=SLO_TPOT_S, park=park, fast_raise=args.fast,
+                             slo_target=args.slo_target)
                 tokens += r.output_tokens
                 joules += r.joules
                 slo.append(r.slo_attainment)

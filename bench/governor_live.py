@@ -11,6 +11,7 @@ governed fleet its caps and parked backends at the end.
 
     python -m bench.governor_live                      # 120 s at 1.5 req/s, seed 1
     python -m bench.governor_live --duration-s 60 --rate 3 --seed 2
+    python -m bench.governor_live --rate 5 --slo-target 0.95   # the governed fleet with a target
 
 Units: seconds, joules, watts.
 """
@@ -44,7 +45,7 @@ server: {{host: 127.0.0.1, port: {port}}}
 backends:
 {backends}
 routing: {{policy: efficiency, slo: {{ttft_ms: 2000, tpot_ms: 200}}}}
-governor: {{mode: {mode}, interval_s: {interval_s}}}
+governor: {{mode: {mode}, interval_s: {interval_s}{extra}}}
 tenants:
   - {{name: bench, api_keys_sha256: ['{key_sha256}']}}
 admin_api_keys_sha256: ['{admin_sha256}']
@@ -83,7 +84,7 @@ def plan(rate_rps: float, duration_s: float, seed: int) -> list[Planned]:
 
 
 def start_fleet(mode: str, workdir: Path, procs: list[subprocess.Popen[bytes]], key: str,
-                admin_key: str) -> Fleet:
+                admin_key: str, slo_target: float | None = None) -> Fleet:
     fleet = Fleet(mode)
     sim_procs = []
     for name, profile in FLEET:
@@ -103,6 +104,7 @@ def start_fleet(mode: str, workdir: Path, procs: list[subprocess.Popen[bytes]], 
     config = workdir / f"{mode}.yaml"
     config.write_text(CONFIG.format(
         port=port, backends=backends, mode=mode, interval_s=INTERVAL_S,
+        extra=f", slo_target: {slo_target}" if slo_target is not None and mode == "apply" else "",
         key_sha256=hashlib.sha256(key.encode()).hexdigest(),
         admin_sha256=hashlib.sha256(admin_key.encode()).hexdigest()))
     proxy = _spawn(["serve", "-c", str(config), "--log-level", "warning"], workdir / f"{mode}-proxy.log")
@@ -161,18 +163,29 @@ def governor_state(fleet: Fleet, admin_key: str) -> str:
     return ", ".join(parts)
 
 
+def fleet_clock(fleet: Fleet, admin_key: str) -> str:
+    """The governed fleet's clock (governor.slo_target), from its admin view."""
+    views = httpx.get(f"{fleet.base}/v1/energy/backends", headers={"Authorization": f"Bearer {admin_key}"},
+                      timeout=5).json()["data"]
+    clock = next(((v.get("governor") or {}).get("clock") for v in views if (v.get("governor") or {}).get("clock")),
+                 None)
+    return "none" if clock is None else ", ".join(f"{k} {v}" for k, v in clock.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.governor_live", description=__doc__.split("\n")[0])
     ap.add_argument("--duration-s", type=float, default=120.0, help="seconds of arrivals")
     ap.add_argument("--rate", type=float, default=1.5, help="requests per second (each to both fleets)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--slo-target", type=float, default=None,
+                    help="the governed fleet's attainment target (governor.slo_target)")
     args = ap.parse_args(argv)
     os.environ["JOULEGATE_SIM_WAKE_S"] = str(WAKE_S)  # read by the simulators started below
     workdir = Path(tempfile.mkdtemp(prefix="joulegate-governor-live-"))
     procs: list[subprocess.Popen[bytes]] = []
     key, admin_key = "sk-bench-" + secrets.token_hex(12), "sk-bench-admin-" + secrets.token_hex(12)
     try:
-        fleets = [start_fleet(mode, workdir, procs, key, admin_key) for mode in MODES]
+        fleets = [start_fleet(mode, workdir, procs, key, admin_key, args.slo_target) for mode in MODES]
         requests = plan(args.rate, args.duration_s, args.seed)
         print(f"{len(requests)} requests over {args.duration_s:.0f} s (seed {args.seed}) to both fleets "
               f"({', '.join(n for n, _ in FLEET)}; governor interval {INTERVAL_S:g} s, wake {WAKE_S:g} s)")
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{1000 * cuts[98]:>13.0f}{f.failed:>8}")
         print(f"\nwindow {window_s:.0f} s; apply / off J per token: {jpt['apply'] / jpt['off']:.3f}")
         print(f"governed fleet at the end: {governor_state(fleets[1], admin_key)}")
+        if args.slo_target is not None:
+            print(f"fleet clock at the end: {fleet_clock(fleets[1], admin_key)}")
         return 0
     finally:
         _stop(procs)

@@ -76,7 +76,7 @@ class EfficiencyModel:
         "window", "latency_window", "prior_weight", "refresh_s", "version", "tracker",
         "waiting", "_knots", "_idle_w", "_idle_weight", "_built_s", "_top", "_top_x",
         "_top_q", "_sat_x", "_last_power_s", "_unstarted", "_started", "_power", "_rate", "_ttft", "_tpot", "_ttft_hi", "_tpot_hi",
-        "_plans", "spread_z",
+        "_plans", "spread_z", "slo_limits_s", "slo_ratios",
     )
 
     def __init__(self, *, window: int = 200, latency_window: int = 64, prior_weight: float = 10.0,
@@ -98,6 +98,11 @@ class EfficiencyModel:
         self._top_q = 0.0  # highest awaiting-first-token count with a TTFT
         self._sat_x = 0.0  # highest decoding count seen with a queue behind it
         self._last_power_s: float | None = None
+        # The SLO tally (the governor's attainment target reads and clears it): with (TTFT s,
+        # TPOT s) limits set, each streamed request that finishes adds its latency over the
+        # SLO, the larger of TTFT / limit and TPOT / limit (<= 1: met; inf: no first token).
+        self.slo_limits_s: tuple[float, float] | None = None
+        self.slo_ratios: list[float] = []
         # Send times of requests awaiting their first token, in send order; those that got
         # it since are counted in `_started` and dropped lazily from the front.
         self._unstarted: deque[float] = deque()
@@ -162,14 +167,19 @@ class EfficiencyModel:
         if ticket[1] == 0:  # non-streamed: decoding since it was sent
             self.tracker.change(t_s, in_flight=-1, decoding=-1)
             return
+        limits = self.slo_limits_s
         if first_token_s is None:
             self._start(ticket[2])
             self.tracker.change(t_s, in_flight=-1)
+            if limits is not None:
+                self.slo_ratios.append(_INF)
             return
         self.tracker.change(t_s, in_flight=-1, decoding=-1)
+        tpot_s = (t_s - first_token_s) / (output_tokens - 1) if output_tokens > 1 else 0.0
         if output_tokens > 1:
-            tpot_s = (t_s - first_token_s) / (output_tokens - 1)
             self.observe_request(ticket[0], t_s, tpot_s=tpot_s)
+        if limits is not None:
+            self.slo_ratios.append(max((first_token_s - ticket[2]) / limits[0], tpot_s / limits[1]))
 
     def power_sample(self, t_s: float, power_w: float) -> None:
         """The backend's mean power over the interval since the previous sample, in W."""

@@ -409,6 +409,12 @@ class GovernorConfig(_Strict):
         "Choose deeper caps and, between two decisions (every 100 ms), raise a backend's cap at once "
         "when a queue forms on it (advise mode: advice only); false: caps keep burst headroom "
         "under a fixed cap."))
+    # Off by default: it trades SLO attainment for energy, which is the operator's call.
+    slo_target: float | None = Field(None, gt=0.5, lt=1.0, description=(
+        "Attainment target: the share of requests that must meet routing.slo (e.g. 0.95). Set, the "
+        "governor (apply mode) also holds every GPU to a common clock, lowered while the target "
+        "quantile of finished requests' latency stays under the SLO and raised when it does not; "
+        "caps go deeper than the learned model alone allows. null: caps from the model only."))
 
     @field_validator("mode", mode="before")
     @classmethod

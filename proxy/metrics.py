@@ -145,6 +145,11 @@ class Metrics:
             "joulegate_governor_cap_watts", "Per-GPU power cap the governor advises (mode advise) or applied (apply).",
             ["backend"], multiprocess_mode="livemax", registry=r,
         )
+        # With governor.slo_target (proxy/governor/clock.py): the fleet's clock ratio, 1 = uncapped.
+        self.governor_clock = Gauge(
+            "joulegate_governor_clock_ratio", "Clock ratio the governor holds the fleet's GPUs to under its "
+            "attainment target (1: uncapped).", multiprocess_mode="livemax", registry=r,
+        )
         self.governor_decisions = Counter(
             "joulegate_governor_decisions", "Governor decisions, by backend and action (lower|raise|hold|park).",
             ["backend", "action"], registry=r,

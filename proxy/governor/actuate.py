@@ -31,17 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
 
 import httpx
 
+from policies.efficiency import takes_more
 from proxy.backends import Backend, BackendPool
 from proxy.carbon import grams
 from proxy.config import Config
 from proxy.energy.sources.agent import auth_headers, tls_verify
 from proxy.governor.burst import at_now, burst_wake_advice
+from proxy.governor.clock import ClockParams, FleetClock, next_clock
 from proxy.governor.decide import (
     HOLD,
     BackendInput,
@@ -86,7 +89,16 @@ class Governor:
         self.fast = self.caps and config.governor.fast_raise
         self.params = GovernorParams(slo_ttft_s=slo.ttft_ms / 1e3, slo_tpot_s=slo.tpot_ms / 1e3,
                                      hold_s=0.9 * self.interval_s,  # a tick a little early still counts
-                                     rewake_s=self.interval_s, fast=self.fast)
+                                     rewake_s=self.interval_s, fast=self.fast,
+                                     slo_target=config.governor.slo_target)
+        # Attainment target (clock.py): in apply mode only, as its feedback is latency under the
+        # caps it sets (advised caps change nothing, so the clock would only ever fall).
+        target = config.governor.slo_target
+        self.clock_params = ClockParams(target) if target is not None and self.mode == "apply" and self.caps else None
+        self.clock = FleetClock()
+        if self.clock_params is not None:
+            for b in pool.backends:
+                b.efficiency.slo_limits_s = (self.params.slo_ttft_s, self.params.slo_tpot_s)
         self.metrics = metrics
         self.targets = [Target(b, limits_url(b)) for b in pool.backends]
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +161,9 @@ class Governor:
                 "fast_raise": ({"cap_w": t.fast.cap_w, "from_w": t.fast.previous_cap_w, "reason": t.fast.reason,
                                 "age_s": round(time.monotonic() - t.fast_at_s, 3) if t.fast_at_s else None}
                                if t.fast else None),
+                "clock": ({"ratio": self.clock.clock, "floor": self.clock.floor,
+                           "latency_quantile": self.clock.quantile if math.isfinite(self.clock.quantile) else None,
+                           "slo_target": self.clock_params.target} if self.clock_params is not None else None),
                 "parking": self.parking.view(name) if self.parking is not None else None}
 
     async def _loop(self) -> None:
@@ -184,7 +199,9 @@ class Governor:
                 up.append(t)
         ready = [t for t in up if self.caps and t.client is not None and await self._read_limits(t)]
         inputs = [self._input(t, now_s) for t in ready]
-        decisions = decide(inputs, self.params, now_s)
+        if self.clock_params is not None:
+            self._next_clock(up)
+        decisions = decide(inputs, self.params, now_s, self.clock.clock)
         for t in self.targets:
             t.decided = None
         for t, i, d in zip(ready, inputs, decisions, strict=True):
@@ -198,6 +215,27 @@ class Governor:
                 t.decided = i
             await self._park_or_wake(loads, now_s)
         return decisions
+
+    def _next_clock(self, up: list[Target]) -> None:
+        """The fleet clock after this interval's finished requests (clock.py)."""
+        assert self.clock_params is not None
+        ratios: list[float] = []
+        for t in self.targets:
+            ratios += t.backend.efficiency.slo_ratios
+            t.backend.efficiency.slo_ratios.clear()
+        p, now_s = self.params, time.time()  # the models' clock
+        max_wait_s = p.wake_wait_share * p.slo_ttft_s
+        saturated = bool(up) and not any(
+            takes_more(m.plan(p.slo_ttft_s, p.slo_tpot_s), t.backend.in_flight, m.waiting, m.oldest_wait_s(now_s),
+                       max_wait_s) for t in up for m in (t.backend.efficiency,))
+        before, self.clock = self.clock, next_clock(self.clock, ratios, self.clock_params, saturated)
+        self.metrics.governor_clock.set(self.clock.clock)
+        if self.clock.clock != before.clock:
+            why = ("no backend takes one more request within the SLO" if saturated else
+                   f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
+                   f"over {len(ratios)} requests")
+            log.info("governor: fleet clock %.2f (from %.2f; floor %.2f): %s", self.clock.clock, before.clock,
+                     self.clock.floor, why)
 
     async def _park_or_wake(self, loads: list[tuple[Target, BackendInput]], now_s: float) -> None:
         """Wake one parked backend if the others near their capacity; else carry a swap on, or

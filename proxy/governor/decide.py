@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from policies.efficiency import MAX_WAIT_FRACTION
 from policies.model import EfficiencyModel
 from proxy.governor.capmodel import DECODE_CLOCK_SENSITIVITY, PREFILL_CLOCK_SENSITIVITY, capped
+from proxy.governor.clock import cap_for_clock_w
 
 __all__ = ["BackendInput", "Decision", "GovernorParams", "Swap", "cheapest_to_wake", "decide", "decide_cap",
            "fast_params", "idle_cost_rate", "park_advice", "serve_cost_per_token", "swap_advice", "wake_advice"]
@@ -91,6 +92,11 @@ class GovernorParams:
     fast_wait_share: float = 0.6
     fast_tpot_share: float = 0.8
     fast_dwell_s: float = 1.0
+    # The attainment target (None: off): the share of requests that must meet the SLO. With
+    # one, the fleet also runs at a common clock set from measured latency (clock.py), and
+    # each backend's cap is the lower of the one chosen above and the one holding its GPUs to
+    # that clock (`decide`'s `clock`).
+    slo_target: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,12 +388,34 @@ def swap_advice(parked: Sequence[BackendInput], up: Sequence[BackendInput], p: G
     return Swap(best.name, dear.name, f"costs {ratio:.0%} of {dear.name}'s per token at its load ({n:.1f} in flight)")
 
 
-def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float) -> list[Decision]:
-    """A decision per backend, in the order given: its cap, and whether it could be parked."""
+def _clocked(d: Decision, b: BackendInput, clock: float, now_s: float, p: GovernorParams) -> Decision:
+    """`d`, or the fleet clock's cap where that is lower (`GovernorParams.slo_target`). The
+    clock's cap keeps the hold between changes but not the step limit: the clock itself moves
+    by at most 10% an interval."""
+    cap_w = round(cap_for_clock_w(clock, b.model.idle_w / max(b.gpus, 1), b.min_w, b.max_w), 1)
+    current = min(max(b.cap_w, b.min_w), b.max_w)
+    if cap_w >= d.cap_w - p.deadband_w / 2:
+        return d
+    if abs(cap_w - current) < p.deadband_w:
+        return replace(d, action=HOLD, cap_w=current, reason=f"at the fleet clock {clock:.2f} ({current:.0f} W)")
+    since_s = now_s - b.last_change_s if b.last_change_s is not None else None
+    if since_s is not None and since_s < p.hold_s and cap_w < current:
+        return replace(d, action=HOLD, cap_w=current, reason=f"changed {since_s:.1f} s ago; fleet clock {clock:.2f}")
+    action = LOWER if cap_w < current else RAISE
+    return replace(d, action=action, cap_w=cap_w, reason=f"fleet clock {clock:.2f} for the attainment target "
+                   f"({100 * (p.slo_target or 0):.0f}%): {cap_w:.0f} W; the model alone: {d.cap_w:.0f} W")
+
+
+def decide(backends: Sequence[BackendInput], params: GovernorParams, now_s: float,
+           clock: float = 1.0) -> list[Decision]:
+    """A decision per backend, in the order given: its cap, and whether it could be parked.
+    `clock`: the fleet's clock ratio under an attainment target (clock.py's `next_clock`)."""
     parks = park_advice(backends, params)
     out = []
     for b in backends:
         d = decide_cap(b, params, now_s)
+        if params.slo_target is not None and clock < 1.0:
+            d = _clocked(d, b, clock, now_s, params)
         if b.name in parks:
             d = replace(d, park=True, park_reason=parks[b.name])
         out.append(d)

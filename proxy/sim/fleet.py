@@ -215,7 +215,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
              attribute: bool = False,
              models: dict[str, EfficiencyModel] | None = None,
              objective: str = "joules", park: bool = True, wake_s: float = DEFAULT_WAKE_S,
-             record_requests: bool = False, power_caps: bool = True, fast_raise: bool = False) -> SimResult:
+             record_requests: bool = False, power_caps: bool = True, fast_raise: bool = False,
+             slo_target: float | None = None) -> SimResult:
     """Replay `trace` (sorted by arrival) through `policy` over `fleet`; deterministic.
 
     `models`: the learned models to use and feed, by backend name (fresh ones by default;
@@ -230,7 +231,8 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     `park`: with `+governor`, park the backends it advises parking (proxy/sim/parking.py); a
     wake-up takes `wake_s`. `power_caps`: with `+governor`, set the power caps it decides (False:
     parking only, to tell what each saves); `fast_raise`: deeper caps, raised at once when a queue
-    forms between two decisions (proxy/governor/fast.py; False, the default: burst headroom under a fixed cap). `record_requests`: fill `SimResult.request_log`.
+    forms between two decisions (proxy/governor/fast.py; False, the default: burst headroom under a fixed cap);
+    `slo_target`: the governor's attainment target (GovernorParams.slo_target; None: off). `record_requests`: fill `SimResult.request_log`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
@@ -253,7 +255,7 @@ def simulate(fleet: Sequence[FleetBackend], trace: Sequence[TraceRequest], polic
     cost_factor = (lambda b, t_s: sites[b].gco2e_per_j(t_s)) if objective == "carbon" else None  # type: ignore[union-attr]
     gov = (VirtualGovernor(names, engines, model_list, slo_ttft_s, slo_tpot_s, parking=parking,
                            cost_factor=cost_factor, caps=power_caps,
-                           fast=fast_raise) if extra == "governor" else None)
+                           fast=fast_raise, slo_target=slo_target) if extra == "governor" else None)
     books = CarbonBooks(engines, sites) if fleet and all(sites) else None  # type: ignore[arg-type]
     last_arrival_s = trace[-1].arrival_s if trace else 0.0
     model_name = fleet[0].profile.model_name if fleet else ""

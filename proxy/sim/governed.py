@@ -16,6 +16,10 @@ in flight) for the whole interval before. Between two decisions, at every sample
 leaves no awake backend the router's SLO guard lets take more wakes one at once (burst.py; at
 most one such wake-up per interval). Units: seconds, watts.
 
+With an attainment target (`slo_target`) each decision first moves the fleet clock
+(proxy/governor/clock.py) from the latency of the requests that finished since the last one, as
+the live apply mode does, and caps follow it where it is deeper than the model's choice.
+
 Under the carbon objective (`cost_factor`: grams per joule of a backend now) parking ranks by
 grams rather than joules: the idle backend parked first is the one whose idle power costs the
 most grams, a wake-up (for capacity or on demand) wakes the parked backend that would serve for
@@ -29,9 +33,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from policies.efficiency import takes_more
 from policies.model import EfficiencyModel
 from proxy.governor.burst import at_now, burst_wake_advice
 from proxy.governor.capmodel import min_limit_w
+from proxy.governor.clock import ClockParams, FleetClock, next_clock
 from proxy.governor.decide import (
     BackendInput,
     Decision,
@@ -56,7 +62,7 @@ class VirtualGovernor:
                  slo_ttft_s: float, slo_tpot_s: float, interval_s: float = INTERVAL_S,
                  parking: FleetParking | None = None,
                  cost_factor: Callable[[int, float], float] | None = None, caps: bool = True,
-                 fast: bool = False) -> None:
+                 fast: bool = False, slo_target: float | None = None) -> None:
         self.names, self.engines, self.models = list(names), list(engines), list(models)
         self.parking = parking
         # Carbon objective: backend index, t_s -> grams per joule now; a parked backend on a grid
@@ -69,7 +75,14 @@ class VirtualGovernor:
         self.interval_s = interval_s
         # `fast`: deeper caps, raised at once when a queue forms between two decisions (fast.py).
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s,
-                                     rewake_s=interval_s, fast=fast and caps)
+                                     rewake_s=interval_s, fast=fast and caps, slo_target=slo_target)
+        # With an attainment target: the fleet's clock (each model's SLO tally feeds it).
+        self.clock = FleetClock()
+        self.clock_params = ClockParams(slo_target) if slo_target is not None else None
+        self.clocks: list[tuple[float, float]] = []  # (t_s, clock ratio) at each decision
+        if slo_target is not None:
+            for m in self.models:
+                m.slo_limits_s = (slo_ttft_s, slo_tpot_s)
         n = len(self.names)
         self._last_s = 0.0
         self._next_s = interval_s
@@ -133,7 +146,16 @@ class VirtualGovernor:
             # Caps move between decisions only with the fast raise; otherwise the cap in force is
             # the one learnt at, exactly (a mean of equal caps may round below the board limit).
             inputs.append(replace(x, learned_cap_w=self._cap_ws[b] / span_s) if self.params.fast else x)
-        decisions = decide(inputs, self.params, t_s)
+        if self.clock_params is not None:
+            wait_s = self.params.wake_wait_share * self.params.slo_ttft_s
+            ratios = [x for m in self.models for x in m.slo_ratios]
+            for m in self.models:
+                m.slo_ratios.clear()
+            room = [takes_more(self.models[b].plan(self.params.slo_ttft_s, self.params.slo_tpot_s), in_flight[b],
+                               self.models[b].waiting, self.models[b].oldest_wait_s(t_s), wait_s) for b in up]
+            self.clock = next_clock(self.clock, ratios, self.clock_params, saturated=not any(room))
+            self.clocks.append((t_s, self.clock.clock))
+        decisions = decide(inputs, self.params, t_s, self.clock.clock)
         self._decided = dict(zip(up, inputs, strict=True))
         self._safe_w = {b: d.safe_cap_w for b, d in zip(up, decisions, strict=True)}
         for b, x, d in zip(up, inputs, decisions, strict=True):
@@ -245,13 +267,16 @@ class VirtualGovernor:
 
     def summary(self) -> dict[str, Any]:
         """Per backend: seconds at each cap (W, as a string key), cap changes, parking advice;
-        with parking, also seconds asleep, wake-ups and the parked intervals."""
+        with parking, also seconds asleep, wake-ups and the parked intervals; with an attainment
+        target, the fleet clock after each decision ([t_s, ratio])."""
         out: dict[str, Any] = {}
         for b, name in enumerate(self.names):
             caps = sorted(self.time_at_cap_s[b].items())
             out[name] = {"time_at_cap_s": {f"{cap:g}": round(s, 3) for cap, s in caps},
                          "cap_changes": self.changes[b], "park_advised_intervals": self.parks_advised[b],
                          "fast_raises": len(self.fast_raised[b]), "fast_raised": self.fast_raised[b]}
+            if self.clock_params is not None:  # the fleet's, the same for every backend
+                out[name]["fleet_clock"] = [[round(t_s, 3), round(c, 4)] for t_s, c in self.clocks]
             if self.parking is not None:
                 out[name].update(self.parking.summary(b))
                 out[name]["burst_wakes"] = self.burst_wakes[b]

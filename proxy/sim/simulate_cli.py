@@ -38,6 +38,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction[Any]) -> argparse.Argume
                    help=f"seconds a parked backend takes to wake up (default {DEFAULT_WAKE_S:g})")
     p.add_argument("--fast-raise", action="store_true",
                    help="+governor: deeper caps, raised at once when a queue forms (governor.fast_raise)")
+    p.add_argument("--slo-target", type=float, default=None,
+                   help="+governor: attainment target, the share of requests to meet the SLO (governor.slo_target): "
+                        "caps also follow a fleet clock set from measured latency")
     p.add_argument("--no-park", action="store_true",
                    help="+governor sets caps only: nothing is parked (to see what parking saves)")
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
@@ -58,6 +61,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     if not args.slo_ttft_ms > 0 or not args.slo_tpot_ms > 0:
         print("joulegate: error: --slo-ttft-ms and --slo-tpot-ms must be positive", file=sys.stderr)
         return 2
+    slo_target = getattr(args, "slo_target", None)
+    if slo_target is not None and not 0.5 < slo_target < 1.0:
+        print("joulegate: error: --slo-target must be between 0.5 and 1 (exclusive)", file=sys.stderr)
+        return 2
     wake_s = getattr(args, "wake_s", DEFAULT_WAKE_S)
     if not wake_s >= 0:
         print("joulegate: error: --wake-s must be >= 0", file=sys.stderr)
@@ -77,7 +84,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     results = [simulate(fleet, trace, p, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
                         attribute=args.check_attribution, objective=objective,
                         park=not getattr(args, "no_park", False), wake_s=wake_s,
-                        fast_raise=getattr(args, "fast_raise", False)) for p in policies]
+                        fast_raise=getattr(args, "fast_raise", False), slo_target=slo_target) for p in policies]
     capacity_rps = fleet_capacity_rps(fleet, trace, slo_tpot_s)
     print(format_results(results, capacity_rps, args.slo_ttft_ms, args.slo_tpot_ms))
     try:

@@ -1,0 +1,88 @@
+"""The fleet clock: how deep caps go under an attainment target, from measured latency.
+
+The governor's per-backend checks (decide.py) run on the learned model's upper estimates with
+margins, at the load the router gives a backend under its present cap. Under load they hold
+caps well above what the SLO needs: the router fills the fastest GPUs up to their SLO guard,
+no cap fits that load, though under a cap the router would send less there. With an
+attainment target (`governor.slo_target`: the share of requests that must meet the SLO) the
+fleet also runs at a common clock ratio (1: uncapped), set by feedback from the requests that
+finished: each interval the `target` quantile of their latency over the SLO (per request, the
+larger of TTFT / its limit and TPOT / its limit; <= 1 is met) is held near a setpoint. A
+common clock slows every backend alike, so the router's split keeps its shape while the caps
+fall.
+
+Latency does not grow smoothly as the clock falls: it stays flat, then queues form within an
+interval and take several more to drain (what finishes next was queued at the deep clock). So
+the feedback remembers where that happened: a quantile over the SLO sets a floor a step above
+that clock, and each interval on target lowers the floor by a little, to probe again slowly.
+TCP's congestion window does the same with its slow-start threshold. And when at the decision
+no awake backend passes the router's SLO guard (a queue the finished requests do not show yet)
+the clock rises at once, with no floor: a moment's saturation is not a measured miss.
+
+Pure: no I/O, no clock reads. Units: clock ratios (dimensionless), watts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.governor.capmodel import DYNAMIC_POWER_EXPONENT
+
+__all__ = ["ClockParams", "FleetClock", "cap_for_clock_w", "next_clock"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClockParams:
+    """Knobs of `next_clock`."""
+
+    target: float  # the share of requests that must meet the SLO
+    setpoint: float = 0.9  # the target quantile of latency / SLO is held here
+    gain: float = 0.5  # clock x (quantile / setpoint) ^ gain ...
+    fall: float = 0.9  # ... but no less than this factor in one interval ...
+    rise: float = 1.25  # ... nor more than this one
+    lowest: float = 0.5  # the clock never goes below this
+    min_finished: int = 20  # fewer requests finished than this: no change
+    floor_step: float = 0.05  # a miss sets the floor this far above the clock it happened at
+    floor_decay: float = 0.01  # each interval on target lowers the floor by this
+
+
+@dataclass(frozen=True, slots=True)
+class FleetClock:
+    """The clock ratio the fleet's caps hold (1.0: uncapped), the floor it may not go below
+    for now, and the last interval's quantile of latency / SLO (nan: not measured)."""
+
+    clock: float = 1.0
+    floor: float = 0.0
+    quantile: float = math.nan
+
+
+def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParams,
+               saturated: bool = False) -> FleetClock:
+    """The fleet clock after an interval whose finished requests had these latencies over the
+    SLO (inf: a request that never had a first token); unchanged when too few finished.
+    `saturated`: no awake backend takes one more request within the SLO now (the router's
+    guard): a queue is forming that the finished requests do not show yet, so the clock rises."""
+    if saturated:
+        return FleetClock(min(state.clock * p.rise, 1.0), state.floor, state.quantile)
+    if len(latency_ratios) < p.min_finished:
+        return state
+    ordered = sorted(latency_ratios)
+    q = ordered[min(int(p.target * len(ordered)), len(ordered) - 1)]
+    floor = state.floor
+    if q > 1.0:  # the target missed: not this deep again for a while
+        floor = min(1.0, max(floor, state.clock + p.floor_step))
+    elif q <= p.setpoint:
+        floor = max(floor - p.floor_decay, 0.0)
+    factor = min(max((q / p.setpoint) ** p.gain, p.fall), p.rise) if math.isfinite(q) else p.rise
+    clock = state.clock * factor
+    if factor < 1.0:
+        clock = max(clock, floor)
+    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q)
+
+
+def cap_for_clock_w(clock: float, idle_w: float, min_w: float, max_w: float) -> float:
+    """The per-GPU cap (W) that holds a GPU with this idle power to `clock` under full load
+    (the cap model's inverse at the board maximum), within `[min_w, max_w]`."""
+    return float(min(max(idle_w + clock ** DYNAMIC_POWER_EXPONENT * (max_w - idle_w), min_w), max_w))
