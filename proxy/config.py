@@ -398,7 +398,8 @@ class GovernorConfig(_Strict):
         "changed; apply: caps set through the backends' power agents (power.source agent or sim) and "
         "restored when the proxy stops, and idle backends with `park:` parked and woken."))
     interval_s: float = Field(15.0, gt=0, description=(
-        "Seconds between decisions; a backend's cap changes at most once per interval."))
+        "Seconds between decisions; a decision changes a backend's cap at most once per interval "
+        "(fast_raise and slo_target also move caps between decisions, every 100 ms)."))
     # Under routing.objective: carbon the caps work against the carbon cut at light load
     # (docs/carbon.md): parking alone cut grams 33-38 % with the SLO kept, caps and parking 8-24 %.
     caps: bool = Field(True, description=(
@@ -414,12 +415,22 @@ class GovernorConfig(_Strict):
         "Attainment target: the share of requests that must meet routing.slo (e.g. 0.95). Set, the "
         "governor (apply mode) also holds every GPU to a common clock, lowered while the target "
         "quantile of finished requests' latency stays under the SLO and raised when it does not; "
-        "caps go deeper than the learned model alone allows. null: caps from the model only."))
+        "caps go deeper than the learned model alone allows, and between decisions (every 100 ms) a "
+        "backend's cap rises while a queue stands on it and comes back once it has gone. Excludes "
+        "fast_raise. null: caps from the model only."))
 
     @field_validator("mode", mode="before")
     @classmethod
     def _yaml_off(cls, value: object) -> object:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _one_fast_loop(self) -> GovernorConfig:
+        # Both move caps between decisions, each from its own rule; together they undo each other.
+        if self.fast_raise and self.slo_target is not None:
+            raise ValueError("fast_raise and slo_target exclude each other: with an attainment target "
+                             "the caps follow each backend's queue between decisions already")
+        return self
 
 
 class TelemetryConfig(_Strict):

@@ -16,6 +16,9 @@ import httpx
 import openai
 import pytest
 
+from proxy.backends import BackendPool
+from proxy.config import Config, parse_config
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b"
 KEYS = {"acme": "sk-test-acme-0001", "globex": "sk-test-globex-0002"}
@@ -97,6 +100,18 @@ class SimBackend(Proc):
     def truth(self, request_id: str) -> dict:
         return httpx.get(f"{self.url}/sim/requests/{request_id}", timeout=5).json()
 
+    def limit_w(self) -> float:
+        """Its GPU's power limit now (W), from its agent API."""
+        return float(httpx.get(f"{self.url}/v1/power/limits", timeout=5).json()["gpus"][0]["power_limit_w"])
+
+    def governed(self, governor: str) -> tuple[Config, BackendPool]:
+        """A config with one backend `h100` on this simulator, its power read and capped through
+        the simulator's agent API, and this `governor:` block (a YAML flow mapping); its pool."""
+        power = f"power: {{source: sim, url: '{self.url}'}}"
+        config = parse_config(f"backends:\n  - {{name: h100, url: '{self.url}/v1', models: [m], {power}}}\n"
+                              f"governor: {governor}\n")
+        return config, BackendPool(config)
+
 
 class ProxyProc(Proc):
     def __init__(self, config_text: str, tmp: Path, wait_ready: bool = True,
@@ -141,6 +156,16 @@ def sims(session_tmp: Path) -> Iterator[dict[str, SimBackend]]:
     finally:
         for sim in started.values():
             sim.stop()
+
+
+@pytest.fixture
+def h100_sim(tmp_path: Path) -> Iterator[SimBackend]:
+    """An H100 simulator of this test's own (its power limits are the test's to change)."""
+    sim = SimBackend("h100-llama3.1-8b", tmp_path)
+    try:
+        yield sim
+    finally:
+        sim.stop()
 
 
 def sdk_client(proxy: ProxyProc, tenant: str = "acme") -> openai.OpenAI:

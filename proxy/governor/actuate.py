@@ -62,6 +62,7 @@ from proxy.governor.fast import (
     FastRaise,
     fast_raise_advice,
 )
+from proxy.governor.follow import FOLLOW, CapMove, FollowParams, follow_advice
 from proxy.governor.park import Parking
 from proxy.governor.target import Target, durations, limits_url
 from proxy.metrics import Metrics
@@ -96,6 +97,8 @@ class Governor:
         target = config.governor.slo_target
         self.clock_params = ClockParams(target) if target is not None and self.mode == "apply" and self.caps else None
         self.clock = FleetClock()
+        # ... and between ticks each cap follows its backend's queue (follow.py).
+        self.follow = FollowParams() if self.clock_params is not None else None
         if self.clock_params is not None:
             for b in pool.backends:
                 b.efficiency.slo_limits_s = (self.params.slo_ttft_s, self.params.slo_tpot_s)
@@ -161,6 +164,10 @@ class Governor:
                 "fast_raise": ({"cap_w": t.fast.cap_w, "from_w": t.fast.previous_cap_w, "reason": t.fast.reason,
                                 "age_s": round(time.monotonic() - t.fast_at_s, 3) if t.fast_at_s else None}
                                if t.fast else None),
+                "follow": ({"cap_w": t.follow.cap_w, "from_w": t.follow.previous_cap_w, "reason": t.follow.reason,
+                            "age_s": round(time.monotonic() - t.moved_s, 3) if t.moved_s else None}
+                           if t.follow else None),
+                "follow_moves": t.follow_moves if self.follow is not None else None,
                 "clock": ({"ratio": self.clock.clock, "floor": self.clock.floor,
                            "latency_quantile": self.clock.quantile if math.isfinite(self.clock.quantile) else None,
                            "slo_target": self.clock_params.target} if self.clock_params is not None else None),
@@ -172,12 +179,14 @@ class Governor:
         while True:
             deadline_s = max(deadline_s + self.interval_s, loop.time())
             # Every WATCH_S: with parking, look for a burst the awake backends cannot carry; with
-            # the fast raise, for a queue forming under a cap.
-            while (self.parking is not None or self.fast) and deadline_s - loop.time() > WATCH_S:
+            # the fast raise, for a queue forming under a cap; with a target, follow the queues.
+            while ((self.parking is not None or self.fast or self.follow is not None)
+                   and deadline_s - loop.time() > WATCH_S):
                 await asyncio.sleep(WATCH_S)
                 try:
                     self.watch()
                     await self.raise_fast()
+                    await self.follow_queues()
                 except Exception:
                     log.exception("governor watch failed")
             await asyncio.sleep(max(deadline_s - loop.time(), 0.0))
@@ -231,8 +240,7 @@ class Governor:
         before, self.clock = self.clock, next_clock(self.clock, ratios, self.clock_params, saturated)
         self.metrics.governor_clock.set(self.clock.clock)
         if self.clock.clock != before.clock:
-            why = ("no backend takes one more request within the SLO" if saturated else
-                   f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
+            why = (f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
                    f"over {len(ratios)} requests")
             log.info("governor: fleet clock %.2f (from %.2f; floor %.2f): %s", self.clock.clock, before.clock,
                      self.clock.floor, why)
@@ -326,6 +334,33 @@ class Governor:
                 continue
             if await self._fast_apply(t, advice, now_s):
                 out.append(advice)
+        return out
+
+    async def follow_queues(self) -> list[CapMove]:
+        """Between two ticks, under an attainment target (apply mode): move each backend's cap
+        with its queue (follow.py) through its agent; the moves made."""
+        if self.follow is None:
+            return []
+        now_s, model_now_s = time.monotonic(), time.time()  # the models' events are on time.time()
+        out = []
+        for t in self.targets:
+            d, held_w = t.decision, self._held_w(t)
+            if t.decided is None or d is None or held_w is None or t.backend.parked or t.client is None:
+                continue
+            b = t.backend
+            now = replace(at_now(t.decided, b.in_flight, b.efficiency.waiting, b.efficiency.oldest_wait_s(model_now_s)),
+                          cap_w=held_w)
+            move = follow_advice(now, d.cap_w, self.clock.clock, self.params.slo_ttft_s, self.follow, now_s,
+                                 t.moved_s)
+            if move is None or not await self._set(t, move.cap_w):
+                continue
+            log.info("governor: backend %s: cap to %.0f W (from %.0f W): %s", b.name, t.applied_w,
+                     move.previous_cap_w, move.reason)
+            t.follow, t.moved_s = move, now_s
+            t.follow_moves += 1
+            self.metrics.governor_decisions.labels(b.name, FOLLOW).inc()
+            self.metrics.governor_cap_w.labels(b.name).set(t.applied_w or 0.0)
+            out.append(move)
         return out
 
     async def _fast_apply(self, t: Target, advice: FastRaise, now_s: float) -> bool:
@@ -452,7 +487,9 @@ class Governor:
             name=b.name, model=b.efficiency, in_flight=in_flight, arrival_rate_per_s=rate, mean_request_s=mean_s,
             gpus=len(t.gpus), min_w=max(float(g["min_w"]) for g in gpus),
             max_w=min(float(g["max_w"]) for g in gpus),
-            cap_w=max(float(g["power_limit_w"]) for g in gpus), last_change_s=t.last_change_s,
+            # Following a queue moves the cap between ticks: decide from the last decision's.
+            cap_w=(t.decision.cap_w if self.follow is not None and t.decision is not None and t.applied_w is not None
+                   else max(float(g["power_limit_w"]) for g in gpus)), last_change_s=t.last_change_s,
             cost_per_j=self._cost_per_j(b),
             # Advice leaves the GPU's own cap; without the fast raise caps move only at decisions.
             learned_cap_w=learned_w if self.mode == "apply" and self.fast else None)
@@ -481,7 +518,7 @@ class Governor:
     async def _apply(self, t: Target, d: Decision, now_s: float) -> None:
         if not await self._set(t, d.cap_w):
             return
-        t.last_change_s = now_s
+        t.last_change_s = t.moved_s = now_s
         log.info("governor: backend %s: %s cap to %.0f W (from %.0f W): %s", t.backend.name, d.action,
                  t.applied_w, d.previous_cap_w, d.reason)
 

@@ -14,10 +14,11 @@ fall.
 Latency does not grow smoothly as the clock falls: it stays flat, then queues form within an
 interval and take several more to drain (what finishes next was queued at the deep clock). So
 the feedback remembers where that happened: a quantile over the SLO sets a floor a step above
-that clock, and each interval on target lowers the floor by a little, to probe again slowly.
-TCP's congestion window does the same with its slow-start threshold. And when at the decision
-no awake backend passes the router's SLO guard (a queue the finished requests do not show yet)
-the clock rises at once, with no floor: a moment's saturation is not a measured miss.
+the lowest clock of the last three intervals (the drain's misses come after the clock has risen
+again), and each interval on target lowers the floor by a little, to probe again slowly. TCP's
+congestion window does the same with its slow-start threshold. When at the decision no awake
+backend passes the router's SLO guard (a queue the finished requests do not show yet) the clock
+does not fall; between decisions each backend's cap follows its own queue (follow.py).
 
 Pure: no I/O, no clock reads. Units: clock ratios (dimensionless), watts.
 """
@@ -40,22 +41,24 @@ class ClockParams:
     target: float  # the share of requests that must meet the SLO
     setpoint: float = 0.9  # the target quantile of latency / SLO is held here
     gain: float = 0.5  # clock x (quantile / setpoint) ^ gain ...
-    fall: float = 0.9  # ... but no less than this factor in one interval ...
+    fall: float = 0.85  # ... but no less than this factor in one interval ...
     rise: float = 1.25  # ... nor more than this one
-    lowest: float = 0.5  # the clock never goes below this
+    lowest: float = 0.4  # the clock never goes below this (about the GPUs' minimum limits)
     min_finished: int = 20  # fewer requests finished than this: no change
-    floor_step: float = 0.05  # a miss sets the floor this far above the clock it happened at
+    floor_step: float = 0.05  # a miss sets the floor this far above the lowest recent clock
     floor_decay: float = 0.01  # each interval on target lowers the floor by this
 
 
 @dataclass(frozen=True, slots=True)
 class FleetClock:
     """The clock ratio the fleet's caps hold (1.0: uncapped), the floor it may not go below
-    for now, and the last interval's quantile of latency / SLO (nan: not measured)."""
+    for now, the last interval's quantile of latency / SLO (nan: not measured), and the clocks
+    of the two intervals before this one (newest last)."""
 
     clock: float = 1.0
     floor: float = 0.0
     quantile: float = math.nan
+    before: tuple[float, ...] = ()
 
 
 def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParams,
@@ -63,23 +66,25 @@ def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParam
     """The fleet clock after an interval whose finished requests had these latencies over the
     SLO (inf: a request that never had a first token); unchanged when too few finished.
     `saturated`: no awake backend takes one more request within the SLO now (the router's
-    guard): a queue is forming that the finished requests do not show yet, so the clock rises."""
-    if saturated:
-        return FleetClock(min(state.clock * p.rise, 1.0), state.floor, state.quantile)
+    guard): a queue is forming that the finished requests do not show yet, so the clock does not
+    fall."""
+    before = (*state.before, state.clock)[-2:]
     if len(latency_ratios) < p.min_finished:
-        return state
+        return FleetClock(state.clock, state.floor, state.quantile, before)
     ordered = sorted(latency_ratios)
     q = ordered[min(int(p.target * len(ordered)), len(ordered) - 1)]
     floor = state.floor
     if q > 1.0:  # the target missed: not this deep again for a while
-        floor = min(1.0, max(floor, state.clock + p.floor_step))
+        floor = min(1.0, max(floor, min((state.clock, *state.before)) + p.floor_step))
     elif q <= p.setpoint:
         floor = max(floor - p.floor_decay, 0.0)
     factor = min(max((q / p.setpoint) ** p.gain, p.fall), p.rise) if math.isfinite(q) else p.rise
+    if saturated:
+        factor = max(factor, 1.0)
     clock = state.clock * factor
     if factor < 1.0:
         clock = max(clock, floor)
-    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q)
+    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q, before)
 
 
 def cap_for_clock_w(clock: float, idle_w: float, min_w: float, max_w: float) -> float:

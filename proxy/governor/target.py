@@ -11,6 +11,7 @@ import httpx
 from proxy.backends import Backend
 from proxy.governor.decide import BackendInput, Decision
 from proxy.governor.fast import FastRaise
+from proxy.governor.follow import CapMove
 from proxy.metrics import Metrics
 from proxy.power_limits import PATH
 
@@ -37,6 +38,9 @@ class Target:
     fast: FastRaise | None = None  # the last fast raise (applied or advised)
     fast_at_s: float | None = None  # when (monotonic s)
     fast_raises: int = 0
+    follow: CapMove | None = None  # the last queue-following move (follow.py)
+    moved_s: float | None = None  # when its cap last moved, by a decision or a follow (monotonic s)
+    follow_moves: int = 0
     cap_ws: float = 0.0  # the cap held (W) integrated over time since `cap_since_s`
     cap_since_s: float | None = None  # (monotonic s)
 

@@ -49,6 +49,7 @@ from proxy.governor.decide import (
     wake_advice,
 )
 from proxy.governor.fast import fast_raise_advice
+from proxy.governor.follow import FollowParams, follow_advice
 from proxy.sim.engine import Engine
 from proxy.sim.parking import FleetParking
 
@@ -73,13 +74,18 @@ class VirtualGovernor:
             parking.wake_choice = self._cheapest_asleep
         self.swaps = [0] * len(self.names)
         self.interval_s = interval_s
-        # `fast`: deeper caps, raised at once when a queue forms between two decisions (fast.py).
+        # `fast`: deeper caps, raised at once when a queue forms between two decisions (fast.py);
+        # an attainment target has its own between decisions (follow.py) and excludes it.
+        if fast and slo_target is not None:
+            raise ValueError("the fast raise and an attainment target exclude each other")
         self.params = GovernorParams(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, hold_s=0.9 * interval_s,
                                      rewake_s=interval_s, fast=fast and caps, slo_target=slo_target)
         # With an attainment target: the fleet's clock (each model's SLO tally feeds it).
         self.clock = FleetClock()
         self.clock_params = ClockParams(slo_target) if slo_target is not None else None
         self.clocks: list[tuple[float, float]] = []  # (t_s, clock ratio) at each decision
+        # ... and between decisions each cap follows its backend's queue (follow.py).
+        self.follow = FollowParams() if slo_target is not None and caps else None
         if slo_target is not None:
             for m in self.models:
                 m.slo_limits_s = (slo_ttft_s, slo_tpot_s)
@@ -101,6 +107,9 @@ class VirtualGovernor:
         self._safe_w: dict[int, float | None] = {}  # the last decision's safe cap, by backend
         self._last_fast_s: list[float | None] = [None] * n
         self.fast_raised: list[list[tuple[float, float, float]]] = [[] for _ in range(n)]  # (t_s, from W, to W)
+        self._decided_w: dict[int, float] = {}  # the last decision's cap, by backend (follow)
+        self._last_move_s: list[float | None] = [None] * n  # a decision's or a follow's
+        self.follow_moves = [0] * n
 
     def _input(self, b: int, in_flight: int, rate_per_s: float, mean_request_s: float,
                t_s: float) -> BackendInput:
@@ -133,6 +142,8 @@ class VirtualGovernor:
         if t_s + 1e-9 < self._next_s:
             if self.params.fast:
                 self._fast(t_s, in_flight)
+            if self.follow is not None:
+                self._follow(t_s, in_flight)
             if self.parking is not None:
                 self._between(t_s, in_flight)
             return
@@ -145,7 +156,11 @@ class VirtualGovernor:
             x = self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s)
             # Caps move between decisions only with the fast raise; otherwise the cap in force is
             # the one learnt at, exactly (a mean of equal caps may round below the board limit).
-            inputs.append(replace(x, learned_cap_w=self._cap_ws[b] / span_s) if self.params.fast else x)
+            if self.params.fast:
+                x = replace(x, learned_cap_w=self._cap_ws[b] / span_s)
+            elif b in self._decided_w:  # following a queue moved the cap: decide from the last decision's
+                x = replace(x, cap_w=self._decided_w[b])
+            inputs.append(x)
         if self.clock_params is not None:
             wait_s = self.params.wake_wait_share * self.params.slo_ttft_s
             ratios = [x for m in self.models for x in m.slo_ratios]
@@ -158,11 +173,14 @@ class VirtualGovernor:
         decisions = decide(inputs, self.params, t_s, self.clock.clock)
         self._decided = dict(zip(up, inputs, strict=True))
         self._safe_w = {b: d.safe_cap_w for b, d in zip(up, decisions, strict=True)}
+        self._decided_w = {b: d.cap_w for b, d in zip(up, decisions, strict=True)} if self.follow else {}
         for b, x, d in zip(up, inputs, decisions, strict=True):
             if self.caps and d.cap_w != x.cap_w:
-                self._set_cap(b, d.cap_w)
                 self._last_change_s[b] = t_s
                 self.changes[b] += 1
+            if self.caps and d.cap_w != self._cap_w(b):
+                self._set_cap(b, d.cap_w)
+                self._last_move_s[b] = t_s
             self.parks_advised[b] += d.park
         if self.parking is not None:
             self._park_or_wake(t_s, up, inputs, decisions, in_flight, routed)
@@ -242,6 +260,23 @@ class VirtualGovernor:
                 self._set_cap(b, advice.cap_w)
                 self._last_fast_s[b] = t_s
 
+    def _follow(self, t_s: float, in_flight: Sequence[int]) -> None:
+        """Between two decisions, under an attainment target: each cap follows its backend's
+        queue (proxy/governor/follow.py)."""
+        assert self.follow is not None
+        for b, decided in self._decided.items():
+            decided_w = self._decided_w.get(b)
+            if decided_w is None or (self.parking is not None and not self.parking.routable(b)):
+                continue
+            model = self.models[b]
+            now = replace(at_now(decided, in_flight[b], model.waiting, model.oldest_wait_s(t_s)), cap_w=self._cap_w(b))
+            move = follow_advice(now, decided_w, self.clock.clock, self.params.slo_ttft_s, self.follow, t_s,
+                                 self._last_move_s[b])
+            if move is not None:
+                self._set_cap(b, move.cap_w)
+                self._last_move_s[b] = t_s
+                self.follow_moves[b] += 1
+
     def _set_cap(self, b: int, cap_w: float) -> None:
         board_w = self.engines[b].profile.board_limit_w
         self.engines[b].power_cap_w = None if cap_w >= board_w else cap_w
@@ -277,6 +312,7 @@ class VirtualGovernor:
                          "fast_raises": len(self.fast_raised[b]), "fast_raised": self.fast_raised[b]}
             if self.clock_params is not None:  # the fleet's, the same for every backend
                 out[name]["fleet_clock"] = [[round(t_s, 3), round(c, 4)] for t_s, c in self.clocks]
+                out[name]["follow_moves"] = self.follow_moves[b]
             if self.parking is not None:
                 out[name].update(self.parking.summary(b))
                 out[name]["burst_wakes"] = self.burst_wakes[b]

@@ -65,6 +65,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     if slo_target is not None and not 0.5 < slo_target < 1.0:
         print("joulegate: error: --slo-target must be between 0.5 and 1 (exclusive)", file=sys.stderr)
         return 2
+    if slo_target is not None and getattr(args, "fast_raise", False):
+        print("joulegate: error: --fast-raise and --slo-target exclude each other (with a target the caps "
+              "follow each backend's queue between decisions already)", file=sys.stderr)
+        return 2
     wake_s = getattr(args, "wake_s", DEFAULT_WAKE_S)
     if not wake_s >= 0:
         print("joulegate: error: --wake-s must be >= 0", file=sys.stderr)
