@@ -77,6 +77,10 @@ def test_a_saturated_fleet_holds_the_clock_before_any_latency_shows_a_queue() ->
     assert state.clock == pytest.approx(0.7) and state.floor == 0.0
     missed = next_clock(FleetClock(clock=0.7), ratios(90, 10), P, saturated=True)
     assert missed.clock == pytest.approx(0.875)  # a measured miss still raises it
+    # Full at two decisions in a row: a backlog is building; the clock rises a little.
+    again = next_clock(state, ratios(100, 0), P, saturated=True)
+    assert state.saturated and again.clock == pytest.approx(0.7 * P.saturated_rise) and again.floor == 0.0
+    assert not next_clock(again, ratios(100, 0), P).saturated
 
 
 @pytest.mark.parametrize("clock", [0.55, 0.7, 0.9])

@@ -240,7 +240,9 @@ class Governor:
         before, self.clock = self.clock, next_clock(self.clock, ratios, self.clock_params, saturated)
         self.metrics.governor_clock.set(self.clock.clock)
         if self.clock.clock != before.clock:
-            why = (f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
+            why = ("no backend takes one more request within the SLO, at two decisions in a row"
+                   if saturated and before.saturated else
+                   f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
                    f"over {len(ratios)} requests")
             log.info("governor: fleet clock %.2f (from %.2f; floor %.2f): %s", self.clock.clock, before.clock,
                      self.clock.floor, why)

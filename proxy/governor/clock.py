@@ -18,7 +18,8 @@ the lowest clock of the last three intervals (the drain's misses come after the 
 again), and each interval on target lowers the floor by a little, to probe again slowly. TCP's
 congestion window does the same with its slow-start threshold. When at the decision no awake
 backend passes the router's SLO guard (a queue the finished requests do not show yet) the clock
-does not fall; between decisions each backend's cap follows its own queue (follow.py).
+does not fall, and at two decisions in a row it rises a little (a fleet that stays full is
+building a backlog); between decisions each backend's cap follows its own queue (follow.py).
 
 Pure: no I/O, no clock reads. Units: clock ratios (dimensionless), watts.
 """
@@ -43,6 +44,7 @@ class ClockParams:
     gain: float = 0.5  # clock x (quantile / setpoint) ^ gain ...
     fall: float = 0.85  # ... but no less than this factor in one interval ...
     rise: float = 1.25  # ... nor more than this one
+    saturated_rise: float = 1.1  # saturated at two decisions in a row: the clock x this
     lowest: float = 0.4  # the clock never goes below this (about the GPUs' minimum limits)
     min_finished: int = 20  # fewer requests finished than this: no change
     floor_step: float = 0.05  # a miss sets the floor this far above the lowest recent clock
@@ -52,13 +54,15 @@ class ClockParams:
 @dataclass(frozen=True, slots=True)
 class FleetClock:
     """The clock ratio the fleet's caps hold (1.0: uncapped), the floor it may not go below
-    for now, the last interval's quantile of latency / SLO (nan: not measured), and the clocks
-    of the two intervals before this one (newest last)."""
+    for now, the last interval's quantile of latency / SLO (nan: not measured), the clocks of
+    the two intervals before this one (newest last), and whether the last decision found the
+    fleet saturated."""
 
     clock: float = 1.0
     floor: float = 0.0
     quantile: float = math.nan
     before: tuple[float, ...] = ()
+    saturated: bool = False
 
 
 def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParams,
@@ -67,10 +71,12 @@ def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParam
     SLO (inf: a request that never had a first token); unchanged when too few finished.
     `saturated`: no awake backend takes one more request within the SLO now (the router's
     guard): a queue is forming that the finished requests do not show yet, so the clock does not
-    fall."""
+    fall; saturated at the decision before too, it rises by `saturated_rise`."""
     before = (*state.before, state.clock)[-2:]
+    if saturated and state.saturated:
+        return FleetClock(min(state.clock * p.saturated_rise, 1.0), state.floor, state.quantile, before, True)
     if len(latency_ratios) < p.min_finished:
-        return FleetClock(state.clock, state.floor, state.quantile, before)
+        return FleetClock(state.clock, state.floor, state.quantile, before, saturated)
     ordered = sorted(latency_ratios)
     q = ordered[min(int(p.target * len(ordered)), len(ordered) - 1)]
     floor = state.floor
@@ -84,7 +90,7 @@ def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParam
     clock = state.clock * factor
     if factor < 1.0:
         clock = max(clock, floor)
-    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q, before)
+    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q, before, saturated)
 
 
 def cap_for_clock_w(clock: float, idle_w: float, min_w: float, max_w: float) -> float:
