@@ -5,10 +5,11 @@ call decide.py, and by `governor.mode`
           the advised cap in `joulegate_governor_cap_watts` and in /v1/energy/backends (admin);
   apply:  the same, and caps set with `PUT /v1/power/limits` on the backend's power agent
           (power.source agent or sim, with power.token_file / token_env as the power source
-          uses), at most one change per backend per interval; the limits found before the
-          first change are put back when the proxy stops, and tried when the agent stops
-          answering (an agent restores its own limits when it stops); and backends with a
-          `park:` parked and woken (park.py): at most one park per interval, only a backend
+          uses), at most one decided change per backend per interval (the fast raise and the
+          queue-following caps of an attainment target, follow.py, move caps between ticks);
+          the limits found before the first change are put back when the proxy stops, and tried
+          when the agent stops answering (an agent restores its own limits when it stops); and
+          backends with a `park:` parked and woken (park.py): at most one park per interval, only a backend
           idle for a whole interval that decide.py would park; a parked one is woken when the
           unparked ones near their capacity (decide.wake_advice), when between two ticks a burst
           leaves none that the router's SLO guard lets take more (burst.py, looked at every

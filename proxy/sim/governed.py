@@ -18,7 +18,8 @@ most one such wake-up per interval). Units: seconds, watts.
 
 With an attainment target (`slo_target`) each decision first moves the fleet clock
 (proxy/governor/clock.py) from the latency of the requests that finished since the last one, as
-the live apply mode does, and caps follow it where it is deeper than the model's choice.
+the live apply mode does, and caps follow it where it is deeper than the model's choice; between
+decisions each cap follows its backend's queue (proxy/governor/follow.py).
 
 Under the carbon objective (`cost_factor`: grams per joule of a backend now) parking ranks by
 grams rather than joules: the idle backend parked first is the one whose idle power costs the
@@ -154,8 +155,8 @@ class VirtualGovernor:
             rate = (routed[b] - self._routed[b]) / span_s
             mean_load = self._load_s[b] / span_s
             x = self._input(b, in_flight[b], rate, mean_load / rate if rate > 0 else 0.0, t_s)
-            # Caps move between decisions only with the fast raise; otherwise the cap in force is
-            # the one learnt at, exactly (a mean of equal caps may round below the board limit).
+            # With the fast raise the model learnt at the mean cap since the last decision; otherwise
+            # at the cap in force, exactly (a mean of equal caps may round below the board limit).
             if self.params.fast:
                 x = replace(x, learned_cap_w=self._cap_ws[b] / span_s)
             elif b in self._decided_w:  # following a queue moved the cap: decide from the last decision's
