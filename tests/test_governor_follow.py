@@ -114,6 +114,8 @@ def test_live_apply_a_queue_raises_the_cap_and_its_end_lowers_it(
         assert gov.follow is not None
         try:
             await gov.start()
+            assert gov._task is not None
+            gov._task.cancel()  # this test drives follow_queues itself: the loop's watch would race it
             for _ in range(2):  # fast requests: the clock falls (0.72) and the decision caps deep
                 for _ in range(40):
                     sent_s = time.time() - 1.0

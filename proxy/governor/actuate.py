@@ -5,7 +5,7 @@ call decide.py, and by `governor.mode`
           the advised cap in `joulegate_governor_cap_watts` and in /v1/energy/backends (admin);
   apply:  the same, and caps set with `PUT /v1/power/limits` on the backend's power agent
           (power.source agent or sim, with power.token_file / token_env as the power source
-          uses), at most one decided change per backend per interval (the fast raise and the
+          uses; the calls are target.py's), at most one decided change per backend per interval (the fast raise and the
           queue-following caps of an attainment target, follow.py, move caps between ticks);
           the limits found before the first change are put back when the proxy stops, and tried
           when the agent stops answering (an agent restores its own limits when it stops); and
@@ -144,7 +144,7 @@ class Governor:
             await self.parking.close()
         for t in self.targets:
             if t.original_w:
-                await self._restore(t, "the proxy stops")
+                await t.restore("the proxy stops")
             if t.client is not None:
                 await t.client.aclose()
 
@@ -204,10 +204,10 @@ class Governor:
             if t.backend.parked:  # asleep: no load to read; its idle time starts over once woken
                 t.seen = t.idle_since_s = None
                 if self.mode == "apply" and t.applied_w is not None and t.client is not None:
-                    await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
+                    await t.put({i: t.applied_w for i in t.original_w})  # renews an agent's lease
             else:
                 up.append(t)
-        ready = [t for t in up if self.caps and t.client is not None and await self._read_limits(t)]
+        ready = [t for t in up if self.caps and t.client is not None and await t.read_limits()]
         inputs = [self._input(t, now_s) for t in ready]
         if self.clock_params is not None:
             self._next_clock(up)
@@ -355,7 +355,7 @@ class Governor:
                           cap_w=held_w)
             move = follow_advice(now, d.cap_w, self.clock.clock, self.params.slo_ttft_s, self.follow, now_s,
                                  t.moved_s)
-            if move is None or not await self._set(t, move.cap_w):
+            if move is None or not await t.set_cap(move.cap_w):
                 continue
             log.info("governor: backend %s: cap to %.0f W (from %.0f W): %s", b.name, t.applied_w,
                      move.previous_cap_w, move.reason)
@@ -371,7 +371,7 @@ class Governor:
         b = t.backend
         t.hold(self._held_w(t), now_s)  # the model learnt at the cap held until now
         if self.mode == "apply":
-            if not await self._set(t, advice.cap_w):
+            if not await t.set_cap(advice.cap_w):
                 return False
             log.info("governor: backend %s: fast raise cap to %.0f W (from %.0f W): %s", b.name, t.applied_w,
                      advice.previous_cap_w, advice.reason)
@@ -446,30 +446,6 @@ class Governor:
         woken = next(b for b in parked if b.name == advice.wake)
         return woken, by_name[advice.relieve], f"a cleaner grid now: {advice.reason}"
 
-    async def _read_limits(self, t: Target) -> bool:
-        assert t.client is not None and t.url is not None
-        try:
-            resp = await t.client.get(t.url)
-            resp.raise_for_status()
-            gpus = resp.json()["gpus"]
-            if not gpus:
-                raise ValueError("no GPUs")
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            error = f"power limits unreadable: {type(exc).__name__}: {str(exc)[:200]}"
-            if error != t.error:
-                log.warning("governor: backend %s: %s", t.backend.name, error)
-            if t.original_w:  # lost the agent: put the limits back if it still listens to PUTs
-                await self._restore(t, "its agent stopped answering")
-            t.error = error
-            return False
-        if t.applied_w is not None and any(g["power_limit_w"] != t.applied_w for g in gpus):
-            # Someone else (or a restarted agent) set the limits: theirs are the originals now.
-            log.info("governor: backend %s: limits changed outside the governor; starting over", t.backend.name)
-            t.original_w.clear()
-            t.applied_w = None
-        t.gpus, t.error = gpus, None
-        return True
-
     def _input(self, t: Target, now_s: float) -> BackendInput:
         b = t.backend
         count, total_s = durations(self.metrics, b.name)
@@ -509,7 +485,7 @@ class Governor:
         if d.action == HOLD:
             log.debug("governor: backend %s holds %.0f W: %s", name, d.cap_w, d.reason)
             if self.mode == "apply" and t.applied_w is not None:
-                await self._put(t, {i: t.applied_w for i in t.original_w})  # renews an agent's lease
+                await t.put({i: t.applied_w for i in t.original_w})  # renews an agent's lease
         elif self.mode == "advise":
             log.info("governor: backend %s: advise %s to %.0f W (from %.0f W): %s", name, d.action, d.cap_w,
                      d.previous_cap_w, d.reason)
@@ -519,42 +495,8 @@ class Governor:
             d.cap_w if self.mode == "advise" else (t.applied_w or d.previous_cap_w))
 
     async def _apply(self, t: Target, d: Decision, now_s: float) -> None:
-        if not await self._set(t, d.cap_w):
+        if not await t.set_cap(d.cap_w):
             return
         t.last_change_s = t.moved_s = now_s
         log.info("governor: backend %s: %s cap to %.0f W (from %.0f W): %s", t.backend.name, d.action,
                  t.applied_w, d.previous_cap_w, d.reason)
-
-    async def _set(self, t: Target, cap_w: float) -> bool:
-        """Set every GPU of `t` to `cap_w`, remembering the limits found first; whether it was set."""
-        assert t.client is not None and t.url is not None
-        originals = {int(g["index"]): float(g["power_limit_w"]) for g in t.gpus}
-        answer = await self._put(t, {i: cap_w for i in originals})
-        if answer is None:
-            return False
-        for index, watts in originals.items():
-            t.original_w.setdefault(index, watts)
-        t.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
-        return True
-
-    async def _put(self, t: Target, limits_w: dict[int, float]) -> dict[str, Any] | None:
-        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in t.error)."""
-        assert t.client is not None and t.url is not None
-        body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
-        try:
-            resp = await t.client.put(t.url, json=body)
-            resp.raise_for_status()
-            return dict(resp.json())
-        except (httpx.HTTPError, ValueError) as exc:
-            t.error = f"setting power limits failed: {type(exc).__name__}: {str(exc)[:200]}"
-            log.warning("governor: backend %s: %s", t.backend.name, t.error)
-            return None
-
-    async def _restore(self, t: Target, why: str) -> None:
-        if await self._put(t, t.original_w) is None:
-            log.warning("governor: backend %s: could not restore its power limits (%s)", t.backend.name, why)
-            return
-        log.info("governor: backend %s: power limits restored to %s W (%s)", t.backend.name,
-                 sorted(t.original_w.values()), why)
-        t.original_w.clear()
-        t.applied_w = None

@@ -1,8 +1,11 @@
-"""What the live governor (actuate.py) remembers of each backend, and where it reads from:
-its power agent's limits URL and the proxy's request-duration histogram. Units: watts, seconds."""
+"""What the live governor (actuate.py) remembers of each backend, and where it reads from and
+writes to: its power agent's limits API (`GET` / `PUT /v1/power/limits`, every GPU of a backend
+at one cap; the limits found before the first change kept to put back) and the proxy's
+request-duration histogram. Units: watts, seconds."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +19,8 @@ from proxy.metrics import Metrics
 from proxy.power_limits import PATH
 
 __all__ = ["Target", "durations", "limits_url"]
+
+log = logging.getLogger("joulegate.governor")
 
 
 @dataclass
@@ -58,6 +63,67 @@ class Target:
         if self.cap_since_s is not None and held_w is not None:
             self.cap_ws += held_w * (now_s - self.cap_since_s)
         self.cap_since_s = now_s
+
+    async def read_limits(self) -> bool:
+        """GET the agent's limits into `gpus`; whether they were read. An agent that stops
+        answering gets its original limits back (if it still takes PUTs); limits someone else
+        changed become the originals."""
+        assert self.client is not None and self.url is not None
+        try:
+            resp = await self.client.get(self.url)
+            resp.raise_for_status()
+            gpus = resp.json()["gpus"]
+            if not gpus:
+                raise ValueError("no GPUs")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            error = f"power limits unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+            if error != self.error:
+                log.warning("governor: backend %s: %s", self.backend.name, error)
+            if self.original_w:
+                await self.restore("its agent stopped answering")
+            self.error = error
+            return False
+        if self.applied_w is not None and any(g["power_limit_w"] != self.applied_w for g in gpus):
+            # Someone else (or a restarted agent) set the limits: theirs are the originals now.
+            log.info("governor: backend %s: limits changed outside the governor; starting over", self.backend.name)
+            self.original_w.clear()
+            self.applied_w = None
+        self.gpus, self.error = gpus, None
+        return True
+
+    async def set_cap(self, cap_w: float) -> bool:
+        """Set every GPU to `cap_w`, remembering the limits found first; whether it was set."""
+        originals = {int(g["index"]): float(g["power_limit_w"]) for g in self.gpus}
+        answer = await self.put({i: cap_w for i in originals})
+        if answer is None:
+            return False
+        for index, watts in originals.items():
+            self.original_w.setdefault(index, watts)
+        self.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
+        return True
+
+    async def put(self, limits_w: dict[int, float]) -> dict[str, Any] | None:
+        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in `error`)."""
+        assert self.client is not None and self.url is not None
+        body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
+        try:
+            resp = await self.client.put(self.url, json=body)
+            resp.raise_for_status()
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            self.error = f"setting power limits failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("governor: backend %s: %s", self.backend.name, self.error)
+            return None
+
+    async def restore(self, why: str) -> None:
+        """Put back the limits found before the first change (`why`: for the log)."""
+        if await self.put(self.original_w) is None:
+            log.warning("governor: backend %s: could not restore its power limits (%s)", self.backend.name, why)
+            return
+        log.info("governor: backend %s: power limits restored to %s W (%s)", self.backend.name,
+                 sorted(self.original_w.values()), why)
+        self.original_w.clear()
+        self.applied_w = None
 
 
 def limits_url(backend: Backend) -> str | None:
