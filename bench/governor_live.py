@@ -12,6 +12,7 @@ governed fleet its caps and parked backends at the end.
     python -m bench.governor_live                      # 120 s at 1.5 req/s, seed 1
     python -m bench.governor_live --duration-s 60 --rate 3 --seed 2
     python -m bench.governor_live --rate 5 --slo-target 0.95   # the governed fleet with a target
+    python -m bench.governor_live --rate 5 --slo-target 0.9 --interval-s 6 --duration-s 180
 
 Units: seconds, joules, watts.
 """
@@ -84,7 +85,7 @@ def plan(rate_rps: float, duration_s: float, seed: int) -> list[Planned]:
 
 
 def start_fleet(mode: str, workdir: Path, procs: list[subprocess.Popen[bytes]], key: str,
-                admin_key: str, slo_target: float | None = None) -> Fleet:
+                admin_key: str, slo_target: float | None = None, interval_s: float = INTERVAL_S) -> Fleet:
     fleet = Fleet(mode)
     sim_procs = []
     for name, profile in FLEET:
@@ -103,7 +104,7 @@ def start_fleet(mode: str, workdir: Path, procs: list[subprocess.Popen[bytes]], 
     port = _free_port()
     config = workdir / f"{mode}.yaml"
     config.write_text(CONFIG.format(
-        port=port, backends=backends, mode=mode, interval_s=INTERVAL_S,
+        port=port, backends=backends, mode=mode, interval_s=interval_s,
         extra=f", slo_target: {slo_target}" if slo_target is not None and mode == "apply" else "",
         key_sha256=hashlib.sha256(key.encode()).hexdigest(),
         admin_sha256=hashlib.sha256(admin_key.encode()).hexdigest()))
@@ -179,16 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--slo-target", type=float, default=None,
                     help="the governed fleet's attainment target (governor.slo_target)")
+    ap.add_argument("--interval-s", type=float, default=INTERVAL_S,
+                    help=f"the governors' decision interval ({INTERVAL_S:g}; a target's clock moves only "
+                         "after an interval in which 20 requests finished)")
     args = ap.parse_args(argv)
     os.environ["JOULEGATE_SIM_WAKE_S"] = str(WAKE_S)  # read by the simulators started below
     workdir = Path(tempfile.mkdtemp(prefix="joulegate-governor-live-"))
     procs: list[subprocess.Popen[bytes]] = []
     key, admin_key = "sk-bench-" + secrets.token_hex(12), "sk-bench-admin-" + secrets.token_hex(12)
     try:
-        fleets = [start_fleet(mode, workdir, procs, key, admin_key, args.slo_target) for mode in MODES]
+        fleets = [start_fleet(mode, workdir, procs, key, admin_key, args.slo_target, args.interval_s)
+                  for mode in MODES]
         requests = plan(args.rate, args.duration_s, args.seed)
         print(f"{len(requests)} requests over {args.duration_s:.0f} s (seed {args.seed}) to both fleets "
-              f"({', '.join(n for n, _ in FLEET)}; governor interval {INTERVAL_S:g} s, wake {WAKE_S:g} s)")
+              f"({', '.join(n for n, _ in FLEET)}; governor interval {args.interval_s:g} s, wake {WAKE_S:g} s)")
         before = [fleet_joules(f) for f in fleets]
         t0 = time.monotonic()
         asyncio.run(drive(fleets, requests, key))
