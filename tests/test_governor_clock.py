@@ -68,6 +68,23 @@ def test_a_request_with_no_first_token_is_a_miss_and_too_few_requests_change_not
     assert (few.clock, few.floor, few.before) == (0.8, 0.0, (0.8,))  # the interval still counts as one
     lost = next_clock(state, [0.3] * 50 + [math.inf] * 5, P)
     assert lost.clock == pytest.approx(1.0) and lost.floor == pytest.approx(0.85)
+    assert lost.judged == 55 and lost.pending == ()
+
+
+def test_too_few_requests_wait_for_the_next_intervals_but_not_for_long() -> None:
+    # Little traffic: 8 requests an interval. The clock moves at the third, on all 24.
+    state = FleetClock(clock=0.8)
+    for _ in range(2):
+        state = next_clock(state, ratios(8, 0), P)
+        assert state.clock == 0.8 and state.judged == 0
+    assert [len(g) for g in state.pending] == [8, 8]
+    state = next_clock(state, ratios(6, 2), P)  # 2 misses of 24: over 5%, so the clock rises
+    assert state.clock == pytest.approx(0.8 * P.rise) and state.judged == 24 and state.pending == ()
+    # Requests older than `carry_intervals` intervals are not judged: 4 a time never reach 20.
+    for _ in range(2 * P.carry_intervals):
+        state = next_clock(state, ratios(4, 0), P)
+        assert state.judged == 24 and len(state.pending) <= P.carry_intervals
+    assert state.clock == pytest.approx(0.8 * P.rise)
 
 
 def test_a_saturated_fleet_holds_the_clock_before_any_latency_shows_a_queue() -> None:
@@ -182,6 +199,7 @@ def test_live_apply_the_clock_falls_on_fast_requests_and_rises_on_slow_ones(
             view = gov.view("h100")
             assert view is not None and view["clock"]["ratio"] == pytest.approx(0.85)
             assert view["clock"]["latency_quantile"] == pytest.approx(0.25) and view["clock"]["slo_target"] == 0.95
+            assert (view["clock"]["judged_requests"], view["clock"]["waiting_requests"]) == (50, 0)
             assert sim.limit_w() <= round(cap_for_clock_w(0.85, model.idle_w, 200.0, board_w), 1)
             assert gov.metrics.governor_clock._value.get() == pytest.approx(0.85)
             served(50, ttft_s=3.0)  # all over the TTFT SLO

@@ -171,6 +171,8 @@ class Governor:
                 "follow_moves": t.follow_moves if self.follow is not None else None,
                 "clock": ({"ratio": self.clock.clock, "floor": self.clock.floor,
                            "latency_quantile": self.clock.quantile if math.isfinite(self.clock.quantile) else None,
+                           "judged_requests": self.clock.judged,
+                           "waiting_requests": sum(len(g) for g in self.clock.pending),
                            "slo_target": self.clock_params.target} if self.clock_params is not None else None),
                 "parking": self.parking.view(name) if self.parking is not None else None}
 
@@ -244,7 +246,7 @@ class Governor:
             why = ("no backend takes one more request within the SLO, at two decisions in a row"
                    if saturated and before.saturated else
                    f"{100 * self.clock_params.target:g}th percentile of latency / SLO {self.clock.quantile:.2f} "
-                   f"over {len(ratios)} requests")
+                   f"over {self.clock.judged} requests")
             log.info("governor: fleet clock %.2f (from %.2f; floor %.2f): %s", self.clock.clock, before.clock,
                      self.clock.floor, why)
 

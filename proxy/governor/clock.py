@@ -46,7 +46,8 @@ class ClockParams:
     rise: float = 1.25  # ... nor more than this one
     saturated_rise: float = 1.1  # saturated at two decisions in a row: the clock x this
     lowest: float = 0.4  # the clock never goes below this (about the GPUs' minimum limits)
-    min_finished: int = 20  # fewer requests finished than this: no change
+    min_finished: int = 20  # fewer requests finished than this: no change; they wait for more ...
+    carry_intervals: int = 4  # ... over at most this many intervals (theirs included)
     floor_step: float = 0.05  # a miss sets the floor this far above the lowest recent clock
     floor_decay: float = 0.01  # each interval on target lowers the floor by this
 
@@ -55,29 +56,36 @@ class ClockParams:
 class FleetClock:
     """The clock ratio the fleet's caps hold (1.0: uncapped), the floor it may not go below
     for now, the last interval's quantile of latency / SLO (nan: not measured), the clocks of
-    the two intervals before this one (newest last), and whether the last decision found the
-    fleet saturated."""
+    the two intervals before this one (newest last), whether the last decision found the
+    fleet saturated, the latencies of recent intervals too few to judge (one tuple an
+    interval, newest last), and how many requests the last quantile was taken over."""
 
     clock: float = 1.0
     floor: float = 0.0
     quantile: float = math.nan
     before: tuple[float, ...] = ()
     saturated: bool = False
+    pending: tuple[tuple[float, ...], ...] = ()
+    judged: int = 0
 
 
 def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParams,
                saturated: bool = False) -> FleetClock:
     """The fleet clock after an interval whose finished requests had these latencies over the
-    SLO (inf: a request that never had a first token); unchanged when too few finished.
+    SLO (inf: a request that never had a first token). Too few finished: unchanged, and they
+    are judged with the next intervals' (at most `carry_intervals` in all), so a fleet with
+    little traffic still moves its clock, only less often.
     `saturated`: no awake backend takes one more request within the SLO now (the router's
     guard): a queue is forming that the finished requests do not show yet, so the clock does not
     fall; saturated at the decision before too, it rises by `saturated_rise`."""
     before = (*state.before, state.clock)[-2:]
     if saturated and state.saturated:
-        return FleetClock(min(state.clock * p.saturated_rise, 1.0), state.floor, state.quantile, before, True)
-    if len(latency_ratios) < p.min_finished:
-        return FleetClock(state.clock, state.floor, state.quantile, before, saturated)
-    ordered = sorted(latency_ratios)
+        return FleetClock(min(state.clock * p.saturated_rise, 1.0), state.floor, state.quantile, before, True,
+                          judged=state.judged)
+    groups = (*state.pending, tuple(latency_ratios))[-p.carry_intervals:]
+    if sum(len(g) for g in groups) < p.min_finished:
+        return FleetClock(state.clock, state.floor, state.quantile, before, saturated, groups, state.judged)
+    ordered = sorted(x for g in groups for x in g)
     q = ordered[min(int(p.target * len(ordered)), len(ordered) - 1)]
     floor = state.floor
     if q > 1.0:  # the target missed: not this deep again for a while
@@ -90,7 +98,7 @@ def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParam
     clock = state.clock * factor
     if factor < 1.0:
         clock = max(clock, floor)
-    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q, before, saturated)
+    return FleetClock(min(max(clock, p.lowest), 1.0), floor, q, before, saturated, judged=len(ordered))
 
 
 def cap_for_clock_w(clock: float, idle_w: float, min_w: float, max_w: float) -> float:
