@@ -20,7 +20,9 @@ energy since the agent started (mJ) and its power over the last interval (W; nul
   PUT /v1/power/limits  <- {"gpus": [{"index": 0, "power_limit_w": 420}]} (clamped to [min_w, max_w];
                            null: default_w): only with a bearer token (403 without one, even on
                            loopback); the limits found before the first PUT are restored on stop,
-                           and with --limits-lease-s L also when no PUT came for L seconds
+                           and with --limits-lease-s L also when no PUT came for L seconds;
+                           one governor at a time (409 `limits_held` for another while the
+                           first's claim lasts: proxy/power_limits.py)
 Binds 127.0.0.1 by default. On any other address it needs a bearer token (`--token-file`, or
 $JOULEGATE_AGENT_TOKEN) and then every route wants `Authorization: Bearer <token>` (401
 otherwise); `--tls-cert`/`--tls-key` serve https.
@@ -49,7 +51,17 @@ from aiohttp import web
 from proxy.energy.rapl import DEFAULT_ROOT, RaplReader
 from proxy.energy.sources.base import select_gpus
 from proxy.energy.sources.nvml import POWER_INSTANT, GpuReading, NvmlError, NvmlReader, timed_read
-from proxy.power_limits import PATH, GpuLimits, clamp_w, limits_json, parse_put
+from proxy.power_limits import (
+    PATH,
+    Claim,
+    GpuLimits,
+    claim,
+    clamp_w,
+    held_json,
+    limits_json,
+    parse_put,
+    release,
+)
 
 log = logging.getLogger("joulegate.agent")
 
@@ -89,6 +101,7 @@ class AgentState:
         self.original_limits_w: dict[int, float] = {}  # GPU index -> limit before our first PUT
         self.limits_lease_s = 0.0  # > 0: PUT limits revert unless a PUT renews them this often
         self.lease_until_mono_s = 0.0
+        self.claim = Claim()  # which governor may PUT limits now (power_limits.claim)
 
     def close_streams(self) -> None:
         """End every stream now (on shutdown, so that it does not wait for them)."""
@@ -191,8 +204,12 @@ async def power_limits(request: web.Request) -> web.Response:
         except (ValueError, orjson.JSONDecodeError) as exc:
             return _json({"error": {"message": str(exc).splitlines()[0], "type": "invalid_request_error",
                                     "code": "invalid_power_limits"}}, 400)
+        refused = claim(state.claim, request.headers, time.monotonic())
+        if refused is not None:
+            return _json(held_json(refused), 409)
         gpus = await loop.run_in_executor(state.executor, _set_limits, state, wanted)
         state.lease_until_mono_s = time.monotonic() + state.limits_lease_s
+        release(state.claim, request.headers, request.query)
         return _json(limits_json(gpus))
     except NvmlError as exc:
         return _json({"error": {"message": f"NVML: {exc}", "type": "unavailable"}}, 503)

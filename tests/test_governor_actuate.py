@@ -1,6 +1,8 @@
 """proxy/governor/actuate.py against the simulator's limits API on a real socket (in-process):
 an agent that goes away and comes back with its limits reset is not mistaken for the
-governor's own cap, and what is restored on close is what the agent had then; `off` runs nothing."""
+governor's own cap, and what is restored on close is what the agent had then; two governors
+on one GPU (two replicas) do not fight: the second advises until the first lets go; `off` runs
+nothing."""
 
 from __future__ import annotations
 
@@ -66,6 +68,37 @@ def test_agent_lost_and_back_then_restored_on_close() -> None:
             await gov.close()
             assert await limit_w(url) == board_w
             assert gov.targets[0].original_w == {}
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_two_governors_on_one_gpu_the_second_only_advises_until_the_first_lets_go() -> None:
+    async def go() -> None:
+        async with sim_on(free_port()) as url:
+            first, second = governor(url, "apply"), governor(url, "apply")  # two replicas, one GPU
+            await first.start()
+            await second.start()
+            board_w = await limit_w(url)
+            [d] = await first.tick()
+            assert d.action == "lower" and await limit_w(url) == d.cap_w < board_w
+            [same] = await second.tick()  # it finds the first's cap where it wants it: holds
+            assert same.action == "hold" and (second.view("h100") or {})["error"] is None
+            assert not await second.targets[0].set_cap(board_w)  # any change of its own is refused
+            view = second.view("h100") or {}
+            assert "another governor holds these power limits" in view["error"]
+            assert view["applied_cap_w"] is None and second.targets[0].original_w == {}
+            assert await limit_w(url) == d.cap_w  # the first's cap stands
+            await second.close()  # nothing of its own to put back: the first's cap still stands
+            assert await limit_w(url) == d.cap_w
+            await first.close()  # the first puts the board limit back and lets go
+            assert await limit_w(url) == board_w
+            third = governor(url, "apply")
+            await third.start()
+            [taken] = await third.tick()
+            assert taken.action == "lower" and await limit_w(url) == taken.cap_w
+            assert (third.view("h100") or {})["error"] is None
+            await third.close()
+            assert await limit_w(url) == board_w
 
     asyncio.run(asyncio.wait_for(go(), 30))
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.agent import make_app
 from proxy.energy.sources.nvml import NvmlReader
 from proxy.governor import capmodel as capping
+from proxy.power_limits import HOLD_HEADER, HOLD_S, HOLDER_HEADER, Claim, claim, release
 from proxy.sim.engine import Engine, Request
 from proxy.sim.profiles import get_profile
 from tests.conftest import SimBackend, free_port
@@ -125,6 +126,46 @@ def test_agent_lease_restores_limits_nobody_renews() -> None:
                 await asyncio.sleep(0.02)
             assert (await client.get(url, headers=AUTH)).json()["gpus"][0]["power_limit_w"] == 700.0
     run(go)
+
+
+def test_agent_takes_limits_from_one_governor_at_a_time() -> None:
+    async def go() -> None:
+        async with agent(TOKEN) as (url, _), httpx.AsyncClient(timeout=5) as client:
+            def put(watts: float, who: str | None, **params: str) -> Awaitable[httpx.Response]:
+                claim = {HOLDER_HEADER: who, HOLD_HEADER: "5"} if who else {}
+                return client.put(url, headers={**AUTH, **claim}, params=params,
+                                  json={"gpus": [{"index": 0, "power_limit_w": watts}]})
+
+            def limit_w() -> Awaitable[httpx.Response]:
+                return client.get(url, headers=AUTH)
+
+            assert (await put(420, "governor-a")).status_code == 200
+            refused = await put(300, "governor-b")  # a's claim is live: b changes nothing
+            assert refused.status_code == 409 and refused.json()["error"]["code"] == "limits_held"
+            assert (await limit_w()).json()["gpus"][0]["power_limit_w"] == 420.0
+            assert (await put(400, "governor-a")).status_code == 200  # a renews its own
+            assert (await put(380, None)).status_code == 200  # an operator's PUT is not refused
+            assert (await put(300, "governor-b")).status_code == 409
+            # a puts its originals back as it stops, ending its claim: b may take over at once.
+            assert (await put(700, "governor-a", release="true")).status_code == 200
+            assert (await put(300, "governor-b")).status_code == 200
+            assert (await limit_w()).json()["gpus"][0]["power_limit_w"] == 300.0
+    run(go)
+
+
+def test_a_claim_lasts_its_hold_and_no_longer() -> None:
+    held = Claim()
+    assert claim(held, {HOLDER_HEADER: "a", HOLD_HEADER: "10"}, 100.0) is None and held.until_s == 110.0
+    assert claim(held, {HOLDER_HEADER: "b"}, 109.0) is not None
+    assert claim(held, {HOLDER_HEADER: "b"}, 110.5) is None and held.holder == "b"
+    assert held.until_s == 110.5 + HOLD_S  # no hold header: the default
+    clamped = Claim()
+    assert claim(clamped, {HOLDER_HEADER: "c", HOLD_HEADER: "1e9"}, 0.0) is None
+    assert clamped.until_s == 3600.0  # clamped ...
+    claim(clamped, {HOLDER_HEADER: "c", HOLD_HEADER: "nan"}, 0.0)
+    assert clamped.until_s == HOLD_S  # ... and nonsense is the default
+    release(held, {HOLDER_HEADER: "a"}, {"release": "true"})  # only the holder ends its claim
+    assert held.holder == "b"
 
 
 # -- the simulator -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 from dataclasses import replace
 from typing import Any
@@ -67,10 +68,13 @@ from proxy.governor.follow import FOLLOW, CapMove, FollowParams, follow_advice
 from proxy.governor.park import Parking
 from proxy.governor.target import Target, durations, limits_url
 from proxy.metrics import Metrics
+from proxy.power_limits import HOLD_HEADER, HOLDER_HEADER
 
 log = logging.getLogger("joulegate.governor")
 
 CALL_TIMEOUT_S = 5.0
+#: A governor's claim on an agent's limits lasts this many intervals unless a PUT renews it.
+CLAIM_INTERVALS = 4
 #: Seconds between two looks for a burst between decisions (apply mode, with parking).
 WATCH_S = 0.1
 
@@ -117,6 +121,7 @@ class Governor:
             self.parking.choose_wake = self._cheapest_asleep  # a request wakes the cleanest
         self._handover: dict[str, str] = {}  # a swap's woken backend -> the one it relieves
         self._last_burst_wake_s: float | None = None  # monotonic s
+        self.id = secrets.token_hex(8)  # this governor, to the agents it sets limits on
 
     async def start(self) -> None:
         if self.mode == "off":
@@ -127,7 +132,9 @@ class Governor:
             if t.url is not None:
                 power = t.backend.config.power
                 try:
-                    t.client = httpx.AsyncClient(timeout=CALL_TIMEOUT_S, headers=auth_headers(power),
+                    # The claim headers: one governor at a time sets an agent's limits (power_limits.py).
+                    claim = {HOLDER_HEADER: self.id, HOLD_HEADER: f"{CLAIM_INTERVALS * self.interval_s:g}"}
+                    t.client = httpx.AsyncClient(timeout=CALL_TIMEOUT_S, headers={**auth_headers(power), **claim},
                                                  verify=tls_verify(power))
                 except (OSError, ValueError) as exc:
                     t.error = f"agent credentials: {exc}"

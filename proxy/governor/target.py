@@ -102,12 +102,19 @@ class Target:
         self.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
         return True
 
-    async def put(self, limits_w: dict[int, float]) -> dict[str, Any] | None:
-        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in `error`)."""
+    async def put(self, limits_w: dict[int, float], release: bool = False) -> dict[str, Any] | None:
+        """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in `error`).
+        `release`: this governor's claim on the limits ends with it (power_limits.claim)."""
         assert self.client is not None and self.url is not None
         body = {"gpus": [{"index": i, "power_limit_w": w} for i, w in sorted(limits_w.items())]}
         try:
-            resp = await self.client.put(self.url, json=body)
+            resp = await self.client.put(self.url, json=body, params={"release": "true"} if release else None)
+            if resp.status_code == 409:  # another governor holds them: advise only, quietly
+                error = f"power limits not set: {resp.json()['error']['message']}"
+                if error != self.error:
+                    log.warning("governor: backend %s: %s", self.backend.name, error)
+                self.error = error
+                return None
             resp.raise_for_status()
             return dict(resp.json())
         except (httpx.HTTPError, ValueError) as exc:
@@ -117,7 +124,7 @@ class Target:
 
     async def restore(self, why: str) -> None:
         """Put back the limits found before the first change (`why`: for the log)."""
-        if await self.put(self.original_w) is None:
+        if await self.put(self.original_w, release=True) is None:
             log.warning("governor: backend %s: could not restore its power limits (%s)", self.backend.name, why)
             return
         log.info("governor: backend %s: power limits restored to %s W (%s)", self.backend.name,
