@@ -228,6 +228,7 @@ async def _sampler(state: AgentState) -> None:
             if state.original_limits_w and state.limits_lease_s > 0 and time.monotonic() > state.lease_until_mono_s:
                 log.warning("power limits lease of %g s ran out (no PUT renewed it): restoring", state.limits_lease_s)
                 await loop.run_in_executor(state.executor, _restore_limits, state)
+                state.claim = Claim()  # the silent governor's caps are gone: so is its claim
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - NvmlError, or a bug: the sampler must go on

@@ -7,7 +7,7 @@
       and changes nothing.
 
 One governor at a time: a PUT with `x-joulegate-governor: ID` claims the limits for that
-governor for `x-joulegate-governor-hold-s` seconds (default 60, within 5-3600), renewed by its
+governor for `x-joulegate-governor-hold-s` seconds (default 60, within 5-86400), renewed by its
 next PUT; while the claim is live a PUT from another ID is a 409 (`limits_held`) and changes
 nothing, so two proxies (replicas, a second deployment) never fight over one GPU's limit.
 `?release=true` on the holder's PUT (its limits put back when it stops) ends the claim at once.
@@ -24,7 +24,7 @@ PATH = "/v1/power/limits"
 HOLDER_HEADER = "x-joulegate-governor"
 HOLD_HEADER = "x-joulegate-governor-hold-s"
 HOLD_S = 60.0
-HOLD_RANGE_S = (5.0, 3600.0)
+HOLD_RANGE_S = (5.0, 86400.0)
 
 
 class GpuLimits(NamedTuple):

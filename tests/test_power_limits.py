@@ -161,9 +161,11 @@ def test_a_claim_lasts_its_hold_and_no_longer() -> None:
     assert held.until_s == 110.5 + HOLD_S  # no hold header: the default
     clamped = Claim()
     assert claim(clamped, {HOLDER_HEADER: "c", HOLD_HEADER: "1e9"}, 0.0) is None
-    assert clamped.until_s == 3600.0  # clamped ...
-    claim(clamped, {HOLDER_HEADER: "c", HOLD_HEADER: "nan"}, 0.0)
-    assert clamped.until_s == HOLD_S  # ... and nonsense is the default
+    assert clamped.until_s == 86400.0  # clamped ...
+    for nonsense in ("nan", "abc", "", "-5"):
+        clamped = Claim()
+        assert claim(clamped, {HOLDER_HEADER: "c", HOLD_HEADER: nonsense}, 0.0) is None
+        assert clamped.until_s == (5.0 if nonsense == "-5" else HOLD_S)  # ... and nonsense is the default
     release(held, {HOLDER_HEADER: "a"}, {"release": "true"})  # only the holder ends its claim
     assert held.holder == "b"
 

@@ -77,11 +77,12 @@ def next_clock(state: FleetClock, latency_ratios: Sequence[float], p: ClockParam
     little traffic still moves its clock, only less often.
     `saturated`: no awake backend takes one more request within the SLO now (the router's
     guard): a queue is forming that the finished requests do not show yet, so the clock does not
-    fall; saturated at the decision before too, it rises by `saturated_rise`."""
+    fall; saturated at the decision before too, it rises by `saturated_rise` (this interval's
+    latencies unjudged, as the rise does not wait for them; any still waiting go on waiting)."""
     before = (*state.before, state.clock)[-2:]
     if saturated and state.saturated:
         return FleetClock(min(state.clock * p.saturated_rise, 1.0), state.floor, state.quantile, before, True,
-                          judged=state.judged)
+                          state.pending, state.judged)
     groups = (*state.pending, tuple(latency_ratios))[-p.carry_intervals:]
     if sum(len(g) for g in groups) < p.min_finished:
         return FleetClock(state.clock, state.floor, state.quantile, before, saturated, groups, state.judged)

@@ -46,6 +46,7 @@ class Target:
     follow: CapMove | None = None  # the last queue-following move (follow.py)
     moved_s: float | None = None  # when its cap last moved, by a decision or a follow (monotonic s)
     follow_moves: int = 0
+    refused: str | None = None  # why the agent refused our last PUT (another governor's claim)
     cap_ws: float = 0.0  # the cap held (W) integrated over time since `cap_since_s`
     cap_since_s: float | None = None  # (monotonic s)
 
@@ -88,7 +89,7 @@ class Target:
             log.info("governor: backend %s: limits changed outside the governor; starting over", self.backend.name)
             self.original_w.clear()
             self.applied_w = None
-        self.gpus, self.error = gpus, None
+        self.gpus, self.error = gpus, self.refused  # a refusal stands until a PUT goes through
         return True
 
     async def set_cap(self, cap_w: float) -> bool:
@@ -110,14 +111,19 @@ class Target:
         try:
             resp = await self.client.put(self.url, json=body, params={"release": "true"} if release else None)
             if resp.status_code == 409:  # another governor holds them: advise only, quietly
-                error = f"power limits not set: {resp.json()['error']['message']}"
-                if error != self.error:
-                    log.warning("governor: backend %s: %s", self.backend.name, error)
-                self.error = error
+                refused = f"power limits not set: {_message(resp) or 'another governor holds them'}"
+                if refused != self.refused:
+                    log.warning("governor: backend %s: %s", self.backend.name, refused)
+                self.refused = self.error = refused
                 return None
             resp.raise_for_status()
-            return dict(resp.json())
-        except (httpx.HTTPError, ValueError) as exc:
+            answer = dict(resp.json())
+            if self.refused is not None:
+                log.info("governor: backend %s: power limits set again (the other governor let go)",
+                         self.backend.name)
+                self.refused = None
+            return answer
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
             self.error = f"setting power limits failed: {type(exc).__name__}: {str(exc)[:200]}"
             log.warning("governor: backend %s: %s", self.backend.name, self.error)
             return None
@@ -131,6 +137,15 @@ class Target:
                  sorted(self.original_w.values()), why)
         self.original_w.clear()
         self.applied_w = None
+
+
+def _message(resp: httpx.Response) -> str | None:
+    """The OpenAI-shaped error message of `resp`, if it has one."""
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return message if isinstance(message, str) else None
 
 
 def limits_url(backend: Backend) -> str | None:
