@@ -5,16 +5,16 @@ call decide.py, and by `governor.mode`
           the advised cap in `joulegate_governor_cap_watts` and in /v1/energy/backends (admin);
   apply:  the same, and caps set with `PUT /v1/power/limits` on the backend's power agent
           (power.source agent or sim, with power.token_file / token_env as the power source
-          uses; the calls are target.py's), at most one decided change per backend per interval (the fast raise and the
-          queue-following caps of an attainment target, follow.py, move caps between ticks);
-          the limits found before the first change are put back when the proxy stops, and tried
-          when the agent stops answering (an agent restores its own limits when it stops); and
-          backends with a `park:` parked and woken (park.py): at most one park per interval, only a backend
-          idle for a whole interval that decide.py would park; a parked one is woken when the
-          unparked ones near their capacity (decide.wake_advice), when between two ticks a burst
-          leaves none that the router's SLO guard lets take more (burst.py, looked at every
-          WATCH_S), or when a request finds no other backend (the relay waits for it); all are
-          woken when the proxy stops. Under the
+          uses; the calls are target.py's), at most one decided change per backend per interval
+          (the fast raise and the queue-following caps of an attainment target, follow.py, move
+          caps between ticks); the limits found before the first change are put back when the
+          proxy stops, and tried when the agent stops answering (an agent restores its own
+          limits when it stops); and backends with a `park:` parked and woken (park.py): at most
+          one park per interval, only a backend idle for a whole interval that decide.py would
+          park; a parked one is woken when the unparked ones near their capacity
+          (decide.wake_advice), when between two ticks a burst leaves none that the router's SLO
+          guard lets take more (burst.py, looked at every WATCH_S), or when a request finds no
+          other backend (the relay waits for it); all are woken when the proxy stops. Under the
           carbon objective parking ranks by grams: the idle backend with the most idle grams is
           parked first, a wake-up wakes the parked backend that would serve for the fewest
           grams, and a swap (decide.swap_advice) wakes a backend on a now-cleaner grid and
@@ -212,8 +212,8 @@ class Governor:
         for t in self.targets:
             if t.backend.parked:  # asleep: no load to read; its idle time starts over once woken
                 t.seen = t.idle_since_s = None
-                if self.mode == "apply" and t.applied_w is not None and t.client is not None:
-                    await t.put({i: t.applied_w for i in t.original_w})  # renews an agent's lease
+                if self.mode == "apply" and t.client is not None:
+                    await t.renew()
             else:
                 up.append(t)
         ready = [t for t in up if self.caps and t.client is not None and await t.read_limits()]
@@ -493,8 +493,8 @@ class Governor:
                 log.info("governor: backend %s could be parked (advice only): %s", name, d.park_reason)
         if d.action == HOLD:
             log.debug("governor: backend %s holds %.0f W: %s", name, d.cap_w, d.reason)
-            if self.mode == "apply" and t.applied_w is not None:
-                await t.put({i: t.applied_w for i in t.original_w})  # renews an agent's lease
+            if self.mode == "apply":
+                await t.renew()
         elif self.mode == "advise":
             log.info("governor: backend %s: advise %s to %.0f W (from %.0f W): %s", name, d.action, d.cap_w,
                      d.previous_cap_w, d.reason)

@@ -103,6 +103,12 @@ class Target:
         self.applied_w = max(float(g["power_limit_w"]) for g in answer["gpus"])
         return True
 
+    async def renew(self) -> None:
+        """PUT the cap in force again, if this governor set one: renews the agent's lease and
+        this governor's claim on the limits (power_limits.claim)."""
+        if self.applied_w is not None:
+            await self.put({i: self.applied_w for i in self.original_w})
+
     async def put(self, limits_w: dict[int, float], release: bool = False) -> dict[str, Any] | None:
         """PUT these limits (GPU index -> W); the agent's answer, or None (logged, in `error`).
         `release`: this governor's claim on the limits ends with it (power_limits.claim)."""
